@@ -1,0 +1,1 @@
+"""edgexfer.converters: ONNX to OpenVINO / ONNX Runtime / TensorRT engines. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Inference engine backends, one file each; see :mod:`edgexfer.runtime.backends.base`."""

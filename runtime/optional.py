@@ -1,0 +1,47 @@
+"""Lazy import of optional heavy packages, with an error that names the pip extra.
+
+Never auto-installs and never falls back to another package: a missing engine is an error.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from edgexfer.runtime.errors import MissingDependencyError
+
+#: import name -> pip extra that provides it
+EXTRAS: dict[str, str] = {
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "nncf": "openvino",
+    "tensorrt": "tensorrt",
+    "tuf": "updates",
+    "mlperf_loadgen": "bench",
+    "matplotlib": "bench",
+    "torch": "train",
+    "onnx": "train",
+    "onnxslim": "train",
+}
+
+
+def is_installed(module: str) -> bool:
+    """True when ``module`` can be imported; finds it without importing it (no CUDA is loaded)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = EXTRAS.get(module.split(".")[0], "all")
+        raise MissingDependencyError(
+            f"{purpose} needs the Python package '{module}'",
+            got=f"import failed ({exc})",
+            expected=f"'{module}' importable",
+            todo=f"pip install 'edgexfer[{extra}]'",
+        ) from exc
