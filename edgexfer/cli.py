@@ -1,0 +1,169 @@
+"""The ``edgexfer`` command line (click). Torch and engines are imported inside commands only.
+
+Conventions: ``--json`` prints one object on stdout; human text and progress bars go to stderr;
+exit 0 success, 1 failure, 2 usage error; errors are one line unless ``--debug``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgexfer import __version__
+from edgexfer.runtime.errors import EdgexferError
+
+
+class _Group(click.Group):
+    """Turns edgexfer's own errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgexferError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        click.echo(text, err=False)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="edgexfer")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Transfer-learned image classifiers for edge devices."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--mode", type=click.Choice(["frozen", "partial"]), default="frozen", show_default=True)
+@click.option("--head", type=click.Choice(["linear", "mlp", "prototype"]), default="linear", show_default=True)
+@click.option("--unfreeze", default="2", show_default=True, help="Partial mode: last N blocks to fine-tune, or 'all'.")
+@click.option("--epochs", type=int, default=None, help="Default: 15 (partial), 200 (frozen mlp head).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
+@click.option("--backbone-lr", type=float, default=None, help="Default: lr/10 (lr/30 with --unfreeze all).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--C", "C", type=float, default=1.0, show_default=True, help="Inverse L2 strength of the linear head.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Feature cache file (default $EDGEXFER_CACHE or ~/.cache/edgexfer/features.sqlite).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Your own checkpoint (state dict) of the same architecture.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, batch_size, C,
+          cache, weights, as_json, quiet):
+    """Fine-tune on an ImageFolder tree (one folder per class)."""
+    from edgexfer.train import TrainConfig
+    from edgexfer.train import train as run_train
+
+    cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, unfreeze=unfreeze,
+                      epochs=epochs, seed=seed, val_fraction=val_fraction, lr=lr, backbone_lr=backbone_lr,
+                      batch_size=batch_size, C=C, cache=cache, weights=weights, progress=not quiet)
+    result = run_train(cfg)
+    text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{head}, {result.metrics['val_count']} images)\n"
+            f"backbone ran on {result.metrics['backbone_images_run']} image(s); "
+            f"{result.metrics['features_from_cache']} feature vector(s) came from the cache\n"
+            f"skipped {len(result.skipped)} file(s)\nrun directory: {out}")
+    _emit(result.metrics, as_json, text)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--name", default=None, help="Bundle name (default: the data folder's name).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def export(run_dir, out, name, as_json, quiet):
+    """Export a run as a bundle: backbone.onnx, head, golden images, parity report, manifest."""
+    from edgexfer.export import export as run_export
+
+    result = run_export(run_dir, out, name=name, progress=not quiet)
+    p = result.parity
+    text = (f"bundle written to {result.bundle}\n"
+            f"ONNX Runtime vs PyTorch on {p['count']} validation images: max |diff| {p['max_abs_diff']:.2e}, "
+            f"mean cosine {p['mean_cosine']:.6f}, top-1 agreement {p['top1_agreement']:.1%}")
+    _emit({"bundle": str(result.bundle), "parity": p}, as_json, text)
+
+
+def _backend_options(f):
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)(f)
+    f = click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+                     show_default=True)(f)
+    return f
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@_backend_options
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle_dir, images, backend, precision, top_k, as_json):
+    """Label images with a bundle. Unreadable images are reported; the others still get labels."""
+    from edgexfer.runtime.predictor import Prediction, Predictor
+
+    with Predictor.from_bundle(bundle_dir, backend=backend, precision=precision) as predictor:
+        results = predictor.predict(list(images), top_k=top_k)
+    lines = []
+    for r in results:
+        if isinstance(r, Prediction):
+            alts = ", ".join(f"{lbl} {p:.2f}" for lbl, p in r.top_k[1:])
+            lines.append(f"{r.source}: {r.label} ({r.probability:.2f})" + (f"  [then {alts}]" if alts else ""))
+        else:
+            lines.append(f"{r.source}: ERROR {r.error}")
+    _emit({"results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
+    if any(not isinstance(r, Prediction) for r in results):
+        sys.exit(1)
+
+
+@main.command(name="eval")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@_backend_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
+    """Accuracy, per-class table and confusion matrix of a bundle on an ImageFolder tree."""
+    from edgexfer.evaluate import evaluate
+    from edgexfer.metrics import format_report
+
+    report = evaluate(bundle_dir, data_dir, backend=backend, precision=precision, progress=not quiet)
+    text = format_report(report)
+    if report["skipped"]:
+        text += f"\n\nskipped {len(report['skipped'])} unreadable file(s)"
+    if report["ignored_classes"]:
+        text += f"\nignored folders unknown to the head: {', '.join(report['ignored_classes'])}"
+    _emit(report, as_json, text)
+
+
+@main.command(name="backbones")
+def backbones_cmd():
+    """List the registered backbones."""
+    from edgexfer.backbones import get_config, list_backbones
+
+    for name in list_backbones():
+        cfg = get_config(name)
+        click.echo(f"{name}: input {cfg.input_size[0]}x{cfg.input_size[1]}, {cfg.feature_dim} features, "
+                   f"{cfg.num_blocks} blocks")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

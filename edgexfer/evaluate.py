@@ -1,0 +1,42 @@
+"""``edgexfer eval``: accuracy of a bundle on an ImageFolder tree, through the runtime's Predictor."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from edgexfer.data import scan_image_folder
+from edgexfer.metrics import classification_report
+from edgexfer.runtime.errors import DataError
+from edgexfer.runtime.predictor import Prediction, Predictor
+
+
+def evaluate(bundle_dir: str | Path, data_dir: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
+             batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+    folder = scan_image_folder(data_dir)
+    with Predictor.from_bundle(bundle_dir, backend=backend, precision=precision) as predictor:
+        classes = list(predictor.head.classes)
+        unknown = [c for c in folder.classes if c not in classes]
+        if len(unknown) == len(folder.classes):
+            raise DataError("no class of the data set is known to the bundle's head", got=", ".join(unknown),
+                            expected=f"folders named like {', '.join(classes)}", todo="evaluate on matching data")
+        y_true, y_pred, skipped = [], [], []
+        items = [(p, folder.classes[lbl]) for p, lbl in zip(folder.paths, folder.labels)
+                 if folder.classes[lbl] in classes]
+        for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch",
+                          disable=not progress, leave=False):
+            chunk = items[start:start + batch_size]
+            for (path, cls), result in zip(chunk, predictor.predict([p for p, _ in chunk], top_k=1)):
+                if isinstance(result, Prediction):
+                    y_true.append(classes.index(cls))
+                    y_pred.append(classes.index(result.label))
+                else:
+                    skipped.append({"path": str(path), "reason": result.error})
+        report = classification_report(y_true, y_pred, classes)
+        report.update({
+            "bundle": str(bundle_dir), "data": str(folder.root), "backend": backend, "precision": precision,
+            "engine": predictor.details, "skipped": skipped,
+            "ignored_classes": unknown,
+        })
+    return report

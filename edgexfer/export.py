@@ -1,0 +1,179 @@
+"""``edgexfer export``: turn a run directory into a bundle (ARCHITECTURE.md, "The bundle").
+
+The bundle's ``backbone.onnx`` is the run's exported backbone; before the manifest is written the
+export is validated against PyTorch on the run's validation images (features and full-model top-1),
+and every failure is collected into one :class:`ValidationError`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgexfer.onnx_export import OPSET
+from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.errors import BundleError, InputError, ValidationError
+from edgexfer.runtime.heads import Head
+from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest, write_atomic
+from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
+
+#: export tolerances (fp32 ONNX Runtime against fp32 PyTorch)
+FEATURE_ATOL = 1e-4
+MIN_TOP1_AGREEMENT = 1.0
+GOLDEN_COUNT = 8
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    parity: dict[str, Any]
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise InputError("not a run directory", got=str(run_dir), expected="a directory with run.json",
+                         todo="pass the --out directory of `edgexfer train`")
+    run = json.loads(path.read_text())
+    for name in ("backbone.onnx", "head.safetensors"):
+        if not (Path(run_dir) / name).is_file():
+            raise InputError("run directory is incomplete", got=f"{name} missing in {run_dir}",
+                             expected="a finished training run", todo="train again")
+    return run
+
+
+def _torch_backbone(run: dict[str, Any], run_dir: Path):
+    """The PyTorch twin of the run's backbone.onnx (pretrained, or the fine-tuned weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgexfer.backbones import build_backbone
+    from edgexfer.pixel_model import PixelBackbone
+
+    weights = run["config"].get("weights")
+    net = build_backbone(run["backbone"]["arch"], weights=weights)
+    if run["backbone"]["fine_tuned"]:
+        net.load_state_dict(load_file(str(run_dir / "backbone.safetensors")), strict=True)
+    model = PixelBackbone(net, tuple(run["backbone"]["mean"]), tuple(run["backbone"]["std"])).eval()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def _features_torch(model, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(pixels[s:s + batch])).numpy() for s in range(0, len(pixels), batch)])
+
+
+def _features_ort(path: Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
+    from edgexfer.runtime.backends.base import open_backend
+
+    with open_backend("onnxruntime", path) as backend:
+        return np.concatenate([backend.run(pixels[s:s + batch]) for s in range(0, len(pixels), batch)])
+
+
+def parity(ref: np.ndarray, new: np.ndarray, head: Head) -> dict[str, float]:
+    """Feature and logit agreement of ``new`` against the reference ``ref``."""
+    diff = np.abs(ref.astype(np.float64) - new.astype(np.float64))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
+    cos = np.sum(ref.astype(np.float64) * new, axis=1) / np.maximum(norms, 1e-12)
+    ref_logits, new_logits = head.logits(ref), head.logits(new)
+    return {
+        "count": int(len(ref)),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "mean_cosine": float(cos.mean()) if cos.size else 1.0,
+        "min_cosine": float(cos.min()) if cos.size else 1.0,
+        "logits_max_abs_diff": float(np.abs(ref_logits - new_logits).max()) if ref.size else 0.0,
+        "top1_agreement": float(np.mean(ref_logits.argmax(1) == new_logits.argmax(1))) if ref.size else 1.0,
+    }
+
+
+def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, progress: bool = True) -> ExportResult:
+    """Write the bundle for ``run_dir`` into ``out`` (created; an existing bundle there is replaced)."""
+    run_dir, out = Path(run_dir), Path(out)
+    run = load_run(run_dir)
+    pp = run["preprocess"]
+    spec = PreprocessSpec(size=tuple(pp["size"]), resize=pp["resize"], fill=tuple(pp["fill"]))
+    head = Head.load(run_dir / "head.safetensors", feature_dim=run["backbone"]["feature_dim"])
+    val = run["val"]
+    missing = [v["path"] for v in val if not Path(v["path"]).is_file()]
+    if missing:
+        raise InputError("validation images of the run are gone", got=f"{len(missing)} missing, e.g. {missing[0]}",
+                         expected="the training data where it was", todo="restore the data directory or train again")
+    pixels = stack([load_image(v["path"], spec) for v in val])
+    labels = np.array([v["label"] for v in val])
+    if progress:
+        print(f"checking backbone.onnx against PyTorch on {len(val)} validation images", file=sys.stderr, flush=True)
+    ref = _features_torch(_torch_backbone(run, run_dir), pixels)
+    onnx_feats = _features_ort(run_dir / "backbone.onnx", pixels)
+    report = parity(ref, onnx_feats, head)
+    report["atol"] = FEATURE_ATOL
+    report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
+    report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
+    failures = []
+    if report["max_abs_diff"] > FEATURE_ATOL:
+        failures.append(f"- features: max diff = {report['max_abs_diff']:.2e} (atol {FEATURE_ATOL:.0e})")
+    if report["top1_agreement"] < MIN_TOP1_AGREEMENT:
+        failures.append(f"- logits: top-1 agreement = {report['top1_agreement']:.3f} (expected {MIN_TOP1_AGREEMENT:.3f})")
+    if failures:
+        raise ValidationError("backbone.onnx does not match PyTorch", failures,
+                              todo="report this as a bug; the bundle was not written")
+
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "reports").mkdir(parents=True)
+    shutil.copy2(run_dir / "backbone.onnx", staging / "backbone.onnx")
+    shutil.copy2(run_dir / "head.safetensors", staging / "head.safetensors")
+    # golden images: a few of every class, with the reference (ONNX Runtime fp32) outputs
+    order = _golden_order(labels, GOLDEN_COUNT)
+    np.savez(staging / "golden.npz", images=pixels[order], features=onnx_feats[order],
+             logits=head.logits(onnx_feats[order]), labels=labels[order])
+    report_doc = {"schema": "edgexfer.export-report/1", "reference": "pytorch fp32", "candidate": "onnxruntime fp32",
+                  **report}
+    write_atomic(staging / "reports" / "export.json", (json.dumps(report_doc, indent=2) + "\n").encode())
+    backbone_sha = file_sha256(staging / "backbone.onnx")
+    metrics = {"val_accuracy": round(float(run["val_accuracy"]), 4)}
+    files = {}
+    for rel in ("backbone.onnx", "head.safetensors", "golden.npz", "reports/export.json"):
+        p = staging / rel
+        files[rel] = FileEntry(sha256=file_sha256(p), bytes=p.stat().st_size)
+    manifest = Manifest(
+        name=name or Path(run["data_root"]).name,
+        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        backbone=BackboneInfo(arch=run["backbone"]["arch"], sha256=backbone_sha, feature_dim=run["backbone"]["feature_dim"],
+                              input=InputSpec(size=tuple(spec.size), resize=spec.resize, fill=tuple(spec.fill),
+                                              mean=tuple(run["backbone"]["mean"]), std=tuple(run["backbone"]["std"]))),
+        head=HeadInfo(kind=head.kind, classes=tuple(head.classes), version=1, backbone_sha256=backbone_sha, metrics=metrics),
+        files=files,
+        tools={**run.get("tools", {}), "opset": OPSET},
+    )
+    manifest.write(staging / "manifest.json")
+    Bundle.open(staging)  # verify what we wrote before it replaces anything
+    if out.exists():
+        if not (out / "manifest.json").is_file():
+            shutil.rmtree(staging)
+            raise BundleError("refusing to replace a directory that is not a bundle", got=str(out),
+                              expected="a new path or an existing bundle", todo="choose another --out")
+        shutil.rmtree(out)
+    staging.rename(out)
+    return ExportResult(out, report)
+
+
+def _golden_order(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of ``count`` images spread over the classes (round robin over classes)."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < min(count, len(labels)):
+        for idx in by_class:
+            if idx and len(chosen) < count:
+                chosen.append(idx.pop(0))
+    return np.array(sorted(chosen))

@@ -1,0 +1,50 @@
+"""ONNX Runtime backend: CPU here; CUDA / TensorRT execution providers when the device has them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
+from edgexfer.runtime.errors import BundleError, InputError
+from edgexfer.runtime.optional import require
+
+_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+class OnnxRuntimeBackend(EngineRunner):
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, precision: str = "fp32", *, providers: list[str] | None = None,
+                 threads: int | None = None):
+        super().__init__(model_path, precision)
+        ort = require("onnxruntime", "the onnxruntime backend")
+        if not self.model_path.is_file():
+            raise BundleError("ONNX model not found", got=str(self.model_path), expected="an existing .onnx file")
+        available = ort.get_available_providers()
+        wanted = providers or ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            # No silent fallback: asking for CUDA on a machine without it is an error.
+            raise InputError("ONNX Runtime execution provider not available", got=", ".join(missing),
+                             expected=f"one of {', '.join(available)}", todo="choose another --providers value")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            raise BundleError("ONNX Runtime cannot load the model", got=f"{self.model_path.name}: {str(exc)[:200]}",
+                              expected="a valid ONNX model", todo="re-export the bundle") from None
+        inp = self.session.get_inputs()[0]
+        self._input = TensorSpec(inp.name, tuple(d if isinstance(d, int) else None for d in inp.shape),
+                                 _TYPES.get(inp.type, inp.type))
+        self._output = self.session.get_outputs()[0].name
+        self.details = {"providers": self.session.get_providers(), "onnxruntime": ort.__version__}
+
+    def input_spec(self) -> TensorSpec:
+        return self._input
+
+    def run_impl(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output], {self._input.name: batch})[0]
