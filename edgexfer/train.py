@@ -327,8 +327,8 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
         probe = HeadTrainer("linear", C=cfg.C).fit(features_of(train_pixels).numpy(), labels[train_idx], list(classes))
         linear = head.net[1]
         with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(probe.tensors["W"]))
-            linear.bias.copy_(torch.from_numpy(probe.tensors["b"]))
+            linear.weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
+            linear.bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
 
     epochs = cfg.epochs or 15
     steps_per_epoch = int(np.ceil(len(train_idx) / cfg.batch_size))
@@ -367,9 +367,9 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
         head.eval()
         with torch.no_grad():

@@ -172,8 +172,9 @@ def fit_linear(
     _check_warm_start(warm_start, "linear", d)
     w = _sample_weights(y, k, class_weight)
     total_weight = w.sum()
+    rows = np.arange(n)
     onehot = np.zeros((n, k))
-    onehot[np.arange(n), y] = 1.0
+    onehot[rows, y] = 1.0
 
     W0 = np.zeros((k, d))
     b0 = np.zeros(k)
@@ -182,20 +183,32 @@ def fit_linear(
             W0[new] = warm_start.tensors["W"][old]
             b0[new] = warm_start.tensors["b"][old]
 
+    # Backbone features are far from zero-mean (pooled ReLU outputs), which couples W and b and makes
+    # L-BFGS crawl. Solving for logits = (x - mean)·Wᵀ + c with c = b + W·mean is an exact change of
+    # variables: the penalty only sees W and b is free, so the minimiser is the same. b is recovered
+    # at the end, and the head still applies to raw features.
+    mean = X.mean(axis=0)
+    Xc = X - mean
+
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         W = theta[: k * d].reshape(k, d)
-        b = theta[k * d :]
-        z = X @ W.T + b
-        lse = logsumexp(z, axis=1)
-        loss = np.dot(w, lse - z[np.arange(n), y]) + 0.5 / C * np.dot(W.ravel(), W.ravel())
-        g = w[:, None] * (np.exp(z - lse[:, None]) - onehot)
-        grad_W = g.T @ X + W / C
-        grad_b = g.sum(axis=0)
-        return loss / total_weight, np.concatenate([grad_W.ravel(), grad_b]) / total_weight
+        c = theta[k * d :]
+        z = Xc @ W.T + c
+        # log-sum-exp by hand: shifting by the row maximum keeps exp() finite, and the shifted
+        # exponentials are reused for the softmax in the gradient.
+        z_max = z.max(axis=1)
+        shifted = np.exp(z - z_max[:, None])
+        sums = shifted.sum(axis=1)
+        lse = np.log(sums) + z_max
+        loss = np.dot(w, lse - z[rows, y]) + 0.5 / C * np.dot(W.ravel(), W.ravel())
+        g = w[:, None] * (shifted / sums[:, None] - onehot)
+        grad_W = g.T @ Xc + W / C
+        grad_c = g.sum(axis=0)
+        return loss / total_weight, np.concatenate([grad_W.ravel(), grad_c]) / total_weight
 
     result = minimize(
         objective,
-        np.concatenate([W0.ravel(), b0]),
+        np.concatenate([W0.ravel(), b0 + W0 @ mean]),
         method="L-BFGS-B",
         jac=True,
         # ftol as in scikit-learn: stop on gradient norm (tol) rather than on tiny loss changes.
@@ -205,7 +218,7 @@ def fit_linear(
         warnings.warn(f"fit_linear stopped after max_iter={max_iter} iterations before converging "
                       f"(gradient tolerance {tol}); raise max_iter", RuntimeWarning, stacklevel=2)
     W = result.x[: k * d].reshape(k, d)
-    b = result.x[k * d :]
+    b = result.x[k * d :] - W @ mean
     return Head("linear", names, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
 
 

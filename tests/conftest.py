@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled demo data, the shared clipart8 set, a trained run and its bundle."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "clipart8-demo"
+
+
+def shared_clipart8() -> Path:
+    """The full clipart8 set from ../shared (CI puts shared/ beside the clone)."""
+    env = os.environ.get("EDGEXFER_CLIPART8")
+    return Path(env) if env else REPO.parent / "shared" / "datasets" / "clipart8"
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+requires_torch = pytest.mark.skipif(not has_module("torch"), reason="needs torch (the host install: edgexfer[train])")
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def clipart8() -> Path:
+    path = shared_clipart8()
+    if not path.is_dir():
+        pytest.skip(f"the shared clipart8 data set is not at {path} (set EDGEXFER_CLIPART8)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_data):
+    """A frozen/linear run on the demo data, with its own feature cache."""
+    pytest.importorskip("torch")
+    from edgexfer.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("demo")
+    cfg = TrainConfig(data_dir=demo_data, out=root / "run", cache=root / "features.sqlite", progress=False)
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory, demo_run):
+    from edgexfer.export import export
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    return export(demo_run.run_dir, out, progress=False)
