@@ -50,7 +50,6 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
 def _torch_backbone(run: dict[str, Any], run_dir: Path):
     """The PyTorch twin of the run's backbone.onnx (pretrained, or the fine-tuned weights)."""
-    import torch
     from safetensors.torch import load_file
 
     from edgexfer.backbones import build_backbone
@@ -61,7 +60,6 @@ def _torch_backbone(run: dict[str, Any], run_dir: Path):
     if run["backbone"]["fine_tuned"]:
         net.load_state_dict(load_file(str(run_dir / "backbone.safetensors")), strict=True)
     model = PixelBackbone(net, tuple(run["backbone"]["mean"]), tuple(run["backbone"]["std"])).eval()
-    torch.set_grad_enabled(False)
     return model
 
 

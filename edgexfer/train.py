@@ -351,6 +351,7 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     _log(f"fine-tuning the last {n_unfreeze} of {len(blocks)} blocks, head lr {cfg.lr:g}, backbone lr {backbone_lr:g}, "
          f"up to {epochs} epochs", cfg.progress)
     for epoch in range(1, epochs + 1):
+        torch.set_grad_enabled(True)  # a caller may have switched autograd off globally
         set_train_mode()
         head.train()
         order = rng.permutation(train_idx)

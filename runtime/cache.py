@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
 from edgexfer.runtime.errors import CacheError, InputError
 
 #: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused.

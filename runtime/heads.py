@@ -269,7 +269,7 @@ class Head:
         payload = safetensors.numpy.save(
             {name: np.ascontiguousarray(value) for name, value in self.tensors.items()}, metadata=metadata
         )
-        directory = target.parent if str(target.parent) else Path(".")
+        directory = target.parent
         tmp_name: str | None = None
         try:
             # The temporary file lives in the target's directory so os.replace stays a same-filesystem

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgexfer.runtime.errors import InputError
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from edgexfer.runtime.errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgexfer.runtime.cache import SCHEMA_VERSION, FeatureCache, SampleRecord
 from edgexfer.runtime.errors import CacheError, InputError
 

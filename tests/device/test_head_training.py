@@ -24,6 +24,7 @@ from edgexfer.runtime.head_training import (
 )
 from edgexfer.runtime.heads import HEAD_KINDS, Head
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_blas_thread():
     """Run BLAS single-threaded: on a CPU shared with other jobs (CI), OpenBLAS worker threads spin

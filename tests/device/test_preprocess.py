@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFile
+
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.preprocess import (
     PreprocessSpec,
@@ -25,7 +27,6 @@ from edgexfer.runtime.preprocess import (
     resize_to_spec,
     stack,
 )
-from PIL import Image, ImageFile
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgexfer.runtime.errors import DataError, InputError
-from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec
 from PIL import Image
 
 from edgexfer.augment import Augmenter
@@ -18,6 +16,8 @@ from edgexfer.data import (
     scan_image_folder,
     stratified_split,
 )
+from edgexfer.runtime.errors import DataError, InputError
+from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "clipart8-demo"
 
