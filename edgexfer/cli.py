@@ -154,6 +154,151 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
     _emit(report, as_json, text)
 
 
+# --------------------------------------------------------------------------------------------- device
+def _state_option(f):
+    return click.option("--state", "state", type=click.Path(path_type=Path), default=None,
+                        help="Device state directory (default $EDGEXFER_STATE or /var/lib/edgexfer).")(f)
+
+
+def _device_engine_options(f):
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+                     show_default=True, help="auto: tensorrt, openvino, onnxruntime - the first installed with an engine.")(f)
+    return f
+
+
+@main.group()
+def device():
+    """The device side: install, predict, learn, retrain, status, heads, rollback (no torch needed)."""
+
+
+@device.command(name="install")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@_state_option
+@_device_engine_options
+@click.option("--json", "as_json", is_flag=True)
+def device_install(bundle_dir, state, backend, precision, as_json):
+    """Verify every sha256, copy the bundle into the state directory and activate it."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state, backend=backend, precision=precision) as dev:
+        result = dev.install(bundle_dir)
+    _emit(result, as_json, f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head "
+                           f"{result['head']}; recomputed {result['recomputed_features']} cached feature(s)")
+
+
+@device.command(name="predict")
+@click.argument("images", nargs=-1, required=True)
+@_state_option
+@_device_engine_options
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def device_predict(images, state, backend, precision, top_k, as_json):
+    """Label images with the active bundle and head."""
+    from edgexfer.runtime.device import Device
+    from edgexfer.runtime.predictor import Prediction
+
+    with Device(state, backend=backend, precision=precision) as dev:
+        results = dev.predict(list(images), top_k=top_k)
+        head = dev.state.active().head
+    lines = [f"{r.source}: {r.label} ({r.probability:.2f}) [head {head}, {r.backend}/{r.precision}]"
+             if isinstance(r, Prediction) else f"{r.source}: ERROR {r.error}" for r in results]
+    _emit({"head": head, "results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
+    if any(not isinstance(r, Prediction) for r in results):
+        sys.exit(1)
+
+
+@device.command(name="learn")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--label", required=True, help="Class name of these images (a new name adds a class).")
+@_state_option
+@_device_engine_options
+@click.option("--json", "as_json", is_flag=True)
+def device_learn(images, label, state, backend, precision, as_json):
+    """Store labelled samples and their features in the cache (the backbone runs only for new ones)."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state, backend=backend, precision=precision) as dev:
+        report = dev.learn(list(images), label)
+    text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
+            f"backbone ran {report.backbone_runs} time(s))")
+    for e in report.errors:
+        text += f"\n{e['source']}: ERROR {e['error']}"
+    _emit(report.to_dict(), as_json, text)
+    if report.errors:
+        sys.exit(1)
+
+
+@device.command(name="retrain")
+@_state_option
+@click.option("--head", "kind", type=click.Choice(["linear", "mlp", "prototype"]), default=None,
+              help="Head kind (default: the active head's).")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Accept the new head if its holdout accuracy >= the active head's minus this.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def device_retrain(state, kind, tolerance, seed, as_json):
+    """Retrain the head on cached features; activate it only if it passes the holdout gate."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        r = dev.retrain(kind=kind, tolerance=tolerance, seed=seed)
+    verdict = "activated" if r.accepted else "REJECTED (kept as a candidate; the active head is unchanged)"
+    _emit(r.to_dict(), as_json, f"head {r.version} {verdict}: {r.reason}; {len(r.classes)} classes, trained on "
+                               f"{r.train_count} samples ({r.exemplar_count} bundle exemplars) in {r.seconds:.2f} s")
+
+
+@device.command(name="status")
+@_state_option
+@_device_engine_options
+@click.option("--json", "as_json", is_flag=True)
+def device_status(state, backend, precision, as_json):
+    """Bundle, active head, backend, cache size per class, last retrain figures."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state, backend=backend, precision=precision) as dev:
+        st = dev.status()
+    counts = ", ".join(f"{k} {v}" for k, v in st["cache"]["samples_per_class"].items()) or "empty"
+    last = st["last_retrain"]
+    text = (f"bundle   {st['bundle']['name']} ({st['bundle']['arch']}, backbone {st['bundle']['backbone_sha256'][:12]}…)\n"
+            f"head     version {st['head']['version']} ({st['head']['kind']}, {len(st['head']['classes'])} classes: "
+            f"{', '.join(st['head']['classes'])}; previous {st['head']['previous']})\n"
+            f"backend  {st['backend']} {st['precision']}\n"
+            f"cache    {counts}\n"
+            f"retrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
+                            if last else "never"))
+    _emit(st, as_json, text)
+
+
+@device.command(name="heads")
+@_state_option
+@click.option("--json", "as_json", is_flag=True)
+def device_heads(state, as_json):
+    """Every head version on the device, with its status and figures."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        heads = dev.heads()
+    lines = [f"{'*' if h['active'] else ' '} {h['version']:>3}  {h['status']:<9} {h['source']:<8} {h['kind']:<9} "
+             f"{len(h['classes'])} classes  parent {h['parent']}  {h['created_utc']}  "
+             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in h["metrics"].items())
+             for h in heads]
+    _emit({"heads": heads}, as_json, "\n".join(lines))
+
+
+@device.command(name="rollback")
+@_state_option
+@click.option("--json", "as_json", is_flag=True)
+def device_rollback(state, as_json):
+    """Return to the previous head."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        active = dev.rollback()
+    _emit({"head": active.head, "previous_head": active.previous_head}, as_json,
+          f"active head is now {active.head} (previous {active.previous_head})")
+
+
 @main.command(name="backbones")
 def backbones_cmd():
     """List the registered backbones."""

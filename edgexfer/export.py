@@ -23,6 +23,8 @@ from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest, write_atomic
 from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
 
+#: training images per class whose features travel in the bundle (see _write_exemplars)
+EXEMPLARS_PER_CLASS = 20
 #: export tolerances (fp32 ONNX Runtime against fp32 PyTorch)
 FEATURE_ATOL = 1e-4
 MIN_TOP1_AGREEMENT = 1.0
@@ -135,13 +137,14 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     order = _golden_order(labels, GOLDEN_COUNT)
     np.savez(staging / "golden.npz", images=pixels[order], features=onnx_feats[order],
              logits=head.logits(onnx_feats[order]), labels=labels[order])
+    _write_exemplars(run, spec, staging / "backbone.onnx", staging / "exemplars.npz", progress)
     report_doc = {"schema": "edgexfer.export-report/1", "reference": "pytorch fp32", "candidate": "onnxruntime fp32",
                   **report}
     write_atomic(staging / "reports" / "export.json", (json.dumps(report_doc, indent=2) + "\n").encode())
     backbone_sha = file_sha256(staging / "backbone.onnx")
     metrics = {"val_accuracy": round(float(run["val_accuracy"]), 4)}
     files = {}
-    for rel in ("backbone.onnx", "head.safetensors", "golden.npz", "reports/export.json"):
+    for rel in ("backbone.onnx", "head.safetensors", "golden.npz", "exemplars.npz", "reports/export.json"):
         p = staging / rel
         files[rel] = FileEntry(sha256=file_sha256(p), bytes=p.stat().st_size)
     manifest = Manifest(
@@ -175,3 +178,25 @@ def _golden_order(labels: np.ndarray, count: int) -> np.ndarray:
             if idx and len(chosen) < count:
                 chosen.append(idx.pop(0))
     return np.array(sorted(chosen))
+
+
+def _write_exemplars(run: dict[str, Any], spec: PreprocessSpec, onnx_path: Path, out: Path, progress: bool) -> None:
+    """Features of a few training images per class (float16), for class-incremental retraining.
+
+    A device learns new classes from its own samples, but it has no images of the classes it was
+    shipped with; retraining on new samples alone would let new classes swallow the old ones. These
+    exemplar features (iCaRL's idea, kept as features: ~2.5 KB each) stand in for the old classes.
+    They are bound to the backbone like every cached feature: a new backbone needs new exemplars.
+    """
+    rng = np.random.default_rng(0)
+    chosen = []
+    for label in sorted({t["label"] for t in run["train"]}):
+        items = [t for t in run["train"] if t["label"] == label and Path(t["path"]).is_file()]
+        pick = rng.permutation(len(items))[:EXEMPLARS_PER_CLASS]
+        chosen += [items[i] for i in sorted(pick)]
+    if progress:
+        print(f"computing exemplar features of {len(chosen)} training images", file=sys.stderr, flush=True)
+    pixels = stack([load_image(t["path"], spec) for t in chosen])
+    feats = _features_ort(onnx_path, pixels)
+    np.savez(out, features=feats.astype(np.float16), labels=np.array([t["label"] for t in chosen], dtype=np.int64),
+             sha256=np.array([t["sha256"] for t in chosen]))

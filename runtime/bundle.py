@@ -97,6 +97,13 @@ class Bundle:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
 
+    def exemplars(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Features (float32) and head-class indices of training exemplars, when the bundle has them."""
+        if "exemplars.npz" not in self.manifest.files:
+            return None
+        with np.load(self.root / "exemplars.npz", allow_pickle=False) as data:
+            return data["features"].astype(np.float32), data["labels"].astype(np.int64)
+
     def engine_file(self, backend: str, precision: str) -> Path:
         """The engine file for (backend, precision); fp32 ONNX Runtime is the bundle's own backbone."""
         if backend == "onnxruntime" and precision == "fp32":

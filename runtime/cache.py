@@ -180,6 +180,7 @@ class FeatureCache:
         self._capacity = per_class_capacity
         self._seed = seed
         self._conn: sqlite3.Connection | None = None
+        self._nested_write = False
         self._open()
 
     # ------------------------------------------------------------------ lifecycle
@@ -355,11 +356,16 @@ class FeatureCache:
         at all.
         """
         conn = self._connection()
+        if self._nested_write:
+            # inside transaction(): the outer block commits or rolls back everything at once
+            yield conn
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise self._sqlite_error(action, exc) from exc
         try:
+            self._nested_write = True
             yield conn
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -367,11 +373,26 @@ class FeatureCache:
             if isinstance(exc, sqlite3.Error):
                 raise self._sqlite_error(action, exc) from exc
             raise
+        finally:
+            self._nested_write = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[FeatureCache]:
+        """Group several writes (e.g. ``add_samples`` then ``put_features``) into one atomic commit.
+
+        Field learning uses it so that a sample is confirmed together with its features or not at
+        all: after a crash or a full disk there is never a confirmed sample without its features.
+        """
+        with self._write("transaction"):
+            yield self
 
     @contextmanager
     def _read(self, action: str) -> Iterator[sqlite3.Connection]:
         """One read transaction, so that a read of several statements sees a single committed state."""
         conn = self._connection()
+        if self._nested_write:  # reading inside transaction() sees that transaction's own writes
+            yield conn
+            return
         try:
             conn.execute("BEGIN")
             yield conn

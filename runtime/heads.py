@@ -17,7 +17,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import safetensors.numpy
 
 from edgexfer.runtime.errors import HeadError, InputError
+from edgexfer.runtime.manifest import write_atomic
 
 #: value of the ``format`` metadata key; bump the suffix when the file layout changes
 HEAD_FORMAT = "edgexfer.head/1"
@@ -269,29 +269,14 @@ class Head:
         payload = safetensors.numpy.save(
             {name: np.ascontiguousarray(value) for name, value in self.tensors.items()}, metadata=metadata
         )
-        directory = target.parent
-        tmp_name: str | None = None
+        if not target.parent.is_dir():
+            raise HeadError("cannot write head file", got=f"{target}: no such directory",
+                            expected="an existing, writable directory", todo="create the directory first")
         try:
-            # The temporary file lives in the target's directory so os.replace stays a same-filesystem
-            # rename, which POSIX makes atomic.
-            with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{target.name}.", suffix=".tmp",
-                                             delete=False) as tmp:
-                tmp_name = tmp.name
-                tmp.write(payload)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
-            tmp_name = None
-            _fsync_directory(directory)
+            write_atomic(target, payload)
         except OSError as exc:
             raise HeadError("cannot write head file", got=f"{target}: {exc.strerror or exc}",
                             expected="a writable directory", todo="check the path and free space") from exc
-        finally:
-            if tmp_name is not None:
-                try:
-                    os.unlink(tmp_name)
-                except OSError:
-                    pass  # the write already failed; that error is the one worth reporting
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], feature_dim: int | None = None) -> Head:
@@ -321,17 +306,6 @@ class Head:
                 todo="use the head trained for this backbone, or retrain the head on its features",
             )
         return head
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; directories cannot be opened for fsync on Windows, so skip there."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reject(source: Path, what: str, got: object, expected: object) -> HeadError:

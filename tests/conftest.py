@@ -55,3 +55,15 @@ def demo_bundle(tmp_path_factory, demo_run):
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     return export(demo_run.run_dir, out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def device_bundle(request) -> Path:
+    """A bundle for device tests: $EDGEXFER_TEST_BUNDLE (made by the host venv, for the torch-free
+    device venv), else the demo bundle built here with torch."""
+    env = os.environ.get("EDGEXFER_TEST_BUNDLE")
+    if env:
+        return Path(env)
+    if not has_module("torch"):
+        pytest.skip("no EDGEXFER_TEST_BUNDLE and no torch to build one")
+    return request.getfixturevalue("demo_bundle").bundle

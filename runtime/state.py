@@ -1,0 +1,269 @@
+"""The device state directory (ARCHITECTURE.md, "Device state directory").
+
+```
+state/
+  bundles/<backbone-sha>/     installed bundles, immutable once installed
+  heads/<version>/            head.safetensors + head.json
+  active.json                 {"bundle": sha, "head": version, "previous_head": version | null}
+  features.sqlite             the feature cache
+  engines/ trust/             engines built on the device; update trust root
+```
+
+Invariant: after a crash at any point exactly one complete (bundle, head) pair is active. New bundles
+and heads are written under a temporary name, fsynced and renamed into place; only then does
+``active.json`` change, itself replaced atomically (temp file, fsync, rename, fsync directory).
+Writers (install, retrain, rollback, update) hold an exclusive lock on ``state/lock``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.errors import EdgexferError, HeadError
+from edgexfer.runtime.heads import Head
+from edgexfer.runtime.manifest import write_atomic
+
+STATE_ENV = "EDGEXFER_STATE"
+DEFAULT_STATE = "/var/lib/edgexfer"
+#: test hook: ``EDGEXFER_CRASH_AT=<step>`` makes the process SIGKILL itself when it reaches that step
+CRASH_ENV = "EDGEXFER_CRASH_AT"
+
+
+class StateError(EdgexferError):
+    """The device state directory is missing, locked or inconsistent."""
+
+
+def crash_point(step: str) -> None:
+    """Die at a named step when the crash-test hook asks for it (no effect otherwise)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_ENV, DEFAULT_STATE))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+@dataclass(frozen=True)
+class ActiveState:
+    bundle: str  #: backbone sha256 = folder name under bundles/
+    head: int  #: head version under heads/
+    previous_head: int | None = None  #: what `rollback` returns to
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """``heads/<version>/head.json``."""
+
+    version: int
+    kind: str
+    classes: list[str]
+    backbone_sha256: str
+    sha256: str  #: of head.safetensors
+    created_utc: str
+    parent: int | None = None
+    status: str = "candidate"  #: candidate | accepted | rejected
+    source: str = "retrain"  #: bundle | retrain | update
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class DeviceState:
+    """Files of one device. Cheap to construct; nothing is read until asked."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_state_dir()
+        self.bundles_dir = self.root / "bundles"
+        self.heads_dir = self.root / "heads"
+        self.active_path = self.root / "active.json"
+        self.cache_path = self.root / "features.sqlite"
+        self.engines_dir = self.root / "engines"
+        self.trust_dir = self.root / "trust"
+        self.last_retrain_path = self.root / "last_retrain.json"
+
+    # ---------------------------------------------------------------------------- locking
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 60.0) -> Iterator[DeviceState]:
+        """Exclusive writer lock (flock: released by the kernel if the holder dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StateError("device state is locked by another edgexfer process", got=str(self.root),
+                                         expected="no other install/retrain/rollback/update running",
+                                         todo="wait for it to finish and retry") from None
+                    time.sleep(0.05)
+            self._sweep_temporaries()
+            yield self
+        finally:
+            os.close(fd)
+
+    def _sweep_temporaries(self) -> None:
+        """Remove half-written bundles/heads left by a crash (they were never made active)."""
+        for parent in (self.bundles_dir, self.heads_dir):
+            if parent.is_dir():
+                for child in parent.iterdir():
+                    if child.name.startswith(".tmp-"):
+                        shutil.rmtree(child, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- active pair
+    def active(self) -> ActiveState:
+        if not self.active_path.is_file():
+            raise StateError("no model is installed on this device", got=f"no {self.active_path}",
+                             expected="an installed bundle", todo=f"run `edgexfer device install BUNDLE_DIR --state {self.root}`")
+        try:
+            obj = json.loads(self.active_path.read_text())
+            return ActiveState(bundle=str(obj["bundle"]), head=int(obj["head"]),
+                               previous_head=None if obj.get("previous_head") is None else int(obj["previous_head"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError("active.json is unreadable", got=str(exc), expected="the file edgexfer wrote",
+                             todo="restore it from the previous head with `edgexfer device rollback`") from None
+
+    def set_active(self, state: ActiveState) -> None:
+        crash_point("before-switch")
+        write_atomic(self.active_path, state.to_json())
+        crash_point("after-switch")
+
+    # ---------------------------------------------------------------------------- bundles
+    def bundle(self, sha: str | None = None, verify: bool = False) -> Bundle:
+        sha = sha or self.active().bundle
+        return Bundle.open(self.bundles_dir / sha, verify=verify)
+
+    def install_bundle(self, source: str | Path) -> tuple[Bundle, bool]:
+        """Copy a verified bundle into ``bundles/<sha>`` (verified again after the copy).
+
+        Returns the installed bundle and whether it was new. Must be called under :meth:`locked`.
+        """
+        src = Bundle.open(source, verify=True)
+        sha = src.manifest.backbone.sha256
+        dest = self.bundles_dir / sha
+        if dest.is_dir():
+            return Bundle.open(dest, verify=True), False
+        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.bundles_dir / f".tmp-{uuid.uuid4().hex}"
+        files = ["manifest.json", *src.manifest.files]
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.root / rel, tmp / rel)
+        crash_point("bundle-copied")
+        Bundle.open(tmp, verify=True)  # what landed on this disk, not what was read
+        _fsync_tree(tmp)
+        os.rename(tmp, dest)
+        _fsync_dir(self.bundles_dir)
+        return Bundle.open(dest), True
+
+    # ---------------------------------------------------------------------------- heads
+    def head_versions(self) -> list[int]:
+        if not self.heads_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.heads_dir.iterdir() if p.name.isdigit() and (p / "head.json").is_file())
+
+    def head_record(self, version: int) -> HeadRecord:
+        path = self.heads_dir / str(version) / "head.json"
+        if not path.is_file():
+            raise StateError("no such head version", got=version, expected=f"one of {self.head_versions()}",
+                             todo="list heads with `edgexfer device heads`")
+        return HeadRecord(**json.loads(path.read_text()))
+
+    def load_head(self, version: int, feature_dim: int | None = None) -> Head:
+        record = self.head_record(version)
+        path = self.heads_dir / str(version) / "head.safetensors"
+        if file_sha256(path) != record.sha256:
+            raise HeadError(f"head version {version} is damaged", got="sha256 differs from head.json",
+                            expected=record.sha256[:16] + "…", todo="roll back to another head")
+        return Head.load(path, feature_dim=feature_dim)
+
+    def add_head(self, head: Head, *, backbone_sha256: str, parent: int | None, status: str, source: str,
+                 metrics: dict[str, Any] | None = None, version: int | None = None,
+                 source_file: Path | None = None) -> HeadRecord:
+        """Write a new ``heads/<version>/`` directory atomically (temp dir, fsync, rename).
+
+        ``source_file`` copies that head file byte for byte (a bundle's or an update's, whose sha256
+        was verified) instead of serialising ``head`` again.
+        """
+        existing = self.head_versions()
+        if version is None:
+            version = (max(existing) + 1) if existing else 1
+        elif version in existing:
+            raise StateError("head version exists already", got=version, expected="a new version number")
+        self.heads_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.heads_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        if source_file is not None:
+            shutil.copyfile(source_file, tmp / "head.safetensors")
+            with open(tmp / "head.safetensors", "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            head.save(tmp / "head.safetensors")
+        record = HeadRecord(version=version, kind=head.kind, classes=list(head.classes), backbone_sha256=backbone_sha256,
+                            sha256=file_sha256(tmp / "head.safetensors"),
+                            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            parent=parent, status=status, source=source, metrics=dict(metrics or {}))
+        write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode())
+        crash_point("head-written")
+        os.rename(tmp, self.heads_dir / str(version))
+        _fsync_dir(self.heads_dir)
+        crash_point("head-renamed")
+        return record
+
+    def set_head_status(self, version: int, status: str) -> None:
+        record = self.head_record(version)
+        updated = HeadRecord(**{**asdict(record), "status": status})
+        write_atomic(self.heads_dir / str(version) / "head.json", (json.dumps(asdict(updated), indent=2) + "\n").encode())
+
+    def activate_head(self, version: int) -> ActiveState:
+        """Make ``version`` the active head; a head bound to another backbone is refused."""
+        current = self.active()
+        record = self.head_record(version)
+        if record.backbone_sha256 != current.bundle:
+            raise HeadError("head is bound to another backbone", got=f"head {version} for {record.backbone_sha256[:16]}…",
+                            expected=f"backbone {current.bundle[:16]}…", todo="retrain the head for the installed backbone")
+        bundle = self.bundle(current.bundle)
+        self.load_head(version, feature_dim=bundle.manifest.backbone.feature_dim)  # complete and loadable
+        new = ActiveState(bundle=current.bundle, head=version, previous_head=current.head)
+        self.set_active(new)
+        return new
+
+    def rollback(self) -> ActiveState:
+        current = self.active()
+        if current.previous_head is None:
+            raise StateError("nothing to roll back to", got=f"head {current.head} has no previous head",
+                             expected="a previous head", todo="install a bundle or retrain first")
+        return self.activate_head(current.previous_head)
