@@ -4,8 +4,13 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The device install: the runtime with ONNX Runtime only, no torch (plus pytest and scikit-learn,
+# the peer some tests compare against).
+DEVICE_VENV := .venv-device
+DEVICE_STAMP := $(DEVICE_VENV)/.installed
+TEST_BUNDLE := build/test-bundle
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-host test-device lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,16 +18,36 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
+$(DEVICE_STAMP): pyproject.toml constraints.txt
+	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip install --quiet --upgrade pip
+	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime]' pytest scikit-learn
+	@if $(DEVICE_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the device venv"; exit 1; fi
+	touch $(DEVICE_STAMP)
+
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-test: $(STAMP)
-	$(PY) -m pytest -q tests; rc=$$?; \
+define run_pytest
+	$(1) -m pytest -q $(2); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+endef
+
+test: test-host test-device
+
+test-host: $(STAMP)
+	$(call run_pytest,$(PY),tests)
+
+# The runtime tests again, in the torch-free device venv, against a bundle the host venv builds.
+test-device: $(STAMP) $(DEVICE_STAMP)
+	rm -rf build/test-run $(TEST_BUNDLE)
+	$(VENV)/bin/edgexfer train data/clipart8-demo --out build/test-run --cache build/test-cache.sqlite --quiet >/dev/null
+	$(VENV)/bin/edgexfer export build/test-run --out $(TEST_BUNDLE) --quiet >/dev/null
+	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/test_boundaries.py)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edgexfer converters runtime tests
+	$(VENV)/bin/ruff check edgexfer converters runtime tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info demo-out

@@ -79,6 +79,7 @@ class RetrainReport:
     tolerance: float
     train_count: int
     exemplar_count: int
+    frozen_classes: list[str]
     temperature: float | None
     seconds: float
     reason: str
@@ -255,6 +256,12 @@ class Device:
             y_train = np.concatenate([y_ex, y_local[train_idx]])
             params: dict[str, Any] = {"C": C} if kind == "linear" else ({"seed": seed} if kind == "mlp" else {})
             warm = old_head if (old_head.kind == kind) else None
+            frozen: list[str] = []
+            if kind == "linear" and warm is not None:
+                # classes without local samples keep the bundle's row: the device has no evidence
+                # about them beyond the exemplars the row was already trained on (and more)
+                frozen = [c for c in old_head.classes if c not in set(labels_local)]
+                params["frozen_classes"] = frozen
             candidate = HeadTrainer(kind, **params).fit(X_train, y_train, classes, warm_start=warm)
             acc_new = acc_old = None
             temperature = None
@@ -279,7 +286,7 @@ class Device:
                 accepted=accepted, version=record.version, active_head=record.version if accepted else active.head,
                 kind=kind, classes=classes, holdout_count=int(len(hold_idx)), holdout_accuracy_new=acc_new,
                 holdout_accuracy_old=acc_old, tolerance=tolerance, train_count=int(len(y_train)),
-                exemplar_count=int(len(y_ex)), temperature=temperature,
+                exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=temperature,
                 seconds=round(time.perf_counter() - started, 3), reason=reason)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
             crash_point("retrain-done")

@@ -97,10 +97,10 @@ def _check_training_data(
     return X, y, names
 
 
-def _require_every_class(y: np.ndarray, classes: tuple[str, ...], trainer: str) -> None:
+def _require_every_class(y: np.ndarray, classes: tuple[str, ...], trainer: str, exempt: Sequence[int] = ()) -> None:
     """A discriminative head cannot learn a class it never sees: its bias would run to minus infinity."""
     counts = np.bincount(y, minlength=len(classes))
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    empty = [classes[i] for i in np.flatnonzero(counts == 0) if i not in exempt]
     if empty:
         raise InputError(f"{trainer} needs samples of every class", got=f"no samples of {empty[:5]}",
                          expected="at least one sample per class",
@@ -173,6 +173,7 @@ def fit_linear(
     max_iter: int = 500,
     warm_start: Head | None = None,
     tol: float = 1e-6,
+    frozen_classes: Sequence[str] = (),
 ) -> Head:
     """Multinomial logistic regression with L2 on ``W`` (not on ``b``), solved with L-BFGS.
 
@@ -181,9 +182,20 @@ def fit_linear(
     which changes nothing about the minimiser but keeps ``tol`` independent of the data size.
     ``warm_start`` seeds the rows of the classes it shares with ``classes`` (matched by name); new
     classes start at zero. The problem is convex, so a warm start only saves iterations.
+
+    ``frozen_classes`` keep their ``warm_start`` row exactly (weights and bias): a device that has no
+    local samples of a class keeps what the bundle learned from more data, and only the classes it
+    has evidence for move. Frozen classes may have no samples in ``y``.
     """
     X, y, names = _check_training_data(X, y, classes)
-    _require_every_class(y, names, "fit_linear")
+    frozen = [names.index(c) for c in frozen_classes if c in names]
+    if frozen and warm_start is None:
+        raise InputError("frozen_classes need a warm_start head", got=list(frozen_classes),
+                         expected="warm_start with those classes", todo="pass the active head as warm_start")
+    if frozen and any(c not in warm_start.classes for c in frozen_classes):
+        raise InputError("frozen_classes must be classes of the warm_start head", got=list(frozen_classes),
+                         expected=f"some of {list(warm_start.classes)}")
+    _require_every_class(y, names, "fit_linear", exempt=frozen)
     C = _positive("C", C)
     tol = _positive("tol", tol)
     max_iter = _count("max_iter", max_iter)
@@ -224,6 +236,9 @@ def fit_linear(
         g = w[:, None] * (shifted / sums[:, None] - onehot)
         grad_W = g.T @ Xc + W / C
         grad_c = g.sum(axis=0)
+        if frozen:
+            grad_W[frozen] = 0.0
+            grad_c[frozen] = 0.0
         return loss / total_weight, np.concatenate([grad_W.ravel(), grad_c]) / total_weight
 
     # Our own L-BFGS: scipy's spends ~10 ms of bookkeeping per iteration at this size, ten times the
