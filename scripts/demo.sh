@@ -1,31 +1,56 @@
 #!/usr/bin/env bash
-# The end-to-end demo behind `make demo`: train, export, evaluate and predict on the bundled clip art.
+# The end-to-end demo behind `make demo`: train on the host, export a bundle, install it on a
+# "device" (a local state directory) and teach the device a class the host never saw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=data/clipart8-demo
 OUT=demo-out
-rm -rf "$OUT/run" "$OUT/bundle"
-mkdir -p "$OUT"
+NEW_CLASS=vehicles
+rm -rf "$OUT"
+mkdir -p "$OUT/host-data"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "1. Train: a frozen, ImageNet-pretrained EfficientNet-Lite0 extracts features; a new linear head learns the 8 classes"
-echo "   data: $DATA (240 public-domain clip-art images, 30 per class); 20% are held out for validation"
-edgexfer train "$DATA" --out "$OUT/run" --cache "$OUT/features.sqlite"
+# the host trains on 7 of the 8 classes; the device will learn the 8th in the field
+for d in "$DATA"/*/; do
+  name=$(basename "$d")
+  [ "$name" = "$NEW_CLASS" ] || ln -s "$(cd "$d" && pwd)" "$OUT/host-data/$name"
+done
+mapfile -t NEW_IMAGES < <(ls "$DATA/$NEW_CLASS"/* | sort)
+LEARN=("${NEW_IMAGES[@]:0:20}")      # what the device is taught
+UNSEEN=("${NEW_IMAGES[@]:20:6}")     # what it is asked about afterwards
+
+say "1. Train on the host: a frozen ImageNet EfficientNet-Lite0 extracts features, a new linear head learns 7 classes"
+echo "   data: $OUT/host-data (210 public-domain clip-art images, 30 per class; '$NEW_CLASS' left out on purpose)"
+edgexfer train "$OUT/host-data" --out "$OUT/run" --cache "$OUT/features.sqlite"
 
 say "2. Train again on the same data: every feature now comes from the SQLite feature cache"
-edgexfer train "$DATA" --out "$OUT/run" --cache "$OUT/features.sqlite" --quiet
+edgexfer train "$OUT/host-data" --out "$OUT/run" --cache "$OUT/features.sqlite" --quiet
 
 say "3. Export the bundle: backbone.onnx (uint8 pixels in, features out) + head + golden images + manifest"
-edgexfer export "$OUT/run" --out "$OUT/bundle"
+edgexfer export "$OUT/run" --out "$OUT/bundle" --name clipart-demo
 ls -l "$OUT/bundle"
 
 say "4. Evaluate the bundle with ONNX Runtime and the numpy head (the code path a device runs)"
-echo "   note: these are the demo's own images, most of them seen in training; the honest figure is the"
-echo "   validation accuracy printed in step 1"
-edgexfer eval "$OUT/bundle" "$DATA" --quiet
+echo "   note: most of these images were seen in training; the honest figure is the validation accuracy of step 1"
+edgexfer eval "$OUT/bundle" "$OUT/host-data" --quiet | head -3
 
-say "5. Predict single images"
-edgexfer predict "$OUT/bundle" "$DATA/fruit/$(ls $DATA/fruit | head -1)" "$DATA/music/$(ls $DATA/music | head -1)" \
-  "$DATA/vehicles/$(ls $DATA/vehicles | head -1)"
+say "5. Install the bundle on a device (here a local state directory; on a Jetson: /var/lib/edgexfer)"
+edgexfer device install "$OUT/bundle" --state "$OUT/device"
 
-say "Done. Run directory: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle"
+say "6. The device has never heard of '$NEW_CLASS': it answers with the closest class it knows"
+edgexfer device predict "${UNSEEN[@]}" --state "$OUT/device" || true
+
+say "7. Teach the device '$NEW_CLASS' from 20 local images (the backbone runs once per image; features are cached)"
+edgexfer device learn --label "$NEW_CLASS" "${LEARN[@]}" --state "$OUT/device"
+
+say "8. Retrain only the head, in well under a second, and switch to it if it passes the holdout gate"
+edgexfer device retrain --state "$OUT/device"
+
+say "9. Ask again about the same unseen '$NEW_CLASS' images"
+edgexfer device predict "${UNSEEN[@]}" --state "$OUT/device" || true
+
+say "10. Device status and head history (roll back any time with: edgexfer device rollback --state $OUT/device)"
+edgexfer device status --state "$OUT/device"
+edgexfer device heads --state "$OUT/device"
+
+say "Done. Host run: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle; device state: $OUT/device"
