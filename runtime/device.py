@@ -23,7 +23,6 @@ from edgexfer.runtime.backends.base import AUTO_ORDER, EngineRunner, available_b
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError
-from edgexfer.runtime.head_training import HeadTrainer, fit_temperature
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import write_atomic
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
@@ -154,8 +153,11 @@ class Device:
             except EdgexferError:
                 previous = None
             same_backbone = previous is not None and previous.bundle == sha
-            self.state.set_active(ActiveState(bundle=sha, head=version,
-                                              previous_head=previous.head if same_backbone else None))
+            # Re-installing the active pair changes nothing; rewriting it would set previous_head to the
+            # active head itself and lose the rollback target.
+            if not (same_backbone and previous.head == version):
+                self.state.set_active(ActiveState(bundle=sha, head=version,
+                                                  previous_head=previous.head if same_backbone else None))
         recomputed = self.recompute_features() if not same_backbone else 0
         return {"bundle": sha, "name": m.name, "head": version, "new_bundle": new, "recomputed_features": recomputed,
                 "seconds": round(time.perf_counter() - started, 3)}
@@ -237,6 +239,8 @@ class Device:
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
                 holdout: float = DEFAULT_HOLDOUT, seed: int = 0, C: float = 1.0) -> RetrainReport:
         """Train a candidate head on cached features and activate it if it passes the gate."""
+        from edgexfer.runtime.head_training import HeadTrainer, fit_temperature
+
         started = time.perf_counter()
         with self.state.locked():
             active, old_head = self.active_head()

@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
 from threadpoolctl import threadpool_limits
 
 from edgexfer.runtime.errors import InputError
@@ -220,14 +218,12 @@ def fit_linear(
     # variables: the penalty only sees W and b is free, so the minimiser is the same. b is recovered
     # at the end, and the head still applies to raw features.
     mean = X.mean(axis=0)
-    # float32 matrix products: half the memory traffic of float64, and the features were float16 anyway;
-    # the loss, softmax and L-BFGS state stay in float64.
-    Xc = (X - mean).astype(np.float32)
+    Xc = X - mean
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         W = theta[: k * d].reshape(k, d)
         c = theta[k * d :]
-        z = (Xc @ W.T.astype(np.float32)).astype(np.float64) + c
+        z = Xc @ W.T + c
         # log-sum-exp by hand: shifting by the row maximum keeps exp() finite, and the shifted
         # exponentials are reused for the softmax in the gradient.
         z_max = z.max(axis=1)
@@ -236,7 +232,7 @@ def fit_linear(
         lse = np.log(sums) + z_max
         loss = np.dot(w, lse - z[rows, y]) + 0.5 / C * np.dot(W.ravel(), W.ravel())
         g = w[:, None] * (shifted / sums[:, None] - onehot)
-        grad_W = (g.T.astype(np.float32) @ Xc).astype(np.float64) + W / C
+        grad_W = g.T @ Xc + W / C
         grad_c = g.sum(axis=0)
         if frozen:
             grad_W[frozen] = 0.0
@@ -416,6 +412,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     Searched on ``log T`` in [1/100, 100]. The NLL is convex in ``1/T``, so the bounded scalar search
     finds the global minimum; ``T = 1`` is returned if nothing beats it.
     """
+    # imported here: scipy.optimize costs ~0.8 s to import, which `device predict` should not pay
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
     z = np.asarray(logits)
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2 or not np.issubdtype(z.dtype, np.floating):
         raise InputError("logits have the wrong shape or dtype", got=f"{z.dtype}{list(z.shape)}",
