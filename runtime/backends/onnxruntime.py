@@ -22,7 +22,11 @@ class OnnxRuntimeBackend(EngineRunner):
         if not self.model_path.is_file():
             raise BundleError("ONNX model not found", got=str(self.model_path), expected="an existing .onnx file")
         available = ort.get_available_providers()
-        wanted = providers or ["CPUExecutionProvider"]
+        # Default: the GPU when this onnxruntime build has one (Jetson's onnxruntime-gpu), else the CPU.
+        # The CPU provider stays listed after CUDA because ONNX Runtime places the few ops CUDA lacks
+        # there; which providers the session really uses is recorded in `details`.
+        wanted = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                               if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"])
         missing = [p for p in wanted if p not in available]
         if missing:
             # No silent fallback: asking for CUDA on a machine without it is an error.

@@ -84,8 +84,18 @@ def test_partial_fine_tuning_trains_and_exports_its_own_backbone(demo_data, tmp_
                                batch_size=8, progress=False))
     history = result.metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["best_epoch"] in (1, 2)
-    assert (tmp_path / "run" / "backbone.safetensors").is_file()
     assert (tmp_path / "run" / "plots" / "curves.png").is_file()
+    from safetensors.numpy import load_file
+
+    from edgexfer.backbones import build_backbone
+
+    tuned = load_file(str(tmp_path / "run" / "backbone.safetensors"))
+    pretrained = {k: v.numpy() for k, v in build_backbone("efficientnet_lite0").state_dict().items()}
+    # frozen blocks keep weights and BatchNorm statistics (eval mode); the unfrozen last block moves
+    for key in ("_conv_stem.weight", "_blocks.14._bn1.running_mean", "_blocks.14._bn1.running_var"):
+        np.testing.assert_array_equal(tuned[key], pretrained[key])
+    assert not np.allclose(tuned["_blocks.15._bn1.running_mean"], pretrained["_blocks.15._bn1.running_mean"])
+    assert not np.allclose(tuned["_blocks.15._project_conv.weight"], pretrained["_blocks.15._project_conv.weight"])
     exported = export(tmp_path / "run", tmp_path / "bundle", progress=False)
     assert exported.parity["max_abs_diff"] <= 1e-4 and exported.parity["top1_agreement"] == 1.0
 
@@ -155,3 +165,18 @@ def test_truncated_weights_leave_the_previous_run_intact(demo_data, tmp_path):
     assert code == 1 and "cannot read backbone weight file" in err and "Traceback" not in err
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
     assert after == before
+
+
+def test_unfreeze_all_trains_every_layer_with_a_smaller_learning_rate(demo_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    from edgexfer.backbones import build_backbone
+
+    subset = _subset(demo_data, tmp_path / "data", classes=2, per_class=6)
+    train(TrainConfig(data_dir=subset, out=tmp_path / "run", mode="partial", unfreeze="all", epochs=1,
+                      batch_size=8, progress=False))
+    tuned = load_file(str(tmp_path / "run" / "backbone.safetensors"))
+    pretrained = {k: v.numpy() for k, v in build_backbone("efficientnet_lite0").state_dict().items()}
+    # the stem moved (it is frozen in every other mode), and so did the last block
+    assert not np.allclose(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])
+    assert not np.allclose(tuned["_blocks.15._project_conv.weight"], pretrained["_blocks.15._project_conv.weight"])
