@@ -20,6 +20,7 @@ The schema is stored in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +41,8 @@ DEFAULT_PER_CLASS_CAPACITY = 500
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 
+# Less free space than this, at the moment an SQLite call failed, means the disk is full.
+_DISK_FULL_BYTES = 1 << 20
 # Stay well below SQLite's host-parameter limit (999 in builds older than 3.32) in `IN (...)` lists.
 _SQL_CHUNK = 500
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -422,7 +425,9 @@ class FeatureCache:
                 f"another process held the cache's write lock for over {BUSY_TIMEOUT_S:.0f} s: "
                 "find it (e.g. lsof on the file) and retry"
             )
-        elif "full" in text:
+        elif "full" in text or self._disk_full():
+            # A full disk is not always SQLITE_FULL: when even the -shm file cannot grow, SQLite says
+            # "disk I/O error" (SQLITE_IOERR_SHMSIZE), and the advice below would be the wrong one.
             todo = "free disk space in the state directory and retry"
         elif "unable to open" in text or "readonly" in text:
             todo = "check that the file and its directory exist and are writable by this user"
@@ -434,6 +439,14 @@ class FeatureCache:
             expected="a healthy, writable SQLite file",
             todo=todo,
         )
+
+    def _disk_full(self) -> bool:
+        """Whether the file system of the cache has (almost) no room left for this user."""
+        try:
+            stat = os.statvfs(self._path.parent)
+        except (OSError, AttributeError):  # statvfs is POSIX only
+            return False
+        return stat.f_bavail * stat.f_frsize < _DISK_FULL_BYTES
 
     # ------------------------------------------------------------------ samples
 

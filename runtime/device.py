@@ -98,6 +98,7 @@ class Device:
         self.keep_images = keep_images
         self.per_class_capacity = per_class_capacity
         self._engine: EngineRunner | None = None
+        self._engine_bundle: str | None = None
 
     # ---------------------------------------------------------------------------- plumbing
     def close(self) -> None:
@@ -119,14 +120,20 @@ class Device:
         return self.state.bundle()
 
     def engine(self, bundle: Bundle | None = None) -> EngineRunner:
+        """The engine of ``bundle`` (default: the active one), reopened when the bundle changed."""
         bundle = bundle or self.bundle()
+        sha = bundle.manifest.backbone.sha256
+        if self._engine is not None and self._engine_bundle != sha:
+            # another backbone was installed since: its features must never come from the old engine
+            self.close()
         if self._engine is None:
             name = choose_backend(bundle, self.backend_choice, self.precision)
             self._engine = open_backend(name, bundle.engine_file(name, self.precision), precision=self.precision)
+            self._engine_bundle = sha
         return self._engine
 
-    def active_head(self) -> tuple[ActiveState, Head]:
-        active = self.state.active()
+    def active_head(self, active: ActiveState | None = None) -> tuple[ActiveState, Head]:
+        active = active or self.state.active()
         bundle = self.state.bundle(active.bundle)
         return active, self.state.load_head(active.head, feature_dim=bundle.manifest.backbone.feature_dim)
 
@@ -182,8 +189,9 @@ class Device:
 
     # ---------------------------------------------------------------------------- predict
     def predict(self, items: Sequence[ImageInput], top_k: int = 3) -> list[Prediction | SampleError]:
-        bundle = self.bundle()
-        _, head = self.active_head()
+        active = self.state.active()  # read once: bundle and head of one consistent pair
+        bundle = self.state.bundle(active.bundle)
+        _, head = self.active_head(active)
         engine = self.engine(bundle)
         predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details))
         return predictor.predict(items, top_k=top_k)
@@ -282,10 +290,13 @@ class Device:
                       f"holdout accuracy {acc_new:.3f} vs active {acc_old:.3f} (tolerance {tolerance:.3f})")
             metrics = {k: v for k, v in {"holdout_accuracy": acc_new, "holdout_accuracy_previous": acc_old,
                                          "holdout_count": len(hold_idx), "train_count": len(y_train)}.items() if v is not None}
+            # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
             record = self.state.add_head(candidate, backbone_sha256=active.bundle, parent=active.head,
-                                         status="accepted" if accepted else "rejected", source="retrain", metrics=metrics)
+                                         status="candidate" if accepted else "rejected", source="retrain",
+                                         metrics=metrics)
             if accepted:
                 self.state.activate_head(record.version)
+                self.state.set_head_status(record.version, "accepted")
             report = RetrainReport(
                 accepted=accepted, version=record.version, active_head=record.version if accepted else active.head,
                 kind=kind, classes=classes, holdout_count=int(len(hold_idx)), holdout_accuracy_new=acc_new,

@@ -136,12 +136,23 @@ class DeviceState:
             os.close(fd)
 
     def _sweep_temporaries(self) -> None:
-        """Remove half-written bundles/heads left by a crash (they were never made active)."""
+        """Remove what a killed writer left behind; none of it was ever made active.
+
+        That is half-written bundles and heads (``.tmp-*`` directories) and the temp files of
+        :func:`write_atomic` (``.active.json.*`` and the like: a SIGKILL skips its cleanup). Called
+        only under the lock, so no live writer still owns any of them.
+        """
         for parent in (self.bundles_dir, self.heads_dir):
             if parent.is_dir():
                 for child in parent.iterdir():
                     if child.name.startswith(".tmp-"):
                         shutil.rmtree(child, ignore_errors=True)
+        stale = [*self.root.glob(f".{self.active_path.name}.*"), *self.root.glob(f".{self.last_retrain_path.name}.*")]
+        if self.heads_dir.is_dir():
+            stale += self.heads_dir.glob("[0-9]*/.head.json.*")  # set_head_status rewrites head.json
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     # ---------------------------------------------------------------------------- active pair
     def active(self) -> ActiveState:
@@ -154,7 +165,7 @@ class DeviceState:
                                previous_head=None if obj.get("previous_head") is None else int(obj["previous_head"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError("active.json is unreadable", got=str(exc), expected="the file edgexfer wrote",
-                             todo="restore it from the previous head with `edgexfer device rollback`") from None
+                             todo="re-run `edgexfer device install BUNDLE_DIR` to write it again (heads and cache are kept)") from None
 
     def set_active(self, state: ActiveState) -> None:
         crash_point("before-switch")
@@ -187,6 +198,7 @@ class DeviceState:
         _fsync_tree(tmp)
         os.rename(tmp, dest)
         _fsync_dir(self.bundles_dir)
+        crash_point("bundle-renamed")
         return Bundle.open(dest), True
 
     # ---------------------------------------------------------------------------- heads
