@@ -310,5 +310,14 @@ def backbones_cmd():
                    f"{cfg.num_blocks} blocks")
 
 
+# Commands that live in their own modules (each imports its heavy dependencies inside the command).
+from edgexfer.cli_bench import bench  # noqa: E402
+from edgexfer.cli_fleet import device_update, flash, heads  # noqa: E402
+
+main.add_command(bench)
+main.add_command(flash)
+main.add_command(heads)
+device.add_command(device_update)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -53,4 +53,20 @@ say "10. Device status and head history (roll back any time with: edgexfer devic
 edgexfer device status --state "$OUT/device"
 edgexfer device heads --state "$OUT/device"
 
+say "11. A field update: the host trains a better head on all 8 classes, signs it (TUF) and publishes it"
+edgexfer train "$DATA" --out "$OUT/run-v2" --cache "$OUT/features.sqlite" --quiet
+edgexfer heads keygen --out "$OUT/offline/root.key"
+edgexfer heads init --repo "$OUT/heads-repo" --keys "$OUT/keys" --root-key "$OUT/offline/root.key"
+edgexfer heads publish "$OUT/run-v2" --repo "$OUT/heads-repo" --keys "$OUT/keys" --group all
+
+say "12. The device fetches it from an HTTP server on loopback, verifies signatures, switches, health-checks"
+PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python -m http.server --bind 127.0.0.1 "$PORT" --directory "$OUT/heads-repo" >/dev/null 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 50); do python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/')" 2>/dev/null && break; sleep 0.1; done
+edgexfer device update --state "$OUT/device" --repo "http://127.0.0.1:$PORT" --root "$OUT/heads-repo/metadata/1.root.json"
+edgexfer device heads --state "$OUT/device"
+kill $SERVER
+
 say "Done. Host run: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle; device state: $OUT/device"

@@ -1,0 +1,205 @@
+"""Fleet commands: ``edgexfer flash``, ``edgexfer heads …`` and ``edgexfer device update``.
+
+Registered in :mod:`edgexfer.cli` (``main.add_command(flash)``, ``main.add_command(heads)``,
+``device.add_command(device_update)``). Heavy modules are imported inside the commands.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+_SIGNER = click.option("--signer-backend", type=click.Choice(["cryptography", "pure-python"]), default="cryptography",
+                       show_default=True, envvar="EDGEXFER_SIGNER_BACKEND",
+                       help="Ed25519 signing: pyca/cryptography, or the pure-Python reference implementation "
+                            "(not constant-time; only on a trusted offline machine).")
+_KEYS = click.option("--keys", "keys_dir", type=click.Path(path_type=Path), required=True,
+                     help="Directory of the online keys (targets, snapshot, timestamp); never inside --repo.")
+_REPO = click.option("--repo", "repo_dir", type=click.Path(path_type=Path), required=True,
+                     help="Repository directory (serve it over HTTP, or copy it for `device update --dir`).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(obj, indent=2) if as_json else text)
+
+
+# --------------------------------------------------------------------------------------------- heads
+@click.group()
+def heads():
+    """Signed head updates (TUF): keygen, init, publish, promote, rotate, timestamp, list."""
+
+
+@heads.command(name="keygen")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Key file to write (mode 0600).")
+@click.option("--role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]), default="root",
+              show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+@_JSON
+def heads_keygen(out, role, force, as_json):
+    """Create an Ed25519 key. Keep the root key offline; `init` creates the online keys itself."""
+    from edgexfer.heads_repo import keygen
+
+    result = keygen(out, role, force=force)
+    _emit(result, as_json, f"{role} key {result['keyid'][:16]}… written to {out}")
+
+
+@heads.command(name="init")
+@_REPO
+@_KEYS
+@click.option("--root-key", type=click.Path(path_type=Path), required=True, help="The offline root key file.")
+@_SIGNER
+@_JSON
+def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
+    """Create an empty update repository (root signed offline, online keys in --keys)."""
+    from edgexfer.heads_repo import HeadsRepo
+
+    repo = HeadsRepo.init(repo_dir, keys_dir, root_key, signer_backend=signer_backend)
+    result = {"repo": str(repo.root_dir), "root": str(repo.root_path())}
+    _emit(result, as_json, f"repository {repo_dir} created; give devices {repo.root_path()} as their trust root")
+
+
+@heads.command(name="publish")
+@click.argument("source", type=click.Path(path_type=Path))
+@_REPO
+@_KEYS
+@click.option("--group", default="canary", show_default=True, help="Rollout group (devices of `all` need a promote).")
+@click.option("--backbone-sha", default=None, help="Backbone sha256, when SOURCE is a bare head.safetensors.")
+@click.option("--version", "version", type=int, default=None, help="Head version (default: the next one).")
+@_SIGNER
+@_JSON
+def heads_publish(source, repo_dir, keys_dir, group, backbone_sha, version, signer_backend, as_json):
+    """Sign and publish the head of a bundle dir, run dir or head.safetensors."""
+    from edgexfer.heads_repo import HeadsRepo
+
+    repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
+    r = repo.publish(source, group=group, backbone_sha256=backbone_sha, version=version)
+    _emit(r, as_json, f"published head version {r['head_version']} ({r['kind']}, {len(r['classes'])} classes) "
+                      f"for backbone {r['backbone_sha256'][:12]}… to group {group}: {r['target']}")
+
+
+@heads.command(name="promote")
+@_REPO
+@_KEYS
+@click.option("--backbone-sha", required=True)
+@click.option("--version", "version", type=int, required=True)
+@click.option("--from", "from_group", default="canary", show_default=True)
+@click.option("--to", "to_group", default="all", show_default=True)
+@_SIGNER
+@_JSON
+def heads_promote(repo_dir, keys_dir, backbone_sha, version, from_group, to_group, signer_backend, as_json):
+    """Publish a canary head to every device (the same bytes under heads/<to>/…)."""
+    from edgexfer.heads_repo import HeadsRepo
+
+    repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
+    r = repo.promote(backbone_sha, version, from_group=from_group, to_group=to_group)
+    _emit(r, as_json, f"promoted head version {version} from {from_group} to {to_group}: {r['target']}")
+
+
+@heads.command(name="rotate")
+@click.argument("role", type=click.Choice(["targets", "snapshot", "timestamp"]))
+@_REPO
+@_KEYS
+@click.option("--root-key", type=click.Path(path_type=Path), required=True, help="The offline root key file.")
+@_SIGNER
+@_JSON
+def heads_rotate(role, repo_dir, keys_dir, root_key, signer_backend, as_json):
+    """Replace an online role's key (new root version signed with the offline root key)."""
+    from edgexfer.heads_repo import HeadsRepo
+
+    repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
+    r = repo.rotate(role, root_key)
+    _emit(r, as_json, f"{role} key rotated to {r['keyid'][:16]}…; root is now version {r['root_version']}")
+
+
+@heads.command(name="list")
+@_REPO
+@_JSON
+def heads_list(repo_dir, as_json):
+    """Every published head: group, backbone, version, kind, classes (no keys needed)."""
+    from edgexfer.heads_repo import list_heads
+
+    rows = list_heads(repo_dir)
+    text = "\n".join(f"{h.get('group', '?'):<8} {str(h.get('backbone_sha256', '?'))[:12]}…  v{h.get('head_version', '?'):<3} "
+                     f"{h.get('kind', '?'):<9} {len(h.get('classes', []))} classes  {h['path']}" for h in rows)
+    _emit({"heads": rows}, as_json, text or "no heads published yet")
+
+
+@heads.command(name="timestamp")
+@_REPO
+@_KEYS
+@click.option("--days", type=float, default=None, help="Lifetime (default 7).")
+@_SIGNER
+@_JSON
+def heads_timestamp(repo_dir, keys_dir, days, signer_backend, as_json):
+    """Re-sign the timestamp (run from cron well within its lifetime)."""
+    from edgexfer.heads_repo import HeadsRepo
+
+    version = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend).resign_timestamp(days)
+    _emit({"timestamp_version": version}, as_json, f"timestamp re-signed (version {version})")
+
+
+# --------------------------------------------------------------------------------------------- device
+@click.command(name="update")
+@click.option("--state", "state", type=click.Path(path_type=Path), default=None,
+              help="Device state directory (default $EDGEXFER_STATE or /var/lib/edgexfer).")
+@click.option("--repo", "repo_url", default=None, help="Repository URL (http://HOST:PORT/PATH).")
+@click.option("--dir", "local_dir", type=click.Path(path_type=Path), default=None,
+              help="A copy of the repository directory (air-gapped devices).")
+@click.option("--group", default="all", show_default=True, help="Rollout group of this device (e.g. canary).")
+@click.option("--root", "root", type=click.Path(path_type=Path), default=None,
+              help="Trust root (the repository's 1.root.json); needed the first time only.")
+@click.option("--tolerance", type=float, default=0.05, show_default=True,
+              help="The new head may be at most this much worse (golden and holdout accuracy).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@_JSON
+def device_update(state, repo_url, local_dir, group, root, tolerance, backend, precision, as_json):
+    """Fetch, verify, install and health-check the newest signed head; roll back on failure."""
+    import sys
+
+    from edgexfer.runtime.updates import update
+
+    r = update(state, repo_url, local_dir=local_dir, group=group, root=root, backend=backend, precision=precision,
+               tolerance=tolerance)
+    text = {"updated": f"head {r.active_head} active (update version {r.update_version}, {r.target})",
+            "recovered": f"finished an interrupted update; head {r.active_head} active",
+            "up-to-date": f"up to date: head {r.active_head} active",
+            }.get(r.status, f"{r.status.upper()}: {r.reason}; head {r.active_head} stays active")
+    for s in r.skipped:
+        text += f"\nskipped {s['target']}: {s['reason']}"
+    _emit(r.to_dict(), as_json, text)
+    if r.status in ("rejected", "rolled-back"):
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------- flash
+@click.command(name="flash")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="ssh://USER@HOST[:PORT]/STATE_DIR")
+@click.option("--identity", "-i", type=click.Path(path_type=Path), default=None, help="SSH private key file.")
+@click.option("--remote-edgexfer", default="edgexfer", show_default=True,
+              help="The edgexfer command on the target (e.g. /opt/edgexfer/bin/edgexfer).")
+@click.option("--remote-python", default=None,
+              help="Python of the target's edgexfer (default: from the edgexfer script's #! line, else python3).")
+@click.option("--ssh-option", "-o", "ssh_options", multiple=True, help="Extra ssh -o options (repeatable).")
+@click.option("--trust-root", type=click.Path(path_type=Path), default=None,
+              help="Also install this update trust root (1.root.json) on the target.")
+@click.option("--updates-repo", type=click.Path(path_type=Path), default=None,
+              help="Also copy this update repository to STATE_DIR/updates-repo (for `device update --dir`).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@_JSON
+def flash(bundle_dir, target, identity, remote_edgexfer, remote_python, ssh_options, trust_root, updates_repo, backend, precision,
+          as_json):
+    """Install a bundle on a device over ssh: preflight, copy, verify, install, golden check."""
+    from edgexfer.flash import flash as run_flash
+
+    r = run_flash(bundle_dir, target, identity=identity, remote_edgexfer=remote_edgexfer, remote_python=remote_python,
+                  ssh_options=list(ssh_options), trust_root=trust_root, updates_repo=updates_repo, backend=backend,
+                  precision=precision, log=lambda s: click.echo(s, err=True))
+    _emit(r, as_json, f"flashed {r['bundle']['name']} to {target}: head {r['install']['head']} active; "
+                      f"golden {r['golden']['top1_agreement']:.3f} agreement; {r['seconds']['total']:.1f} s")

@@ -1,0 +1,54 @@
+"""Fixtures for fleet tests: a signed heads repository, a loopback HTTP server, installed devices."""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet_support import SIGNER, LoopbackServer
+
+from edgexfer.heads_repo import HeadsRepo, keygen
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.device import Device
+
+
+@pytest.fixture(scope="session")
+def bundle(device_bundle) -> Bundle:
+    return Bundle.open(device_bundle, verify=True)
+
+
+@pytest.fixture(scope="session")
+def installed_template(tmp_path_factory, bundle) -> Path:
+    """One device state with the bundle installed; tests copy it (installing copies 13 MB each time)."""
+    state = tmp_path_factory.mktemp("template") / "state"
+    with Device(state) as dev:
+        dev.install(bundle.root)
+    return state
+
+
+@pytest.fixture
+def make_device(tmp_path, installed_template):
+    counter = iter(range(10_000))
+
+    def make() -> Path:
+        dest = tmp_path / f"device-{next(counter)}"
+        shutil.copytree(installed_template, dest)
+        return dest
+
+    return make
+
+
+@pytest.fixture
+def repo(tmp_path) -> HeadsRepo:
+    pytest.importorskip("tuf", reason="needs the `updates` extra (tuf)")
+    keygen(tmp_path / "offline" / "root.key")
+    return HeadsRepo.init(tmp_path / "repo", tmp_path / "keys", tmp_path / "offline" / "root.key",
+                          signer_backend=SIGNER)
+
+
+@pytest.fixture
+def server(repo) -> Iterator[LoopbackServer]:
+    srv = LoopbackServer(repo.root_dir)
+    yield srv
+    srv.close()
