@@ -22,8 +22,6 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-requires_torch = pytest.mark.skipif(not has_module("torch"), reason="needs torch (the host install: edgexfer[train])")
-
 
 @pytest.fixture(scope="session")
 def demo_data() -> Path:
