@@ -30,6 +30,17 @@ say "3. Export the bundle: backbone.onnx (uint8 pixels in, features out) + head 
 edgexfer export "$OUT/run" --out "$OUT/bundle" --name clipart-demo
 ls -l "$OUT/bundle"
 
+say "3b. Convert for the engines a device may have, each validated against the fp32 reference"
+CALIB=../shared/datasets/clipart8; CALIB_SIZE=300
+if [ ! -d "$CALIB" ]; then CALIB="$OUT/host-data"; CALIB_SIZE=120; fi
+echo "   calibration and held-out validation images: $CALIB (folders the head does not know are ignored)"
+echo "   INT8 keeps the layers that hurt accuracy most in float; on this kind of CPU (AVX2, no VNNI) it is"
+echo "   not faster than FP32 - its gain is size. On a Jetson, TensorRT INT8 is where it pays."
+edgexfer convert "$OUT/bundle" --to openvino --precision fp32 --quiet | head -1
+edgexfer convert "$OUT/bundle" --to openvino --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --quiet | head -1
+edgexfer convert "$OUT/bundle" --to onnxruntime --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --quiet | head -1
+cat "$OUT/bundle/reports/engines.md"
+
 say "4. Evaluate the bundle with ONNX Runtime and the numpy head (the code path a device runs)"
 echo "   note: most of these images were seen in training; the honest figure is the validation accuracy of step 1"
 edgexfer eval "$OUT/bundle" "$OUT/host-data" --quiet | head -3

@@ -116,6 +116,8 @@ class BackendEntry:
 
 BACKENDS: dict[str, BackendEntry] = {
     "onnxruntime": BackendEntry("edgexfer.runtime.backends.onnxruntime:OnnxRuntimeBackend", ("onnxruntime",)),
+    "openvino": BackendEntry("edgexfer.runtime.backends.openvino:OpenVinoBackend", ("openvino",)),
+    "tensorrt": BackendEntry("edgexfer.runtime.backends.tensorrt:TensorRtBackend", ("tensorrt",)),
 }
 
 #: documented order used by ``backend="auto"``: the first that is installed and has an engine in the bundle

@@ -1,0 +1,159 @@
+"""Calibration and held-out validation images for a conversion, read from ``--calib DATA_DIR``.
+
+The bundle does not know its training data (``run.json`` stays in the run directory), so every
+image a conversion needs comes from an ImageFolder tree given by the user: one sub-folder per class,
+named like the head's classes. Labels come from those folder names; folders the head does not know
+are ignored (and reported). Images go through :mod:`edgexfer.runtime.preprocess`, exactly as at
+inference time.
+
+The tree is split once, seeded and stratified by class: ``calib_size`` images calibrate the
+quantizer (and steer the int8 sensitivity search); the rest are held out and used only to validate
+the finished engine, so the figures a user reads were not used to tune the engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.errors import DataError, InputError
+from edgexfer.runtime.preprocess import load_image
+
+#: file name endings read as images (lower-cased)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: at least this share of the images (and at least MIN_HOLDOUT images) is always held out
+MIN_HOLDOUT_FRACTION = 0.2
+MIN_HOLDOUT = 8
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Preprocessed ``uint8[N, H, W, 3]`` pixels with their class index in the head's class list."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    paths: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, count: int) -> LabelledImages:
+        """The first ``count`` images (the split already interleaves classes, so this stays balanced)."""
+        return LabelledImages(self.pixels[:count], self.labels[:count], self.paths[:count])
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    calibration: LabelledImages
+    holdout: LabelledImages
+    #: sha256 over the chosen files' contents and the split parameters (part of the reuse key)
+    fingerprint: str
+    ignored_folders: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def describe(self) -> dict:
+        return {"calibration_images": len(self.calibration), "holdout_images": len(self.holdout),
+                "ignored_folders": list(self.ignored_folders),
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+
+def scan_calibration_files(calib_dir: str | Path, classes: tuple[str, ...]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, class index) for every image under folders named like the head's classes; sorted."""
+    root = Path(calib_dir)
+    if not root.is_dir():
+        raise DataError("calibration data directory", got=f"{root} is not a directory",
+                        expected="an ImageFolder tree (one sub-folder per class)",
+                        todo="pass --calib DATA_DIR with folders named like the bundle's classes")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    known = [name for name in folders if name in classes]
+    if not known:
+        raise DataError("no folder of the calibration data is a class of the bundle's head",
+                        got=", ".join(folders) or "no folders", expected=f"folders named like {', '.join(classes)}",
+                        todo="pass --calib with the data the head was trained for")
+    files: list[tuple[Path, int]] = []
+    for name in known:
+        label = classes.index(name)
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                files.append((path, label))
+    return files, [name for name in folders if name not in classes]
+
+
+def load_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, val_size: int | None = None,
+                     seed: int = 0) -> CalibrationSplit:
+    """Read, deduplicate, split and preprocess the images of ``calib_dir`` for ``bundle``.
+
+    Identical files count once; a file filed under two classes is dropped (its label is unknown).
+    ``val_size`` caps the number of held-out images (None: all of them).
+    """
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+        raise InputError("--calib-size", got=repr(calib_size), expected="a positive number of images",
+                         todo="use e.g. 300")
+    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
+        raise InputError("validation size", got=repr(val_size), expected="a positive number of images or None")
+    classes = bundle.manifest.head.classes
+    files, ignored = scan_calibration_files(calib_dir, classes)
+    by_digest: dict[str, tuple[Path, set[int]]] = {}
+    for path, label in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        by_digest.setdefault(digest, (path, set()))[1].add(label)
+    skipped = [(str(p), "filed under two classes") for p, labels in by_digest.values() if len(labels) > 1]
+    unique = sorted(((p, next(iter(labels)), d) for d, (p, labels) in by_digest.items() if len(labels) == 1),
+                    key=lambda item: str(item[0]))
+    order = _interleaved_order(np.array([label for _, label, _ in unique]), seed)
+    total = len(order)
+    holdout_min = max(MIN_HOLDOUT, math.ceil(MIN_HOLDOUT_FRACTION * total))
+    n_calib = min(calib_size, total - holdout_min)
+    if n_calib < 1:
+        raise DataError("too few calibration images", got=f"{total} usable image(s) in {calib_dir}",
+                        expected=f"more than {holdout_min} (some are always held out for validation)",
+                        todo="add images to the calibration folders")
+    calib_idx = order[:n_calib]
+    # The held-out part is interleaved by class too, so capping it keeps every class represented.
+    hold_idx = _interleaved_order(np.array([unique[i][1] for i in order[n_calib:]]), seed + 1)
+    hold_idx = order[n_calib:][hold_idx]
+    if val_size is not None:
+        hold_idx = hold_idx[:val_size]
+
+    spec = bundle.preprocess
+    problems = list(skipped)
+
+    def read(indices: np.ndarray) -> LabelledImages:
+        pixels, labels, paths = [], [], []
+        for i in indices:
+            path, label, _ = unique[i]
+            try:
+                pixels.append(load_image(path, spec))
+            except InputError as exc:
+                problems.append((str(path), str(exc.got)))
+                continue
+            labels.append(label)
+            paths.append(str(path))
+        h, w = spec.size
+        stacked = np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)
+        return LabelledImages(stacked, np.array(labels, dtype=np.int64), tuple(paths))
+
+    calibration, holdout = read(calib_idx), read(hold_idx)
+    fingerprint = hashlib.sha256(repr((
+        [unique[i][2] for i in calib_idx], [int(unique[i][1]) for i in calib_idx],
+        [unique[i][2] for i in hold_idx], [int(unique[i][1]) for i in hold_idx], spec.key(),
+    )).encode()).hexdigest()
+    return CalibrationSplit(calibration, holdout, fingerprint, tuple(ignored), tuple(problems))
+
+
+def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices shuffled within each class (seeded per class), then taken round robin over classes.
+
+    Any prefix of the result is close to class-balanced, so ``calib_size`` images sample every class.
+    """
+    per_class = [np.random.default_rng([seed, int(c)]).permutation(np.flatnonzero(labels == c))
+                 for c in np.unique(labels)]
+    out: list[int] = []
+    depth = max((len(p) for p in per_class), default=0)
+    for k in range(depth):
+        out.extend(int(p[k]) for p in per_class if k < len(p))
+    return np.array(out, dtype=np.int64)

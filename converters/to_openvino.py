@@ -1,0 +1,192 @@
+"""OpenVINO IR from ``backbone.onnx``: fp32, fp16 (compressed weights) and int8 (NNCF).
+
+int8 is accuracy-aware. First NNCF's post-training quantization with the options that suit this
+backbone (symmetric ``performance`` preset, full bias correction, and the overflow fix on CPUs
+without VNNI, where u8*s8 products saturate int16 accumulators). If the result misses the
+tolerance on the labelled calibration images, NNCF's accuracy-controlled quantization runs with the
+same options and reverts the most harmful layers to float until the accuracy drop holds.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgexfer.converters.calibration import CalibrationSplit
+from edgexfer.converters.engine_build import EngineBuild, cpu_description
+from edgexfer.converters.validate import Tolerance, feature_figures, meets, reference_features, run_batched
+from edgexfer.runtime.backends.base import open_backend
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.errors import ValidationError
+from edgexfer.runtime.optional import require
+
+#: cosine margin the search aims for on calibration images, so held-out images still meet the tolerance
+SEARCH_COSINE_MARGIN = 0.01
+#: most layers the ignored-scope search tries to keep in float before accuracy control takes over
+MAX_IGNORED = 4
+#: labelled images NNCF's accuracy control validates on (each ranking step runs them)
+AC_VALIDATION_IMAGES = 150
+
+
+def convert_openvino(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
+                     tolerance: Tolerance, *, progress: bool = True) -> EngineBuild:
+    ov = require("openvino", "converting to OpenVINO")
+    xml = out_dir / "backbone.xml"
+    model = ov.convert_model(str(bundle.backbone_path))
+    info: dict[str, Any] = {"openvino": ov.get_version()}
+    if precision in ("fp32", "fp16"):
+        ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
+        info["weights"] = "float16 (decompressed on load where the device computes in float32)" \
+            if precision == "fp16" else "float32"
+    else:
+        quantized, qinfo = _quantize(ov, model, bundle, split, tolerance, progress)
+        info.update(qinfo)
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return EngineBuild(files=[xml, xml.with_suffix(".bin")],
+                       open_runner=lambda: open_backend("openvino", xml, precision=precision),
+                       info=info, validated_with="edgexfer.runtime.backends.openvino on CPU")
+
+
+def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tolerance, progress: bool):
+    nncf = require("nncf", "int8 quantization for OpenVINO")
+    from nncf.quantization.advanced_parameters import (
+        AdvancedAccuracyRestorerParameters,
+        AdvancedQuantizationParameters,
+        OverflowFix,
+    )
+
+    calib = split.calibration
+    cpu = cpu_description()
+    # Without VNNI, int8 convolutions multiply u8 by s8 in pairs that saturate int16; 7-bit weights avoid it.
+    overflow = OverflowFix.ENABLE if not cpu["vnni"] else OverflowFix.FIRST_LAYER
+    options = {"preset": nncf.QuantizationPreset.PERFORMANCE, "fast_bias_correction": True,
+               "subset_size": len(calib)}
+    advanced = AdvancedQuantizationParameters(overflow_fix=overflow)
+    dataset = nncf.Dataset([calib.pixels[i:i + 1] for i in range(len(calib))])
+    info: dict[str, Any] = {"nncf": nncf.__version__, "cpu": cpu, "calibration_images": len(calib),
+                            "options": {"preset": "performance", "fast_bias_correction": True,
+                                        "overflow_fix": overflow.value}}
+    core = ov.Core()
+    head = bundle.head()
+
+    def features_of(compiled) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda pixels: np.array(compiled(pixels)[0], dtype=np.float32)
+
+    def evaluate(candidate) -> dict[str, Any]:
+        compiled = core.compile_model(candidate, "CPU")
+        new = run_batched(features_of(compiled), calib.pixels)
+        return feature_figures(reference_features(bundle, calib.pixels), new, head, calib.labels)
+
+    def quantize(ignored: list[str]):
+        scope = nncf.IgnoredScope(names=[_ov_name(n) for n in ignored], validate=False) if ignored else None
+        return nncf.quantize(model, dataset, advanced_parameters=advanced, ignored_scope=scope, **options)
+
+    _say(progress, f"NNCF post-training quantization on {len(calib)} calibration images")
+    quantized = quantize([])
+    figures = evaluate(quantized)
+    info["search"] = [{"method": "nncf.quantize", "ignored_scope": [], **_short(figures)}]
+    ignored: list[str] = []
+    if not meets(figures, tolerance, SEARCH_COSINE_MARGIN):
+        # Rank layers by their own quantization error (engine-neutral: int8 Q/DQ evaluated in float),
+        # then keep the worst in float through NNCF's ignored scope while that improves the result.
+        _say(progress, f"mean cosine {figures['mean_cosine']:.4f}, accuracy drop "
+                       f"{100 * figures['accuracy_drop']:.1f} points on calibration images: ranking layers")
+        damage = rank_layers(bundle, calib)
+        info["damage_alone"] = damage
+        for node in list(damage)[:MAX_IGNORED]:
+            trial = ignored + [node]
+            candidate = quantize(trial)
+            fig = evaluate(candidate)
+            info["search"].append({"method": "nncf.quantize", "ignored_scope": trial, **_short(fig)})
+            if _score(fig) > _score(figures):
+                ignored, quantized, figures = trial, candidate, fig
+                _say(progress, f"  keep {node} in float: mean cosine {fig['mean_cosine']:.4f}, "
+                               f"accuracy drop {100 * fig['accuracy_drop']:.1f} points")
+            if meets(figures, tolerance, SEARCH_COSINE_MARGIN):
+                break
+    if not meets(figures, tolerance, SEARCH_COSINE_MARGIN):
+        _say(progress, "NNCF accuracy-controlled quantization (reverts the most harmful layers to float)")
+        count = min(len(calib), AC_VALIDATION_IMAGES)
+        validation = nncf.Dataset([(calib.pixels[i:i + 1], int(calib.labels[i])) for i in range(count)],
+                                  lambda item: item[0])
+
+        def accuracy(compiled, items) -> tuple[float, None]:
+            hits = [int(np.argmax(head.logits(np.array(compiled(px)[0], dtype=np.float32))[0]) == label)
+                    for px, label in items]
+            return float(np.mean(hits)), None
+
+        scope = nncf.IgnoredScope(names=[_ov_name(n) for n in ignored], validate=False) if ignored else None
+        quantized = nncf.quantize_with_accuracy_control(
+            model, dataset, validation, accuracy, max_drop=float(tolerance.max_accuracy_drop or 0.01),
+            drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, ignored_scope=scope,
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=10, ranking_subset_size=min(count, 50)),
+            **options)
+        figures = evaluate(quantized)
+        info["search"].append({"method": "nncf.quantize_with_accuracy_control", "ignored_scope": ignored,
+                               **_short(figures)})
+        if not meets(figures, tolerance):
+            raise ValidationError("OpenVINO int8 quantization cannot meet the tolerance on the calibration images",
+                                  [f"- features (calibration, {len(calib)} images): mean cosine = "
+                                   f"{figures['mean_cosine']:.4f}, accuracy drop {100 * figures['accuracy_drop']:.1f} points"],
+                                  todo="nothing was written; try more --calib images or a larger --max-drop")
+    info["kept_in_float"] = kept_in_float(quantized)
+    info["quantized_layers"] = _count_layers(quantized) - len(info["kept_in_float"])
+    return quantized, info
+
+
+def rank_layers(bundle: Bundle, calib) -> dict[str, float]:
+    """Candidate layers (ONNX node names) by damage when quantized alone, worst first.
+
+    Engine-neutral: symmetric int8 Q/DQ evaluated in float by ONNX Runtime, so it measures quantization
+    error, not a kernel's overflow (the overflow fix handles that); see edgexfer.converters.qdq.
+    """
+    import tempfile
+
+    from edgexfer.converters.qdq import SYMMETRIC, Quantizer
+    from edgexfer.converters.qdq import rank_layers as rank_qdq
+
+    with tempfile.TemporaryDirectory(prefix="edgexfer-rank-") as work:
+        quantize = Quantizer(bundle.backbone_path, Path(work), SYMMETRIC, calib.pixels)
+        plain = Path(work) / "plain.onnx"
+        quantize([], plain)
+        return rank_qdq(quantize, plain, bundle, calib)[1]
+
+
+def _ov_name(onnx_node: str) -> str:
+    # OpenVINO names a convolution after its ONNX node, and the bias it splits off gets its own op
+    return onnx_node + "/WithoutBiases"
+
+
+def _score(fig: dict[str, Any]) -> float:
+    return fig["mean_cosine"] + fig["top1_agreement"] - max(0.0, fig["accuracy_drop"])
+
+
+def kept_in_float(model) -> list[str]:
+    """Convolutions and matrix products whose activation input has no FakeQuantize before it."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        source = op.input_value(0).get_node()
+        if source.get_type_name() != "FakeQuantize":
+            out.append(op.get_friendly_name().removesuffix("/WithoutBiases"))
+    return out
+
+
+def _count_layers(model) -> int:
+    return sum(op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul") for op in model.get_ordered_ops())
+
+
+def _short(fig: dict[str, Any]) -> dict[str, Any]:
+    keys = ("mean_cosine", "top1_agreement", "accuracy_reference", "accuracy", "accuracy_drop")
+    return {k: round(fig[k], 4) for k in keys if k in fig}
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+

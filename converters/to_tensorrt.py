@@ -1,0 +1,192 @@
+"""TensorRT: a plan built with the TensorRT Python API where it imports, else the device build kit.
+
+Everything lands in ``engines/tensorrt/<precision>/``:
+
+* ``backbone.onnx`` (fp32/fp16) or ``backbone.qdq.onnx`` (int8: symmetric QDQ, see
+  :mod:`edgexfer.converters.qdq`): the ONNX model TensorRT parses, after rewrites TensorRT needs
+  (the exported graph transposes its uint8 input before casting it; TensorRT wants the Cast first).
+* ``trt_lint.json``: the static lint of that model (:mod:`edgexfer.converters.trt_lint`).
+* ``build_engine.sh``: the exact ``trtexec`` call (shapes, precision flags, timing cache, output).
+* with TensorRT: ``backbone.plan``, ``engine_key.json`` (what the plan is valid for) and
+  ``timing.cache``. The runtime backend refuses a plan whose key does not match the device.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from edgexfer.converters.calibration import CalibrationSplit
+from edgexfer.converters.engine_build import EngineBuild
+from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
+from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
+from edgexfer.converters.validate import Tolerance
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.errors import BundleError, DataError
+from edgexfer.runtime.optional import is_installed, require
+
+#: optimisation profile of the batch dimension: (min, opt, max)
+BATCH_PROFILE = (1, 8, 32)
+#: builder workspace limit
+WORKSPACE_MIB = 1024
+
+
+def engine_cache_key(tensorrt_version: str, gpu_name: str, compute_capability: str, precision: str,
+                     backbone_sha256: str) -> str:
+    """The name a TensorRT plan is stored under: a plan is only valid for exactly these five things.
+
+    A plan built by another TensorRT version, for another GPU (name or compute capability), another
+    precision or another backbone must never be loaded, so each part changes the key.
+    """
+    parts = {"tensorrt": str(tensorrt_version), "gpu": str(gpu_name), "sm": str(compute_capability),
+             "precision": str(precision), "backbone_sha256": str(backbone_sha256)}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"trt{parts['tensorrt']}-sm{parts['sm'].replace('.', '')}-{parts['precision']}-{digest}"
+
+
+def cuda_device(index: int = 0) -> dict[str, str] | None:
+    """Name and compute capability of a CUDA GPU through the driver library, or None without one."""
+    for lib in ("libcuda.so.1", "libcuda.so"):
+        try:
+            cuda = ctypes.CDLL(lib)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    name = ctypes.create_string_buffer(256)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), index) != 0:
+        return None
+    cuda.cuDeviceGetName(name, len(name), device)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
+    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+
+
+def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
+                     tolerance: Tolerance, workdir: Path, *, progress: bool = True) -> EngineBuild:
+    onnx = require("onnx", "preparing a model for TensorRT")
+    source_lint = lint_model(onnx.load(str(bundle.backbone_path)))
+    model = onnx.load(str(bundle.backbone_path))
+    rewrites = cast_before_transpose(model)
+    onnx.checker.check_model(model)
+    info: dict[str, Any] = {"rewrites": rewrites, "source_lint_errors": [p for p in source_lint["problems"]
+                                                                          if p["severity"] == "error"]}
+    if precision == "int8":
+        if split is None:
+            raise DataError("int8 needs calibration images", got="no --calib", expected="an ImageFolder tree",
+                            todo="pass --calib DATA_DIR")
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared = workdir / "trt_input.onnx"
+        onnx.save(model, str(prepared))
+        model_path = out_dir / "backbone.qdq.onnx"
+        info["quantization"] = quantize_with_search(prepared, model_path, SYMMETRIC, bundle, split.calibration,
+                                                    tolerance, workdir / "qdq", progress=progress)
+        info["kept_in_float"] = info["quantization"]["kept_in_float"]
+    else:
+        model_path = out_dir / "backbone.onnx"
+        onnx.save(model, str(model_path))
+    lint = lint_model(onnx.load(str(model_path)))
+    (out_dir / "trt_lint.json").write_text(json.dumps(lint, indent=2) + "\n")
+    info["lint"] = {"tensorrt": lint["tensorrt"], "errors": lint["errors"], "warnings": lint["warnings"]}
+    inp = bundle.manifest.backbone.input
+    script = out_dir / "build_engine.sh"
+    script.write_text(build_script(model_path.name, precision, tuple(inp.size)))
+    script.chmod(0o755)
+    files = [model_path, out_dir / "trt_lint.json", script]
+    info["batch_profile"] = dict(zip(("min", "opt", "max"), BATCH_PROFILE))
+
+    gpu = cuda_device() if is_installed("tensorrt") else None
+    if gpu is None:
+        info["engine"] = ("not built: TensorRT or a CUDA GPU is absent here; run build_engine.sh, or "
+                          f"`edgexfer convert BUNDLE --to tensorrt --precision {precision}` on the device")
+        optimized = False  # the QDQ reference semantics, or plain fp32 for the fp32/fp16 input model
+        return EngineBuild(files=files, open_runner=lambda: QdqRunner(model_path, optimized=optimized), info=info,
+                           validated_with="the ONNX model TensorRT will parse, run by ONNX Runtime on CPU "
+                                          "(QDQ reference semantics); the engine itself is validated when built",
+                           register=False)
+    trt = require("tensorrt", "building a TensorRT engine")
+    key_parts = {"tensorrt": trt.__version__, "gpu": gpu["name"], "sm": gpu["compute_capability"],
+                 "precision": precision, "backbone_sha256": bundle.manifest.backbone.sha256}
+    key = engine_cache_key(trt.__version__, gpu["name"], gpu["compute_capability"], precision,
+                           bundle.manifest.backbone.sha256)
+    plan = out_dir / "backbone.plan"
+    build_plan(trt, model_path, plan, precision, tuple(inp.size), out_dir / "timing.cache")
+    (out_dir / "engine_key.json").write_text(json.dumps({"key": key, **key_parts}, indent=2) + "\n")
+    info.update({"tensorrt": trt.__version__, "gpu": gpu, "engine_key": key})
+    from edgexfer.runtime.backends.base import open_backend
+
+    return EngineBuild(files=[plan, out_dir / "engine_key.json", out_dir / "timing.cache", *files],
+                       open_runner=lambda: open_backend("tensorrt", plan, precision=precision), info=info,
+                       validated_with=f"edgexfer.runtime.backends.tensorrt on {gpu['name']}")
+
+
+def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, size: tuple[int, int], timing_cache: Path) -> None:
+    """Build a serialized engine with the TensorRT Python API (explicit batch, one profile, timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TensorRT 10 on
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BundleError("TensorRT cannot parse the ONNX model", got=errors[:300], expected="a parsable model",
+                          todo="see engines/tensorrt/<precision>/trt_lint.json")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_MIB << 20)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the Q/DQ nodes
+    h, w = size
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    lo, opt, hi = BATCH_PROFILE
+    profile.set_shape(name, (lo, h, w, 3), (opt, h, w, 3), (hi, h, w, 3))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BundleError("TensorRT could not build the engine", got=f"{onnx_path.name} at {precision}",
+                          expected="a serialized engine", todo="read the TensorRT log above")
+    plan_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def trtexec_command(model_name: str, precision: str, size: tuple[int, int]) -> list[str]:
+    h, w = size
+    lo, opt, hi = BATCH_PROFILE
+    cmd = ["trtexec", f"--onnx={model_name}", "--saveEngine=backbone.plan",
+           f"--minShapes=image:{lo}x{h}x{w}x3", f"--optShapes=image:{opt}x{h}x{w}x3", f"--maxShapes=image:{hi}x{h}x{w}x3",
+           f"--memPoolSize=workspace:{WORKSPACE_MIB}", "--timingCacheFile=timing.cache"]
+    if precision == "fp16":
+        cmd.append("--fp16")
+    elif precision == "int8":
+        cmd.append("--int8")  # explicit int8 from the Q/DQ nodes; no calibration cache needed
+    return cmd
+
+
+def build_script(model_name: str, precision: str, size: tuple[int, int]) -> str:
+    cmd = trtexec_command(model_name, precision, size)
+    shown = " \\\n  ".join(shlex.quote(c) for c in cmd[1:])
+    return f"""#!/usr/bin/env bash
+# Build the TensorRT {precision} engine of this bundle on the target device (Jetson: JetPack's TensorRT).
+# Written by `edgexfer convert --to tensorrt --precision {precision}` on a machine without TensorRT.
+#
+# Preferred on the device: `edgexfer convert <bundle> --to tensorrt --precision {precision}{' --calib DATA_DIR' if precision == 'int8' else ''}`
+# builds the same engine with the TensorRT Python API, validates it against the fp32 reference and
+# records it (with its engine cache key) in manifest.json. A plan made by this script is for
+# inspection and benchmarking: it is not recorded in the manifest, so edgexfer will not load it.
+set -euo pipefail
+cd "$(dirname "$0")"
+TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+"$TRTEXEC" \\
+  {shown}
+"""

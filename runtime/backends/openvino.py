@@ -1,0 +1,51 @@
+"""OpenVINO backend: an IR (``backbone.xml`` + ``.bin``) compiled for CPU (or another OpenVINO device)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
+from edgexfer.runtime.errors import BundleError, InputError
+from edgexfer.runtime.optional import require
+
+
+class OpenVinoBackend(EngineRunner):
+    name = "openvino"
+
+    def __init__(self, model_path: str | Path, precision: str = "fp32", *, device: str = "CPU",
+                 threads: int | None = None):
+        super().__init__(model_path, precision)
+        ov = require("openvino", "the openvino backend")
+        if self.model_path.suffix != ".xml" or not self.model_path.is_file():
+            raise BundleError("OpenVINO model not found", got=str(self.model_path), expected="an existing .xml IR file")
+        core = ov.Core()
+        if device not in core.available_devices:
+            # No silent fallback to another device.
+            raise InputError("OpenVINO device not available", got=device,
+                             expected=f"one of {', '.join(core.available_devices)}", todo="choose another device")
+        config: dict[str, object] = {}
+        if precision == "fp32":
+            # Some CPUs (AMX, AVX512-BF16) would otherwise compute in bf16: an fp32 engine stays fp32.
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(str(self.model_path), device, config)
+        except RuntimeError as exc:
+            raise BundleError("OpenVINO cannot load the model", got=f"{self.model_path.name}: {str(exc)[:200]}",
+                              expected="a valid IR with its .bin beside it", todo="convert the bundle again") from None
+        port = self.compiled.input(0)
+        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        self._input = TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
+        self._request = self.compiled.create_infer_request()
+        self.details = {"openvino": ov.get_version(), "device": device,
+                        "inference_precision": str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
+
+    def input_spec(self) -> TensorSpec:
+        return self._input
+
+    def run_impl(self, batch: np.ndarray) -> np.ndarray:
+        result = self._request.infer({0: batch})
+        # The request reuses its output buffer on the next call: hand out a copy.
+        return np.array(result[self.compiled.output(0)], dtype=np.float32, copy=True)
