@@ -32,13 +32,16 @@ ls -l "$OUT/bundle"
 
 say "3b. Convert for the engines a device may have, each validated against the fp32 reference"
 CALIB=../shared/datasets/clipart8; CALIB_SIZE=300
+# ~180 held-out images: one image is half a point, so the demo accepts a 2-point int8 drop
+# (the default and the tests hold int8 to 1 point; a conversion that misses fails with its figures)
+MAX_DROP=0.02
 if [ ! -d "$CALIB" ]; then CALIB="$OUT/host-data"; CALIB_SIZE=120; fi
 echo "   calibration and held-out validation images: $CALIB (folders the head does not know are ignored)"
 echo "   INT8 keeps the layers that hurt accuracy most in float; on this kind of CPU (AVX2, no VNNI) it is"
 echo "   not faster than FP32 - its gain is size. On a Jetson, TensorRT INT8 is where it pays."
-edgexfer convert "$OUT/bundle" --to openvino --precision fp32 --quiet | head -1
-edgexfer convert "$OUT/bundle" --to openvino --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --quiet | head -1
-edgexfer convert "$OUT/bundle" --to onnxruntime --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --quiet | head -1
+edgexfer convert "$OUT/bundle" --to openvino --precision fp32 --quiet > "$OUT/convert-openvino-fp32.txt"; grep -m1 "engine\|reused" "$OUT/convert-openvino-fp32.txt"
+edgexfer convert "$OUT/bundle" --to openvino --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --max-drop "$MAX_DROP" --quiet > "$OUT/convert-openvino-int8.txt"; grep -m1 "engine\|reused" "$OUT/convert-openvino-int8.txt"
+edgexfer convert "$OUT/bundle" --to onnxruntime --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --max-drop "$MAX_DROP" --quiet > "$OUT/convert-onnxruntime-int8.txt"; grep -m1 "engine\|reused" "$OUT/convert-onnxruntime-int8.txt"
 cat "$OUT/bundle/reports/engines.md"
 
 say "4. Evaluate the bundle with ONNX Runtime and the numpy head (the code path a device runs)"
