@@ -106,14 +106,15 @@ class Bundle:
 
     def engine_file(self, backend: str, precision: str) -> Path:
         """The engine file for (backend, precision); fp32 ONNX Runtime is the bundle's own backbone."""
-        if backend == "onnxruntime" and precision == "fp32":
-            return self.backbone_path
         for entry in self.manifest.engines:
             if entry.backend == backend and entry.precision == precision:
                 model = [f for f in entry.files if f.endswith((".onnx", ".xml", ".plan", ".engine"))]
                 if model:
                     return self.root / model[0]
-        have = ["onnxruntime/fp32"] + [f"{e.backend}/{e.precision}" for e in self.manifest.engines]
+        if backend == "onnxruntime" and precision == "fp32":
+            # no offline-optimised engine recorded: the bundle's own backbone is the fp32 ORT model
+            return self.backbone_path
+        have = sorted({"onnxruntime/fp32"} | {f"{e.backend}/{e.precision}" for e in self.manifest.engines})
         raise BundleError("no engine in the bundle for this backend and precision", got=f"{backend}/{precision}",
                           expected=f"one of {', '.join(have)}",
                           todo=f"run `edgexfer convert {self.root} --to {backend} --precision {precision}`")
