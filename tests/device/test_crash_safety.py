@@ -473,9 +473,13 @@ def test_every_returned_learn_survives_a_sigkill_of_the_learner(seed_state, tmp_
         time.sleep(rng.uniform(0.0, 0.15))  # about one learn() call: the kill lands anywhere in the next ones
         learner.send_signal(signal.SIGKILL)
         rest, err = learner.communicate(timeout=60)
-        assert learner.returncode == KILLED, err
         # lines printed before the kill but not read yet were confirmed too (a line without its newline was not)
         confirmed += [ln.strip() for ln in rest.splitlines(keepends=True) if ln.endswith("\n")]
+        # on a quiet machine the learner can get through all its images before the kill lands: then it
+        # says "finished" and may exit normally; every sample it printed must still be in the cache
+        finished = "finished" in confirmed
+        confirmed = [c for c in confirmed if c != "finished"]
+        assert learner.returncode == KILLED or (finished and learner.returncode == 0), err
         assert confirmed == shas[:len(confirmed)], f"run {run}: unexpected output {confirmed}"
 
         present = _learned(root, shas)
