@@ -358,26 +358,8 @@ class FeatureCache:
         transaction that later tries to write can fail with "database is locked" without waiting
         at all.
         """
-        conn = self._connection()
-        if self._nested_write:
-            # inside transaction(): the outer block commits or rolls back everything at once
+        with self._transaction(action, "BEGIN IMMEDIATE") as conn:
             yield conn
-            return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._sqlite_error(action, exc) from exc
-        try:
-            self._nested_write = True
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            self._rollback(conn)
-            if isinstance(exc, sqlite3.Error):
-                raise self._sqlite_error(action, exc) from exc
-            raise
-        finally:
-            self._nested_write = False
 
     @contextmanager
     def transaction(self) -> Iterator[FeatureCache]:
@@ -392,12 +374,24 @@ class FeatureCache:
     @contextmanager
     def _read(self, action: str) -> Iterator[sqlite3.Connection]:
         """One read transaction, so that a read of several statements sees a single committed state."""
+        with self._transaction(action, "BEGIN") as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, action: str, begin: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN ... COMMIT, rolled back on any error; inside transaction() it joins the open one."""
         conn = self._connection()
-        if self._nested_write:  # reading inside transaction() sees that transaction's own writes
+        if self._nested_write:
+            # inside transaction(): the outer block commits or rolls back everything at once, and
+            # reads see that transaction's own writes
             yield conn
             return
         try:
-            conn.execute("BEGIN")
+            conn.execute(begin)
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(action, exc) from exc
+        try:
+            self._nested_write = begin == "BEGIN IMMEDIATE"
             yield conn
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -405,6 +399,8 @@ class FeatureCache:
             if isinstance(exc, sqlite3.Error):
                 raise self._sqlite_error(action, exc) from exc
             raise
+        finally:
+            self._nested_write = False
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
