@@ -12,8 +12,6 @@ Everything lands in ``engines/tensorrt/<precision>/``:
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -25,6 +23,7 @@ from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
 from edgexfer.converters.validate import Tolerance
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.engine_cache import EngineKey, tensorrt_key
 from edgexfer.runtime.errors import BundleError, DataError
 from edgexfer.runtime.optional import is_installed, require
 
@@ -39,32 +38,30 @@ def engine_cache_key(tensorrt_version: str, gpu_name: str, compute_capability: s
     """The name a TensorRT plan is stored under: a plan is only valid for exactly these five things.
 
     A plan built by another TensorRT version, for another GPU (name or compute capability), another
-    precision or another backbone must never be loaded, so each part changes the key.
+    precision or another backbone must never be loaded, so each part changes the key. The same key
+    names the device's cache entry (``state/engines/<key>/``, :mod:`edgexfer.runtime.engine_cache`).
     """
-    parts = {"tensorrt": str(tensorrt_version), "gpu": str(gpu_name), "sm": str(compute_capability),
-             "precision": str(precision), "backbone_sha256": str(backbone_sha256)}
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return f"trt{parts['tensorrt']}-sm{parts['sm'].replace('.', '')}-{parts['precision']}-{digest}"
+    return EngineKey("tensorrt", tensorrt_version, f"{gpu_name} sm{compute_capability}", precision,
+                     backbone_sha256).key
 
 
-def cuda_device(index: int = 0) -> dict[str, str] | None:
-    """Name and compute capability of a CUDA GPU through the driver library, or None without one."""
-    for lib in ("libcuda.so.1", "libcuda.so"):
-        try:
-            cuda = ctypes.CDLL(lib)
-            break
-        except OSError:
-            continue
-    else:
-        return None
-    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    name = ctypes.create_string_buffer(256)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), index) != 0:
-        return None
-    cuda.cuDeviceGetName(name, len(name), device)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
-    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+def build_device_engine(bundle: Bundle, precision: str, out_dir: Path) -> dict[str, Any]:
+    """Build the bundle's TensorRT plan on this device from its TensorRT kit, into ``out_dir``.
+
+    The engine builder of ``edgexfer device install``: :meth:`edgexfer.runtime.device.Device.prepare_engine`
+    calls it only when ``state/engines/<key>/`` has no plan for this TensorRT, GPU, precision and backbone.
+    Needs TensorRT only (no onnx): the kit's model already has the rewrites TensorRT needs.
+    """
+    kit = bundle.tensorrt_kit(precision)
+    if kit is None:
+        raise BundleError("the bundle has no TensorRT kit for this precision", got=f"no engines/tensorrt/{precision}/",
+                          expected="the kit written by `edgexfer convert --to tensorrt`",
+                          todo=f"run `edgexfer convert BUNDLE --to tensorrt --precision {precision}` on the host "
+                               "and flash the bundle again")
+    trt = require("tensorrt", "building a TensorRT engine")
+    build_plan(trt, kit, out_dir / "backbone.plan", precision, tuple(bundle.manifest.backbone.input.size),
+               out_dir / "timing.cache")
+    return {"model": str(kit.relative_to(bundle.root)), "tensorrt": trt.__version__}
 
 
 def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
@@ -100,8 +97,8 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
     files = [model_path, out_dir / "trt_lint.json", script]
     info["batch_profile"] = dict(zip(("min", "opt", "max"), BATCH_PROFILE))
 
-    gpu = cuda_device() if is_installed("tensorrt") else None
-    if gpu is None:
+    key = tensorrt_key(precision, bundle.manifest.backbone.sha256) if is_installed("tensorrt") else None
+    if key is None:
         info["engine"] = ("not built: TensorRT or a CUDA GPU is absent here; run build_engine.sh, or "
                           f"`edgexfer convert BUNDLE --to tensorrt --precision {precision}` on the device")
         optimized = False  # the QDQ reference semantics, or plain fp32 for the fp32/fp16 input model
@@ -110,19 +107,17 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
                                           "(QDQ reference semantics); the engine itself is validated when built",
                            register=False)
     trt = require("tensorrt", "building a TensorRT engine")
-    key_parts = {"tensorrt": trt.__version__, "gpu": gpu["name"], "sm": gpu["compute_capability"],
-                 "precision": precision, "backbone_sha256": bundle.manifest.backbone.sha256}
-    key = engine_cache_key(trt.__version__, gpu["name"], gpu["compute_capability"], precision,
-                           bundle.manifest.backbone.sha256)
     plan = out_dir / "backbone.plan"
     build_plan(trt, model_path, plan, precision, tuple(inp.size), out_dir / "timing.cache")
-    (out_dir / "engine_key.json").write_text(json.dumps({"key": key, **key_parts}, indent=2) + "\n")
-    info.update({"tensorrt": trt.__version__, "gpu": gpu, "engine_key": key})
+    (out_dir / "engine_key.json").write_text(json.dumps(key.record(), indent=2) + "\n")
+    gpu = dict(key.extra)
+    info.update({"tensorrt": trt.__version__, "gpu": {"name": gpu["gpu"], "compute_capability": gpu["sm"]},
+                 "engine_key": key.key})
     from edgexfer.runtime.backends.base import open_backend
 
     return EngineBuild(files=[plan, out_dir / "engine_key.json", out_dir / "timing.cache", *files],
                        open_runner=lambda: open_backend("tensorrt", plan, precision=precision), info=info,
-                       validated_with=f"edgexfer.runtime.backends.tensorrt on {gpu['name']}")
+                       validated_with=f"edgexfer.runtime.backends.tensorrt on {gpu['gpu']}")
 
 
 def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, size: tuple[int, int], timing_cache: Path) -> None:

@@ -206,13 +206,33 @@ def device():
 @_device_engine_options
 @click.option("--json", "as_json", is_flag=True)
 def device_install(bundle_dir, state, backend, precision, as_json):
-    """Verify every sha256, copy the bundle into the state directory and activate it."""
+    """Verify and copy a bundle, build or pick its engine, check the golden outputs, then activate it.
+
+    With TensorRT and a GPU the plan is built here from the bundle's TensorRT kit and kept under
+    STATE/engines/<key>/; it is rebuilt only when TensorRT, the GPU, the precision or the backbone changed.
+    """
     from edgexfer.runtime.device import Device
 
-    with Device(state, backend=backend, precision=precision) as dev:
+    with Device(state, backend=backend, precision=precision, engine_builders=_engine_builders()) as dev:
         result = dev.install(bundle_dir)
-    _emit(result, as_json, f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head "
-                           f"{result['head']}; recomputed {result['recomputed_features']} cached feature(s)")
+    e, g = result["engine"], result["golden"]
+    how = "built" if e["built"] else "reused" if e["key"] else "picked"
+    _emit(result, as_json,
+          f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head {result['head']}\n"
+          f"engine   {e['backend']}/{e['precision']} {how}: {e['source']} ({e['seconds']:.2f} s)\n"
+          f"golden   {g['images']} images, max feature diff {g['max_abs_feature_diff']:.2g}, "
+          f"top-1 agreement {g['top1_agreement']:.3f}\n"
+          f"cache    recomputed {result['recomputed_features']} feature(s)")
+
+
+def _engine_builders() -> dict:
+    """Engine builders the runtime may call on this device (the runtime never imports the converters)."""
+    def tensorrt(bundle, precision, out_dir):
+        from edgexfer.converters.to_tensorrt import build_device_engine
+
+        return build_device_engine(bundle, precision, out_dir)
+
+    return {"tensorrt": tensorrt}
 
 
 @device.command(name="predict")
@@ -293,7 +313,8 @@ def device_status(state, backend, precision, as_json):
             f"{', '.join(st['head']['classes'])}; previous {st['head']['previous']})\n"
             f"backend  {st['backend']} {st['precision']}\n"
             f"cache    {counts}\n"
-            f"retrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
+            f"engines  " + ("; ".join(f"{e['key']} ({e['bytes'] / 1e6:.1f} MB)" for e in st["engines"]) or "none built here")
+            + "\nretrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
                             if last else "never"))
     _emit(st, as_json, text)
 

@@ -104,6 +104,18 @@ class Bundle:
         with np.load(self.root / "exemplars.npz", allow_pickle=False) as data:
             return data["features"].astype(np.float32), data["labels"].astype(np.int64)
 
+    def tensorrt_kit(self, precision: str) -> Path | None:
+        """The ONNX model of the TensorRT device build kit for ``precision``, if the bundle has one.
+
+        ``edgexfer convert --to tensorrt`` writes the kit on a machine without TensorRT; the device
+        builds its plan from it (``edgexfer device install``).
+        """
+        for name in ("backbone.qdq.onnx", "backbone.onnx"):
+            rel = f"engines/tensorrt/{precision}/{name}"
+            if rel in self.manifest.files:
+                return self.root / rel
+        return None
+
     def engine_file(self, backend: str, precision: str) -> Path:
         """The engine file for (backend, precision); fp32 ONNX Runtime is the bundle's own backbone."""
         for entry in self.manifest.engines:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,12 @@ import numpy as np
 from edgexfer.runtime.backends.base import AUTO_ORDER, EngineRunner, available_backends, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
-from edgexfer.runtime.errors import BundleError, EdgexferError, InputError
+from edgexfer.runtime.engine_cache import EngineCache, EngineKey, openvino_key, tensorrt_key
+from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
+from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import write_atomic
+from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
@@ -35,22 +38,45 @@ DEFAULT_TOLERANCE = 0.01
 DEFAULT_HOLDOUT = 0.25
 
 
-def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> str:
-    """``auto``: the first of :data:`AUTO_ORDER` that is installed and has an engine in the bundle."""
+#: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
+#: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
+#: never imports the converters).
+EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
+
+
+def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32",
+                   has_engine: Callable[[str], bool] | None = None) -> str:
+    """``auto``: the first of :data:`AUTO_ORDER` that is installed and has an engine for this bundle.
+
+    ``has_engine(name)`` says whether there is one; the default looks only at the engines recorded in
+    the bundle (a device also counts the engines it built or can build, see :meth:`Device.choose_backend`).
+    """
     if backend != "auto":
         return backend
+    has_engine = has_engine or (lambda name: _recorded(bundle, name, precision))
     installed = set(available_backends())
     for name in AUTO_ORDER:
-        if name not in installed:
-            continue
-        try:
-            bundle.engine_file(name, precision)
+        if name in installed and has_engine(name):
             return name
-        except BundleError:
-            continue
     raise InputError("no usable backend for this bundle", got=f"installed: {', '.join(sorted(installed)) or 'none'}",
                      expected=f"one of {', '.join(AUTO_ORDER)} with a {precision} engine in the bundle",
                      todo="pip install 'edgexfer[onnxruntime]' or convert the bundle for an installed engine")
+
+
+def _source_sha(bundle: Bundle, path: Path | None) -> str:
+    """The manifest's sha256 of a bundle file (what a device engine is built from); "" for none."""
+    if path is None:
+        return ""
+    entry = bundle.manifest.files.get(path.relative_to(bundle.root).as_posix())
+    return entry.sha256 if entry is not None else ""
+
+
+def _recorded(bundle: Bundle, name: str, precision: str) -> bool:
+    try:
+        bundle.engine_file(name, precision)
+        return True
+    except BundleError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,11 @@ class Device:
     """One device's state directory, opened for work."""
 
     def __init__(self, state_dir: str | Path | None = None, *, backend: str = "auto", precision: str = "fp32",
-                 keep_images: bool = True, per_class_capacity: int | None = DEFAULT_PER_CLASS_CAPACITY):
+                 keep_images: bool = True, per_class_capacity: int | None = DEFAULT_PER_CLASS_CAPACITY,
+                 engine_builders: Mapping[str, EngineBuilder] | None = None):
         self.state = DeviceState(state_dir)
+        self.engines = EngineCache(self.state.engines_dir)
+        self.engine_builders = dict(engine_builders or {})
         self.backend_choice = backend
         self.precision = precision
         self.keep_images = keep_images
@@ -120,17 +149,113 @@ class Device:
         return self.state.bundle()
 
     def engine(self, bundle: Bundle | None = None) -> EngineRunner:
-        """The engine of ``bundle`` (default: the active one), reopened when the bundle changed."""
+        """The engine of ``bundle`` (default: the active one), reopened when the bundle changed. Never builds."""
         bundle = bundle or self.bundle()
-        sha = bundle.manifest.backbone.sha256
-        if self._engine is not None and self._engine_bundle != sha:
-            # another backbone was installed since: its features must never come from the old engine
+        content = str(bundle.root.resolve())
+        if self._engine is not None and self._engine_bundle != content:
+            # another bundle was installed since: its features must never come from the old engine
             self.close()
         if self._engine is None:
-            name = choose_backend(bundle, self.backend_choice, self.precision)
-            self._engine = open_backend(name, bundle.engine_file(name, self.precision), precision=self.precision)
-            self._engine_bundle = sha
+            name = self.choose_backend(bundle)
+            model, options, _source = self._locate(bundle, name)
+            self._engine = open_backend(name, model, precision=self.precision, **options)
+            self._engine_bundle = content
         return self._engine
+
+    # ---------------------------------------------------------------------------- engines on the device
+    def engine_key(self, bundle: Bundle, name: str) -> EngineKey | None:
+        """The cache key of ``name``'s engine on this device (None: the backend builds nothing here)."""
+        sha = bundle.manifest.backbone.sha256
+        if name == "tensorrt":
+            return tensorrt_key(self.precision, sha, _source_sha(bundle, bundle.tensorrt_kit(self.precision)))
+        if name == "openvino" and _recorded(bundle, name, self.precision):
+            return openvino_key(self.precision, sha, _source_sha(bundle, bundle.engine_file(name, self.precision)))
+        return None
+
+    def choose_backend(self, bundle: Bundle) -> str:
+        """Like :func:`choose_backend`, counting TensorRT when this device has built or can build its engine."""
+        def has_engine(name: str) -> bool:
+            if name == "tensorrt":
+                key = self.engine_key(bundle, name)
+                if key is None:  # TensorRT without a CUDA GPU
+                    return False
+                return (self.engines.lookup(key) is not None or bundle.tensorrt_kit(self.precision) is not None
+                        or _recorded(bundle, name, self.precision))
+            return _recorded(bundle, name, self.precision)
+
+        return choose_backend(bundle, self.backend_choice, self.precision, has_engine)
+
+    def _tensorrt_key(self, bundle: Bundle) -> EngineKey:
+        key = self.engine_key(bundle, "tensorrt")
+        if key is None:
+            require("tensorrt", "the tensorrt backend")  # names the extra when TensorRT is missing
+            raise MissingDependencyError("the tensorrt backend needs a CUDA GPU", got="no GPU found through libcuda",
+                                         expected="an NVIDIA GPU with its driver (JetPack on Jetson)",
+                                         todo="pick --backend openvino or onnxruntime on this device")
+        return key
+
+    def _locate(self, bundle: Bundle, name: str) -> tuple[Path, dict[str, Any], str]:
+        """Model file, backend options and where the engine comes from; builds nothing."""
+        if name == "tensorrt":
+            key = self._tensorrt_key(bundle)
+            entry = self.engines.lookup(key)
+            if entry is not None and (entry / "backbone.plan").is_file():
+                return entry / "backbone.plan", {}, f"engines/{key.key}"
+            if _recorded(bundle, name, self.precision):  # built by `edgexfer convert` on this device
+                model = bundle.engine_file(name, self.precision)
+                return model, {}, f"bundle:{model.relative_to(bundle.root)}"
+            raise BundleError("no TensorRT engine built on this device", got=f"no {self.engines.path(key.key)}",
+                              expected=f"a {self.precision} plan for {key.device}, TensorRT {key.engine_version}",
+                              todo=f"run `edgexfer device install {bundle.root} --state {self.state.root} "
+                                   f"--backend tensorrt --precision {self.precision}` (it builds the engine)")
+        model = bundle.engine_file(name, self.precision)
+        source = f"bundle:{model.relative_to(bundle.root)}"
+        key = self.engine_key(bundle, name)
+        entry = self.engines.lookup(key) if key is not None else None
+        if name == "openvino" and entry is not None:
+            return model, {"cache_dir": entry}, f"{source} compiled in engines/{key.key}"
+        return model, {}, source
+
+    def prepare_engine(self, bundle: Bundle) -> dict[str, Any]:
+        """Build or pick the engine of ``bundle`` on this device, keyed so it is rebuilt only when something changed.
+
+        * TensorRT: the plan is built from the bundle's TensorRT kit by the ``tensorrt`` engine builder
+          into ``engines/<key>/`` (TensorRT version, GPU and SM, precision, backbone sha256).
+        * OpenVINO: the IR is compiled once into OpenVINO's model cache in ``engines/<key>/``.
+        * ONNX Runtime: the bundle's model is used as it is.
+
+        Call under the state lock. Returns backend, precision, key, whether it was built, and the source.
+        """
+        started = time.perf_counter()
+        name = self.choose_backend(bundle)
+        key: EngineKey | None = None
+        done: dict[str, Any] = {"built": False}
+        if name == "tensorrt":
+            key = self._tensorrt_key(bundle)
+            kit = bundle.tensorrt_kit(self.precision)
+            if self.engines.lookup(key) is None and kit is not None:
+                builder = self.engine_builders.get("tensorrt")
+                if builder is None:
+                    raise BundleError("no TensorRT engine builder given", got="Device(engine_builders=None)",
+                                      expected="the converters' builder",
+                                      todo="use `edgexfer device install`, which passes it")
+                _, done = self.engines.build(key, lambda out: builder(bundle, self.precision, out))
+        elif name == "openvino":
+            key = self.engine_key(bundle, name)
+            if key is not None:
+                model = bundle.engine_file(name, self.precision)
+
+                def compile_into(out: Path) -> dict[str, Any]:
+                    with open_backend(name, model, precision=self.precision, cache_dir=out) as runner:
+                        return {"compile_seconds": round(runner.stats.load_seconds, 3)}
+
+                _, done = self.engines.build(key, compile_into)
+        crash_point("engine-ready")
+        model, _options, source = self._locate(bundle, name)
+        return {"backend": name, "precision": self.precision, "key": key.key if key else None,
+                "built": bool(done.get("built")), "source": source, "model": model.name,
+                "seconds": round(time.perf_counter() - started, 3),
+                **{k: v for k, v in done.items() if k not in ("built", "seconds")}}
 
     def active_head(self, active: ActiveState | None = None) -> tuple[ActiveState, Head]:
         active = active or self.state.active()
@@ -139,10 +264,30 @@ class Device:
 
     # ---------------------------------------------------------------------------- install
     def install(self, bundle_dir: str | Path) -> dict[str, Any]:
-        """Verify, copy and activate a bundle with its own head; recompute cached features if the backbone changed."""
+        """Verify and copy a bundle, build or pick its engine, check the golden outputs, then activate it.
+
+        Until the golden check passes nothing changes what is active: a failed build or check leaves the
+        previous (bundle, head) pair serving, with only the inactive copy under ``bundles/`` (reused
+        by the next install of the same bundle). A bundle with the backbone of an installed one but other
+        files (a better head, a new engine or TensorRT kit) is installed as a new content of that backbone.
+        """
         started = time.perf_counter()
+        steps: dict[str, float] = {}
+
+        def lap(step: str, since: float) -> float:
+            now = time.perf_counter()
+            steps[step] = round(now - since, 3)
+            return now
+
         with self.state.locked():
             bundle, new = self.state.install_bundle(bundle_dir)
+            t = lap("copy", started)
+            engine = self.prepare_engine(bundle)
+            t = lap("engine", t)
+            golden = compare_golden(bundle, self.engine(bundle).run(bundle.golden()["images"]), engine["backend"],
+                                    self.precision)
+            t = lap("golden", t)
+            crash_point("golden-checked")
             m = bundle.manifest
             head = bundle.head()
             sha = m.backbone.sha256
@@ -162,12 +307,15 @@ class Device:
             same_backbone = previous is not None and previous.bundle == sha
             # Re-installing the active pair changes nothing; rewriting it would set previous_head to the
             # active head itself and lose the rollback target.
+            self.state.link_bundle(bundle)
             if not (same_backbone and previous.head == version):
                 self.state.set_active(ActiveState(bundle=sha, head=version,
                                                   previous_head=previous.head if same_backbone else None))
+            t = lap("activate", t)
         recomputed = self.recompute_features() if not same_backbone else 0
+        lap("recompute", t)
         return {"bundle": sha, "name": m.name, "head": version, "new_bundle": new, "recomputed_features": recomputed,
-                "seconds": round(time.perf_counter() - started, 3)}
+                "engine": engine, "golden": golden, "steps": steps, "seconds": round(time.perf_counter() - started, 3)}
 
     def recompute_features(self) -> int:
         """Features for the active backbone of every stored sample that lacks them (images kept)."""
@@ -325,7 +473,7 @@ class Device:
             n_features = cache.features_count(active.bundle)
         last = json.loads(self.state.last_retrain_path.read_text()) if self.state.last_retrain_path.is_file() else None
         try:
-            backend = choose_backend(bundle, self.backend_choice, self.precision)
+            backend = self.choose_backend(bundle)
         except EdgexferError as exc:
             backend = f"none ({exc.what})"
         return {
@@ -335,6 +483,7 @@ class Device:
                      "classes": record.classes, "source": record.source, "metrics": record.metrics},
             "backend": backend, "precision": self.precision,
             "cache": {"samples_per_class": counts, "features_for_backbone": n_features},
+            "engines": self.engines.entries(),
             "last_retrain": last,
         }
 

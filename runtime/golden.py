@@ -1,8 +1,9 @@
 """Golden check of a bundle on this machine: its golden images through the chosen engine and head.
 
-Run before a bundle is activated (``edgexfer flash`` runs it on the target as
-``python -m edgexfer.runtime.golden BUNDLE_DIR --json``): the features and the top-1 labels must match
-the reference outputs recorded at export (ONNX Runtime, fp32) within the precision's tolerance.
+``edgexfer device install`` runs it with the engine it built or picked, before the bundle is activated;
+``python -m edgexfer.runtime.golden BUNDLE_DIR`` runs it on a bundle alone (its recorded engines). The
+features and the top-1 labels must match the reference outputs recorded at export (ONNX Runtime, fp32)
+within the precision's tolerance.
 """
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str =
     started = time.perf_counter()
     bundle = Bundle.open(bundle_dir, verify=True)
     name = choose_backend(bundle, backend, precision)
+    with open_backend(name, bundle.engine_file(name, precision), precision=precision) as engine:
+        figures = compare_golden(bundle, engine.run(bundle.golden()["images"]), name, precision)
+    figures["seconds"] = round(time.perf_counter() - started, 3)
+    return figures
+
+
+def compare_golden(bundle: Bundle, features: np.ndarray, backend: str, precision: str) -> dict[str, Any]:
+    """Compare an engine's features of the golden images (and the bundle head's labels) with the reference."""
     golden = bundle.golden()
-    engine = open_backend(name, bundle.engine_file(name, precision), precision=precision)
-    try:
-        feats = engine.run(golden["images"])
-    finally:
-        engine.close()
-    logits = bundle.head().logits(feats)
-    feature_diff = float(np.max(np.abs(feats - golden["features"])))
+    logits = bundle.head().logits(features)
+    feature_diff = float(np.max(np.abs(features - golden["features"])))
     agreement = float(np.mean(logits.argmax(1) == golden["logits"].argmax(1)))
     max_diff, min_agreement = TOLERANCES[precision]
     failures = []
@@ -45,12 +49,11 @@ def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str =
         failures.append(f"features: max diff = {feature_diff:.3g} (atol {max_diff:g})")
     if agreement < min_agreement:
         failures.append(f"top-1 agreement = {agreement:.3f} (minimum {min_agreement:g})")
-    figures = {"backend": name, "precision": precision, "images": int(len(feats)), "max_abs_feature_diff": feature_diff,
-               "top1_agreement": agreement, "seconds": round(time.perf_counter() - started, 3)}
     if failures:
-        raise ValidationError(f"golden check of {bundle.root} on {name}/{precision} failed", failures,
+        raise ValidationError(f"golden check of {bundle.root} on {backend}/{precision} failed", failures,
                               todo="rebuild the engine for this device or re-export the bundle")
-    return figures
+    return {"backend": backend, "precision": precision, "images": int(len(features)),
+            "max_abs_feature_diff": feature_diff, "top1_agreement": agreement}
 
 
 def main(argv: list[str] | None = None) -> int:

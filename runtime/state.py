@@ -2,7 +2,8 @@
 
 ```
 state/
-  bundles/<backbone-sha>/     installed bundles, immutable once installed
+  bundles/<backbone-sha>      link to the active content of that backbone's bundle:
+  bundles/<backbone-sha>.<id>/  installed bundle contents (id: sha256 of manifest.json), immutable
   heads/<version>/            head.safetensors + head.json
   active.json                 {"bundle": sha, "head": version, "previous_head": version | null}
   features.sqlite             the feature cache
@@ -50,11 +51,16 @@ def crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def manifest_id(bundle_dir: Path) -> str:
+    """Short id of a bundle's exact content: the sha256 of its manifest, which lists every file's sha256."""
+    return file_sha256(Path(bundle_dir) / "manifest.json")[:12]
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_ENV, DEFAULT_STATE))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,7 +68,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
             fd = os.open(Path(root) / name, os.O_RDONLY)
@@ -70,7 +76,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 @dataclass(frozen=True)
@@ -142,11 +148,14 @@ class DeviceState:
         :func:`write_atomic` (``.active.json.*`` and the like: a SIGKILL skips its cleanup). Called
         only under the lock, so no live writer still owns any of them.
         """
-        for parent in (self.bundles_dir, self.heads_dir):
+        for parent in (self.bundles_dir, self.heads_dir, self.engines_dir):
             if parent.is_dir():
                 for child in parent.iterdir():
                     if child.name.startswith(".tmp-"):
-                        shutil.rmtree(child, ignore_errors=True)
+                        if child.is_symlink():  # a bundle link not yet renamed into place
+                            child.unlink()
+                        else:
+                            shutil.rmtree(child, ignore_errors=True)
         stale = [*self.root.glob(f".{self.active_path.name}.*"), *self.root.glob(f".{self.last_retrain_path.name}.*")]
         if self.heads_dir.is_dir():
             stale += self.heads_dir.glob("[0-9]*/.head.json.*")  # set_head_status rewrites head.json
@@ -174,17 +183,25 @@ class DeviceState:
 
     # ---------------------------------------------------------------------------- bundles
     def bundle(self, sha: str | None = None, verify: bool = False) -> Bundle:
+        """The installed bundle of a backbone (default: the active one), opened at its content directory.
+
+        The ``bundles/<sha>`` link is resolved once, so one :class:`Bundle` reads one immutable content
+        even if a newer content of the same backbone is linked meanwhile.
+        """
         sha = sha or self.active().bundle
-        return Bundle.open(self.bundles_dir / sha, verify=verify)
+        return Bundle.open((self.bundles_dir / sha).resolve(), verify=verify)
 
     def install_bundle(self, source: str | Path) -> tuple[Bundle, bool]:
-        """Copy a verified bundle into ``bundles/<sha>`` (verified again after the copy).
+        """Copy a verified bundle into its content directory ``bundles/<sha>.<manifest-id>`` (verified again).
 
-        Returns the installed bundle and whether it was new. Must be called under :meth:`locked`.
+        A content directory is immutable: a bundle with the same backbone but other files (a new head,
+        another engine, a TensorRT kit) gets its own, and :meth:`link_bundle` later points
+        ``bundles/<sha>`` at it. Returns the bundle opened there and whether it was copied now. Must be
+        called under :meth:`locked`.
         """
         src = Bundle.open(source, verify=True)
         sha = src.manifest.backbone.sha256
-        dest = self.bundles_dir / sha
+        dest = self.bundles_dir / f"{sha}.{manifest_id(src.root)}"
         if dest.is_dir():
             return Bundle.open(dest, verify=True), False
         self.bundles_dir.mkdir(parents=True, exist_ok=True)
@@ -195,11 +212,39 @@ class DeviceState:
             shutil.copyfile(src.root / rel, tmp / rel)
         crash_point("bundle-copied")
         Bundle.open(tmp, verify=True)  # what landed on this disk, not what was read
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.rename(tmp, dest)
-        _fsync_dir(self.bundles_dir)
+        fsync_dir(self.bundles_dir)
         crash_point("bundle-renamed")
         return Bundle.open(dest), True
+
+    def link_bundle(self, bundle: Bundle) -> None:
+        """Point ``bundles/<sha>`` at ``bundle``'s content directory atomically (a symlink replaced by rename).
+
+        Keeps the content the link pointed to before (a running process may still read it) and removes
+        older contents of the same backbone. Must be called under :meth:`locked`.
+        """
+        sha = bundle.manifest.backbone.sha256
+        link = self.bundles_dir / sha
+        target = bundle.root.name
+        if not target.startswith(f"{sha}.") or bundle.root.parent.resolve() != self.bundles_dir.resolve():
+            raise StateError("only an installed bundle can be linked", got=str(bundle.root),
+                             expected=f"{self.bundles_dir}/{sha}.<manifest-id>", todo="install the bundle first")
+        previous = os.readlink(link) if link.is_symlink() else None
+        if previous == target:
+            return
+        if link.exists() and previous is None:
+            raise StateError("installed bundle directory from an older edgexfer", got=f"{link} is a directory",
+                             expected="a link to bundles/<sha>.<manifest-id>",
+                             todo=f"remove {link} (heads and the feature cache are kept) and install the bundle again")
+        tmp = self.bundles_dir / f".tmp-link-{uuid.uuid4().hex}"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        fsync_dir(self.bundles_dir)
+        crash_point("bundle-linked")
+        for old in self.bundles_dir.glob(f"{sha}.*"):
+            if old.name not in (target, previous):
+                shutil.rmtree(old, ignore_errors=True)
 
     # ---------------------------------------------------------------------------- heads
     def head_versions(self) -> list[int]:
@@ -251,7 +296,7 @@ class DeviceState:
         write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode())
         crash_point("head-written")
         os.rename(tmp, self.heads_dir / str(version))
-        _fsync_dir(self.heads_dir)
+        fsync_dir(self.heads_dir)
         crash_point("head-renamed")
         return record
 

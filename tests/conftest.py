@@ -65,3 +65,35 @@ def device_bundle(request) -> Path:
     if not has_module("torch"):
         pytest.skip("no EDGEXFER_TEST_BUNDLE and no torch to build one")
     return request.getfixturevalue("demo_bundle").bundle
+
+
+@pytest.fixture(scope="session")
+def openvino_bundle(tmp_path_factory, device_bundle) -> Path:
+    """A copy of the device bundle with an OpenVINO fp32 engine (convert needs the host venv's packages)."""
+    import shutil
+
+    pytest.importorskip("openvino", reason="the OpenVINO engine cache runs where openvino is installed (host venv)")
+    pytest.importorskip("onnx", reason="edgexfer convert needs onnx (host venv)")
+    from edgexfer.converters import convert
+
+    out = tmp_path_factory.mktemp("ov-bundle") / "bundle"
+    shutil.copytree(device_bundle, out)
+    convert(out, "openvino", "fp32", progress=False)
+    return out
+
+
+@pytest.fixture
+def reseal():
+    """Rewrite a bundle file and record its new sha256 in manifest.json: a consistent but different bundle."""
+    import json
+
+    from edgexfer.runtime.bundle import file_sha256
+
+    def apply(bundle_dir: Path, rel: str, data: bytes) -> None:
+        (bundle_dir / rel).write_bytes(data)
+        path = bundle_dir / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["files"][rel] = {"sha256": file_sha256(bundle_dir / rel), "bytes": len(data)}
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return apply

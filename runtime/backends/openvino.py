@@ -1,4 +1,8 @@
-"""OpenVINO backend: an IR (``backbone.xml`` + ``.bin``) compiled for CPU (or another OpenVINO device)."""
+"""OpenVINO backend: an IR (``backbone.xml`` + ``.bin``) compiled for CPU (or another OpenVINO device).
+
+With ``cache_dir`` (the device's ``state/engines/<key>/``) the compiled model is kept as a blob and
+imported on later loads instead of compiled again.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +18,7 @@ class OpenVinoBackend(EngineRunner):
     name = "openvino"
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", *, device: str = "CPU",
-                 threads: int | None = None):
+                 threads: int | None = None, cache_dir: str | Path | None = None):
         super().__init__(model_path, precision)
         ov = require("openvino", "the openvino backend")
         if self.model_path.suffix != ".xml" or not self.model_path.is_file():
@@ -30,6 +34,9 @@ class OpenVinoBackend(EngineRunner):
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None:
+            # OpenVINO's model cache: the first compile writes a blob there, later loads import it
+            config["CACHE_DIR"] = str(cache_dir)
         try:
             self.compiled = core.compile_model(str(self.model_path), device, config)
         except RuntimeError as exc:
@@ -41,6 +48,8 @@ class OpenVinoBackend(EngineRunner):
         self._request = self.compiled.create_infer_request()
         self.details = {"openvino": ov.get_version(), "device": device,
                         "inference_precision": str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
+        if cache_dir is not None:
+            self.details["cache_dir"] = str(cache_dir)
 
     def input_spec(self) -> TensorSpec:
         return self._input

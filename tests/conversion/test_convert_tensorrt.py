@@ -110,7 +110,7 @@ def test_lint_flags_a_too_new_opset_and_an_older_target():
 @pytest.mark.gpu
 def test_tensorrt_engine_on_a_gpu(conversion_bundle, clipart8):
     from edgexfer.converters import convert
-    from edgexfer.converters.to_tensorrt import cuda_device
+    from edgexfer.runtime.engine_cache import cuda_device
     from edgexfer.runtime.optional import is_installed
 
     if not is_installed("tensorrt") or cuda_device() is None:
@@ -139,3 +139,30 @@ def test_lint_refuses_asymmetric_quantization_for_tensorrt():
                               opset_imports=[helper.make_opsetid("", 17)])
     errors = {p["node"] for p in lint_model(model)["problems"] if p["check"] == "quantization"}
     assert errors == {"asym_q", "asym_dq"}
+
+
+def test_device_build_from_the_kit_needs_the_kit_and_tensorrt_and_auto_falls_to_another_engine(
+        converted, conversion_bundle, demo_bundle, tmp_path):
+    """What `edgexfer device install` does with a kit bundle on a device without TensorRT or a GPU."""
+    from edgexfer.converters.to_tensorrt import build_device_engine
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.device import Device
+    from edgexfer.runtime.errors import BundleError, MissingDependencyError
+    from edgexfer.runtime.optional import is_installed
+
+    if is_installed("tensorrt"):
+        pytest.skip("TensorRT is installed here: the gpu tests build the plan")
+    converted("tensorrt", "int8")
+    bundle = Bundle.open(conversion_bundle, verify=True)
+    assert bundle.tensorrt_kit("int8") == conversion_bundle / "engines/tensorrt/int8/backbone.qdq.onnx"
+    plain = Bundle.open(demo_bundle.bundle)  # exported, never converted for TensorRT
+    assert plain.tensorrt_kit("fp16") is None
+    with pytest.raises(BundleError, match="no TensorRT kit.*--to tensorrt --precision fp16"):
+        build_device_engine(plain, "fp16", tmp_path)
+    with pytest.raises(MissingDependencyError, match=r"edgexfer\[tensorrt\]"):
+        build_device_engine(bundle, "int8", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # auto on a device without TensorRT: the kit is skipped, an engine that runs here is used
+    with Device(tmp_path / "state") as dev:
+        report = dev.install(conversion_bundle)
+    assert report["engine"]["backend"] in ("openvino", "onnxruntime") and report["golden"]["top1_agreement"] == 1.0

@@ -181,7 +181,7 @@ def _clone(seed: Path, dest: Path) -> Path:
         else:
             shutil.copy2(src, dst)
 
-    shutil.copytree(seed, dest, copy_function=copy)
+    shutil.copytree(seed, dest, copy_function=copy, symlinks=True)
     return dest
 
 
@@ -329,7 +329,7 @@ def test_first_install_killed_at_each_named_step(tmp_path, device_bundle, check)
     """On an empty device a crash leaves nothing active (the old state) or the complete new pair."""
     first = ActiveState(bundle=check.backbone, head=1, previous_head=None)
     expected = {"bundle-copied": None, "bundle-renamed": None, "head-written": None, "head-renamed": None,
-                "before-switch": None, "after-switch": first}
+                "bundle-linked": None, "before-switch": None, "after-switch": first}
     runs = _run_steps(expected, lambda step: tmp_path / step,
                       lambda root: ("install", str(device_bundle), "--state", str(root), "--json"))
     for step, (root, _) in runs.items():
@@ -346,7 +346,10 @@ def test_first_install_killed_at_each_named_step(tmp_path, device_bundle, check)
         # a head renamed into place before the crash is reused, not duplicated
         assert result["head"] == 1 and DeviceState(root).head_versions() == [1], step
         assert check(root) == first and _leftovers(root) == [], step
-        assert [p.name for p in (root / "bundles").iterdir()] == [check.backbone], step
+        # one content directory, and the backbone's link pointing at it
+        link = root / "bundles" / check.backbone
+        assert sorted(p.name for p in (root / "bundles").iterdir()) == [check.backbone, os.readlink(link)], step
+        assert os.readlink(link).startswith(f"{check.backbone}."), step
 
 
 def test_reinstall_over_a_retrained_device_killed_at_each_switch_step(seed_state, tmp_path, device_bundle, check):

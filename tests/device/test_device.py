@@ -52,6 +52,29 @@ def test_install_refuses_a_tampered_bundle_and_keeps_the_device_as_it_was(device
     assert device.state.active_path.read_bytes() == before
 
 
+def test_reexported_bundle_with_the_same_backbone_installs_its_new_head(device, device_bundle, tmp_path, reseal):
+    """A better head exported with the same frozen backbone is a new bundle content, not the old one again."""
+    from edgexfer.runtime.heads import Head
+
+    newer = tmp_path / "newer"
+    shutil.copytree(device_bundle, newer)
+    head = Head.load(newer / "head.safetensors")
+    scaled = Head(head.kind, head.classes, {"W": head.tensors["W"] * 1.25, "b": head.tensors["b"]}, head.temperature)
+    scaled.save(tmp_path / "scaled.safetensors")
+    reseal(newer, "head.safetensors", (tmp_path / "scaled.safetensors").read_bytes())
+    old_content = (device.state.bundles_dir / device.state.active().bundle).resolve()
+
+    result = device.install(newer)
+    assert result["new_bundle"] and result["head"] == 2 and result["bundle"] == device.state.active().bundle
+    active = device.state.active()
+    assert (active.head, active.previous_head) == (2, 1)
+    np.testing.assert_array_equal(device.state.load_head(2).tensors["W"], scaled.tensors["W"])
+    assert device.bundle().root != old_content and device.bundle().head_path.read_bytes() == \
+        (newer / "head.safetensors").read_bytes()
+    assert old_content.is_dir()  # the previous content stays for processes that still read it
+    assert device.rollback().head == 1
+
+
 def test_predict_labels_good_inputs_and_reports_bad_ones(device):
     apple = _images("fruit", 1)[0]
     bad_array = np.full((224, 224, 3), 0.5, dtype=np.float32)

@@ -33,7 +33,7 @@ def make_device(tmp_path, installed_template):
 
     def make() -> Path:
         dest = tmp_path / f"device-{next(counter)}"
-        shutil.copytree(installed_template, dest)
+        shutil.copytree(installed_template, dest, symlinks=True)
         return dest
 
     return make

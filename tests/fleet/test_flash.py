@@ -158,6 +158,48 @@ def test_flash_cli_carries_trust_root_and_repository_for_air_gapped_updates(sshd
     assert res.exit_code == 1 and "refused the ssh key" in str(res.exception)
 
 
+def test_flash_builds_the_engine_on_the_target_once_keyed_by_the_cache_key(sshd, openvino_bundle, tmp_path):
+    """Step 3 with a real engine: OpenVINO compiles on the target into state/engines/<key>/ on the first flash
+    and the second flash reuses it. (TensorRT takes the same path with its plan: tests/device, `gpu`.)"""
+    from edgexfer.runtime.bundle import Bundle
+
+    ov = Bundle.open(openvino_bundle, verify=True)
+    state = tmp_path / "state"
+    first = _flash(sshd, ov, state, backend="openvino")
+    key = first["engine"]["key"]
+    assert first["engine"]["backend"] == "openvino" and first["engine"]["built"] is True
+    assert (state / "engines" / key / "engine_key.json").is_file() and list((state / "engines" / key).glob("*.blob"))
+    assert first["golden"]["backend"] == "openvino" and first["golden"]["max_abs_feature_diff"] <= 1e-3
+    assert set(first["seconds"]) >= {"engine", "golden"}
+    second = _flash(sshd, ov, state, backend="openvino")
+    assert second["engine"]["built"] is False and second["engine"]["key"] == key
+    assert second["install"]["new_bundle"] is False
+
+
+def test_golden_mismatch_on_the_target_keeps_the_previous_bundle_active(sshd, bundle, tmp_path, reseal):
+    import io
+
+    import numpy as np
+
+    state = tmp_path / "state"
+    with Device(state) as dev:
+        dev.install(bundle.root)
+    before = (state / "active.json").read_bytes()
+    bad = tmp_path / "bad-bundle"
+    shutil.copytree(bundle.root, bad)
+    golden = dict(np.load(bad / "golden.npz"))
+    golden["features"] = golden["features"] * 1.5  # a reference the engine no longer reproduces
+    buf = io.BytesIO()
+    np.savez(buf, **golden)
+    reseal(bad, "golden.npz", buf.getvalue())
+    from edgexfer.runtime.bundle import Bundle
+
+    with pytest.raises(FlashError, match="device install failed.*golden check.*max diff"):
+        _flash(sshd, Bundle.open(bad, verify=True), state)
+    _untouched(state, before)
+    assert DeviceState(state).head_versions() == [1]
+
+
 def test_unreachable_host_is_a_clear_error(sshd, bundle, tmp_path):
     state = tmp_path / "state"
     closed_port = _free_port()
