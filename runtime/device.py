@@ -63,6 +63,17 @@ def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32
                      todo="pip install 'edgexfer[onnxruntime]' or convert the bundle for an installed engine")
 
 
+def _engine_versions() -> dict[str, str]:
+    """Versions of the engines installed here that build device engines (entries for others are stale)."""
+    out = {}
+    for name, make_key in (("tensorrt", tensorrt_key), ("openvino", openvino_key)):
+        if name in available_backends():
+            key = make_key("fp32", "")
+            if key is not None:
+                out[name] = key.engine_version
+    return out
+
+
 def _source_sha(bundle: Bundle, path: Path | None) -> str:
     """The manifest's sha256 of a bundle file (what a device engine is built from); "" for none."""
     if path is None:
@@ -311,11 +322,13 @@ class Device:
             if not (same_backbone and previous.head == version):
                 self.state.set_active(ActiveState(bundle=sha, head=version,
                                                   previous_head=previous.head if same_backbone else None))
+            pruned = self.engines.prune(_engine_versions(), set(self.state.installed_backbones()))
             t = lap("activate", t)
         recomputed = self.recompute_features() if not same_backbone else 0
         lap("recompute", t)
         return {"bundle": sha, "name": m.name, "head": version, "new_bundle": new, "recomputed_features": recomputed,
-                "engine": engine, "golden": golden, "steps": steps, "seconds": round(time.perf_counter() - started, 3)}
+                "engine": engine, "golden": golden, "pruned_engines": pruned, "steps": steps,
+                "seconds": round(time.perf_counter() - started, 3)}
 
     def recompute_features(self) -> int:
         """Features for the active backbone of every stored sample that lacks them (images kept)."""

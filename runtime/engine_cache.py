@@ -213,3 +213,20 @@ class EngineCache:
                     rec["bytes"] = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
                     out.append(rec)
         return out
+
+    def prune(self, current_versions: dict[str, str], installed_backbones: set[str]) -> list[str]:
+        """Remove entries that can never load again; returns their keys. Call under the state lock.
+
+        An entry built by another version of an engine installed here (a JetPack or OpenVINO upgrade), or
+        for a backbone no longer installed, is dead weight on a small eMMC. Entries of engines that are
+        not installed here are kept (the device may get that engine back).
+        """
+        removed = []
+        for rec in self.entries():
+            backend, version = rec.get("backend"), rec.get("engine_version")
+            stale = backend in current_versions and version != current_versions[backend]
+            if stale or rec.get("backbone_sha256") not in installed_backbones:
+                shutil.rmtree(self.path(rec["key"]), ignore_errors=True)
+                removed.append(rec["key"])
+        return removed
+

@@ -218,6 +218,12 @@ class DeviceState:
         crash_point("bundle-renamed")
         return Bundle.open(dest), True
 
+    def installed_backbones(self) -> list[str]:
+        """Backbone sha256 of every linked bundle."""
+        if not self.bundles_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.bundles_dir.iterdir() if p.is_symlink() and len(p.name) == 64)
+
     def link_bundle(self, bundle: Bundle) -> None:
         """Point ``bundles/<sha>`` at ``bundle``'s content directory atomically (a symlink replaced by rename).
 

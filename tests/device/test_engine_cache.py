@@ -163,3 +163,31 @@ def test_device_install_builds_the_tensorrt_plan_once_from_the_kit(device_bundle
     assert second["engine"]["built"] is False and second["engine"]["key"] == first["engine"]["key"]
     with Device(state, backend="tensorrt", precision="fp16") as dev:
         assert dev.engine().details["engine_key"] == first["engine"]["key"]
+
+
+def test_install_prunes_engines_that_can_never_load_again(device_bundle, tmp_path):
+    """After an engine upgrade (JetPack, OpenVINO) the old entries are dead weight on a small eMMC."""
+    from edgexfer.runtime.device import _engine_versions
+
+    state = tmp_path / "state"
+    with Device(state) as dev:
+        sha = dev.install(device_bundle)["bundle"]
+    cache = EngineCache(state / "engines")
+    versions = _engine_versions()
+    entries = {
+        "other-backbone": EngineKey("onnxruntime", "1", "CPU", "fp32", "0" * 64),
+        "kept-not-installed-engine": EngineKey("someengine", "1", "CPU", "fp32", sha),
+    }
+    if versions:  # an engine that builds device entries is installed: its entries of another version are stale
+        backend, version = next(iter(versions.items()))
+        entries["old-version"] = EngineKey(backend, version + ".old", "dev", "fp32", sha)
+        entries["current"] = EngineKey(backend, version, "dev", "fp32", sha)
+    for key in entries.values():
+        cache.build(key, lambda out: {"wrote": (out / "engine.bin").write_bytes(b"e")})
+    with Device(state) as dev:
+        pruned = dev.install(device_bundle)["pruned_engines"]
+    left = {e["key"] for e in cache.entries()}
+    assert entries["other-backbone"].key in pruned and entries["other-backbone"].key not in left
+    assert entries["kept-not-installed-engine"].key in left
+    if versions:
+        assert entries["old-version"].key in pruned and entries["current"].key in left
