@@ -201,6 +201,7 @@ class DeviceState:
         """
         src = Bundle.open(source, verify=True)
         sha = src.manifest.backbone.sha256
+        self._refuse_unlinked(self.bundles_dir / sha)  # before anything is copied
         dest = self.bundles_dir / f"{sha}.{manifest_id(src.root)}"
         if dest.is_dir():
             return Bundle.open(dest, verify=True), False
@@ -217,6 +218,13 @@ class DeviceState:
         fsync_dir(self.bundles_dir)
         crash_point("bundle-renamed")
         return Bundle.open(dest), True
+
+    @staticmethod
+    def _refuse_unlinked(link: Path) -> None:
+        if link.exists() and not link.is_symlink():
+            raise StateError("installed bundle directory from an older edgexfer", got=f"{link} is a directory",
+                             expected="a link to bundles/<sha>.<manifest-id>",
+                             todo=f"remove {link} (heads and the feature cache are kept) and install the bundle again")
 
     def installed_backbones(self) -> list[str]:
         """Backbone sha256 of every linked bundle."""
@@ -239,10 +247,7 @@ class DeviceState:
         previous = os.readlink(link) if link.is_symlink() else None
         if previous == target:
             return
-        if link.exists() and previous is None:
-            raise StateError("installed bundle directory from an older edgexfer", got=f"{link} is a directory",
-                             expected="a link to bundles/<sha>.<manifest-id>",
-                             todo=f"remove {link} (heads and the feature cache are kept) and install the bundle again")
+        self._refuse_unlinked(link)
         tmp = self.bundles_dir / f".tmp-link-{uuid.uuid4().hex}"
         os.symlink(target, tmp)
         os.replace(tmp, link)

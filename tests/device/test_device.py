@@ -161,3 +161,17 @@ def test_state_survives_a_fresh_process(device):
     other = Device(device.state.root)
     assert other.status()["cache"]["samples_per_class"] == {"vehicles": 3}
     assert DeviceState(device.state.root).active() == device.state.active()
+
+
+def test_state_from_before_bundle_contents_is_refused_before_anything_changes(tmp_path, device_bundle):
+    """A real bundles/<sha>/ directory (an older edgexfer's layout): one line, nothing copied or activated."""
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.state import StateError
+
+    state = DeviceState(tmp_path / "state")
+    sha = Bundle.open(device_bundle).manifest.backbone.sha256
+    shutil.copytree(device_bundle, state.bundles_dir / sha)
+    with Device(state.root) as dev, pytest.raises(StateError, match="older edgexfer.*remove") as err:
+        dev.install(device_bundle)
+    assert "\n" not in str(err.value)
+    assert [p.name for p in state.bundles_dir.iterdir()] == [sha] and not state.active_path.exists()
