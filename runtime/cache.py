@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,7 +273,7 @@ class FeatureCache:
             )
         try:
             self._check_identity(conn)
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 # Without WAL, readers block the writer and the reverse. Refuse instead of silently
                 # running in another mode.
@@ -288,6 +289,25 @@ class FeatureCache:
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise self._sqlite_error("open", exc) from exc
+
+    @staticmethod
+    def _switch_to_wal(conn: sqlite3.Connection) -> str:
+        """``PRAGMA journal_mode = WAL``, retried while another process holds the lock it needs.
+
+        Switching needs an exclusive lock, and when two processes open a new file at the same moment
+        SQLite may answer "database is locked" at once instead of calling the busy handler (it does so
+        to avoid a deadlock), so the busy timeout alone does not cover it.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.005
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     def _check_identity(self, conn: sqlite3.Connection) -> int:
         """Return the schema version. Refuse a newer schema or another program's database."""
