@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 from edgexfer import __version__
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.timing import StepTimer
 
 #: room needed on the target, in multiples of the bundle size (staging copy + installed copy + an engine built
 #: on the device: a TensorRT plan or an OpenVINO blob is about the size of the backbone)
@@ -179,14 +180,7 @@ def flash(bundle_dir: str | Path, target_url: str, *, identity: Path | None = No
           backend: str = "auto", precision: str = "fp32", ssh: str = "ssh", scp: str = "scp",
           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Flash one device (see the module docstring); returns the report, also stored on the target."""
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(step: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[step] = round(now - since, 3)
-        return now
-
+    timer = StepTimer()
     bundle = Bundle.open(bundle_dir, verify=True)
     m = bundle.manifest
     target = Target.parse(target_url)
@@ -212,14 +206,14 @@ def flash(bundle_dir: str | Path, target_url: str, *, identity: Path | None = No
         raise FlashError("not enough free disk on the target", got=f"{free / 1e6:.1f} MB free",
                          expected=f">= {DISK_FACTOR * size / 1e6:.1f} MB ({DISK_FACTOR}x the bundle)",
                          todo=f"free space under {target.state_dir} and retry; nothing was copied")
-    t = lap("preflight", t0)
+    timer.lap("preflight")
 
     staging = f"{target.state_dir}/.flash-staging-{uuid.uuid4().hex[:12]}"
     remote_bundle = f"{staging}/bundle"
     shell.run(f"mkdir -p {q(staging)}", what="creating the staging directory")
     try:
         shell.copy(bundle.root, remote_bundle)
-        t = lap("copy", t)
+        timer.lap("copy")
         sums = "".join(f"{e.sha256}  {rel}\n" for rel, e in sorted(m.files.items()))
         proc = shell.run(f"cd {q(remote_bundle)} && sha256sum -c --quiet -", stdin=sums, check=False)
         if proc.returncode != 0:
@@ -227,7 +221,7 @@ def flash(bundle_dir: str | Path, target_url: str, *, identity: Path | None = No
             raise FlashError("the copy on the target does not match the bundle", got=f"sha256 differs: {', '.join(bad) or proc.stderr.strip()[:200]}",
                              expected="every sha256 as in manifest.json",
                              todo="flash again (a flaky link or a failing disk corrupts copies); nothing was activated")
-        t = lap("verify", t)
+        timer.lap("verify")
         proc = shell.run(f"{q(remote_edgexfer)} device install {q(remote_bundle)} --state {q(target.state_dir)} "
                          f"--backend {q(backend)} --precision {q(precision)} --json", check=False, what="device install",
                          timeout=3600)  # a TensorRT build on a small Jetson takes minutes
@@ -236,15 +230,15 @@ def flash(bundle_dir: str | Path, target_url: str, *, identity: Path | None = No
                              expected="an engine for the target and golden outputs within tolerance",
                              todo="the previous bundle stays active; fix what the message says and flash again")
         install = _json_line(proc.stdout)
-        t = lap("install", t)
+        timer.lap("install")
         for step in ("engine", "golden"):
-            seconds[step] = install.get("steps", {}).get(step, 0.0)
+            timer.seconds[step] = install.get("steps", {}).get(step, 0.0)
         golden, engine = install.get("golden", {}), install.get("engine", {})
         extras = _copy_update_material(shell, staging, trust_root, updates_repo)
-        t = lap("update-material", t)
+        timer.lap("update-material")
     finally:
         shell.run(f"rm -rf {q(staging)}", check=False)
-    seconds["total"] = round(time.perf_counter() - t0, 3)
+    seconds = timer.with_total()
     report = {"target": f"ssh://{target.login}:{target.port}{target.state_dir}", "host_edgexfer": __version__,
               "bundle": {"name": m.name, "backbone_sha256": m.backbone.sha256, "bytes": size},
               "preflight": info, "engine": engine, "golden": golden, "install": install, "updates": extras, "seconds": seconds,

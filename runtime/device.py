@@ -31,6 +31,7 @@ from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
+from edgexfer.runtime.timing import StepTimer
 
 #: default acceptance gate: the new head may be at most this much worse on the holdout
 DEFAULT_TOLERANCE = 0.01
@@ -66,8 +67,9 @@ def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32
 def _engine_versions() -> dict[str, str]:
     """Versions of the engines installed here that build device engines (entries for others are stale)."""
     out = {}
+    installed = available_backends()
     for name, make_key in (("tensorrt", tensorrt_key), ("openvino", openvino_key)):
-        if name in available_backends():
+        if name in installed:
             key = make_key("fp32", "")
             if key is not None:
                 out[name] = key.engine_version
@@ -282,22 +284,14 @@ class Device:
         by the next install of the same bundle). A bundle with the backbone of an installed one but other
         files (a better head, a new engine or TensorRT kit) is installed as a new content of that backbone.
         """
-        started = time.perf_counter()
-        steps: dict[str, float] = {}
-
-        def lap(step: str, since: float) -> float:
-            now = time.perf_counter()
-            steps[step] = round(now - since, 3)
-            return now
-
+        timer = StepTimer()
         with self.state.locked():
             bundle, new = self.state.install_bundle(bundle_dir)
-            t = lap("copy", started)
+            timer.lap("copy")
             engine = self.prepare_engine(bundle)
-            t = lap("engine", t)
-            golden = compare_golden(bundle, self.engine(bundle).run(bundle.golden()["images"]), engine["backend"],
-                                    self.precision)
-            t = lap("golden", t)
+            timer.lap("engine")
+            golden = compare_golden(bundle, self.engine(bundle), engine["backend"], self.precision)
+            timer.lap("golden")
             crash_point("golden-checked")
             m = bundle.manifest
             head = bundle.head()
@@ -323,12 +317,12 @@ class Device:
                 self.state.set_active(ActiveState(bundle=sha, head=version,
                                                   previous_head=previous.head if same_backbone else None))
             pruned = self.engines.prune(_engine_versions(), set(self.state.installed_backbones()))
-            t = lap("activate", t)
+            timer.lap("activate")
         recomputed = self.recompute_features() if not same_backbone else 0
-        lap("recompute", t)
+        timer.lap("recompute")
         return {"bundle": sha, "name": m.name, "head": version, "new_bundle": new, "recomputed_features": recomputed,
-                "engine": engine, "golden": golden, "pruned_engines": pruned, "steps": steps,
-                "seconds": round(time.perf_counter() - started, 3)}
+                "engine": engine, "golden": golden, "pruned_engines": pruned, "steps": timer.seconds,
+                "seconds": timer.total()}
 
     def recompute_features(self) -> int:
         """Features for the active backbone of every stored sample that lacks them (images kept)."""

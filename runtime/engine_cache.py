@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -80,6 +81,7 @@ def cuda_device(index: int = 0) -> dict[str, str] | None:
     return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
     """The CPU model (``/proc/cpuinfo``), which decides the kernels OpenVINO compiles for the CPU device."""
     with contextlib.suppress(OSError):
@@ -123,8 +125,9 @@ class EngineKey:
                 "source_sha256": self.source_sha256, **dict(self.extra)}
 
 
-def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "") -> EngineKey | None:
-    """The TensorRT target of this device, or None without TensorRT or a CUDA GPU."""
+@functools.lru_cache(maxsize=1)
+def _tensorrt_device() -> tuple[str, dict[str, str]] | None:
+    """TensorRT version and GPU of this machine, looked up once per process (loads libcuda)."""
     version = package_version("tensorrt")
     if version is None:
         with contextlib.suppress(ImportError):
@@ -132,8 +135,15 @@ def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "") 
 
             version = tensorrt.__version__
     gpu = cuda_device() if version else None
-    if gpu is None:
+    return (version, gpu) if gpu is not None else None
+
+
+def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "") -> EngineKey | None:
+    """The TensorRT target of this device, or None without TensorRT or a CUDA GPU."""
+    found = _tensorrt_device()
+    if found is None:
         return None
+    version, gpu = found
     device = f"{gpu['name']} sm{gpu['compute_capability']}"
     # the TensorRT backend checks "tensorrt" and "sm" of engine_key.json before it deserializes a plan
     extra = (("tensorrt", version), ("gpu", gpu["name"]), ("sm", gpu["compute_capability"]))

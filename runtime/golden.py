@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.runtime.backends.base import open_backend
+from edgexfer.runtime.backends.base import EngineRunner, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, ValidationError
 
@@ -32,14 +32,15 @@ def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str =
     bundle = Bundle.open(bundle_dir, verify=True)
     name = choose_backend(bundle, backend, precision)
     with open_backend(name, bundle.engine_file(name, precision), precision=precision) as engine:
-        figures = compare_golden(bundle, engine.run(bundle.golden()["images"]), name, precision)
+        figures = compare_golden(bundle, engine, name, precision)
     figures["seconds"] = round(time.perf_counter() - started, 3)
     return figures
 
 
-def compare_golden(bundle: Bundle, features: np.ndarray, backend: str, precision: str) -> dict[str, Any]:
-    """Compare an engine's features of the golden images (and the bundle head's labels) with the reference."""
+def compare_golden(bundle: Bundle, engine: EngineRunner, backend: str, precision: str) -> dict[str, Any]:
+    """Run the golden images through ``engine`` and the bundle's head; compare with the reference outputs."""
     golden = bundle.golden()
+    features = engine.run(golden["images"])
     logits = bundle.head().logits(features)
     feature_diff = float(np.max(np.abs(features - golden["features"])))
     agreement = float(np.mean(logits.argmax(1) == golden["logits"].argmax(1)))

@@ -42,6 +42,7 @@ from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import check_relative_path, write_atomic
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
+from edgexfer.runtime.timing import StepTimer
 
 STEPS = ("download", "verify", "stage", "switch", "health-check", "commit")
 #: the new head may be at most this much worse than the active one (golden and holdout accuracy)
@@ -237,15 +238,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
     """Fetch, verify, install and health-check the newest signed head for this device (see module doc)."""
     state = DeviceState(state_dir)
     trust = TrustStore(state)
-    seconds: dict[str, float] = {}  #: duration of each step
-    t0 = time.perf_counter()
-    mark = [t0]
-
-    def lap(step: str) -> None:
-        now = time.perf_counter()
-        seconds[step] = round(now - mark[0], 3)
-        mark[0] = now
-
+    timer = StepTimer()  #: duration of each step
     with state.locked():
         recovered = _finish_interrupted(state, trust, backend=backend, precision=precision, tolerance=tolerance)
         active = state.active()
@@ -264,7 +257,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
             report = UpdateReport(status=recovered or "up-to-date", state=str(state.root), active_head=active.head,
                                   previous_head=active.previous_head, reason="no newer head for this backbone",
                                   skipped=skipped)
-            report.seconds = {"total": round(time.perf_counter() - t0, 3)}
+            report.seconds = {"total": timer.total()}
             return report
         path, meta = pick
         version = int(meta["head_version"])
@@ -281,7 +274,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
             raise
         except Exception as exc:
             raise _tuf_error("download", exc) from None
-        lap("download")
+        timer.lap("download")
         crash_point("update-download")
 
         sha = file_sha256(staged)
@@ -293,9 +286,9 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
             trust.record_rejected(sha, path, str(exc))
             shutil.rmtree(staging, ignore_errors=True)
             base.reason = str(exc)
-            base.seconds = {**seconds, "total": round(time.perf_counter() - t0, 3)}
+            base.seconds = timer.with_total()
             return base
-        lap("verify")
+        timer.lap("verify")
         crash_point("update-verify")
 
         record = _staged_before(state, sha, active.bundle) or state.add_head(
@@ -304,17 +297,17 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
                                          # what a failed health check restores, even after a crash
                                          "restore_previous_head": active.previous_head})
         shutil.rmtree(staging, ignore_errors=True)
-        lap("stage")
+        timer.lap("stage")
         crash_point("update-stage")
 
         state.activate_head(record.version)
-        lap("switch")
+        timer.lap("switch")
         crash_point("update-switch")
 
         report = _health_and_commit(state, trust, backend=backend, precision=precision, tolerance=tolerance)
         report.skipped = skipped
-        lap("health-check+commit")
-        report.seconds = {**seconds, "total": round(time.perf_counter() - t0, 3)}
+        timer.lap("health-check+commit")
+        report.seconds = timer.with_total()
         return report
 
 
