@@ -1,0 +1,101 @@
+"""Precisions, and how each engine is told to compute in the precision its name promises.
+
+An engine's name says what it computes in; nothing is left to an engine's default. On CPUs with
+AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, so every OpenVINO
+compile goes through :func:`openvino_config`:
+
+======== =============================== =====================================================
+name     weights                          arithmetic (CPU)
+======== =============================== =====================================================
+fp32     float32                          float32 everywhere
+fp16     float16 (decompressed on load)   float32 on CPUs (x86 has no fp16 arithmetic to use);
+                                          float16 on GPUs (OpenVINO GPU, TensorRT, ORT CUDA)
+bf16     float32                          bfloat16 (OpenVINO on CPUs with avx512_bf16 or amx_bf16)
+int8     int8 (quantized layers)          int8 in quantized layers, float32 in the float parts
+======== =============================== =====================================================
+
+Conversion validation, NNCF's calibration and search, ``device install`` and ``predict`` all compile
+with this one config, and every result records ``execution`` (:func:`execution_record`): the precision
+asked for, what the engine reports it computed in, and the CPU's ISA signature.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from edgexfer.runtime.cpu import BF16_FLAGS, CpuFeatures, cpu_features
+from edgexfer.runtime.errors import InputError
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+#: precisions each backend can run (bf16 needs a CPU with native bf16 arithmetic: OpenVINO only)
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "openvino": PRECISIONS,
+    "onnxruntime": ("fp32", "fp16", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
+
+
+class PrecisionError(InputError):
+    """A precision this backend or this CPU cannot run."""
+
+
+def check_precision(precision: str, backend: str | None = None, features: CpuFeatures | None = None) -> None:
+    """Raise a one-line :class:`PrecisionError` unless ``backend`` can run ``precision`` on this CPU."""
+    if precision not in PRECISIONS:
+        raise PrecisionError("precision", got=repr(precision), expected=" or ".join(PRECISIONS))
+    if backend is not None and backend in BACKEND_PRECISIONS and precision not in BACKEND_PRECISIONS[backend]:
+        raise PrecisionError(f"{precision} on {backend}", got=f"{backend} has no {precision} engines",
+                             expected=f"one of {', '.join(BACKEND_PRECISIONS[backend])}",
+                             todo="bf16 runs on OpenVINO: pass --backend openvino, or pick another --precision")
+    if precision == "bf16" and backend in (None, "openvino"):
+        require_bf16(features)
+
+
+def require_bf16(features: CpuFeatures | None = None) -> None:
+    """bf16 execution needs native bf16 arithmetic; elsewhere it would be emulated or refused by the engine."""
+    cpu = features or cpu_features()
+    if not cpu.bf16:
+        have = ", ".join(cpu.flags) or "no extended ISA"
+        raise PrecisionError("bf16 execution", got=f"CPU {cpu.model!r} ({cpu.machine}: {have})",
+                             expected=f"a CPU with {' or '.join(BF16_FLAGS)}",
+                             todo="use fp32, fp16 or int8 on this CPU")
+
+
+def openvino_config(precision: str, device: str = "CPU", features: CpuFeatures | None = None) -> dict[str, Any]:
+    """The compile properties that make OpenVINO compute in ``precision`` on ``device``."""
+    check_precision(precision, "openvino", features if device.startswith("CPU") else None)
+    if device.startswith("CPU"):
+        # fp16 and int8 float parts stay f32 on CPUs: bf16 only when asked for by name
+        return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if precision == "bf16":
+        raise PrecisionError("bf16 on OpenVINO", got=f"device {device}", expected="device CPU",
+                             todo="use fp16 on OpenVINO GPU/NPU devices")
+    # GPUs: fp32 stays f32; fp16 and the float parts of int8 compute in f16 (the GPU plugin's native type)
+    return {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "f16"}
+
+
+#: what OpenVINO's INFERENCE_PRECISION_HINT must read back as, per precision, on a CPU
+_OPENVINO_CPU_RUNS = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def openvino_inference_precision(compiled) -> str:
+    """What a compiled OpenVINO model computes its float parts in (``f32``, ``bf16``, ``f16``)."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(text, text)
+
+
+def check_openvino_ran(precision: str, device: str, ran: str) -> None:
+    """The compiled model must compute in what was asked for (a plugin may silently ignore a hint)."""
+    want = _OPENVINO_CPU_RUNS[precision] if device.startswith("CPU") else openvino_config(precision, device)[
+        "INFERENCE_PRECISION_HINT"]
+    if ran != want:
+        raise PrecisionError(f"OpenVINO {precision} engine on {device}", got=f"computes in {ran}",
+                             expected=f"computes in {want}",
+                             todo="report this: the OpenVINO plugin ignored INFERENCE_PRECISION_HINT")
+
+
+def execution_record(precision: str, inference_precision: str, features: CpuFeatures | None = None) -> dict[str, Any]:
+    """What ran, for manifests and result files: precision asked for, arithmetic, the CPU's ISA."""
+    cpu = features or cpu_features()
+    return {"precision": precision, "inference_precision": inference_precision, "isa": cpu.signature,
+            "cpu": cpu.model}
