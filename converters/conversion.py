@@ -30,15 +30,22 @@ import numpy as np
 from edgexfer.converters.calibration import CalibrationSplit, load_calibration
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.engine_table import write_engine_table
-from edgexfer.converters.validate import raise_if_failed, tolerance_for, validate_engine
+from edgexfer.converters.validate import raise_if_failed, validate_engine
+from edgexfer.runtime.backends.base import BACKENDS as BACKEND_REGISTRY
 from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.compare import tolerance_for
+from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.manifest import EngineEntry, FileEntry, write_atomic
+from edgexfer.runtime.precision import PRECISIONS, check_precision
 
-BACKENDS = ("openvino", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = tuple(BACKEND_REGISTRY)
 #: bump when a conversion recipe changes, so engines made by the old recipe are rebuilt
-RECIPE_VERSION = "1"
+#: (2: every OpenVINO compile states its execution precision; the int8 overflow fix follows the target)
+RECIPE_VERSION = "2"
+#: what an int8 engine is quantized for: ``any`` x86-64 CPU (the overflow fix on: correct without VNNI
+#: too) or ``native``, this converting CPU's ISA (no fix where it has VNNI: use only when every device has it)
+INT8_TARGETS = ("any", "native")
 #: packages whose versions decide what a conversion produces (part of the reuse key)
 _TOOLS = {"openvino": ("openvino", "nncf", "onnx"), "onnxruntime": ("onnxruntime", "onnx"),
           "tensorrt": ("tensorrt", "onnxruntime", "onnx")}
@@ -85,13 +92,14 @@ class ConvertResult:
 
 def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Path | None = None,
             calib_size: int = 300, force: bool = False, max_drop: float = 0.01, progress: bool = True,
-            val_size: int | None = None, seed: int = 0) -> ConvertResult:
+            val_size: int | None = None, seed: int = 0, int8_target: str = "any") -> ConvertResult:
     """Convert the bundle's backbone for ``to`` at ``precision``, validate it, record it.
 
     ``calib`` is an ImageFolder tree whose folders are named like the head's classes: ``calib_size``
     images calibrate int8 (and steer its search), the others (at most ``val_size``) are held out for
     validation and accuracy. int8 needs it; fp32/fp16 without it are validated on the golden images only.
-    ``max_drop`` is the largest accepted int8 accuracy drop on held-out images (0.01 = 1 point).
+    ``max_drop`` is the largest accepted int8 (and bf16) accuracy drop on held-out images (0.01 = 1 point).
+    ``int8_target`` (see :data:`INT8_TARGETS`) is the CPUs an OpenVINO int8 engine must be correct on.
     """
     if to not in BACKENDS:
         raise InputError("--to", got=repr(to), expected=" or ".join(BACKENDS))
@@ -99,6 +107,10 @@ def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Pat
         raise InputError("--precision", got=repr(precision), expected=" or ".join(PRECISIONS))
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < 1:
         raise InputError("--max-drop", got=repr(max_drop), expected="an accuracy drop between 0 and 1 (0.01 = 1 point)")
+    if int8_target not in INT8_TARGETS:
+        raise InputError("--int8-target", got=repr(int8_target), expected=" or ".join(INT8_TARGETS))
+    # bf16 on another backend, or on a CPU without bf16 arithmetic: one line before any work
+    check_precision(precision, to)
     bundle = Bundle.open(bundle_dir)
     if precision == "int8" and calib is None:
         raise DataError("int8 needs calibration images", got="no --calib",
@@ -106,18 +118,18 @@ def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Pat
                         todo="pass --calib DATA_DIR (the bundle does not keep its training data)")
     split = load_calibration(bundle, calib, calib_size, val_size=val_size, seed=seed) if calib is not None else None
     tools = {name: _version(name) for name in _TOOLS[to]}
-    key = _inputs_key(bundle, to, precision, split, calib_size, val_size, seed, max_drop, tools)
+    key = _inputs_key(bundle, to, precision, split, calib_size, val_size, seed, max_drop, tools, int8_target)
     report_rel = f"reports/convert-{to}-{precision}.json"
     if not force:
         previous = _recorded(bundle, report_rel, key)
         if previous is not None:
             return ConvertResult(bundle.root, to, precision, tuple(previous["files"]), previous, True,
                                  previous["registered"])
-    return _build(bundle, to, precision, split, tools, key, report_rel, max_drop, progress)
+    return _build(bundle, to, precision, split, tools, key, report_rel, max_drop, progress, int8_target)
 
 
 def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | None, tools: dict[str, str],
-           key: str, report_rel: str, max_drop: float, progress: bool) -> ConvertResult:
+           key: str, report_rel: str, max_drop: float, progress: bool, int8_target: str) -> ConvertResult:
     tolerance = tolerance_for(precision, max_drop)
     root = bundle.root
     staging = root / f".convert-{to}-{precision}.partial"
@@ -128,7 +140,8 @@ def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | No
         with tempfile.TemporaryDirectory(prefix="edgexfer-convert-") as work:
             _say(progress, f"converting {root} to {to} {precision}")
             start = time.perf_counter()
-            build = _converter(to)(bundle, staging, precision, split, tolerance, Path(work), progress=progress)
+            build = _converter(to)(bundle, staging, precision, split, tolerance, Path(work), progress=progress,
+                                   int8_target=int8_target)
             convert_seconds = time.perf_counter() - start
             _say(progress, "validating against the fp32 ONNX Runtime reference")
             opened = time.perf_counter()
@@ -137,10 +150,11 @@ def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | No
                 validation = validate_engine(runner.run, bundle, tolerance, split.holdout if split else None)
                 speed = _speed(runner, bundle, validation["passed"]) if build.register else {
                     "note": "no engine here: measure speed on the device"}
-                details = dict(getattr(runner, "details", {}))
+                details = dict(runner.details)
+                execution = runner.execution
         raise_if_failed(validation, f"{to} {precision} engine")
         return _record(bundle, to, precision, build, staging, split, tools, key, report_rel, validation, speed,
-                       details, load_seconds, convert_seconds)
+                       {**details, "execution": execution}, load_seconds, convert_seconds)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -158,7 +172,7 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "backbone_sha256": bundle.manifest.backbone.sha256, "inputs_key": key, "report_path": report_rel,
         "registered": build.register, "files": rel_files, "tools": tools, "validated_with": build.validated_with,
-        "runner": details, "validation": validation, "speed": speed, "load_seconds": round(load_seconds, 3),
+        "runner": details, "execution": details.get("execution"), "validation": validation, "speed": speed, "load_seconds": round(load_seconds, 3),
         "convert_seconds": round(convert_seconds, 1), "kept_in_float": build.info.get("kept_in_float"),
         "calibration": split.describe() if split else None, "info": build.info,
     }
@@ -183,7 +197,10 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
                                        validation=_validation_summary(validation),
                                        info={"tools": tools, "kept_in_float": build.info.get("kept_in_float"),
                                              "validated_with": build.validated_with, "inputs_key": key,
-                                             "report": report_rel}))
+                                             "report": report_rel,
+                                             # what ran during validation: precision, arithmetic, CPU ISA
+                                             "execution": details.get("execution"),
+                                             "int8_target": build.info.get("int8_target")}))
         updated = dataclasses.replace(manifest, files=files, engines=tuple(engines))
         for rel in write_engine_table(root, updated):
             files[rel] = FileEntry(sha256=file_sha256(root / rel), bytes=(root / rel).stat().st_size)
@@ -205,15 +222,15 @@ def _converter(to: str):
     if to == "openvino":
         from edgexfer.converters.to_openvino import convert_openvino
 
-        return lambda bundle, out, precision, split, tol, work, progress: convert_openvino(
-            bundle, out, precision, split, tol, progress=progress)
+        return lambda bundle, out, precision, split, tol, work, progress, int8_target: convert_openvino(
+            bundle, out, precision, split, tol, progress=progress, int8_target=int8_target)
     if to == "onnxruntime":
         from edgexfer.converters.to_onnxruntime import convert_onnxruntime
 
-        return convert_onnxruntime
+        return lambda *args, int8_target, **kw: convert_onnxruntime(*args, **kw)
     from edgexfer.converters.to_tensorrt import convert_tensorrt
 
-    return convert_tensorrt
+    return lambda *args, int8_target, **kw: convert_tensorrt(*args, **kw)
 
 
 def _validation_summary(validation: dict[str, Any]) -> dict[str, Any]:
@@ -279,11 +296,14 @@ def _recorded(bundle: Bundle, report_rel: str, key: str) -> dict[str, Any] | Non
 
 
 def _inputs_key(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | None, calib_size: int,
-                val_size: int | None, seed: int, max_drop: float, tools: dict[str, str]) -> str:
+                val_size: int | None, seed: int, max_drop: float, tools: dict[str, str], int8_target: str) -> str:
+    # the CPU's ISA is part of it: validation (and an int8 search) ran on this CPU's kernels, so a
+    # result from another kind of CPU is not reused
     parts = {"recipe": RECIPE_VERSION, "backbone": bundle.manifest.backbone.sha256,
              "head": file_sha256(bundle.head_path), "to": to, "precision": precision,
              "calib": split.fingerprint if split else None, "calib_size": calib_size, "val_size": val_size,
-             "seed": seed, "max_drop": max_drop if precision == "int8" else None, "tools": tools}
+             "seed": seed, "max_drop": max_drop if precision in ("int8", "bf16") else None, "tools": tools,
+             "isa": cpu_features().signature, "int8_target": int8_target if precision == "int8" else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from edgexfer.converters.calibration import LabelledImages
-from edgexfer.converters.validate import Tolerance, feature_figures, meets, reference_features, run_batched
+from edgexfer.converters.validate import feature_figures, reference_features, run_batched
 from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.errors import ValidationError
 from edgexfer.runtime.optional import require
 
@@ -164,7 +165,7 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
         raise ValidationError(
             f"int8 ({recipe.name} QDQ) cannot meet the tolerance on the calibration images",
             [f"- features (calibration, {len(search)} images): mean cosine = {best['mean_cosine']:.4f} "
-             f"(min {tolerance.min_mean_cosine}), accuracy drop {100 * best.get('accuracy_drop', 0):.1f} points, "
+             f"(min {tolerance.min_cosine}), accuracy drop {100 * best.get('accuracy_drop', 0):.1f} points, "
              f"with {len(excluded)} layer(s) kept in float after {len(trials)} trial(s)"],
             todo="nothing was written; try more --calib images or a larger --max-drop")
     shutil.move(str(candidate), out_path)

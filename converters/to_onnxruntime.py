@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from edgexfer.converters.calibration import CalibrationSplit
-from edgexfer.converters.engine_build import EngineBuild, cpu_description
+from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.qdq import ASYMMETRIC, quantize_with_search
-from edgexfer.converters.validate import Tolerance
 from edgexfer.runtime.backends.base import open_backend
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.compare import Tolerance
+from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError
 from edgexfer.runtime.optional import require
 
@@ -48,6 +49,6 @@ def convert_onnxruntime(bundle: Bundle, out_dir: Path, precision: str, split: Ca
         info["quantization"] = quantize_with_search(bundle.backbone_path, target, ASYMMETRIC, bundle,
                                                     split.calibration, tolerance, workdir, progress=progress)
         info["kept_in_float"] = info["quantization"]["kept_in_float"]
-        info["cpu"] = cpu_description()
+        info["cpu"] = cpu_features().to_dict()
     return EngineBuild(files=[target], open_runner=lambda: open_backend("onnxruntime", target, precision=precision),
                        info=info, validated_with="edgexfer.runtime.backends.onnxruntime (CPUExecutionProvider)")

@@ -1,8 +1,13 @@
-"""OpenVINO IR from ``backbone.onnx``: fp32, fp16 (compressed weights) and int8 (NNCF).
+"""OpenVINO IR from ``backbone.onnx``: fp32, fp16 (compressed weights), bf16 and int8 (NNCF).
+
+bf16 keeps the fp32 IR and computes in bf16 (``INFERENCE_PRECISION_HINT``), on CPUs with
+avx512_bf16 or amx_bf16 only. Every compile here, the search's included, uses the config of
+:func:`edgexfer.runtime.precision.openvino_config`, as ``device install`` and ``predict`` do.
 
 int8 is accuracy-aware. First NNCF's post-training quantization with the options that suit this
-backbone (symmetric ``performance`` preset, full bias correction, and the overflow fix on CPUs
-without VNNI, where u8*s8 products saturate int16 accumulators). If the result misses the
+backbone (symmetric ``performance`` preset, full bias correction, and the overflow fix unless every
+target CPU has an int8 dot product: without VNNI, u8*s8 products saturate int16 accumulators; the
+target is ``int8_target``, never the converting CPU by accident). If the result misses the
 tolerance on the labelled calibration images, NNCF's accuracy-controlled quantization runs with the
 same options and reverts the most harmful layers to float until the accuracy drop holds.
 """
@@ -16,12 +21,15 @@ from typing import Any
 import numpy as np
 
 from edgexfer.converters.calibration import CalibrationSplit
-from edgexfer.converters.engine_build import EngineBuild, cpu_description
-from edgexfer.converters.validate import Tolerance, feature_figures, meets, reference_features, run_batched
+from edgexfer.converters.engine_build import EngineBuild
+from edgexfer.converters.validate import feature_figures, reference_features, run_batched
 from edgexfer.runtime.backends.base import open_backend
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.compare import Tolerance, meets
+from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import ValidationError
 from edgexfer.runtime.optional import require
+from edgexfer.runtime.precision import openvino_config
 
 #: cosine margin the search aims for on calibration images, so held-out images still meet the tolerance
 SEARCH_COSINE_MARGIN = 0.01
@@ -32,17 +40,17 @@ AC_VALIDATION_IMAGES = 150
 
 
 def convert_openvino(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
-                     tolerance: Tolerance, *, progress: bool = True) -> EngineBuild:
+                     tolerance: Tolerance, *, progress: bool = True, int8_target: str = "any") -> EngineBuild:
     ov = require("openvino", "converting to OpenVINO")
     xml = out_dir / "backbone.xml"
     model = ov.convert_model(str(bundle.backbone_path))
     info: dict[str, Any] = {"openvino": ov.get_version()}
-    if precision in ("fp32", "fp16"):
+    if precision in ("fp32", "fp16", "bf16"):
         ov.save_model(model, str(xml), compress_to_fp16=precision == "fp16")
-        info["weights"] = "float16 (decompressed on load where the device computes in float32)" \
-            if precision == "fp16" else "float32"
+        info["weights"] = {"fp16": "float16 (decompressed on load; CPUs compute in float32)",
+                           "bf16": "float32 (the CPU computes in bfloat16)"}.get(precision, "float32")
     else:
-        quantized, qinfo = _quantize(ov, model, bundle, split, tolerance, progress)
+        quantized, qinfo = _quantize(ov, model, bundle, split, tolerance, progress, int8_target)
         info.update(qinfo)
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
     return EngineBuild(files=[xml, xml.with_suffix(".bin")],
@@ -50,7 +58,16 @@ def convert_openvino(bundle: Bundle, out_dir: Path, precision: str, split: Calib
                        info=info, validated_with="edgexfer.runtime.backends.openvino on CPU")
 
 
-def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tolerance, progress: bool):
+def overflow_fix_needed(int8_target: str) -> bool:
+    """Whether int8 weights must be 7-bit: some target CPU lacks an int8 dot product (x86 without VNNI)."""
+    if int8_target == "native":
+        cpu = cpu_features()
+        return cpu.is_x86 and not cpu.int8_dot
+    return True  # "any": every x86-64 CPU, AVX2-only ones included
+
+
+def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tolerance, progress: bool,
+              int8_target: str):
     nncf = require("nncf", "int8 quantization for OpenVINO")
     from nncf.quantization.advanced_parameters import (
         AdvancedAccuracyRestorerParameters,
@@ -59,14 +76,16 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
     )
 
     calib = split.calibration
-    cpu = cpu_description()
-    # Without VNNI, int8 convolutions multiply u8 by s8 in pairs that saturate int16; 7-bit weights avoid it.
-    overflow = OverflowFix.ENABLE if not cpu["vnni"] else OverflowFix.FIRST_LAYER
+    cpu = cpu_features()
+    # Without VNNI, int8 convolutions multiply u8 by s8 in pairs that saturate int16; 7-bit weights avoid
+    # it. The engine runs on the devices, so their CPUs decide, not this one.
+    overflow = OverflowFix.ENABLE if overflow_fix_needed(int8_target) else OverflowFix.FIRST_LAYER
     options = {"preset": nncf.QuantizationPreset.PERFORMANCE, "fast_bias_correction": True,
                "subset_size": len(calib)}
     advanced = AdvancedQuantizationParameters(overflow_fix=overflow)
     dataset = nncf.Dataset([calib.pixels[i:i + 1] for i in range(len(calib))])
-    info: dict[str, Any] = {"nncf": nncf.__version__, "cpu": cpu, "calibration_images": len(calib),
+    info: dict[str, Any] = {"nncf": nncf.__version__, "cpu": cpu.to_dict(), "int8_target": int8_target,
+                            "calibration_images": len(calib),
                             "options": {"preset": "performance", "fast_bias_correction": True,
                                         "overflow_fix": overflow.value}}
     core = ov.Core()
@@ -76,7 +95,8 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
         return lambda pixels: np.array(compiled(pixels)[0], dtype=np.float32)
 
     def evaluate(candidate) -> dict[str, Any]:
-        compiled = core.compile_model(candidate, "CPU")
+        # the search judges the engine as devices will run it: float parts in f32, whatever this CPU's default
+        compiled = core.compile_model(candidate, "CPU", openvino_config("int8"))
         new = run_batched(features_of(compiled), calib.pixels)
         return feature_figures(reference_features(bundle, calib.pixels), new, head, calib.labels)
 

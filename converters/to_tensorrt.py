@@ -21,8 +21,8 @@ from edgexfer.converters.calibration import CalibrationSplit
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
-from edgexfer.converters.validate import Tolerance
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.compare import Tolerance
 from edgexfer.runtime.engine_cache import EngineKey, tensorrt_key
 from edgexfer.runtime.errors import BundleError, DataError
 from edgexfer.runtime.optional import is_installed, require

@@ -13,6 +13,7 @@ import click
 
 from edgexfer import __version__
 from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.precision import PRECISIONS
 
 
 class _Group(click.Group):
@@ -106,7 +107,7 @@ def export(run_dir, out, name, as_json, quiet):
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", required=True, type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), help="Engine to build.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree, folders named like the head's classes: calibration and held-out "
                    "validation images (the bundle does not keep its training data). Required for int8.")
@@ -114,17 +115,20 @@ def export(run_dir, out, name, as_json, quiet):
               help="Images that calibrate int8; the others are held out for validation.")
 @click.option("--val-size", type=int, default=None, help="At most this many held-out images (default: all).")
 @click.option("--max-drop", type=float, default=0.01, show_default=True,
-              help="Largest accepted int8 accuracy drop on held-out images (0.01 = 1 point).")
+              help="Largest accepted int8/bf16 accuracy drop on held-out images (0.01 = 1 point).")
+@click.option("--int8-target", type=click.Choice(["any", "native"]), default="any", show_default=True,
+              help="CPUs an OpenVINO int8 engine must be exact on: any x86-64 CPU (7-bit weights where no VNNI), "
+                   "or only CPUs like this one (native).")
 @click.option("--force", is_flag=True, help="Convert again even if an engine from the same inputs is recorded.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, force, as_json, quiet):
+def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, int8_target, force, as_json, quiet):
     """Build an engine into the bundle, validate it against the fp32 reference, record it."""
     from edgexfer.converters import convert as run_convert
     from edgexfer.converters import engine_table, format_engine_table
 
     result = run_convert(bundle_dir, to, precision, calib=calib, calib_size=calib_size, val_size=val_size,
-                         max_drop=max_drop, force=force, progress=not quiet)
+                         max_drop=max_drop, force=force, progress=not quiet, int8_target=int8_target)
     table = engine_table(bundle_dir)
     _emit({"backend": to, "precision": precision, "reused": result.reused, "registered": result.registered,
            "files": list(result.files), "report": result.report, "engines": table},
@@ -132,7 +136,7 @@ def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, fo
 
 
 def _backend_options(f):
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)(f)
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
     f = click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
                      show_default=True)(f)
     return f
@@ -189,7 +193,7 @@ def _state_option(f):
 
 
 def _device_engine_options(f):
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)(f)
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
     f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
                      show_default=True, help="auto: tensorrt, openvino, onnxruntime - the first installed with an engine.")(f)
     return f

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from edgexfer.runtime.precision import PRECISIONS
+
 _SIGNER = click.option("--signer-backend", type=click.Choice(["cryptography", "pure-python"]), default="cryptography",
                        show_default=True, envvar="EDGEXFER_SIGNER_BACKEND",
                        help="Ed25519 signing: pyca/cryptography, or the pure-Python reference implementation "
@@ -154,7 +156,7 @@ def heads_timestamp(repo_dir, keys_dir, days, signer_backend, as_json):
               help="The new head may be at most this much worse (golden and holdout accuracy).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @_JSON
 def device_update(state, repo_url, local_dir, group, root, tolerance, backend, precision, as_json):
     """Fetch, verify, install and health-check the newest signed head; roll back on failure."""
@@ -191,7 +193,7 @@ def device_update(state, repo_url, local_dir, group, root, tolerance, backend, p
               help="Also copy this update repository to STATE_DIR/updates-repo (for `device update --dir`).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @_JSON
 def flash(bundle_dir, target, identity, remote_edgexfer, remote_python, ssh_options, trust_root, updates_repo, backend, precision,
           as_json):

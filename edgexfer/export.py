@@ -18,16 +18,14 @@ import numpy as np
 
 from edgexfer.onnx_export import OPSET
 from edgexfer.runtime.bundle import Bundle, file_sha256
-from edgexfer.runtime.errors import BundleError, InputError, ValidationError
+from edgexfer.runtime.compare import compare, feature_outputs, flat_figures, tolerance_for
+from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest, write_atomic
 from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
 
 #: training images per class whose features travel in the bundle (see _write_exemplars)
 EXEMPLARS_PER_CLASS = 20
-#: export tolerances (fp32 ONNX Runtime against fp32 PyTorch)
-FEATURE_ATOL = 1e-4
-MIN_TOP1_AGREEMENT = 1.0
 GOLDEN_COUNT = 8
 
 
@@ -79,23 +77,6 @@ def _features_ort(path: Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray
         return np.concatenate([backend.run(pixels[s:s + batch]) for s in range(0, len(pixels), batch)])
 
 
-def parity(ref: np.ndarray, new: np.ndarray, head: Head) -> dict[str, float]:
-    """Feature and logit agreement of ``new`` against the reference ``ref``."""
-    diff = np.abs(ref.astype(np.float64) - new.astype(np.float64))
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
-    cos = np.sum(ref.astype(np.float64) * new, axis=1) / np.maximum(norms, 1e-12)
-    ref_logits, new_logits = head.logits(ref), head.logits(new)
-    return {
-        "count": int(len(ref)),
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "mean_cosine": float(cos.mean()) if cos.size else 1.0,
-        "min_cosine": float(cos.min()) if cos.size else 1.0,
-        "logits_max_abs_diff": float(np.abs(ref_logits - new_logits).max()) if ref.size else 0.0,
-        "top1_agreement": float(np.mean(ref_logits.argmax(1) == new_logits.argmax(1))) if ref.size else 1.0,
-    }
-
-
 def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, progress: bool = True) -> ExportResult:
     """Write the bundle for ``run_dir`` into ``out`` (created; an existing bundle there is replaced)."""
     run_dir, out = Path(run_dir), Path(out)
@@ -114,18 +95,12 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
         print(f"checking backbone.onnx against PyTorch on {len(val)} validation images", file=sys.stderr, flush=True)
     ref = _features_torch(_torch_backbone(run, run_dir), pixels)
     onnx_feats = _features_ort(run_dir / "backbone.onnx", pixels)
-    report = parity(ref, onnx_feats, head)
-    report["atol"] = FEATURE_ATOL
+    # both are fp32: the export must meet the fp32 tolerance, on features and logits alike
+    result = compare(feature_outputs(ref, onnx_feats, head.logits), tolerance_for("fp32"), "validation")
+    report = {"count": int(len(ref)), **flat_figures(result), "tolerance": result.tolerance.to_dict()}
     report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
     report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
-    failures = []
-    if report["max_abs_diff"] > FEATURE_ATOL:
-        failures.append(f"- features: max diff = {report['max_abs_diff']:.2e} (atol {FEATURE_ATOL:.0e})")
-    if report["top1_agreement"] < MIN_TOP1_AGREEMENT:
-        failures.append(f"- logits: top-1 agreement = {report['top1_agreement']:.3f} (expected {MIN_TOP1_AGREEMENT:.3f})")
-    if failures:
-        raise ValidationError("backbone.onnx does not match PyTorch", failures,
-                              todo="report this as a bug; the bundle was not written")
+    result.raise_if_failed("backbone.onnx does not match PyTorch", todo="report this as a bug; the bundle was not written")
 
     staging = out.with_name(f".{out.name}.partial")
     if staging.exists():

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.state import crash_point, fsync_dir, fsync_tree
 
@@ -58,7 +59,10 @@ def engine_cache_key(backend: str, engine_version: str, device: str, precision: 
 
 def _short_device(device: str) -> str:
     match = re.search(r"sm\s*([0-9.]+)", device)
-    return f"sm{match.group(1).replace('.', '')}" if match else device.split()[0] if device.split() else device
+    if match:
+        return f"sm{match.group(1).replace('.', '')}"
+    words = device.split()
+    return words[0] if words else device
 
 
 def cuda_device(index: int = 0) -> dict[str, str] | None:
@@ -79,19 +83,6 @@ def cuda_device(index: int = 0) -> dict[str, str] | None:
     cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
     cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
     return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), which decides the kernels OpenVINO compiles for the CPU device."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def package_version(name: str) -> str | None:
@@ -154,9 +145,11 @@ def openvino_key(precision: str, backbone_sha256: str, source_sha256: str = "", 
     version = package_version("openvino")
     if version is None:
         return None
-    name = f"{device} {cpu_name()}" if device == "CPU" else device
-    return EngineKey("openvino", version, name, precision, backbone_sha256, (("openvino_device", device),),
-                     source_sha256)
+    # OpenVINO compiles CPU kernels for the instruction sets it finds: the ISA flags key the entry, so
+    # a state directory moved to another kind of CPU builds (and golden-checks) its engine again
+    name = f"{device} {cpu_features().signature}" if device == "CPU" else device
+    return EngineKey("openvino", version, name, precision, backbone_sha256,
+                     (("openvino_device", device), ("cpu", cpu_features().model)), source_sha256)
 
 
 class EngineCache:

@@ -2,8 +2,8 @@
 
 ``edgexfer device install`` runs it with the engine it built or picked, before the bundle is activated;
 ``python -m edgexfer.runtime.golden BUNDLE_DIR`` runs it on a bundle alone (its recorded engines). The
-features and the top-1 labels must match the reference outputs recorded at export (ONNX Runtime, fp32)
-within the precision's tolerance.
+features and the logits must match the reference outputs recorded at export (ONNX Runtime, fp32)
+within the tolerance of the precision that ran.
 """
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgexfer.runtime.backends.base import EngineRunner, open_backend
 from edgexfer.runtime.bundle import Bundle
-from edgexfer.runtime.errors import EdgexferError, ValidationError
-
-#: precision -> (max |feature difference| allowed, minimum top-1 agreement with the golden logits).
-#: fp32 engines compute the same graph as the reference; reduced precisions may flip a borderline image.
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-3, 1.0), "fp16": (5e-2, 0.875), "int8": (float("inf"), 0.75)}
+from edgexfer.runtime.compare import TOLERANCES, Output, compare, tolerance_for
+from edgexfer.runtime.errors import EdgexferError
 
 
 def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str = "fp32") -> dict[str, Any]:
@@ -38,23 +33,36 @@ def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str =
 
 
 def compare_golden(bundle: Bundle, engine: EngineRunner, backend: str, precision: str) -> dict[str, Any]:
-    """Run the golden images through ``engine`` and the bundle's head; compare with the reference outputs."""
+    """Run the golden images through ``engine`` and the bundle's head; compare with the reference outputs.
+
+    The tolerance is that of the precision that ran (:mod:`edgexfer.runtime.compare`). The figures
+    name this CPU's ISA and the one the engine was validated on at conversion: an engine validated on
+    another kind of CPU is validated again here, on this one, before it serves.
+    """
     golden = bundle.golden()
     features = engine.run(golden["images"])
-    logits = bundle.head().logits(features)
-    feature_diff = float(np.max(np.abs(features - golden["features"])))
-    agreement = float(np.mean(logits.argmax(1) == golden["logits"].argmax(1)))
-    max_diff, min_agreement = TOLERANCES[precision]
-    failures = []
-    if not feature_diff <= max_diff:
-        failures.append(f"features: max diff = {feature_diff:.3g} (atol {max_diff:g})")
-    if agreement < min_agreement:
-        failures.append(f"top-1 agreement = {agreement:.3f} (minimum {min_agreement:g})")
-    if failures:
-        raise ValidationError(f"golden check of {bundle.root} on {backend}/{precision} failed", failures,
-                              todo="rebuild the engine for this device or re-export the bundle")
+    result = compare([Output("features", golden["features"], features),
+                      Output("logits", golden["logits"], bundle.head().logits(features), classes=True)],
+                     tolerance_for(precision), "golden")
+    result.raise_if_failed(f"golden check of {bundle.root} on {backend}/{precision} failed",
+                           todo="rebuild the engine for this device or re-export the bundle")
+    execution = engine.execution
+    validated = _validated_execution(bundle, backend, precision)
     return {"backend": backend, "precision": precision, "images": int(len(features)),
-            "max_abs_feature_diff": feature_diff, "top1_agreement": agreement}
+            "max_abs_feature_diff": result.outputs["features"]["max_abs_diff"],
+            "mean_cosine": result.outputs["features"]["mean_cosine"],
+            "top1_agreement": result.outputs["logits"]["top1_agreement"],
+            "tolerance": result.tolerance.to_dict(), "execution": execution,
+            "validated_isa": validated.get("isa"),
+            "revalidated_on_other_isa": bool(validated.get("isa")) and validated.get("isa") != execution["isa"]}
+
+
+def _validated_execution(bundle: Bundle, backend: str, precision: str) -> dict[str, Any]:
+    """What the conversion validated this engine with (recorded in the manifest), or {}."""
+    for entry in bundle.manifest.engines:
+        if (entry.backend, entry.precision) == (backend, precision):
+            return dict(entry.info.get("execution") or {})
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:

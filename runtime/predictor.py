@@ -61,7 +61,7 @@ class Predictor:
         bundle = Bundle.open(path)
         head = bundle.head()
         engine = open_backend(backend, bundle.engine_file(backend, precision), precision=precision, **engine_options)
-        return cls(bundle, engine, head, backend, precision, details=dict(engine.details))
+        return cls(bundle, engine, head, backend, precision, details={**engine.details, "execution": engine.execution})
 
     def close(self) -> None:
         self.engine.close()

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.optional import is_installed
+from edgexfer.runtime.precision import check_precision, execution_record
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,15 @@ class EngineRunner:
     def __init__(self, model_path: str | Path, precision: str = "fp32"):
         self.model_path = Path(model_path)
         self.precision = precision
+        #: what the float arithmetic really runs in (f32, f16, bf16); a backend sets it from its engine
+        self.inference_precision = "f16" if precision == "fp16" else "f32"
         self.stats = RunStats()
         self.details: dict[str, Any] = {}  # what actually ran (providers, device), recorded in results
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """What ran: the precision asked for, the arithmetic the engine uses, this CPU's ISA signature."""
+        return execution_record(self.precision, self.inference_precision)
 
     # --- to implement -------------------------------------------------------------------------
     def input_spec(self) -> TensorSpec:  # pragma: no cover - abstract
@@ -139,6 +147,7 @@ def backend_class(name: str) -> type[EngineRunner]:
 def open_backend(name: str, model_path: str | Path, precision: str = "fp32", **options: Any) -> EngineRunner:
     """Open the named engine on ``model_path``; the load time is kept in ``stats.load_seconds``."""
     cls = backend_class(name)
+    check_precision(precision, name)  # one line naming the backend or the missing CPU flags
     start = time.perf_counter()
     runner = cls(model_path, precision=precision, **options)
     runner.stats.load_seconds = time.perf_counter() - start

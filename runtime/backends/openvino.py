@@ -12,6 +12,7 @@ import numpy as np
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
+from edgexfer.runtime.precision import check_openvino_ran, openvino_config, openvino_inference_precision
 
 
 class OpenVinoBackend(EngineRunner):
@@ -28,10 +29,9 @@ class OpenVinoBackend(EngineRunner):
             # No silent fallback to another device.
             raise InputError("OpenVINO device not available", got=device,
                              expected=f"one of {', '.join(core.available_devices)}", todo="choose another device")
-        config: dict[str, object] = {}
-        if precision == "fp32":
-            # Some CPUs (AMX, AVX512-BF16) would otherwise compute in bf16: an fp32 engine stays fp32.
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        # Every precision is set by name: on CPUs with AVX512-BF16 or AMX, OpenVINO would otherwise
+        # compute fp32, fp16 and int8 engines in bf16.
+        config: dict[str, object] = openvino_config(precision, device)
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir is not None:
@@ -46,8 +46,9 @@ class OpenVinoBackend(EngineRunner):
         shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
         self._input = TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
         self._request = self.compiled.create_infer_request()
-        self.details = {"openvino": ov.get_version(), "device": device,
-                        "inference_precision": str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
+        self.inference_precision = openvino_inference_precision(self.compiled)
+        check_openvino_ran(precision, device, self.inference_precision)
+        self.details = {"openvino": ov.get_version(), "device": device, "inference_precision": self.inference_precision}
         if cache_dir is not None:
             self.details["cache_dir"] = str(cache_dir)
 
