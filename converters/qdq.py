@@ -37,6 +37,7 @@ import numpy as np
 
 from edgexfer.converters.calibration import LabelledImages
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
+from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.bundle import Bundle, file_sha256
 from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.errors import ValidationError
@@ -79,32 +80,36 @@ SYMMETRIC = QdqRecipe(
     "float bias, MinMax calibration", {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
-class QdqRunner:
-    """Runs an ONNX model with ONNX Runtime, with or without graph optimisations (see QdqRecipe.runtime)."""
+class QdqRunner(EngineRunner):
+    """Runs a QDQ ONNX model with ONNX Runtime, with or without graph optimisations (see QdqRecipe.runtime).
+
+    Without optimisations the Q/DQ pairs are evaluated in float: the quantization error without any
+    engine's int8 kernels (what TensorRT's builder starts from).
+    """
 
     name = "onnxruntime-qdq-reference"
 
     def __init__(self, path: Path, optimized: bool):
+        super().__init__(path, "int8")
         ort = require("onnxruntime", "validating a QDQ model")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if not optimized:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self.inference_precision = "f32 (Q/DQ simulated)"
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self._input = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self._input = TensorSpec(inp.name, tuple(d if isinstance(d, int) else None for d in inp.shape), "uint8")
         self.details = {"onnxruntime": ort.__version__, "graph_optimizations": "all" if optimized else "off"}
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: batch})[0]
+    def input_spec(self) -> TensorSpec:
+        return self._input
+
+    def run_impl(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input.name: batch})[0]
 
     def close(self) -> None:
         self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_runner(path: Path, recipe: QdqRecipe):

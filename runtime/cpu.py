@@ -9,6 +9,8 @@ int8 overflow decision, bench environments, the ISA recorded with an int8 engine
 
 ``EDGEXFER_HIDE_CPU_FLAGS=flag,flag`` hides flags from edgexfer's decisions (tests use it to act as an
 older CPU); it cannot add a flag the CPU lacks, and the engines themselves still see the real CPU.
+``ONEDNN_MAX_CPU_ISA`` (which OpenVINO's CPU plugin obeys: ``AVX2`` makes it pick AVX2 kernels on an
+AVX-512 CPU) hides the flags above that ISA too, so edgexfer and the engine agree on what the CPU has.
 """
 from __future__ import annotations
 
@@ -71,6 +73,24 @@ class CpuFeatures:
                 "signature": self.signature, "bf16": self.bf16, "int8_dot": self.int8_dot}
 
 
+#: ONEDNN_MAX_CPU_ISA value -> the flags of X86_FLAGS that stay visible under it
+_ONEDNN_ISA_FLAGS = {
+    "SSE41": ("sse4_2",),
+    "AVX": ("sse4_2", "avx"),
+    "AVX2": ("sse4_2", "avx", "avx2", "fma", "f16c"),
+    "AVX2_VNNI": ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni"),
+    "AVX512_CORE": ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"),
+    "AVX512_CORE_VNNI": ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"),
+    "AVX512_CORE_BF16": ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                         "avx512_bf16"),
+}
+
+
+def _onednn_hidden(value: str) -> tuple[str, ...]:
+    visible = _ONEDNN_ISA_FLAGS.get(value.strip().upper())
+    return () if visible is None else tuple(f for f in X86_FLAGS if f not in visible)
+
+
 def parse_cpuinfo(text: str, machine: str, hidden: tuple[str, ...] = ()) -> CpuFeatures:
     """The features in a ``/proc/cpuinfo`` text (``flags`` on x86, ``Features`` on aarch64)."""
     model = ""
@@ -95,4 +115,5 @@ def cpu_features() -> CpuFeatures:
         with open("/proc/cpuinfo") as fh:
             text = fh.read()
     hidden = tuple(f.strip() for f in os.environ.get("EDGEXFER_HIDE_CPU_FLAGS", "").split(",") if f.strip())
+    hidden += _onednn_hidden(os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
     return parse_cpuinfo(text, platform.machine(), hidden)

@@ -112,7 +112,7 @@ def test_install_with_failing_golden_check_keeps_the_previous_pair(device_bundle
     reseal(bad, "golden.npz", buf.getvalue())
     with Device(state) as dev, pytest.raises(ValidationError, match="golden check") as err:
         dev.install(bad)
-    assert "max diff" in str(err.value) and "|" in str(err.value)
+    assert "features (golden, 8 images): max |diff|" in str(err.value) and "\n" not in str(err.value)
     assert (state / "active.json").read_bytes() == active_before
     assert DeviceState(state).head_versions() == heads_before
 
@@ -191,3 +191,24 @@ def test_install_prunes_engines_that_can_never_load_again(device_bundle, tmp_pat
     assert entries["kept-not-installed-engine"].key in left
     if versions:
         assert entries["old-version"].key in pruned and entries["current"].key in left
+
+
+def test_a_state_moved_to_another_kind_of_cpu_builds_and_golden_checks_its_engine_again(openvino_bundle, tmp_path):
+    """The engine cache is keyed by ISA flags: another kind of CPU gets its own engine, validated there."""
+    state = tmp_path / "state"
+    with Device(state, backend="openvino") as dev:
+        first = dev.install(openvino_bundle)
+    assert first["golden"]["revalidated_on_other_isa"] is False  # same CPU as the conversion
+    code = ("import json, sys\nfrom edgexfer.runtime.device import Device\n"
+            "with Device(sys.argv[1], backend='openvino') as dev:\n    r = dev.install(sys.argv[2])\n"
+            "print(json.dumps({'key': r['engine']['key'], 'built': r['engine']['built'], 'golden': r['golden']}))")
+    # the same state directory on a CPU without FMA (edgexfer's view; a CPU name alone would not change the key)
+    env = {**os.environ, "EDGEXFER_HIDE_CPU_FLAGS": "fma"}
+    out = subprocess.run([sys.executable, "-c", code, str(state), str(openvino_bundle)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    second = json.loads(out.stdout.strip().splitlines()[-1])
+    assert second["key"] != first["engine"]["key"] and second["built"] is True
+    assert "fma" not in second["golden"]["execution"]["isa"] and second["golden"]["revalidated_on_other_isa"] is True
+    assert second["golden"]["validated_isa"] == first["golden"]["execution"]["isa"]
+    assert sorted(p.name for p in (state / "engines").iterdir()) == sorted([first["engine"]["key"], second["key"]])

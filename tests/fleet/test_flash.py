@@ -194,7 +194,7 @@ def test_golden_mismatch_on_the_target_keeps_the_previous_bundle_active(sshd, bu
     reseal(bad, "golden.npz", buf.getvalue())
     from edgexfer.runtime.bundle import Bundle
 
-    with pytest.raises(FlashError, match="device install failed.*golden check.*max diff"):
+    with pytest.raises(FlashError, match=r"device install failed.*golden check.*features \(golden, 8 images\): max \|diff\|"):
         _flash(sshd, Bundle.open(bad, verify=True), state)
     _untouched(state, before)
     assert DeviceState(state).head_versions() == [1]
