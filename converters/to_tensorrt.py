@@ -135,6 +135,9 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, size: tupl
                           todo="see engines/tensorrt/<precision>/trt_lint.json")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_MIB << 20)
+    # TensorRT computes fp32 layers in TF32 on Ampere and later (Orin) unless told otherwise: float
+    # layers stay fp32, as the engine's name says (fp16 engines still get fp16 kernels from the flag below)
+    config.clear_flag(trt.BuilderFlag.TF32)
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "int8":
@@ -160,7 +163,8 @@ def trtexec_command(model_name: str, precision: str, size: tuple[int, int]) -> l
     lo, opt, hi = BATCH_PROFILE
     cmd = ["trtexec", f"--onnx={model_name}", "--saveEngine=backbone.plan",
            f"--minShapes=image:{lo}x{h}x{w}x3", f"--optShapes=image:{opt}x{h}x{w}x3", f"--maxShapes=image:{hi}x{h}x{w}x3",
-           f"--memPoolSize=workspace:{WORKSPACE_MIB}", "--timingCacheFile=timing.cache"]
+           f"--memPoolSize=workspace:{WORKSPACE_MIB}", "--timingCacheFile=timing.cache",
+           "--noTF32"]  # fp32 layers in fp32, not TF32 (Ampere/Orin default)
     if precision == "fp16":
         cmd.append("--fp16")
     elif precision == "int8":

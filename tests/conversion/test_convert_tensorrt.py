@@ -63,6 +63,7 @@ def test_fp16_build_kit_passes_fp16_flag(converted, conversion_bundle):
     converted("tensorrt", "fp16")
     script = (conversion_bundle / "engines/tensorrt/fp16/build_engine.sh").read_text()
     assert "--fp16" in script and "--onnx=backbone.onnx" in script
+    assert "--noTF32" in script  # float layers are not silently rounded to TF32 on Ampere/Orin
 
 
 def _tiny_model(onnx, helper, *, op="Unique", opset=17):
