@@ -154,6 +154,7 @@ def predict(bundle_dir, images, backend, precision, top_k, as_json):
 
     with Predictor.from_bundle(bundle_dir, backend=backend, precision=precision) as predictor:
         results = predictor.predict(list(images), top_k=top_k)
+        execution = predictor.details["execution"]
     lines = []
     for r in results:
         if isinstance(r, Prediction):
@@ -161,7 +162,7 @@ def predict(bundle_dir, images, backend, precision, top_k, as_json):
             lines.append(f"{r.source}: {r.label} ({r.probability:.2f})" + (f"  [then {alts}]" if alts else ""))
         else:
             lines.append(f"{r.source}: ERROR {r.error}")
-    _emit({"results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
+    _emit({"execution": execution, "results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
     if any(not isinstance(r, Prediction) for r in results):
         sys.exit(1)
 
@@ -253,9 +254,11 @@ def device_predict(images, state, backend, precision, top_k, as_json):
     with Device(state, backend=backend, precision=precision) as dev:
         results = dev.predict(list(images), top_k=top_k)
         head = dev.state.active().head
+        execution = dev.engine().execution  # what really ran: arithmetic and ISA
     lines = [f"{r.source}: {r.label} ({r.probability:.2f}) [head {head}, {r.backend}/{r.precision}]"
              if isinstance(r, Prediction) else f"{r.source}: ERROR {r.error}" for r in results]
-    _emit({"head": head, "results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
+    _emit({"head": head, "execution": execution, "results": [r.to_dict() for r in results]}, as_json,
+          "\n".join(lines))
     if any(not isinstance(r, Prediction) for r in results):
         sys.exit(1)
 
