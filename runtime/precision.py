@@ -62,13 +62,13 @@ def require_bf16(features: CpuFeatures | None = None) -> None:
 
 def openvino_config(precision: str, device: str = "CPU", features: CpuFeatures | None = None) -> dict[str, Any]:
     """The compile properties that make OpenVINO compute in ``precision`` on ``device``."""
-    check_precision(precision, "openvino", features if device.startswith("CPU") else None)
+    if not device.startswith("CPU") and precision == "bf16":
+        raise PrecisionError("bf16 on OpenVINO", got=f"device {device}", expected="device CPU",
+                             todo="use fp16 on OpenVINO GPU/NPU devices")
+    check_precision(precision, "openvino", features)
     if device.startswith("CPU"):
         # fp16 and int8 float parts stay f32 on CPUs: bf16 only when asked for by name
         return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    if precision == "bf16":
-        raise PrecisionError("bf16 on OpenVINO", got=f"device {device}", expected="device CPU",
-                             todo="use fp16 on OpenVINO GPU/NPU devices")
     # GPUs: fp32 stays f32; fp16 and the float parts of int8 compute in f16 (the GPU plugin's native type)
     return {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "f16"}
 
