@@ -188,7 +188,8 @@ def _tuf_error(step: str, exc: Exception) -> UpdateError:
 def health_check(state: DeviceState, active: ActiveState, candidate: int, *, backend: str = "auto",
                  precision: str = "fp32", tolerance: float = DEFAULT_TOLERANCE) -> tuple[bool, dict[str, Any], str]:
     """Compare the candidate head with the previous one on golden images (engine run) and the holdout."""
-    from edgexfer.runtime.device import DEFAULT_HOLDOUT, Device, _holdout_split
+    from edgexfer.runtime.device import Device
+    from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, holdout_split
 
     bundle = state.bundle(active.bundle)
     dim = bundle.manifest.backbone.feature_dim
@@ -219,7 +220,8 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
         _, X_local, labels = cache.labelled(active.bundle, bundle.preprocess.key())
     if len(labels):
         y = np.array(labels)
-        _, hold = _holdout_split(np.unique(y, return_inverse=True)[1], DEFAULT_HOLDOUT, 0)
+        # still alphabetical here (retrain puts the active head's classes first): the next change aligns it
+        _, hold = holdout_split(labels, sorted(set(labels)), DEFAULT_HOLDOUT, DEFAULT_SEED)
         if len(hold):
             figures["holdout_count"] = int(len(hold))
             figures["holdout_accuracy"] = accuracy(new, X_local[hold], y[hold])
