@@ -67,16 +67,20 @@ def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
 @_REPO
 @_KEYS
 @click.option("--group", default="canary", show_default=True, help="Rollout group (devices of `all` need a promote).")
-@click.option("--backbone-sha", default=None, help="Backbone sha256, when SOURCE is a bare head.safetensors.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="The bundle the devices run (same backbone): the head's logits on its golden features are "
+                   "signed for the devices' health check. Needed when SOURCE is a run dir or a head file.")
+@click.option("--backbone-sha", default=None,
+              help="Backbone sha256, when SOURCE is a bare head.safetensors (default: --bundle's).")
 @click.option("--version", "version", type=int, default=None, help="Head version (default: the next one).")
 @_SIGNER
 @_JSON
-def heads_publish(source, repo_dir, keys_dir, group, backbone_sha, version, signer_backend, as_json):
-    """Sign and publish the head of a bundle dir, run dir or head.safetensors."""
+def heads_publish(source, repo_dir, keys_dir, group, bundle_dir, backbone_sha, version, signer_backend, as_json):
+    """Sign and publish the head of a bundle dir, run dir or head.safetensors, with its golden logits."""
     from edgexfer.heads_repo import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
-    r = repo.publish(source, group=group, backbone_sha256=backbone_sha, version=version)
+    r = repo.publish(source, group=group, backbone_sha256=backbone_sha, bundle=bundle_dir, version=version)
     _emit(r, as_json, f"published head version {r['head_version']} ({r['kind']}, {len(r['classes'])} classes) "
                       f"for backbone {r['backbone_sha256'][:12]}… to group {group}: {r['target']}")
 
@@ -152,21 +156,23 @@ def heads_timestamp(repo_dir, keys_dir, days, signer_backend, as_json):
 @click.option("--group", default="all", show_default=True, help="Rollout group of this device (e.g. canary).")
 @click.option("--root", "root", type=click.Path(path_type=Path), default=None,
               help="Trust root (the repository's 1.root.json); needed the first time only.")
-@click.option("--tolerance", type=float, default=0.05, show_default=True,
-              help="The new head may be at most this much worse (golden and holdout accuracy).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
               show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @_JSON
-def device_update(state, repo_url, local_dir, group, root, tolerance, backend, precision, as_json):
-    """Fetch, verify, install and health-check the newest signed head; roll back on failure."""
+def device_update(state, repo_url, local_dir, group, root, backend, precision, as_json):
+    """Fetch, verify, install and health-check the newest signed head; roll back on failure.
+
+    The health check: the signed golden logits reproduced by the head (fp32 tolerance) and by this
+    device's engine plus the head (the precision's tolerance); on a labelled holdout of at least 20
+    samples, a one-sided McNemar test (p <= 0.05: the new head is worse, rolled back).
+    """
     import sys
 
     from edgexfer.runtime.updates import update
 
-    r = update(state, repo_url, local_dir=local_dir, group=group, root=root, backend=backend, precision=precision,
-               tolerance=tolerance)
-    text = {"updated": f"head {r.active_head} active (update version {r.update_version}, {r.target})",
+    r = update(state, repo_url, local_dir=local_dir, group=group, root=root, backend=backend, precision=precision)
+    text = {"updated": f"head {r.active_head} active (update version {r.update_version}, {r.target}); {r.reason}",
             "recovered": f"finished an interrupted update; head {r.active_head} active",
             "up-to-date": f"up to date: head {r.active_head} active",
             }.get(r.status, f"{r.status.upper()}: {r.reason}; head {r.active_head} stays active")

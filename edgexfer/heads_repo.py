@@ -23,8 +23,13 @@ so a group is not a security boundary (delegated roles would be the tool for tha
 while one team signs every head).
 
 Each head target carries custom metadata ``{"edgexfer": {...}}``: backbone_sha256, classes, kind,
-head_version, metrics (a JSON string: canonical JSON has no floats), group. Devices pick the newest head_version for their backbone and refuse
-anything not newer than the highest version they have accepted.
+head_version, feature_dim, group, published_utc, metrics (the host validation figures, a JSON string:
+canonical JSON has no floats), and what the device's health check verifies: golden_logits (the head's
+logits on the bundle's golden reference features, ``{"encoding": "float32-le", "shape": [N, C],
+"base64": …}``) and golden_features_sha256 (binds them to that golden set). The golden features come
+from the bundle the devices run: a bundle source's own, else the ``bundle=`` argument (``--bundle``).
+Devices pick the newest head_version for their backbone and refuse anything not newer than the highest
+version they have accepted.
 
 Signing backends: ``cryptography`` (pyca, constant-time; the default) or ``pure-python`` (the
 reference Ed25519 implementation vendored by securesystemslib: not constant-time, so use it only on
@@ -50,6 +55,7 @@ from edgexfer.runtime.errors import EdgexferError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import check_relative_path, write_atomic
 from edgexfer.runtime.optional import require
+from edgexfer.runtime.updates import signed_golden
 
 KEY_SCHEMA = "edgexfer.key/1"
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
@@ -342,12 +348,33 @@ class HeadsRepo:
         return max([1, *versions]) + 1
 
     def publish(self, source: str | Path, *, group: str = DEFAULT_GROUP, backbone_sha256: str | None = None,
-                version: int | None = None, metrics: dict[str, Any] | None = None,
+                bundle: str | Path | None = None, version: int | None = None, metrics: dict[str, Any] | None = None,
                 expiry_days: dict[str, float] | None = None) -> dict[str, Any]:
-        """Publish a head from a bundle dir, a run dir, or a head.safetensors (+ ``backbone_sha256``)."""
+        """Publish a head from a bundle dir, a run dir, or a head.safetensors.
+
+        The head's logits on the golden reference features of the bundle devices run are signed with
+        it: a bundle source's own golden set, or ``bundle`` (required for a run dir or a head file; its
+        backbone must be the head's). A bare head file takes its backbone from ``bundle`` or from
+        ``backbone_sha256``.
+        """
         _check_group(group)
-        head_path, sha, feature_dim, found_metrics = _head_source(Path(source), backbone_sha256)
-        head = Head.load(head_path, feature_dim=feature_dim)
+        golden_bundle = Bundle.open(bundle, verify=True) if bundle is not None else None
+        if backbone_sha256 is None and golden_bundle is not None and Path(source).is_file():
+            backbone_sha256 = golden_bundle.manifest.backbone.sha256
+        head_path, sha, feature_dim, found_metrics, own_bundle = _head_source(Path(source), backbone_sha256)
+        golden_bundle = golden_bundle or own_bundle
+        if golden_bundle is None:
+            raise HeadsRepoError("a run directory or head file needs the bundle the devices run",
+                                 got=f"{source} without --bundle",
+                                 expected="--bundle BUNDLE_DIR (its golden.npz: the head's logits on it are signed)",
+                                 todo="pass the bundle installed on the devices, or publish from a bundle directory")
+        if golden_bundle.manifest.backbone.sha256 != sha:
+            raise HeadsRepoError("the bundle has another backbone than the head", got=f"bundle backbone "
+                                 f"{golden_bundle.manifest.backbone.sha256[:16]}… ({golden_bundle.root})",
+                                 expected=f"the head's backbone {sha[:16]}…",
+                                 todo="pass the bundle the devices of this head run (same backbone.onnx)")
+        head = Head.load(head_path, feature_dim=feature_dim or golden_bundle.manifest.backbone.feature_dim)
+        signed = signed_golden(head, golden_bundle.golden()["features"])
         existing = [h for h in self.heads() if h.get("backbone_sha256") == sha]
         if version is None:
             version = self.next_version(sha)
@@ -359,7 +386,7 @@ class HeadsRepo:
         # TUF signs canonical JSON, which has no floats: metrics travel as one JSON string
         custom = {"backbone_sha256": sha, "classes": list(head.classes), "kind": head.kind, "head_version": version,
                   "feature_dim": head.feature_dim, "metrics": json.dumps({**found_metrics, **(metrics or {})}),
-                  "group": group,
+                  "group": group, **signed,
                   "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path = head_target_path(group, sha, version)
         self.add_target(path, data, custom, expiry_days=expiry_days)
@@ -457,12 +484,12 @@ def _check_group(group: str) -> None:
                              todo="use e.g. canary or all")
 
 
-def _head_source(source: Path, backbone_sha256: str | None) -> tuple[Path, str, int | None, dict[str, Any]]:
-    """(head file, backbone sha256, feature_dim, metrics) of a bundle dir, run dir or head file."""
+def _head_source(source: Path, backbone_sha256: str | None) -> tuple[Path, str, int | None, dict[str, Any], Bundle | None]:
+    """(head file, backbone sha256, feature_dim, metrics, the bundle itself) of a bundle dir, run dir or head file."""
     if source.is_dir() and (source / "manifest.json").is_file():
         bundle = Bundle.open(source, verify=True)
         m = bundle.manifest
-        return bundle.head_path, m.backbone.sha256, m.backbone.feature_dim, dict(m.head.metrics)
+        return bundle.head_path, m.backbone.sha256, m.backbone.feature_dim, dict(m.head.metrics), bundle
     if source.is_dir() and (source / "run.json").is_file():
         run = json.loads((source / "run.json").read_text())
         metrics: dict[str, Any] = {}
@@ -472,16 +499,16 @@ def _head_source(source: Path, backbone_sha256: str | None) -> tuple[Path, str, 
                 metrics["val_accuracy"] = float(val)
         bb = run.get("backbone", {})
         sha = bb.get("onnx_sha256") or file_sha256(source / "backbone.onnx")
-        return source / "head.safetensors", sha, bb.get("feature_dim"), metrics
+        return source / "head.safetensors", sha, bb.get("feature_dim"), metrics, None
     if source.is_file():
         if source.suffix != ".safetensors":
             raise HeadsRepoError("only safetensors heads are published", got=source.name, expected="*.safetensors",
                                  todo="export the head with edgexfer (pickle and .pt files are never shipped)")
         if not backbone_sha256 or not _SHA_RE.match(backbone_sha256):
             raise HeadsRepoError("a bare head file needs its backbone", got=repr(backbone_sha256),
-                                 expected="--backbone-sha <64 hex digits of backbone.onnx>",
+                                 expected="--bundle BUNDLE_DIR (or --backbone-sha <64 hex digits of backbone.onnx>)",
                                  todo="or publish from the bundle or run directory")
-        return source, backbone_sha256, None, {}
+        return source, backbone_sha256, None, {}, None
     raise HeadsRepoError("nothing to publish", got=str(source),
                          expected="a bundle directory, a run directory or a head.safetensors",
                          todo="pass the output of `edgexfer export` or `edgexfer train`")

@@ -5,7 +5,8 @@ transaction: a sample is confirmed with its features or not at all), running the
 samples the cache does not have. ``retrain`` fits a new head on cached features plus the bundle's
 exemplars, warm-started from the active head, and activates it only if it is not worse than the active
 head on a seeded holdout of the local samples (minus a tolerance); otherwise the candidate is kept as
-rejected, with its figures.
+rejected, with its figures. The holdout comes from :mod:`edgexfer.runtime.holdout`, which the update
+health check uses too: with the default seed and fraction both hold out the same samples.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from edgexfer.runtime.engine_cache import EngineCache, EngineKey, openvino_key, 
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, class_order, holdout_digest, holdout_split
 from edgexfer.runtime.manifest import write_atomic
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
@@ -35,8 +37,6 @@ from edgexfer.runtime.timing import StepTimer
 
 #: default acceptance gate: the new head may be at most this much worse on the holdout
 DEFAULT_TOLERANCE = 0.01
-#: share of local labelled samples held out for the gate and for temperature calibration
-DEFAULT_HOLDOUT = 0.25
 
 
 #: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
@@ -400,7 +400,7 @@ class Device:
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                holdout: float = DEFAULT_HOLDOUT, seed: int = 0, C: float = 1.0) -> RetrainReport:
+                holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0) -> RetrainReport:
         """Train a candidate head on cached features and activate it if it passes the gate."""
         from edgexfer.runtime.head_training import HeadTrainer, fit_temperature
 
@@ -410,13 +410,14 @@ class Device:
             bundle = self.state.bundle(active.bundle)
             kind = kind or old_head.kind
             with self.cache() as cache:
-                _, X_local, labels_local = cache.labelled(active.bundle, bundle.preprocess.key())
+                shas_local, X_local, labels_local = cache.labelled(active.bundle, bundle.preprocess.key())
             if len(labels_local) == 0:
                 raise InputError("nothing to retrain on", got="no labelled samples for the installed backbone",
                                  expected="samples added with `edgexfer device learn`", todo="learn some samples first")
-            classes = list(old_head.classes) + sorted(set(labels_local) - set(old_head.classes))
+            # the split the update health check uses too (same class order, fraction and seed)
+            classes = class_order(old_head.classes, labels_local)
             y_local = np.array([classes.index(lbl) for lbl in labels_local], dtype=np.int64)
-            train_idx, hold_idx = _holdout_split(y_local, holdout, seed)
+            train_idx, hold_idx = holdout_split(labels_local, classes, holdout, seed)
             ex = bundle.exemplars()
             X_ex, y_ex = (ex if ex is not None else (np.zeros((0, X_local.shape[1]), np.float32), np.zeros(0, np.int64)))
             X_train = np.concatenate([X_ex, X_local[train_idx]])
@@ -449,6 +450,7 @@ class Device:
                       f"holdout accuracy {acc_new:.3f} vs active {acc_old:.3f} (tolerance {tolerance:.3f})")
             metrics = {k: v for k, v in {"holdout_accuracy": acc_new, "holdout_accuracy_previous": acc_old,
                                          "holdout_count": len(hold_idx), "train_count": len(y_train)}.items() if v is not None}
+            metrics["holdout_digest"] = holdout_digest([shas_local[i] for i in hold_idx])
             # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
             record = self.state.add_head(candidate, backbone_sha256=active.bundle, parent=active.head,
                                          status="candidate" if accepted else "rejected", source="retrain",
@@ -503,15 +505,3 @@ class Device:
             out.append(rec)
         return out
 
-
-def _holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class holdout; a class with fewer than 3 samples stays entirely in training."""
-    rng = np.random.default_rng(seed)
-    train, hold = [], []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_hold = int(round(len(idx) * fraction)) if len(idx) >= 3 else 0
-        hold += list(idx[:n_hold])
-        train += list(idx[n_hold:])
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)

@@ -8,11 +8,19 @@ download      refresh the signed metadata (root chain, timestamp, snapshot, targ
               head for this device's backbone and group, fetch it into ``trust/staging/`` (ngclient
               checks its length and sha256 against the signed targets metadata)
 verify        strict :meth:`Head.load` (safetensors only, exact tensors, shapes, finite values), the
-              backbone and feature_dim, classes and kind as signed
+              backbone and feature_dim, classes and kind as signed; the signed golden logits are
+              present, well-formed, one column per class, and bound (sha256) to this bundle's golden
+              features
 stage         ``heads/<n>/`` written atomically as a *candidate* (not active)
 switch        ``active.json`` points to the new head (atomic rename)
-health-check  the bundle's golden images through the engine and the new head; the local holdout when
-              there is one; the new head must not be worse than the old one by more than a tolerance
+health-check  (1) the new head on the bundle's stored golden reference features reproduces the signed
+              logits within the fp32 tolerance (head integrity); (2) the device's engine, at the
+              device's precision, plus the new head reproduces them within that precision's tolerance
+              (:func:`edgexfer.runtime.compare.tolerance_for`); (3) only when the device's labelled
+              holdout (the split ``retrain`` uses) has at least 20 samples: the new head is rolled back
+              if it is significantly worse than the previous one there (one-sided exact McNemar test,
+              p <= 0.05). Otherwise no local comparison is made and the report says why; the
+              publisher's signed validation figures stand
 commit        the head is marked accepted and its update version stored in ``trust/accepted.json``
               (anti-rollback); on failure the old active pair is restored and the head's sha256 is
               recorded in ``trust/rejected.json`` so it is never tried again
@@ -25,6 +33,8 @@ rollback protection), ``accepted.json`` and ``rejected.json``.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import time
@@ -36,17 +46,27 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from edgexfer.runtime.bundle import file_sha256
+from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.holdout import (
+    ALPHA,
+    DEFAULT_HOLDOUT,
+    DEFAULT_SEED,
+    MIN_HOLDOUT_SAMPLES,
+    class_order,
+    correct,
+    holdout_digest,
+    holdout_split,
+    mcnemar_worse,
+)
 from edgexfer.runtime.manifest import check_relative_path, write_atomic
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer
 
 STEPS = ("download", "verify", "stage", "switch", "health-check", "commit")
-#: the new head may be at most this much worse than the active one (golden and holdout accuracy)
-DEFAULT_TOLERANCE = 0.05
 ALL_GROUP = "all"
 TARGET_SUFFIX = "/head.safetensors"
 #: a head is tens of kilobytes; anything far larger is not a head
@@ -184,63 +204,166 @@ def _tuf_error(step: str, exc: Exception) -> UpdateError:
                        todo="check the repository (timestamp expiry, keys) and the network; the active head is unchanged")
 
 
+# -------------------------------------------------------------------------------------------- signed golden logits
+#: how the golden logits are encoded in a target's custom metadata (canonical JSON has no floats)
+LOGITS_ENCODING = "float32-le"
+
+
+def golden_features_sha256(features: np.ndarray) -> str:
+    """sha256 of golden features as row-major little-endian float32: what signed logits are bound to."""
+    return hashlib.sha256(np.ascontiguousarray(features, dtype="<f4").tobytes()).hexdigest()
+
+
+def encode_logits(logits: np.ndarray) -> dict[str, Any]:
+    """``{"encoding": "float32-le", "shape": [N, C], "base64": …}`` (JSON without floats)."""
+    arr = np.ascontiguousarray(logits, dtype="<f4")
+    return {"encoding": LOGITS_ENCODING, "shape": [int(n) for n in arr.shape],
+            "base64": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def signed_golden(head: Head, golden_features: np.ndarray) -> dict[str, Any]:
+    """What a publisher signs with ``head``: its logits on a bundle's golden reference features, and
+    the sha256 of those features (so the logits are checked against that golden set only)."""
+    features = np.asarray(golden_features, dtype=np.float32)
+    return {"golden_features_sha256": golden_features_sha256(features),
+            "golden_logits": encode_logits(head.logits(features))}
+
+
+def _decode_logits(obj: Any) -> np.ndarray:
+    """The signed logits as float32 ``[N, C]``; malformed metadata is an :class:`UpdateError`."""
+    def malformed(problem: str) -> UpdateError:
+        return UpdateError("signed golden logits are malformed", got=problem,
+                           expected=f'{{"encoding": "{LOGITS_ENCODING}", "shape": [N, C], "base64": …}}',
+                           todo="republish the head with `edgexfer heads publish`")
+
+    if not isinstance(obj, dict) or obj.get("encoding") != LOGITS_ENCODING:
+        raise malformed(f"encoding {obj.get('encoding') if isinstance(obj, dict) else type(obj).__name__!r}")
+    shape = obj.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise malformed(f"shape {shape!r}")
+    try:
+        raw = base64.b64decode(str(obj.get("base64", "")), validate=True)
+    except ValueError:  # binascii.Error
+        raise malformed("no valid base64") from None
+    if len(raw) != 4 * shape[0] * shape[1]:
+        raise malformed(f"{len(raw)} bytes for shape {shape}")
+    logits = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+    if not np.isfinite(logits).all():
+        raise malformed("non-finite values")
+    return logits
+
+
+def expected_golden_logits(signed: dict[str, Any], golden_features: np.ndarray, num_classes: int) -> np.ndarray:
+    """The logits the publisher signed, once they are known to be for this golden set and this head.
+
+    Refused (one-line :class:`UpdateError`): no signed logits (a head published without them), logits
+    bound to other golden features than this device's bundle holds, or a shape that does not fit.
+    """
+    missing = [k for k in ("golden_logits", "golden_features_sha256") if k not in signed]
+    if missing:
+        raise UpdateError("update carries no signed golden logits", got=f"no {' and no '.join(missing)}",
+                          expected="golden_logits and golden_features_sha256 signed with the head",
+                          todo="republish the head with this edgexfer's `heads publish` (it signs them)")
+    here = golden_features_sha256(golden_features)
+    if signed["golden_features_sha256"] != here:
+        raise UpdateError("signed golden logits are for another golden set",
+                          got=f"signed for golden features {str(signed['golden_features_sha256'])[:16]}…",
+                          expected=f"this bundle's {here[:16]}…",
+                          todo="publish with --bundle set to the bundle this device runs")
+    logits = _decode_logits(signed["golden_logits"])
+    if logits.shape != (len(golden_features), num_classes):
+        raise UpdateError("signed golden logits do not fit", got=f"shape {list(logits.shape)}",
+                          expected=f"[{len(golden_features)} golden images, {num_classes} classes]",
+                          todo="republish the head with `edgexfer heads publish`")
+    return logits
+
+
 # -------------------------------------------------------------------------------------------- health
 def health_check(state: DeviceState, active: ActiveState, candidate: int, *, backend: str = "auto",
-                 precision: str = "fp32", tolerance: float = DEFAULT_TOLERANCE) -> tuple[bool, dict[str, Any], str]:
-    """Compare the candidate head with the previous one on golden images (engine run) and the holdout."""
-    from edgexfer.runtime.device import DEFAULT_HOLDOUT, Device, _holdout_split
+                 precision: str = "fp32") -> tuple[bool, dict[str, Any], str]:
+    """Judge the candidate head (active after the switch): ``(passed, figures, reason)``.
+
+    1. integrity: the candidate on the bundle's stored golden reference features reproduces the signed
+       logits within the fp32 tolerance;
+    2. engine: this device's engine at ``precision`` plus the candidate reproduces them within that
+       precision's tolerance (a broken engine or head fails; a head with more classes passes);
+    3. local: the previous and the candidate head on the device's labelled holdout, only when it has
+       at least :data:`~edgexfer.runtime.holdout.MIN_HOLDOUT_SAMPLES` samples; the candidate fails if it
+       is significantly worse (one-sided exact McNemar test at :data:`~edgexfer.runtime.holdout.ALPHA`).
+    """
+    from edgexfer.runtime.device import Device
 
     bundle = state.bundle(active.bundle)
     dim = bundle.manifest.backbone.feature_dim
+    record = state.head_record(candidate)
     new = state.load_head(candidate, feature_dim=dim)
-    old = state.load_head(active.previous_head, feature_dim=dim) if active.previous_head is not None else None
     golden = bundle.golden()
+    figures: dict[str, Any] = {"publisher": {k: v for k, v in record.metrics.items() if k not in _DEVICE_KEYS}}
+    try:
+        expected = expected_golden_logits(record.metrics, golden["features"], len(new.classes))
+    except UpdateError as exc:
+        return False, figures, str(exc)
+    figures["golden_features_sha256"] = record.metrics["golden_features_sha256"]
+    failures: list[str] = []
+    integrity = compare([Output("logits", expected, new.logits(golden["features"]), classes=True)],
+                        tolerance_for("fp32"), where="new head on the golden reference features")
+    figures["integrity"] = integrity.to_dict()
+    failures += [f"signed logits not reproduced: {line.removeprefix('- ')}" for line in integrity.failures]
+
     with Device(state.root, backend=backend, precision=precision) as dev:
-        feats = dev.engine(bundle).run(golden["images"])
-    figures: dict[str, Any] = {"golden_count": int(len(feats))}
-    problems: list[str] = []
-    ref_classes = list(bundle.manifest.head.classes)
-    truth = np.array([ref_classes[i] for i in golden["labels"]])
+        engine = dev.engine(bundle)
+        feats = engine.run(golden["images"])
+        ran = {"backend": engine.name, "precision": engine.precision}
+    on_engine = compare([Output("logits", expected, new.logits(feats), classes=True)], tolerance_for(ran["precision"]),
+                        where=f"{ran['backend']}/{ran['precision']} engine and new head on the golden images")
+    figures["engine"] = {**ran, **on_engine.to_dict()}
+    failures += [f"signed logits not reproduced: {line.removeprefix('- ')}" for line in on_engine.failures]
 
-    def accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float:
-        logits = head.logits(X)
-        if not np.all(np.isfinite(logits)):
-            problems.append("non-finite logits")
-            return 0.0
-        return float(np.mean(np.array(head.classes)[logits.argmax(1)] == y))
+    previous = state.load_head(active.previous_head, feature_dim=dim) if active.previous_head is not None else None
+    local = _local_comparison(state, active, bundle, previous, new)
+    figures["local"] = local
+    if local.get("new_is_worse"):
+        failures.append(f"new head worse on the local holdout: {local['reason']}")
+    if failures:
+        return False, figures, "; ".join(failures)
+    return True, figures, f"health check passed; {local['reason']}"
 
-    figures["golden_accuracy"] = accuracy(new, feats, truth)
-    if old is not None:
-        figures["golden_accuracy_previous"] = accuracy(old, feats, truth)
-        if figures["golden_accuracy"] < figures["golden_accuracy_previous"] - tolerance:
-            problems.append(f"golden accuracy {figures['golden_accuracy']:.3f} < previous "
-                            f"{figures['golden_accuracy_previous']:.3f} - {tolerance}")
+
+def _local_comparison(state: DeviceState, active: ActiveState, bundle: Bundle, previous: Head | None,
+                      new: Head) -> dict[str, Any]:
+    """The previous and the new head on the device's labelled holdout, when that means something."""
+    from edgexfer.runtime.device import Device
+
+    if previous is None:
+        return {"compared": False, "holdout_count": 0,
+                "reason": "local comparison skipped: no previous head to compare with"}
     with Device(state.root) as dev, dev.cache() as cache:
-        _, X_local, labels = cache.labelled(active.bundle, bundle.preprocess.key())
-    if len(labels):
-        y = np.array(labels)
-        _, hold = _holdout_split(np.unique(y, return_inverse=True)[1], DEFAULT_HOLDOUT, 0)
-        if len(hold):
-            figures["holdout_count"] = int(len(hold))
-            figures["holdout_accuracy"] = accuracy(new, X_local[hold], y[hold])
-            if old is not None:
-                figures["holdout_accuracy_previous"] = accuracy(old, X_local[hold], y[hold])
-                if figures["holdout_accuracy"] < figures["holdout_accuracy_previous"] - tolerance:
-                    problems.append(f"holdout accuracy {figures['holdout_accuracy']:.3f} < previous "
-                                    f"{figures['holdout_accuracy_previous']:.3f} - {tolerance}")
-    return not problems, figures, "; ".join(problems) or "ok"
+        shas, X, labels = cache.labelled(active.bundle, bundle.preprocess.key())
+    # the split retrain uses: the previous (active before the switch) head's classes first, same seed
+    _, hold = holdout_split(labels, class_order(previous.classes, labels), DEFAULT_HOLDOUT, DEFAULT_SEED)
+    out: dict[str, Any] = {"holdout_count": int(len(hold)),
+                           "holdout_digest": holdout_digest([shas[i] for i in hold]),
+                           "min_holdout_count": MIN_HOLDOUT_SAMPLES}
+    if len(hold) < MIN_HOLDOUT_SAMPLES:
+        return {**out, "compared": False,
+                "reason": f"local comparison skipped: {len(hold)} holdout samples < {MIN_HOLDOUT_SAMPLES}; "
+                          "the publisher's signed figures stand"}
+    y = [labels[i] for i in hold]
+    paired = mcnemar_worse(correct(previous, X[hold], y), correct(new, X[hold], y), ALPHA)
+    return {**out, "compared": True, **paired.to_dict(), "reason": paired.describe()}
 
 
 # -------------------------------------------------------------------------------------------- update
 def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_dir: str | Path | None = None,
-           group: str = ALL_GROUP, root: str | Path | None = None, backend: str = "auto", precision: str = "fp32",
-           tolerance: float = DEFAULT_TOLERANCE) -> UpdateReport:
+           group: str = ALL_GROUP, root: str | Path | None = None, backend: str = "auto",
+           precision: str = "fp32") -> UpdateReport:
     """Fetch, verify, install and health-check the newest signed head for this device (see module doc)."""
     state = DeviceState(state_dir)
     trust = TrustStore(state)
     timer = StepTimer()  #: duration of each step
     with state.locked():
-        recovered = _finish_interrupted(state, trust, backend=backend, precision=precision, tolerance=tolerance)
+        recovered = _finish_interrupted(state, trust, backend=backend, precision=precision)
         active = state.active()
         trust.bootstrap(root)
         updater = _updater(trust, repo_url, local_dir)
@@ -281,7 +404,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
         base = UpdateReport(status="rejected", state=str(state.root), active_head=active.head,
                             previous_head=active.previous_head, update_version=version, target=path, skipped=skipped)
         try:
-            head = _verify(staged, meta, state, active)
+            head, signed = _verify(staged, meta, state, active)
         except EdgexferError as exc:
             trust.record_rejected(sha, path, str(exc))
             shutil.rmtree(staging, ignore_errors=True)
@@ -293,7 +416,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
 
         record = _staged_before(state, sha, active.bundle) or state.add_head(
             head, backbone_sha256=active.bundle, parent=active.head, status="candidate", source="update",
-            source_file=staged, metrics={**_metrics(meta), "update_version": version, "target": path,
+            source_file=staged, metrics={**_metrics(meta), **signed, "update_version": version, "target": path,
                                          # what a failed health check restores, even after a crash
                                          "restore_previous_head": active.previous_head})
         shutil.rmtree(staging, ignore_errors=True)
@@ -304,7 +427,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
         timer.lap("switch")
         crash_point("update-switch")
 
-        report = _health_and_commit(state, trust, backend=backend, precision=precision, tolerance=tolerance)
+        report = _health_and_commit(state, trust, backend=backend, precision=precision)
         report.skipped = skipped
         timer.lap("health-check+commit")
         report.seconds = timer.with_total()
@@ -355,6 +478,11 @@ def _staged_before(state: DeviceState, sha256: str, backbone: str):
     return None
 
 
+#: what the device itself stores in an update head's record metrics, next to the publisher's figures
+_DEVICE_KEYS = frozenset({"update_version", "target", "restore_previous_head", "golden_features_sha256",
+                          "golden_logits"})
+
+
 def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
     """The publisher's figures: a JSON object encoded as a string (canonical JSON has no floats)."""
     try:
@@ -364,7 +492,9 @@ def _metrics(meta: dict[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _verify(staged: Path, meta: dict[str, Any], state: DeviceState, active: ActiveState) -> Head:
+def _verify(staged: Path, meta: dict[str, Any], state: DeviceState,
+            active: ActiveState) -> tuple[Head, dict[str, Any]]:
+    """The head, strictly loaded, and its signed golden expectation (checked against this bundle)."""
     bundle = state.bundle(active.bundle)
     dim = bundle.manifest.backbone.feature_dim
     with open(staged, "rb") as fh:
@@ -376,16 +506,16 @@ def _verify(staged: Path, meta: dict[str, Any], state: DeviceState, active: Acti
     if list(head.classes) != list(meta.get("classes", [])) or head.kind != meta.get("kind"):
         raise HeadError("head file differs from its signed description", got=f"{head.kind} {list(head.classes)[:4]}…",
                         expected=f"{meta.get('kind')} {list(meta.get('classes', []))[:4]}…", todo="republish the head")
-    return head
+    signed = {k: meta[k] for k in ("golden_features_sha256", "golden_logits") if k in meta}
+    expected_golden_logits(signed, bundle.golden()["features"], len(head.classes))
+    return head, signed
 
 
-def _health_and_commit(state: DeviceState, trust: TrustStore, *, backend: str, precision: str,
-                       tolerance: float) -> UpdateReport:
+def _health_and_commit(state: DeviceState, trust: TrustStore, *, backend: str, precision: str) -> UpdateReport:
     """Health-check the active candidate; commit it, or restore the previous pair and remember the refusal."""
     active = state.active()
     record = state.head_record(active.head)
-    ok, figures, reason = health_check(state, active, active.head, backend=backend, precision=precision,
-                                       tolerance=tolerance)
+    ok, figures, reason = health_check(state, active, active.head, backend=backend, precision=precision)
     crash_point("update-health-check")
     version = int(record.metrics.get("update_version", 0))
     target = record.metrics.get("target")
@@ -395,7 +525,7 @@ def _health_and_commit(state: DeviceState, trust: TrustStore, *, backend: str, p
         crash_point("update-commit")
         return UpdateReport(status="updated", state=str(state.root), active_head=active.head,
                             previous_head=active.previous_head, update_version=version, target=target,
-                            reason="health check passed", health=figures)
+                            reason=reason, health=figures)
     state.set_active(ActiveState(bundle=active.bundle, head=active.previous_head,
                                  previous_head=record.metrics.get("restore_previous_head")))
     state.set_head_status(active.head, "rejected")

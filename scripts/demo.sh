@@ -67,11 +67,11 @@ say "10. Device status and head history (roll back any time with: edgexfer devic
 edgexfer device status --state "$OUT/device"
 edgexfer device heads --state "$OUT/device"
 
-say "11. A field update: the host trains a better head on all 8 classes, signs it (TUF) and publishes it"
+say "11. A field update: the host trains a better head on all 8 classes, signs it (TUF) with its logits on the bundle's golden features, and publishes it"
 edgexfer train "$DATA" --out "$OUT/run-v2" --cache "$OUT/features.sqlite" --quiet
 edgexfer heads keygen --out "$OUT/offline/root.key"
 edgexfer heads init --repo "$OUT/heads-repo" --keys "$OUT/keys" --root-key "$OUT/offline/root.key"
-edgexfer heads publish "$OUT/run-v2" --repo "$OUT/heads-repo" --keys "$OUT/keys" --group all
+edgexfer heads publish "$OUT/run-v2" --bundle "$OUT/bundle" --repo "$OUT/heads-repo" --keys "$OUT/keys" --group all
 
 say "12. The device fetches it from an HTTP server on loopback, verifies signatures, switches, health-checks"
 PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

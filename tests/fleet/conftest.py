@@ -52,3 +52,28 @@ def server(repo) -> Iterator[LoopbackServer]:
     srv = LoopbackServer(repo.root_dir)
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="session")
+def three_then_six_classes(tmp_path_factory, demo_run, demo_data) -> tuple[Path, Path]:
+    """(bundle trained on 3 demo classes, run dir of a head trained on 6), one frozen backbone.
+
+    Both are real `train` runs (the second exports the same backbone.onnx, byte for byte); features
+    come from the demo run's cache, so the backbone runs only for nothing new.
+    """
+    pytest.importorskip("torch", reason="training a run needs the host install")
+    from edgexfer.export import export
+    from edgexfer.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("incremental")
+    classes = sorted(p.name for p in demo_data.iterdir() if p.is_dir())
+    runs = {}
+    for n in (3, 6):
+        data = root / f"data{n}"
+        for name in classes[:n]:
+            (data / name).mkdir(parents=True)
+            for image in sorted((demo_data / name).iterdir()):
+                (data / name / image.name).symlink_to(image.resolve())
+        runs[n] = train(TrainConfig(data_dir=data, out=root / f"run{n}", cache=demo_run.run_dir.parent / "features.sqlite",
+                                    progress=False)).run_dir
+    return export(runs[3], root / "bundle3", progress=False).bundle, runs[6]

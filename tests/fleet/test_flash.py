@@ -130,8 +130,7 @@ def test_flash_cli_carries_trust_root_and_repository_for_air_gapped_updates(sshd
     from edgexfer.cli_fleet import device_update
     from edgexfer.cli_fleet import flash as flash_cmd
 
-    published = repo.publish(variant_head(bundle, tmp_path / "h.safetensors"), group="all",
-                             backbone_sha256=bundle.manifest.backbone.sha256)
+    published = repo.publish(variant_head(bundle, tmp_path / "h.safetensors"), group="all", bundle=bundle.root)
     state = tmp_path / "state"
     args = [str(bundle.root), "--target", sshd.url(state), "--identity", str(sshd.root / "user_key"),
             "--remote-edgexfer", REMOTE_EDGEXFER, "--trust-root", str(repo.root_path()), "--json"]

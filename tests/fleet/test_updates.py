@@ -25,9 +25,9 @@ from edgexfer.heads_repo import HeadsRepo, HeadsRepoError, KeyFile, _make_signer
 from edgexfer.runtime.bundle import file_sha256
 from edgexfer.runtime.device import Device
 from edgexfer.runtime.errors import EdgexferError
-from edgexfer.runtime.heads import HEAD_FORMAT
+from edgexfer.runtime.heads import HEAD_FORMAT, Head
 from edgexfer.runtime.state import CRASH_ENV, DeviceState
-from edgexfer.runtime.updates import STEPS, UpdateError, update
+from edgexfer.runtime.updates import STEPS, UpdateError, signed_golden, update
 
 pytest.importorskip("tuf", reason="needs the `updates` extra (tuf)")
 
@@ -46,7 +46,7 @@ def _active(state: Path) -> tuple[int, str]:
 
 def _publish_better(repo: HeadsRepo, bundle, tmp_path: Path, *, group: str = "all", **kw) -> dict:
     path = variant_head(bundle, tmp_path / f"better-{time.monotonic_ns()}.safetensors")
-    return repo.publish(path, group=group, backbone_sha256=bundle.manifest.backbone.sha256, **kw)
+    return repo.publish(path, group=group, bundle=bundle.root, **kw)
 
 
 def _raw_head(bundle, tensors: dict[str, np.ndarray], classes=None) -> bytes:
@@ -56,9 +56,11 @@ def _raw_head(bundle, tensors: dict[str, np.ndarray], classes=None) -> bytes:
     return safetensors.numpy.save(tensors, metadata=meta)
 
 
-def _custom(bundle, version: int, group: str = "all") -> dict:
+def _custom(bundle, version: int, group: str = "all", head: Head | None = None) -> dict:
+    """Custom target metadata as `publish` signs it, for the bundle's head (or ``head``'s golden logits)."""
     return {"backbone_sha256": bundle.manifest.backbone.sha256, "classes": list(bundle.manifest.head.classes),
-            "kind": "linear", "head_version": version, "metrics": "{}", "group": group}
+            "kind": "linear", "head_version": version, "metrics": "{}", "group": group,
+            **signed_golden(head or bundle.head(), bundle.golden()["features"])}
 
 
 # ------------------------------------------------------------------------------------------ happy path
@@ -225,8 +227,9 @@ def test_replayed_or_older_version_is_not_installed(repo, server, bundle, make_d
 
 def test_head_for_another_backbone_is_not_installed(repo, server, bundle, make_device, tmp_path):
     state = make_device()
-    path = variant_head(bundle, tmp_path / "h.safetensors")
-    repo.publish(path, group="all", backbone_sha256="ab" * 32)
+    data = variant_head(bundle, tmp_path / "h.safetensors").read_bytes()
+    other = "ab" * 32  # publish() needs that backbone's bundle: sign the target through the repository API
+    repo.add_target(head_target_path("all", other, 2), data, {**_custom(bundle, 2), "backbone_sha256": other})
     r = update(state, server.url, root=_root(repo))
     assert r.status == "up-to-date" and _active(state)[0] == 1
     # signed metadata that lies about the backbone: the file's feature length still gives it away
@@ -280,38 +283,74 @@ def test_publish_refuses_pickle_and_pt_files(repo, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ health check
-def test_health_check_failure_rolls_back_and_is_not_retried(repo, server, bundle, make_device, tmp_path):
+def _resign_golden_logits(repo: HeadsRepo, path: str, change) -> None:
+    """Re-sign the targets metadata with ``change(logits)`` in place of ``path``'s signed golden logits
+    (a publisher bug or an insider: the signatures are valid, the expectation is wrong)."""
+    import base64
+
+    targets = repo.load("targets")
+    custom = targets.signed.targets[path].unrecognized_fields["custom"]["edgexfer"]
+    enc = custom["golden_logits"]
+    logits = np.frombuffer(base64.b64decode(enc["base64"]), "<f4").reshape(enc["shape"]).copy()
+    enc["base64"] = base64.b64encode(np.ascontiguousarray(change(logits), "<f4").tobytes()).decode()
+    repo.commit_targets(targets)
+
+
+@pytest.mark.parametrize("case", ["logits-of-another-head", "one-logit-off-by-0.01"])
+def test_signed_logits_not_reproduced_roll_back_and_are_not_retried(case, repo, server, bundle, make_device, tmp_path):
     state = make_device()
-    bad = variant_head(bundle, tmp_path / "bad.safetensors", permute=True)
-    repo.publish(bad, group="all", backbone_sha256=bundle.manifest.backbone.sha256)
+    good = variant_head(bundle, tmp_path / "good.safetensors")
+    sha = bundle.manifest.backbone.sha256
+    if case == "logits-of-another-head":  # signed with the logits of a head whose rows are permuted
+        other = Head.load(variant_head(bundle, tmp_path / "other.safetensors", permute=True))
+        repo.add_target(head_target_path("all", sha, 2), good.read_bytes(), _custom(bundle, 2, head=other))
+    else:
+        path = repo.publish(good, group="all", bundle=bundle.root)["target"]
+
+        def nudge(logits: np.ndarray) -> np.ndarray:
+            logits[3, 1] += 0.01
+            return logits
+
+        _resign_golden_logits(repo, path, nudge)
     before = DeviceState(state).active()
     r = update(state, server.url, root=_root(repo))
-    assert r.status == "rolled-back" and "golden accuracy" in r.reason
+    assert r.status == "rolled-back", r
+    assert "signed logits not reproduced: logits (new head on the golden reference features" in r.reason
+    assert "signed logits not reproduced: logits (onnxruntime/fp32 engine and new head on the golden images" in r.reason
+    assert not r.health["integrity"]["passed"] and not r.health["engine"]["passed"]
     assert DeviceState(state).active() == before
     assert DeviceState(state).head_record(2).status == "rejected"
     again = update(state, server.url)
     assert again.status == "up-to-date" and any("rejected before" in s["reason"] for s in again.skipped)
     assert DeviceState(state).head_versions() == [1, 2]
     # a good head published afterwards still goes through
-    assert update(state, server.url) .status == "up-to-date"
     _publish_better(repo, bundle, tmp_path)
-    assert update(state, server.url).status == "updated"
+    r = update(state, server.url)
+    assert r.status == "updated" and r.health["integrity"]["passed"] and r.health["engine"]["passed"], r
 
 
-def test_health_check_uses_the_local_holdout(repo, server, bundle, make_device, tmp_path):
-    """A head that forgets a class the device learned locally is rolled back."""
+@pytest.mark.parametrize("case", ["unsigned", "another-golden-set", "wrong-shape", "not-base64"])
+def test_unverifiable_signed_logits_are_rejected_before_staging(case, repo, server, bundle, make_device, tmp_path):
     state = make_device()
-    demo = Path(__file__).resolve().parents[2] / "data" / "clipart8-demo"
-    with Device(state) as dev:
-        for cls in ("fruit", "tools"):
-            dev.learn(sorted((demo / cls).iterdir())[:8], cls)
-        dev.learn(sorted((demo / "music").iterdir())[:8], "drums")
-        assert dev.retrain().accepted
-    # the publisher's head knows nothing of "drums"
-    _publish_better(repo, bundle, tmp_path)
-    r = update(state, server.url, root=_root(repo), tolerance=0.05)
-    assert r.status == "rolled-back" and "holdout accuracy" in r.reason, r
-    assert r.health["holdout_count"] > 0
+    data = variant_head(bundle, tmp_path / "h.safetensors").read_bytes()
+    custom = _custom(bundle, 2)
+    if case == "unsigned":  # a head published by an edgexfer that did not sign golden logits
+        del custom["golden_logits"], custom["golden_features_sha256"]
+        expect = "update carries no signed golden logits | got no golden_logits and no golden_features_sha256"
+    elif case == "another-golden-set":
+        custom["golden_features_sha256"] = "0" * 64
+        expect = "signed golden logits are for another golden set | got signed for golden features 0000"
+    elif case == "wrong-shape":
+        custom["golden_logits"] = {**custom["golden_logits"], "shape": [4, 16]}
+        expect = "signed golden logits do not fit | got shape [4, 16]"
+    else:
+        custom["golden_logits"] = {**custom["golden_logits"], "base64": "not base64!"}
+        expect = "signed golden logits are malformed | got no valid base64"
+    repo.add_target(head_target_path("all", bundle.manifest.backbone.sha256, 2), data, custom)
+    r = update(state, server.url, root=_root(repo))
+    assert r.status == "rejected" and r.reason.startswith(expect), r.reason
+    assert "\n" not in r.reason
+    assert _active(state)[0] == 1 and DeviceState(state).head_versions() == [1]  # nothing staged, nothing lost
 
 
 # ------------------------------------------------------------------------------------------ crashes
@@ -414,7 +453,9 @@ def test_cli_publish_promote_and_device_update(tmp_path, bundle, make_device):
 def test_publish_from_a_run_directory(repo, request):
     pytest.importorskip("torch", reason="a run directory is made by `edgexfer train` (host install)")
     run = request.getfixturevalue("demo_run")
-    published = repo.publish(run.run_dir, group="canary")
+    with pytest.raises(HeadsRepoError, match="needs the bundle the devices run .*--bundle BUNDLE_DIR"):
+        repo.publish(run.run_dir, group="canary")
+    published = repo.publish(run.run_dir, group="canary", bundle=request.getfixturevalue("demo_bundle").bundle)
     run_json = json.loads((run.run_dir / "run.json").read_text())
     assert published["backbone_sha256"] == run_json["backbone"]["onnx_sha256"]
     assert published["head_version"] == 2 and published["group"] == "canary"

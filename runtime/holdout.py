@@ -1,0 +1,144 @@
+"""The device's labelled holdout, and the paired test that compares two heads on it.
+
+``Device.retrain`` gates a retrained head on a seeded share of the local labelled samples; the update
+health check compares the previous and the new head on the same share. Both take it from
+:func:`holdout_split` with the same seed, fraction and class order (:func:`class_order`: the active
+head's classes, then labels it does not know, sorted), so a retrained head is never judged by an
+update's health check on samples it was trained on.
+
+Two heads on the same samples are compared with McNemar's exact test (:func:`mcnemar_worse`): only
+the samples on which exactly one head is right carry information, and under "both heads are equally
+good" each of them goes either way with probability 1/2. The test is one-sided: it asks whether the
+new head is *significantly worse*, not whether the two differ. Below :data:`MIN_HOLDOUT_SAMPLES` no
+comparison is made at all: one sample would be worth more than any difference worth detecting.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.heads import Head
+
+#: share of the local labelled samples held out (per class; a class with fewer than 3 samples has none)
+DEFAULT_HOLDOUT = 0.25
+#: the seed of the split; retrain's default, and the only one the update health check uses
+DEFAULT_SEED = 0
+#: below this many holdout samples, two heads are not compared locally
+MIN_HOLDOUT_SAMPLES = 20
+#: level of the one-sided McNemar test: the new head is rolled back when p <= ALPHA
+ALPHA = 0.05
+
+
+def class_order(active_classes: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """The active head's classes in its order, then the labels it does not know, sorted."""
+    known = list(active_classes)
+    return known + sorted(set(labels) - set(known))
+
+
+def holdout_split(labels: Sequence[str], classes: Sequence[str], fraction: float = DEFAULT_HOLDOUT,
+                  seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, holdout)`` of ``labels``: a seeded share of every class is held out.
+
+    Classes are visited in the order of ``classes`` (see :func:`class_order`), each drawing its
+    permutation from one generator seeded with ``seed``: the same labels, order, fraction and seed
+    always give the same split. A class with fewer than 3 samples stays entirely in training.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise InputError("holdout labels outside the class order", got=", ".join(unknown[:5]),
+                         expected=f"one of {len(index)} classes", todo="build the order with class_order()")
+    if not 0.0 <= fraction < 1.0:
+        raise InputError("holdout fraction", got=fraction, expected="0 <= fraction < 1")
+    y = np.array([index[name] for name in labels], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    hold: list[int] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_hold = int(round(len(idx) * fraction)) if len(idx) >= 3 else 0
+        hold += list(idx[:n_hold])
+        train += list(idx[n_hold:])
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)
+
+
+def holdout_digest(sample_sha256: Sequence[str]) -> str:
+    """sha256 of the sorted sample ids of a holdout: two reports name the same samples iff it matches."""
+    return hashlib.sha256("\n".join(sorted(sample_sha256)).encode()).hexdigest()
+
+
+def correct(head: Head, features: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """Per sample, whether ``head``'s top-1 class is the label.
+
+    A label the head does not know is an error of that head, and so is a row whose logits are not finite.
+    """
+    labels = np.asarray(list(labels), dtype=object)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=bool)
+    logits = head.logits(features)
+    predicted = np.asarray(head.classes, dtype=object)[logits.argmax(1)]
+    return (predicted == labels) & np.isfinite(logits).all(1)
+
+
+def mcnemar_p_value(old_only: int, new_only: int) -> float:
+    """One-sided exact McNemar p-value of "the new head is worse".
+
+    ``old_only``: samples only the old head gets right; ``new_only``: only the new one. Under the null
+    hypothesis each of the ``n = old_only + new_only`` discordant samples favours the old head with
+    probability 1/2, so the p-value is ``P(X >= old_only)`` for ``X ~ Binomial(n, 1/2)``.
+    """
+    if old_only < 0 or new_only < 0:
+        raise InputError("McNemar counts", got=(old_only, new_only), expected="non-negative integers")
+    n = old_only + new_only
+    if n == 0:
+        return 1.0
+    # exact integer sum; int / int is correctly rounded even for huge numbers
+    return sum(math.comb(n, k) for k in range(old_only, n + 1)) / 2 ** n
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two heads on the same holdout samples, decided by the one-sided exact McNemar test."""
+
+    samples: int
+    accuracy_new: float
+    accuracy_previous: float
+    previous_only: int  #: samples only the previous head gets right
+    new_only: int  #: samples only the new head gets right
+    p_value: float
+    alpha: float
+
+    @property
+    def new_is_worse(self) -> bool:
+        return self.p_value <= self.alpha
+
+    def describe(self) -> str:
+        verdict = "<=" if self.new_is_worse else ">"
+        return (f"holdout accuracy {self.accuracy_new:.3f} new vs {self.accuracy_previous:.3f} previous on "
+                f"{self.samples} samples ({self.previous_only} only the previous head gets right, {self.new_only} "
+                f"only the new one), McNemar one-sided p = {self.p_value:.4g} {verdict} {self.alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "new_is_worse": self.new_is_worse}
+
+
+def mcnemar_worse(previous_correct: np.ndarray, new_correct: np.ndarray, alpha: float = ALPHA) -> PairedComparison:
+    """Is the new head significantly worse than the previous one on these samples (paired, one-sided)?"""
+    prev = np.asarray(previous_correct, dtype=bool)
+    new = np.asarray(new_correct, dtype=bool)
+    if prev.shape != new.shape or prev.ndim != 1:
+        raise InputError("paired comparison needs one result per sample from each head",
+                         got=f"shapes {prev.shape} and {new.shape}", expected="two equal 1-D arrays")
+    n = len(prev)
+    previous_only = int(np.sum(prev & ~new))
+    new_only = int(np.sum(new & ~prev))
+    return PairedComparison(samples=n, accuracy_new=float(new.mean()) if n else 0.0,
+                            accuracy_previous=float(prev.mean()) if n else 0.0, previous_only=previous_only,
+                            new_only=new_only, p_value=mcnemar_p_value(previous_only, new_only), alpha=float(alpha))

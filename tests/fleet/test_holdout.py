@@ -1,0 +1,104 @@
+"""The device's holdout (one split for retrain and the update health check) and McNemar's test.
+
+The decision on plain counts and arrays, checked against the binomial tail (and scipy where it is
+installed); the split against what ``Device.retrain`` held out on a real device.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgexfer.runtime.device import Device
+from edgexfer.runtime.holdout import (
+    class_order,
+    correct,
+    holdout_digest,
+    holdout_split,
+    mcnemar_p_value,
+    mcnemar_worse,
+)
+from edgexfer.runtime.state import DeviceState
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "clipart8-demo"
+
+
+# ------------------------------------------------------------------------------------------ McNemar, split
+@pytest.mark.parametrize(("previous_only", "new_only", "p"), [
+    (0, 0, 1.0), (7, 0, 1 / 128), (5, 0, 1 / 32), (4, 0, 1 / 16), (0, 10, 1.0),
+    (9, 2, (55 + 11 + 1) / 2048), (8, 3, (165 + 55 + 11 + 1) / 2048), (5, 5, 638 / 1024)])
+def test_mcnemar_p_value_is_the_exact_one_sided_binomial_tail(previous_only, new_only, p):
+    assert mcnemar_p_value(previous_only, new_only) == pytest.approx(p, rel=1e-12)
+    n = previous_only + new_only
+    tail = sum(math.comb(n, k) for k in range(previous_only, n + 1)) / 2 ** n if n else 1.0
+    assert mcnemar_p_value(previous_only, new_only) == pytest.approx(tail, rel=1e-12)
+
+
+def test_mcnemar_p_value_agrees_with_scipy():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is the reference, not a dependency")
+    for b, c in [(3, 1), (12, 4), (30, 18), (200, 170), (1, 40)]:
+        expected = stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue
+        assert mcnemar_p_value(b, c) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mcnemar_decision_is_one_sided_at_alpha_005():
+    # 24 samples; the previous head alone is right on 5 of them: p = 1/32 <= 0.05, worse
+    prev = np.ones(24, bool)
+    new = prev.copy()
+    new[:5] = False
+    worse = mcnemar_worse(prev, new)
+    assert (worse.previous_only, worse.new_only, worse.new_is_worse) == (5, 0, True)
+    assert "McNemar one-sided p = 0.03125 <= 0.05" in worse.describe()
+    new[4] = True  # 4 against 0: p = 1/16, not significant
+    assert not mcnemar_worse(prev, new).new_is_worse
+    # a much better new head is never "worse" (one-sided), however large the difference
+    assert mcnemar_worse(~prev, prev).p_value == 1.0
+    # discordant pairs only: 10 concordant errors change nothing
+    a, b = np.r_[np.zeros(10, bool), np.ones(5, bool)], np.zeros(15, bool)
+    assert mcnemar_worse(a, b).p_value == mcnemar_p_value(5, 0)
+
+
+def test_labels_a_head_does_not_know_are_its_errors(bundle):
+    golden = bundle.golden()
+    head = bundle.head()
+    labels = [bundle.manifest.head.classes[i] for i in golden["labels"]]
+    ok = correct(head, golden["features"], labels)
+    assert ok.sum() >= 6 and np.array_equal(ok, golden["logits"].argmax(1) == golden["labels"])
+    assert not correct(head, golden["features"], ["drums"] * len(labels)).any()
+
+
+def test_split_follows_the_class_order_and_is_seeded():
+    labels = ["zebra"] * 12 + ["apple"] * 12 + ["mango"] * 5 + ["kiwi"] * 2
+    order = class_order(["zebra", "apple"], labels)
+    assert order == ["zebra", "apple", "kiwi", "mango"]  # the active head's classes first, then new ones sorted
+    train, hold = holdout_split(labels, order, 0.25, 0)
+    assert sorted([*train, *hold]) == list(range(len(labels))) and not set(train) & set(hold)
+    held = [labels[i] for i in hold]
+    assert (held.count("zebra"), held.count("apple"), held.count("mango"), held.count("kiwi")) == (3, 3, 1, 0)
+    again = holdout_split(labels, order, 0.25, 0)
+    assert np.array_equal(again[1], hold)
+    # the order is part of the split: the alphabetical one (np.unique's) draws other samples
+    assert not np.array_equal(holdout_split(labels, sorted(order), 0.25, 0)[1], hold)
+    assert not np.array_equal(holdout_split(labels, order, 0.25, 1)[1], hold)
+
+
+def test_retrain_holds_out_what_the_shared_split_gives(bundle, make_device):
+    """Retrain's holdout is holdout_split(labels, class_order(active head, labels)): the health check's call."""
+    state = make_device()
+    with Device(state) as dev:
+        for folder, label in {"sports": "sports", "music": "drums", "fruit": "fruit"}.items():
+            dev.learn(sorted((DEMO / folder).iterdir())[:12], label)
+        report = dev.retrain()
+        with dev.cache() as cache:
+            shas, _, labels = cache.labelled(bundle.manifest.backbone.sha256, bundle.preprocess.key())
+    # the bundle head's classes (active at retrain) then "drums": not alphabetical
+    order = class_order(bundle.manifest.head.classes, labels)
+    assert order[-1] == "drums" and order != sorted(order)
+    _, hold = holdout_split(labels, order)
+    assert len(hold) == report.holdout_count == 9
+    digest = DeviceState(state).head_record(report.version).metrics["holdout_digest"]
+    assert holdout_digest([shas[i] for i in hold]) == digest
+    _, alphabetical = holdout_split(labels, sorted(order))
+    assert holdout_digest([shas[i] for i in alphabetical]) != digest
