@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgexfer.runtime.backends.base import open_backend
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.device import Device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ def main() -> None:
     result = {
         "bundle": str(args.bundle), "precision": args.precision, "repeats": args.repeats,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu": cpu_features().to_dict(),  # the figures hold for this kind of CPU only
         "install_first": {k: installs[0][k] for k in ("engine", "steps", "seconds")},
         "install_second": {k: installs[1][k] for k in ("engine", "steps", "seconds")},
         "open_from_cache_median_s": round(statistics.median(cached), 4),
