@@ -11,6 +11,7 @@ from typing import Any
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.manifest import Manifest, write_atomic
+from edgexfer.runtime.precision import PRECISIONS
 
 TABLE_JSON = "reports/engines.json"
 TABLE_MD = "reports/engines.md"
@@ -43,8 +44,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
             "reference_batch1_ms": speed.get("reference_batch1_ms"), "validated_with": report["validated_with"],
             "report": rel,
         })
-    order = ("fp32", "fp16", "int8")
-    rows.sort(key=lambda r: (r["backend"], order.index(r["precision"])))
+    rows.sort(key=lambda r: (r["backend"], PRECISIONS.index(r["precision"])))
     reference = {"backend": "onnxruntime", "precision": "fp32", "status": "reference (backbone.onnx)",
                  "size_bytes": ref_size}
     return {"schema": "edgexfer.engine-table/1", "bundle": manifest.name, "backbone_sha256": manifest.backbone.sha256,

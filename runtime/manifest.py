@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgexfer.runtime.errors import BundleError
+from edgexfer.runtime.precision import PRECISIONS
 
 SCHEMA = "edgexfer.bundle/1"
 RESIZE_POLICIES = ("letterbox", "resize_shorter_then_center_crop")
@@ -167,7 +168,7 @@ class EngineEntry:
         f = _Fields(obj, where)
         entry = cls(
             backend=f.take("backend", str, check=bool, expect="a backend name"),
-            precision=f.take("precision", str, check=lambda v: v in ("fp32", "fp16", "int8"), expect="fp32, fp16 or int8"),
+            precision=f.take("precision", str, check=lambda v: v in PRECISIONS, expect=" or ".join(PRECISIONS)),
             files=tuple(check_relative_path(p, f"{where}.files") for p in f.take(
                 "files", list, check=lambda v: all(isinstance(p, str) for p in v), expect="a list of paths")),
             validation=f.take("validation", dict, {}),
