@@ -48,7 +48,8 @@ class OpenVinoBackend(EngineRunner):
         self._request = self.compiled.create_infer_request()
         self.inference_precision = openvino_inference_precision(self.compiled)
         check_openvino_ran(precision, device, self.inference_precision)
-        self.details = {"openvino": ov.get_version(), "device": device, "inference_precision": self.inference_precision}
+        self.details = {"openvino": ov.get_version(), "device": device, "inference_precision": self.inference_precision,
+                        **_scheduling(self.compiled)}
         if cache_dir is not None:
             self.details["cache_dir"] = str(cache_dir)
 
@@ -59,3 +60,16 @@ class OpenVinoBackend(EngineRunner):
         result = self._request.infer({0: batch})
         # The request reuses its output buffer on the next call: hand out a copy.
         return np.array(result[self.compiled.output(0)], dtype=np.float32, copy=True)
+
+
+def _scheduling(compiled) -> dict[str, object]:
+    """How the compiled model schedules work (read back, as benchmark_app prints it): hint, streams, threads."""
+    out: dict[str, object] = {}
+    for key, prop in (("performance_hint", "PERFORMANCE_HINT"), ("num_streams", "NUM_STREAMS"),
+                      ("inference_num_threads", "INFERENCE_NUM_THREADS")):
+        try:
+            value = compiled.get_property(prop)
+        except RuntimeError:  # a device that does not report it
+            continue
+        out[key] = value if isinstance(value, int) else str(getattr(value, "name", value))
+    return out
