@@ -990,7 +990,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_ms(r.get('p90_ms'))} | {_ms(r.get('p99_ms'))} | {_ms(top and top.get('throughput_sps'))} | "
                      f"{top['batch'] if top else '–'} |")
     for sk in report.get("skipped", []):
-        lines.append(f"| {sk['backend']} | {sk['precision']} | not measured: {sk['reason']} | | | | | |")
+        reason = str(sk["reason"]).replace("|", "\\|")  # one-line errors separate their parts with |
+        lines.append(f"| {sk['backend']} | {sk['precision']} | not measured: {reason} | | | | | |")
     summ = report.get("summary", {})
     lines += [""]
     if "speedup_vs_pytorch_eager" in summ:

@@ -89,6 +89,11 @@ def test_markdown_lists_every_backend_and_precision_with_percentiles(tiny_report
     header = md.split("## Backends side by side")[0]
     assert cpu["model"] in header and ", ".join(cpu["flags"]) in header, header
     assert report["created_utc"][:10] in header
+    # a skipped engine's one-line reason (parts joined by " | ") stays inside its table cell
+    skipped = {"backend": "openvino", "precision": "bf16", "reason": "bf16 execution | got CPU 'x' | expected avx512_bf16"}
+    row = next(line for line in bench.render_markdown({**report, "skipped": [skipped]}).splitlines()
+               if line.startswith("| openvino | bf16 |"))
+    assert len([c for c in row.replace("\\|", "").strip("|").split("|")]) == 8, row
 
 
 def test_environment_and_bundle_identity_are_recorded(tiny_report, bench_bundle):
