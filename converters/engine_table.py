@@ -44,8 +44,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
             "reference_batch1_ms": speed.get("reference_batch1_ms"), "validated_with": report["validated_with"],
             "report": rel,
         })
-    order = PRECISIONS
-    rows.sort(key=lambda r: (r["backend"], order.index(r["precision"])))
+    rows.sort(key=lambda r: (r["backend"], PRECISIONS.index(r["precision"])))
     reference = {"backend": "onnxruntime", "precision": "fp32", "status": "reference (backbone.onnx)",
                  "size_bytes": ref_size}
     return {"schema": "edgexfer.engine-table/1", "bundle": manifest.name, "backbone_sha256": manifest.backbone.sha256,

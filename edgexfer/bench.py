@@ -41,14 +41,15 @@ import numpy as np
 from edgexfer import __version__
 from edgexfer.runtime.backends.base import BACKENDS, available_backends, backend_class, open_backend
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.cpu import CpuFeatures, cpu_features
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
 from edgexfer.runtime.optional import is_installed, require
+from edgexfer.runtime.precision import PRECISIONS, PrecisionError, check_precision, execution_record
 from edgexfer.runtime.predictor import Prediction, Predictor
 
 SCHEMA = "edgexfer.bench/1"
 LAYERS: tuple[str, ...] = ("engine", "engine_head", "end_to_end")
 SCENARIOS: tuple[str, ...] = ("single-stream", "offline")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: the host-only reference: the same backbone run by PyTorch eager (not an engine of the bundle)
 TORCH_BACKEND = "pytorch-eager"
 DEFAULT_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -121,15 +122,23 @@ def parse_batches(value: str | Sequence[int]) -> list[int]:
 
 
 def plan_targets(bundle: Bundle, backends: Sequence[str], precisions: Sequence[str],
-                 torch_reference: bool | None = None) -> tuple[list[EngineTarget], list[SkippedTarget]]:
+                 torch_reference: bool | None = None,
+                 features: CpuFeatures | None = None) -> tuple[list[EngineTarget], list[SkippedTarget]]:
     """Every backend x precision to measure, and the ones the bundle has but this machine cannot run.
 
     ``backends=["all"]``: every engine of the bundle whose package is installed (the others are listed as
     skipped with the reason, never dropped silently), plus the PyTorch eager reference when torch is
     installed. A backend named explicitly must be installed and have an engine for the precisions asked.
+    An engine this CPU cannot compute in (bf16 without avx512_bf16/amx_bf16, judged from ``features``,
+    default :func:`cpu_features`) is skipped with the one-line reason, or is that error when its
+    precision was asked for by name.
     """
     present = [("onnxruntime", "fp32")] + [(e.backend, e.precision) for e in bundle.manifest.engines]
     present = list(dict.fromkeys(present))
+    # one backend's engines together, in the order fp32, fp16, bf16, int8
+    backend_order = list(dict.fromkeys(b for b, _ in present))
+    present.sort(key=lambda bp: (backend_order.index(bp[0]),
+                                 PRECISIONS.index(bp[1]) if bp[1] in PRECISIONS else len(PRECISIONS)))
     installed = set(available_backends())
     want_all_backends = list(backends) == ["all"]
     want_all_precisions = list(precisions) == ["all"]
@@ -152,6 +161,13 @@ def plan_targets(bundle: Bundle, backends: Sequence[str], precisions: Sequence[s
         if backend not in installed:
             skipped.append(SkippedTarget(backend, precision, f"the '{backend}' package is not installed here"))
             continue
+        try:
+            check_precision(precision, backend, features)
+        except PrecisionError as exc:
+            if not want_all_precisions:
+                raise  # asked for by name: the one-line error naming the missing CPU flags
+            skipped.append(SkippedTarget(backend, precision, exc.one_line()))
+            continue
         targets.append(EngineTarget(backend, precision, bundle.engine_file(backend, precision)))
     if not want_all_backends and not want_all_precisions:
         # an explicit backend and precision that the bundle lacks is an error, not a quiet omission
@@ -159,6 +175,7 @@ def plan_targets(bundle: Bundle, backends: Sequence[str], precisions: Sequence[s
             if backend == TORCH_BACKEND:
                 continue
             for precision in precisions:
+                check_precision(precision, backend, features)
                 bundle.engine_file(backend, precision)
     elif not want_all_backends:
         for backend in backends:
@@ -213,6 +230,11 @@ class TorchEagerRunner:
         self.details = {"torch": torch.__version__, "threads": torch.get_num_threads(), "weights": f"packaged {bb.arch}",
                         "parity_max_abs_diff": diff,
                         "same_weights_as_bundle": bool(diff <= 1e-3)}
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """PyTorch eager on the CPU computes in float32 (no autocast)."""
+        return execution_record("fp32", "f32")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
@@ -555,7 +577,8 @@ def _tegrastats_line(seconds: float = 1.5) -> str | None:
 
 
 def capture_environment(threads: int | None) -> dict[str, Any]:
-    """CPU, cores, governor, load, library versions; on a Jetson also power mode, clocks and temperatures."""
+    """CPU (model and the ISA flags that decide what engines compute), cores, governor, load, library
+    versions; on a Jetson also power mode, clocks and temperatures."""
     cpuinfo = _read("/proc/cpuinfo") or ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
                   if ln.lower().startswith(("model name", "hardware", "cpu model"))), platform.processor() or None)
@@ -568,8 +591,11 @@ def capture_environment(threads: int | None) -> dict[str, Any]:
         kind, temp = _read(str(zone / "type")), _read(str(zone / "temp"))
         if temp and temp.lstrip("-").isdigit():
             temps[kind or zone.name] = int(temp) / 1000.0
+    hidden = [f.strip() for f in os.environ.get("EDGEXFER_HIDE_CPU_FLAGS", "").split(",") if f.strip()]
     env: dict[str, Any] = {
         "cpu_model": model,
+        # what keys engines and decides precisions: flags, not the model name (see edgexfer.runtime.cpu)
+        "cpu": {**cpu_features().to_dict(), "hidden_flags": hidden},
         "machine": platform.machine(),
         "logical_cores": os.cpu_count(),
         "cores_usable": affinity,
@@ -734,7 +760,8 @@ def _bench_target(target: EngineTarget, plan: _Plan) -> tuple[dict[str, Any], li
         engine_record = {"backend": target.backend, "precision": target.precision,
                          "model": str(target.model.relative_to(plan.bundle.root)) if target.model else None,
                          "load_seconds": load_s, "first_inference_ms": first_s * 1e3,
-                         "threads": threads_used, "details": _jsonable(getattr(runner, "details", {}))}
+                         "threads": threads_used, "execution": _jsonable(runner.execution),
+                         "details": _jsonable(getattr(runner, "details", {}))}
         predictor = Predictor(plan.bundle, runner, plan.head, target.backend, target.precision,
                               batch_size=max(plan.batches))
         work = {
@@ -924,14 +951,24 @@ def _ms(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
 
 
+def cpu_line(env: dict[str, Any]) -> str:
+    """``CPU model (machine; ISA: flag, flag)``: what a figure was measured on, for every table."""
+    cpu = env.get("cpu") or {}
+    flags = ", ".join(cpu.get("flags") or []) or "no extended ISA"
+    hidden = f"; hidden from edgexfer: {', '.join(cpu['hidden_flags'])}" if cpu.get("hidden_flags") else ""
+    return f"CPU {cpu.get('model') or env.get('cpu_model')} ({cpu.get('machine') or env.get('machine')}; " \
+           f"ISA: {flags}{hidden})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """bench.md: the headline table first (engine + head SingleStream, best Offline), then the details."""
     b, s, env = report["bundle"], report["settings"], report["environment"]
     results = report["results"]
     lines = [f"# edgexfer bench: {b['name']} ({b['arch']})", "",
-             f"{report['created_utc']} · backbone sha256 `{b['backbone_sha256'][:16]}…` · head {b['head_kind']}, "
+             f"Measured {report['created_utc']} on {cpu_line(env)}", "",
+             f"backbone sha256 `{b['backbone_sha256'][:16]}…` · head {b['head_kind']}, "
              f"{b['classes']} classes · samples: {s['samples']['count']} ({s['samples']['source']})", "",
-             f"CPU: {env.get('cpu_model')} · {env.get('cores_usable')} usable of {env.get('logical_cores')} cores · "
+             f"{env.get('cores_usable')} usable of {env.get('logical_cores')} cores · "
              f"threads: {s['threads'] or 'engine default'} · governor: {env.get('governor') or 'n/a'} · "
              f"load average at start: {env.get('load_average_1_5_15')}", "",
              f"LoadGen: min duration {s['min_duration_s']} s, min queries {s['min_queries']}"
@@ -939,19 +976,22 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"seed {s['seed']}, {s['warmup_calls']} warm-up calls before each test.", ""]
     lines += ["## Backends side by side", "",
               "SingleStream latency of the classifier (engine + head, batch 1), ms; best Offline throughput.", "",
-              "| backend | precision | p50 | p90 | p99 | throughput (samples/s) | at batch |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| backend | precision | computes in | p50 | p90 | p99 | throughput (samples/s) | at batch |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     pairs = list(dict.fromkeys((e["backend"], e["precision"]) for e in report["engines"]))
+    computes = {(e["backend"], e["precision"]): (e.get("execution") or {}).get("inference_precision", "–")
+                for e in report["engines"]}
     for backend, precision in pairs:
         ss = _find(results, scenario="single-stream", backend=backend, precision=precision, layer="engine_head")
         off = _find(results, scenario="offline", backend=backend, precision=precision)
         top = max(off, key=lambda r: r.get("throughput_sps") or 0) if off else None
         r = ss[0] if ss else {}
-        lines.append(f"| {backend} | {precision} | {_ms(r.get('p50_ms'))} | {_ms(r.get('p90_ms'))} | "
-                     f"{_ms(r.get('p99_ms'))} | {_ms(top and top.get('throughput_sps'))} | "
+        lines.append(f"| {backend} | {precision} | {computes[(backend, precision)]} | {_ms(r.get('p50_ms'))} | "
+                     f"{_ms(r.get('p90_ms'))} | {_ms(r.get('p99_ms'))} | {_ms(top and top.get('throughput_sps'))} | "
                      f"{top['batch'] if top else '–'} |")
     for sk in report.get("skipped", []):
-        lines.append(f"| {sk['backend']} | {sk['precision']} | not measured: {sk['reason']} | | | | |")
+        reason = str(sk["reason"]).replace("|", "\\|")  # one-line errors separate their parts with |
+        lines.append(f"| {sk['backend']} | {sk['precision']} | not measured: {reason} | | | | | |")
     summ = report.get("summary", {})
     lines += [""]
     if "speedup_vs_pytorch_eager" in summ:
@@ -1127,9 +1167,15 @@ def validate_report(report: Any) -> list[str]:
         if missing:
             problems.append(f"results[{i}]: missing {', '.join(missing)}")
     for i, e in enumerate(report.get("engines") or []):
-        missing = sorted({"backend", "precision", "load_seconds", "first_inference_ms", "threads"} - set(e))
+        missing = sorted({"backend", "precision", "load_seconds", "first_inference_ms", "threads", "execution"}
+                         - set(e))
         if missing:
             problems.append(f"engines[{i}]: missing {', '.join(missing)}")
+        elif not {"precision", "inference_precision", "isa"} <= set(e["execution"] or {}):
+            problems.append(f"engines[{i}].execution: needs precision, inference_precision and isa")
+    cpu = (report.get("environment") or {}).get("cpu")
+    if not isinstance(cpu, dict) or not isinstance(cpu.get("flags"), list) or not cpu.get("signature"):
+        problems.append("environment.cpu: missing, or without flags and signature")
     return problems
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from edgexfer.runtime.precision import PRECISIONS
+
 _DEFAULT_BATCHES = "1,2,4,8,16"
 
 
@@ -18,7 +20,9 @@ _DEFAULT_BATCHES = "1,2,4,8,16"
 @click.option("--backend", "backends", default="all", show_default=True,
               help="all, or a comma-separated list of onnxruntime, openvino, tensorrt, pytorch-eager.")
 @click.option("--precision", "precisions", default="all", show_default=True,
-              help="all, or a comma-separated list of fp32, fp16, int8.")
+              help=f"all, or a comma-separated list of {', '.join(PRECISIONS)}. With all, an engine this CPU "
+                   "cannot compute in (bf16 without avx512_bf16/amx_bf16) is skipped with the reason; named, "
+                   "it is an error.")
 @click.option("--scenario", "scenarios", default="single-stream,offline", show_default=True,
               help="LoadGen scenarios: single-stream (latency), offline (throughput).")
 @click.option("--batch", "batches", default=_DEFAULT_BATCHES, show_default=True,
