@@ -180,7 +180,7 @@ def crosscheck(bundle: Bundle, precisions: list[str], seconds: float, rounds: in
 
 def _engine_threads(bundle: Bundle, precision: str) -> int:
     """The threads edgexfer's OpenVINO engine uses by default (its compiled model says)."""
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     with open_backend("openvino", bundle.engine_file("openvino", precision), precision=precision) as runner:
         return int(runner.details["inference_num_threads"])

@@ -31,12 +31,13 @@ from edgexfer.converters.calibration import CalibrationSplit, load_calibration
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.engine_table import write_engine_table
 from edgexfer.converters.validate import raise_if_failed, validate_engine
-from edgexfer.runtime.backends.base import BACKENDS as BACKEND_REGISTRY
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.backends.registry import BACKENDS as BACKEND_REGISTRY
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import tolerance_for
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError, InputError
-from edgexfer.runtime.manifest import EngineEntry, FileEntry, write_atomic
+from edgexfer.runtime.fsutil import file_sha256, write_atomic
+from edgexfer.runtime.manifest import EngineEntry, FileEntry
 from edgexfer.runtime.precision import PRECISIONS, check_precision
 
 BACKENDS = tuple(BACKEND_REGISTRY)
@@ -249,7 +250,7 @@ def _speed(runner, bundle: Bundle, measure: bool) -> dict[str, Any]:
     """Median batch-1 latency and batch-8 throughput on this machine, and the same for the reference."""
     if not measure:
         return {}
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     images = bundle.golden()["images"]
     out = _timings(runner.run, images)

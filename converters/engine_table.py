@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edgexfer.runtime.bundle import Bundle
-from edgexfer.runtime.manifest import Manifest, write_atomic
+from edgexfer.runtime.fsutil import write_atomic
+from edgexfer.runtime.manifest import Manifest
 from edgexfer.runtime.precision import PRECISIONS
 
 TABLE_JSON = "reports/engines.json"

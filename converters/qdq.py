@@ -38,9 +38,10 @@ import numpy as np
 from edgexfer.converters.calibration import LabelledImages
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.errors import ValidationError
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.optional import require
 
 #: layers whose weights are quantized; the search keeps these in float
@@ -114,7 +115,7 @@ class QdqRunner(EngineRunner):
 
 def open_runner(path: Path, recipe: QdqRecipe):
     if recipe.runtime == "onnxruntime":
-        from edgexfer.runtime.backends.base import open_backend
+        from edgexfer.runtime.backends.registry import open_backend
 
         return open_backend("onnxruntime", path, precision="int8")
     return QdqRunner(path, optimized=False)

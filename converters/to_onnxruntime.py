@@ -13,7 +13,7 @@ from typing import Any
 from edgexfer.converters.calibration import CalibrationSplit
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.qdq import ASYMMETRIC, quantize_with_search
-from edgexfer.runtime.backends.base import open_backend
+from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance
 from edgexfer.runtime.cpu import cpu_features

@@ -23,7 +23,7 @@ import numpy as np
 from edgexfer.converters.calibration import CalibrationSplit
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
-from edgexfer.runtime.backends.base import open_backend
+from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.cpu import cpu_features

@@ -23,7 +23,7 @@ from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance
-from edgexfer.runtime.engine_cache import EngineKey, tensorrt_key
+from edgexfer.runtime.engine_store import EngineKey, tensorrt_key
 from edgexfer.runtime.errors import BundleError, DataError
 from edgexfer.runtime.optional import is_installed, require
 
@@ -33,13 +33,13 @@ BATCH_PROFILE = (1, 8, 32)
 WORKSPACE_MIB = 1024
 
 
-def engine_cache_key(tensorrt_version: str, gpu_name: str, compute_capability: str, precision: str,
+def engine_store_key(tensorrt_version: str, gpu_name: str, compute_capability: str, precision: str,
                      backbone_sha256: str) -> str:
     """The name a TensorRT plan is stored under: a plan is only valid for exactly these five things.
 
     A plan built by another TensorRT version, for another GPU (name or compute capability), another
     precision or another backbone must never be loaded, so each part changes the key. The same key
-    names the device's cache entry (``state/engines/<key>/``, :mod:`edgexfer.runtime.engine_cache`).
+    names the device's cache entry (``state/engines/<key>/``, :mod:`edgexfer.runtime.engine_store`).
     """
     return EngineKey("tensorrt", tensorrt_version, f"{gpu_name} sm{compute_capability}", precision,
                      backbone_sha256).key
@@ -113,7 +113,7 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
     gpu = dict(key.extra)
     info.update({"tensorrt": trt.__version__, "gpu": {"name": gpu["gpu"], "compute_capability": gpu["sm"]},
                  "engine_key": key.key})
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     return EngineBuild(files=[plan, out_dir / "engine_key.json", out_dir / "timing.cache", *files],
                        open_runner=lambda: open_backend("tensorrt", plan, precision=precision), info=info,
@@ -181,7 +181,7 @@ def build_script(model_name: str, precision: str, size: tuple[int, int]) -> str:
 #
 # Preferred on the device: `edgexfer convert <bundle> --to tensorrt --precision {precision}{' --calib DATA_DIR' if precision == 'int8' else ''}`
 # builds the same engine with the TensorRT Python API, validates it against the fp32 reference and
-# records it (with its engine cache key) in manifest.json. A plan made by this script is for
+# records it (with its engine store key) in manifest.json. A plan made by this script is for
 # inspection and benchmarking: it is not recorded in the manifest, so edgexfer will not load it.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -41,7 +41,7 @@ def reference_features(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
     """fp32 ONNX Runtime features of the bundle's own backbone (kept in memory per process)."""
     key = (bundle.manifest.backbone.sha256, hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
     if key not in _REFERENCE_CACHE:
-        from edgexfer.runtime.backends.base import open_backend
+        from edgexfer.runtime.backends.registry import open_backend
 
         with open_backend("onnxruntime", bundle.backbone_path) as engine:
             _REFERENCE_CACHE[key] = run_batched(engine.run, pixels)

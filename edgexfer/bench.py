@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from edgexfer import __version__
-from edgexfer.runtime.backends.base import BACKENDS, available_backends, backend_class, open_backend
+from edgexfer.runtime.backends.registry import BACKENDS, available_backends, backend_class, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cpu import CpuFeatures, cpu_features
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError

@@ -41,7 +41,7 @@ def heads():
 @_JSON
 def heads_keygen(out, role, force, as_json):
     """Create an Ed25519 key. Keep the root key offline; `init` creates the online keys itself."""
-    from edgexfer.heads_repo import keygen
+    from edgexfer.publish import keygen
 
     result = keygen(out, role, force=force)
     _emit(result, as_json, f"{role} key {result['keyid'][:16]}… written to {out}")
@@ -55,7 +55,7 @@ def heads_keygen(out, role, force, as_json):
 @_JSON
 def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
     """Create an empty update repository (root signed offline, online keys in --keys)."""
-    from edgexfer.heads_repo import HeadsRepo
+    from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.init(repo_dir, keys_dir, root_key, signer_backend=signer_backend)
     result = {"repo": str(repo.root_dir), "root": str(repo.root_path())}
@@ -77,7 +77,7 @@ def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
 @_JSON
 def heads_publish(source, repo_dir, keys_dir, group, bundle_dir, backbone_sha, version, signer_backend, as_json):
     """Sign and publish the head of a bundle dir, run dir or head.safetensors, with its golden logits."""
-    from edgexfer.heads_repo import HeadsRepo
+    from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.publish(source, group=group, backbone_sha256=backbone_sha, bundle=bundle_dir, version=version)
@@ -96,7 +96,7 @@ def heads_publish(source, repo_dir, keys_dir, group, bundle_dir, backbone_sha, v
 @_JSON
 def heads_promote(repo_dir, keys_dir, backbone_sha, version, from_group, to_group, signer_backend, as_json):
     """Publish a canary head to every device (the same bytes under heads/<to>/…)."""
-    from edgexfer.heads_repo import HeadsRepo
+    from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.promote(backbone_sha, version, from_group=from_group, to_group=to_group)
@@ -112,7 +112,7 @@ def heads_promote(repo_dir, keys_dir, backbone_sha, version, from_group, to_grou
 @_JSON
 def heads_rotate(role, repo_dir, keys_dir, root_key, signer_backend, as_json):
     """Replace an online role's key (new root version signed with the offline root key)."""
-    from edgexfer.heads_repo import HeadsRepo
+    from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.rotate(role, root_key)
@@ -124,7 +124,7 @@ def heads_rotate(role, repo_dir, keys_dir, root_key, signer_backend, as_json):
 @_JSON
 def heads_list(repo_dir, as_json):
     """Every published head: group, backbone, version, kind, classes (no keys needed)."""
-    from edgexfer.heads_repo import list_heads
+    from edgexfer.publish import list_heads
 
     rows = list_heads(repo_dir)
     text = "\n".join(f"{h.get('group', '?'):<8} {str(h.get('backbone_sha256', '?'))[:12]}…  v{h.get('head_version', '?'):<3} "
@@ -140,7 +140,7 @@ def heads_list(repo_dir, as_json):
 @_JSON
 def heads_timestamp(repo_dir, keys_dir, days, signer_backend, as_json):
     """Re-sign the timestamp (run from cron well within its lifetime)."""
-    from edgexfer.heads_repo import HeadsRepo
+    from edgexfer.publish import HeadsRepo
 
     version = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend).resign_timestamp(days)
     _emit({"timestamp_version": version}, as_json, f"timestamp re-signed (version {version})")

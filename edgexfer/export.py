@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from edgexfer.onnx_export import OPSET
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import compare, feature_outputs, flat_figures, tolerance_for
 from edgexfer.runtime.errors import BundleError, InputError
+from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest, write_atomic
+from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest
 from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
 
 #: training images per class whose features travel in the bundle (see _write_exemplars)
@@ -71,7 +72,7 @@ def _features_torch(model, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
 
 
 def _features_ort(path: Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     with open_backend("onnxruntime", path) as backend:
         return np.concatenate([backend.run(pixels[s:s + batch]) for s in range(0, len(pixels), batch)])

@@ -150,7 +150,7 @@ echo "python=$($PY -c 'import platform; print(platform.python_version())' 2>/dev
 echo "edgexfer=$({q(remote_edgexfer)} --version 2>/dev/null | awk '{{print $NF}}')"
 echo "l4t=$(head -n1 /etc/nv_tegra_release 2>/dev/null)"
 echo "tensorrt=$($PY -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null)"
-echo "engines=$($PY -c 'from edgexfer.runtime.backends.base import available_backends as a; print(",".join(a()))' 2>/dev/null)"
+echo "engines=$($PY -c 'from edgexfer.runtime.backends.registry import available_backends as a; print(",".join(a()))' 2>/dev/null)"
 D={q(target.state_dir)}; while [ ! -d "$D" ]; do D=$(dirname "$D"); done
 echo "free_bytes=$(df -Pk "$D" | awk 'NR==2 {{printf "%.0f", $4 * 1024}}')"
 echo "active=$(cat {q(target.state_dir)}/active.json 2>/dev/null | tr -d '\\n ')"

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from edgexfer.runtime.errors import ValidationError
-from edgexfer.runtime.manifest import write_atomic
+from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.optional import require
 
 OPSET = 17

@@ -28,11 +28,10 @@ from edgexfer import __version__
 from edgexfer.backbones import BackboneConfig, get_config
 from edgexfer.data import decode_all, describe_skipped, scan_image_folder, stratified_split
 from edgexfer.metrics import classification_report
-from edgexfer.runtime.bundle import file_sha256
 from edgexfer.runtime.errors import DataError, InputError
+from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.head_training import HeadTrainer
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.manifest import write_atomic
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec, stack
 
 RUN_SCHEMA = "edgexfer.run/1"
@@ -238,7 +237,7 @@ def _head_params(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train_frozen(cfg, bb, spec, classes, images, shas, paths, labels, train_idx, val_idx):
     from edgexfer.onnx_export import export_backbone
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
     from edgexfer.runtime.cache import FeatureCache, SampleRecord
     from edgexfer.runtime.features import cached_features
 

@@ -1,7 +1,6 @@
 """Open a bundle directory: parse the manifest strictly and verify every file before parsing any."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,18 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from edgexfer.runtime.errors import BundleError
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.manifest import Manifest, check_relative_path
 from edgexfer.runtime.preprocess import PreprocessSpec
 
 MANIFEST = "manifest.json"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:

@@ -3,7 +3,7 @@
 Engines pick kernels by instruction set, not by CPU name: OpenVINO computes in bf16 by default where
 the CPU has AVX512-BF16 or AMX, int8 convolutions saturate int16 accumulators on x86 CPUs without a
 dot-product instruction (VNNI), and a compiled engine is only valid for the ISA it was compiled on.
-Everything that keys or decides on the CPU (the device engine cache key, the conversion reuse key, the
+Everything that keys or decides on the CPU (the device engine store key, the conversion reuse key, the
 int8 overflow decision, bench environments, the ISA recorded with an int8 engine) uses
 :func:`cpu_features`; the CPU's model name is kept for people, never for decisions.
 

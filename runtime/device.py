@@ -20,15 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.runtime.backends.base import AUTO_ORDER, EngineRunner, available_backends, open_backend
+from edgexfer.runtime.backends.base import EngineRunner
+from edgexfer.runtime.backends.registry import (
+    available_backends,
+    choose_backend,
+    has_recorded_engine,
+    open_backend,
+)
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
-from edgexfer.runtime.engine_cache import EngineCache, EngineKey, openvino_key, tensorrt_key
+from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
+from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, class_order, holdout_digest, holdout_split
-from edgexfer.runtime.manifest import write_atomic
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
@@ -43,25 +49,6 @@ DEFAULT_TOLERANCE = 0.01
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
 #: never imports the converters).
 EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
-
-
-def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32",
-                   has_engine: Callable[[str], bool] | None = None) -> str:
-    """``auto``: the first of :data:`AUTO_ORDER` that is installed and has an engine for this bundle.
-
-    ``has_engine(name)`` says whether there is one; the default looks only at the engines recorded in
-    the bundle (a device also counts the engines it built or can build, see :meth:`Device.choose_backend`).
-    """
-    if backend != "auto":
-        return backend
-    has_engine = has_engine or (lambda name: _recorded(bundle, name, precision))
-    installed = set(available_backends())
-    for name in AUTO_ORDER:
-        if name in installed and has_engine(name):
-            return name
-    raise InputError("no usable backend for this bundle", got=f"installed: {', '.join(sorted(installed)) or 'none'}",
-                     expected=f"one of {', '.join(AUTO_ORDER)} with a {precision} engine in the bundle",
-                     todo="pip install 'edgexfer[onnxruntime]' or convert the bundle for an installed engine")
 
 
 def _engine_versions() -> dict[str, str]:
@@ -82,14 +69,6 @@ def _source_sha(bundle: Bundle, path: Path | None) -> str:
         return ""
     entry = bundle.manifest.files.get(path.relative_to(bundle.root).as_posix())
     return entry.sha256 if entry is not None else ""
-
-
-def _recorded(bundle: Bundle, name: str, precision: str) -> bool:
-    try:
-        bundle.engine_file(name, precision)
-        return True
-    except BundleError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -133,7 +112,7 @@ class Device:
                  keep_images: bool = True, per_class_capacity: int | None = DEFAULT_PER_CLASS_CAPACITY,
                  engine_builders: Mapping[str, EngineBuilder] | None = None):
         self.state = DeviceState(state_dir)
-        self.engines = EngineCache(self.state.engines_dir)
+        self.engines = EngineStore(self.state.engines_dir)
         self.engine_builders = dict(engine_builders or {})
         self.backend_choice = backend
         self.precision = precision
@@ -181,7 +160,7 @@ class Device:
         sha = bundle.manifest.backbone.sha256
         if name == "tensorrt":
             return tensorrt_key(self.precision, sha, _source_sha(bundle, bundle.tensorrt_kit(self.precision)))
-        if name == "openvino" and _recorded(bundle, name, self.precision):
+        if name == "openvino" and has_recorded_engine(bundle, name, self.precision):
             return openvino_key(self.precision, sha, _source_sha(bundle, bundle.engine_file(name, self.precision)))
         return None
 
@@ -193,8 +172,8 @@ class Device:
                 if key is None:  # TensorRT without a CUDA GPU
                     return False
                 return (self.engines.lookup(key) is not None or bundle.tensorrt_kit(self.precision) is not None
-                        or _recorded(bundle, name, self.precision))
-            return _recorded(bundle, name, self.precision)
+                        or has_recorded_engine(bundle, name, self.precision))
+            return has_recorded_engine(bundle, name, self.precision)
 
         return choose_backend(bundle, self.backend_choice, self.precision, has_engine)
 
@@ -214,7 +193,7 @@ class Device:
             entry = self.engines.lookup(key)
             if entry is not None and (entry / "backbone.plan").is_file():
                 return entry / "backbone.plan", {}, f"engines/{key.key}"
-            if _recorded(bundle, name, self.precision):  # built by `edgexfer convert` on this device
+            if has_recorded_engine(bundle, name, self.precision):  # built by `edgexfer convert` on this device
                 model = bundle.engine_file(name, self.precision)
                 return model, {}, f"bundle:{model.relative_to(bundle.root)}"
             raise BundleError("no TensorRT engine built on this device", got=f"no {self.engines.path(key.key)}",

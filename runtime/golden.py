@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgexfer.runtime.backends.base import EngineRunner, open_backend
+from edgexfer.runtime.backends.base import EngineRunner
+from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import TOLERANCES, Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError
@@ -21,7 +22,7 @@ from edgexfer.runtime.errors import EdgexferError
 
 def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str = "fp32") -> dict[str, Any]:
     """Figures of the check; raises :class:`ValidationError` listing every failed criterion."""
-    from edgexfer.runtime.device import choose_backend
+    from edgexfer.runtime.backends.registry import choose_backend
 
     started = time.perf_counter()
     bundle = Bundle.open(bundle_dir, verify=True)

@@ -25,7 +25,7 @@ import numpy as np
 import safetensors.numpy
 
 from edgexfer.runtime.errors import HeadError, InputError
-from edgexfer.runtime.manifest import write_atomic
+from edgexfer.runtime.fsutil import write_atomic
 
 #: value of the ``format`` metadata key; bump the suffix when the file layout changes
 HEAD_FORMAT = "edgexfer.head/1"

@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgexfer.runtime.errors import BundleError
+from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.precision import PRECISIONS
 
 SCHEMA = "edgexfer.bundle/1"
@@ -239,28 +238,3 @@ class Manifest:
     def write(self, path: str | Path) -> None:
         """Write atomically: a reader sees the old manifest or the new one, never half of one."""
         write_atomic(Path(path), self.to_json().encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write temp file, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates 0600; bundle and state files are meant to be readable like any other file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

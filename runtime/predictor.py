@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.runtime.backends.base import EngineRunner, open_backend
+from edgexfer.runtime.backends.base import EngineRunner
+from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head

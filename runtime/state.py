@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, HeadError
+from edgexfer.runtime.fsutil import file_sha256, fsync_dir, fsync_tree, write_atomic
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.manifest import write_atomic
 
 STATE_ENV = "EDGEXFER_STATE"
 DEFAULT_STATE = "/var/lib/edgexfer"
@@ -58,25 +58,6 @@ def manifest_id(bundle_dir: Path) -> str:
 
 def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_ENV, DEFAULT_STATE))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
 
 
 @dataclass(frozen=True)

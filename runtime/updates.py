@@ -46,9 +46,10 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
+from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import (
     ALPHA,
@@ -61,7 +62,7 @@ from edgexfer.runtime.holdout import (
     holdout_split,
     mcnemar_worse,
 )
-from edgexfer.runtime.manifest import check_relative_path, write_atomic
+from edgexfer.runtime.manifest import check_relative_path
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer

@@ -72,7 +72,7 @@ def openvino_bundle(tmp_path_factory, device_bundle) -> Path:
     """A copy of the device bundle with an OpenVINO fp32 engine (convert needs the host venv's packages)."""
     import shutil
 
-    pytest.importorskip("openvino", reason="the OpenVINO engine cache runs where openvino is installed (host venv)")
+    pytest.importorskip("openvino", reason="the OpenVINO engine store runs where openvino is installed (host venv)")
     pytest.importorskip("onnx", reason="edgexfer convert needs onnx (host venv)")
     from edgexfer.converters import convert
 
@@ -87,7 +87,7 @@ def reseal():
     """Rewrite a bundle file and record its new sha256 in manifest.json: a consistent but different bundle."""
     import json
 
-    from edgexfer.runtime.bundle import file_sha256
+    from edgexfer.runtime.fsutil import file_sha256
 
     def apply(bundle_dir: Path, rel: str, data: bytes) -> None:
         (bundle_dir / rel).write_bytes(data)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgexfer.runtime.bundle import file_sha256
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.optional import require
 
 # EfficientNet-Lite was trained on pixels scaled as (p - 127) / 128 (TensorFlow's MEAN_RGB/STDDEV_RGB);

@@ -1,22 +1,20 @@
-"""The backend contract: a small protocol, a base runner that owns the checks, and a lazy registry.
+"""The backend contract: a small protocol and the base runner that owns the checks and statistics.
 
-A backend turns a uint8 ``[N, H, W, 3]`` batch into float32 ``[N, feature_dim]`` features. Each engine
-lives in its own module and is imported only when chosen; listing what is available never imports
-an engine (so never loads CUDA).
+A backend turns a uint8 ``[N, H, W, 3]`` batch into float32 ``[N, feature_dim]`` features. Every runner
+(the engines, the PyTorch eager twin of the bench, the QDQ reference of the converters) subclasses
+:class:`EngineRunner`; which engines exist and which one runs is :mod:`edgexfer.runtime.backends.registry`.
 """
 from __future__ import annotations
 
-import importlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgexfer.runtime.errors import InputError
-from edgexfer.runtime.optional import is_installed
-from edgexfer.runtime.precision import check_precision, execution_record
+from edgexfer.runtime.precision import execution_record
 
 
 @dataclass(frozen=True)
@@ -112,43 +110,3 @@ class EngineRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class BackendEntry:
-    """Registry entry: where the class lives and which packages it needs (checked with find_spec)."""
-
-    target: str  #: "module:Class"
-    requires: tuple[str, ...] = field(default_factory=tuple)
-
-
-BACKENDS: dict[str, BackendEntry] = {
-    "onnxruntime": BackendEntry("edgexfer.runtime.backends.onnxruntime:OnnxRuntimeBackend", ("onnxruntime",)),
-    "openvino": BackendEntry("edgexfer.runtime.backends.openvino:OpenVinoBackend", ("openvino",)),
-    "tensorrt": BackendEntry("edgexfer.runtime.backends.tensorrt:TensorRtBackend", ("tensorrt",)),
-}
-
-#: documented order used by ``backend="auto"``: the first that is installed and has an engine in the bundle
-AUTO_ORDER: tuple[str, ...] = ("tensorrt", "openvino", "onnxruntime")
-
-
-def available_backends() -> list[str]:
-    """Backends whose packages are installed. Finds the packages without importing them."""
-    return [name for name, entry in BACKENDS.items() if all(is_installed(m) for m in entry.requires)]
-
-
-def backend_class(name: str) -> type[EngineRunner]:
-    if name not in BACKENDS:
-        raise InputError("unknown backend", got=repr(name), expected=f"one of {', '.join(sorted(BACKENDS))}")
-    module, _, cls = BACKENDS[name].target.partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def open_backend(name: str, model_path: str | Path, precision: str = "fp32", **options: Any) -> EngineRunner:
-    """Open the named engine on ``model_path``; the load time is kept in ``stats.load_seconds``."""
-    cls = backend_class(name)
-    check_precision(precision, name)  # one line naming the backend or the missing CPU flags
-    start = time.perf_counter()
-    runner = cls(model_path, precision=precision, **options)
-    runner.stats.load_seconds = time.perf_counter() - start
-    return runner

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgexfer.runtime.backends.base import BACKENDS, EngineRunner, backend_class, open_backend
+from edgexfer.runtime.backends.base import EngineRunner
+from edgexfer.runtime.backends.registry import BACKENDS, backend_class, open_backend
 from edgexfer.runtime.errors import InputError, MissingDependencyError
 from edgexfer.runtime.optional import is_installed
 

@@ -67,7 +67,7 @@ def test_int8_keeps_accuracy_with_nncf(converted):
 
 def test_every_openvino_engine_computes_in_the_precision_it_is_named_for(converted, conversion_bundle):
     """On AVX512-BF16/AMX CPUs OpenVINO computes in bf16 unless told otherwise; fp16/int8 float parts stay f32."""
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
     from edgexfer.runtime.bundle import Bundle
 
     for precision in ("fp32", "fp16", "int8"):

@@ -1,4 +1,4 @@
-"""TensorRT: symmetric QDQ for explicit int8, the device build kit, the static lint, the engine cache key."""
+"""TensorRT: symmetric QDQ for explicit int8, the device build kit, the static lint, the engine store key."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from edgexfer.converters.to_tensorrt import engine_cache_key
+from edgexfer.converters.to_tensorrt import engine_store_key
 
 KEY_PARTS = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "int8",
              "backbone_sha256": "a" * 64}
@@ -15,9 +15,9 @@ KEY_PARTS = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capabili
 @pytest.mark.parametrize("part,other", [("tensorrt_version", "8.6.2"), ("gpu_name", "Xavier"),
                                         ("compute_capability", "7.2"), ("precision", "fp16"),
                                         ("backbone_sha256", "b" * 64)])
-def test_engine_cache_key_changes_when_any_part_changes(part, other):
-    assert engine_cache_key(**KEY_PARTS) == engine_cache_key(**KEY_PARTS)
-    assert engine_cache_key(**{**KEY_PARTS, part: other}) != engine_cache_key(**KEY_PARTS)
+def test_engine_store_key_changes_when_any_part_changes(part, other):
+    assert engine_store_key(**KEY_PARTS) == engine_store_key(**KEY_PARTS)
+    assert engine_store_key(**{**KEY_PARTS, part: other}) != engine_store_key(**KEY_PARTS)
 
 
 def test_int8_symmetric_qdq_for_tensorrt_keeps_accuracy(converted, conversion_bundle):
@@ -111,7 +111,7 @@ def test_lint_flags_a_too_new_opset_and_an_older_target():
 @pytest.mark.gpu
 def test_tensorrt_engine_on_a_gpu(conversion_bundle, clipart8):
     from edgexfer.converters import convert
-    from edgexfer.runtime.engine_cache import cuda_device
+    from edgexfer.runtime.engine_store import cuda_device
     from edgexfer.runtime.optional import is_installed
 
     if not is_installed("tensorrt") or cuda_device() is None:

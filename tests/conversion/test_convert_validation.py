@@ -23,7 +23,7 @@ def broken_normalisation(monkeypatch):
 
     import edgexfer.converters.to_openvino as to_openvino
     from edgexfer.converters.engine_build import EngineBuild
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     def convert_openvino(bundle, out_dir, precision, split, tolerance, *, progress=True, int8_target="any"):
         model = onnx.load(str(bundle.backbone_path))

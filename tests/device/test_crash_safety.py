@@ -36,9 +36,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.device import Device
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.predictor import Prediction, Predictor
 from edgexfer.runtime.state import CRASH_ENV, ActiveState, DeviceState, StateError

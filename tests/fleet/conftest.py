@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fleet_support import SIGNER, LoopbackServer
 
-from edgexfer.heads_repo import HeadsRepo, keygen
+from edgexfer.publish import HeadsRepo, keygen
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.device import Device
 

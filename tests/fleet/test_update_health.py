@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from fleet_support import SIGNER, LoopbackServer, variant_head
 
-from edgexfer.heads_repo import HeadsRepoError
+from edgexfer.publish import HeadsRepoError
 from edgexfer.runtime.device import Device
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import MIN_HOLDOUT_SAMPLES

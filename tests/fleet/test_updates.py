@@ -21,10 +21,10 @@ import safetensors.numpy
 from click.testing import CliRunner
 from fleet_support import SIGNER, LoopbackServer, variant_head
 
-from edgexfer.heads_repo import HeadsRepo, HeadsRepoError, KeyFile, _make_signer, head_target_path, keygen
-from edgexfer.runtime.bundle import file_sha256
+from edgexfer.publish import HeadsRepo, HeadsRepoError, KeyFile, _make_signer, head_target_path, keygen
 from edgexfer.runtime.device import Device
 from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.heads import HEAD_FORMAT, Head
 from edgexfer.runtime.state import CRASH_ENV, DeviceState
 from edgexfer.runtime.updates import STEPS, UpdateError, signed_golden, update

@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import BundleError
+from edgexfer.runtime.fsutil import file_sha256
 from edgexfer.runtime.manifest import Manifest
 
 pytestmark = pytest.mark.usefixtures("demo_bundle")
@@ -25,7 +26,7 @@ def test_export_parity_report_meets_the_contract(demo_bundle):
 def test_backbone_onnx_is_uint8_nhwc_opset17_dynamic_batch_self_contained(demo_bundle):
     import onnx
 
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     path = demo_bundle.bundle / "backbone.onnx"
     model = onnx.load(str(path), load_external_data=False)
@@ -46,7 +47,7 @@ def test_backbone_onnx_is_uint8_nhwc_opset17_dynamic_batch_self_contained(demo_b
 
 
 def test_golden_set_reproduces_with_onnxruntime(demo_bundle):
-    from edgexfer.runtime.backends.base import open_backend
+    from edgexfer.runtime.backends.registry import open_backend
 
     bundle = Bundle.open(demo_bundle.bundle)
     golden = bundle.golden()

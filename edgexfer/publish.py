@@ -50,10 +50,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from edgexfer.runtime.bundle import Bundle, file_sha256
+from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.manifest import check_relative_path, write_atomic
+from edgexfer.runtime.manifest import check_relative_path
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.updates import signed_golden
 
@@ -157,7 +158,7 @@ def _make_signer(key: KeyFile, backend: str):
         @classmethod
         def from_priv_key_uri(cls, priv_key_uri, public_key, secrets_handler=None):
             raise HeadsRepoError("edgexfer key signers are made from key files", got=priv_key_uri,
-                                 expected="a KeyFile", todo="use edgexfer.heads_repo.KeyFile.load")
+                                 expected="a KeyFile", todo="use edgexfer.publish.KeyFile.load")
 
         @property
         def public_key(self):

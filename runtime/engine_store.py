@@ -1,7 +1,7 @@
 """Engines built on the device, kept under ``state/engines/<cache-key>/`` and rebuilt only when something changed.
 
 A compiled engine is valid for exactly one combination of backend, engine version, device, precision
-and backbone. :func:`engine_cache_key` turns those five into a directory name, so a new TensorRT from a
+and backbone. :func:`engine_store_key` turns those five into a directory name, so a new TensorRT from a
 JetPack upgrade, another GPU, another precision or a new backbone each lands in a new entry and an
 entry is never loaded by an engine it was not built for.
 
@@ -34,12 +34,13 @@ from typing import Any
 
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
-from edgexfer.runtime.state import crash_point, fsync_dir, fsync_tree
+from edgexfer.runtime.fsutil import fsync_dir, fsync_tree
+from edgexfer.runtime.state import crash_point
 
 KEY_FILE = "engine_key.json"
 
 
-def engine_cache_key(backend: str, engine_version: str, device: str, precision: str, backbone_sha256: str,
+def engine_store_key(backend: str, engine_version: str, device: str, precision: str, backbone_sha256: str,
                      source_sha256: str = "") -> str:
     """Directory name of an engine: readable prefix plus a digest over all parts.
 
@@ -107,7 +108,7 @@ class EngineKey:
 
     @property
     def key(self) -> str:
-        return engine_cache_key(self.backend, self.engine_version, self.device, self.precision, self.backbone_sha256,
+        return engine_store_key(self.backend, self.engine_version, self.device, self.precision, self.backbone_sha256,
                                 self.source_sha256)
 
     def record(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def openvino_key(precision: str, backbone_sha256: str, source_sha256: str = "", 
                      (("openvino_device", device), ("cpu", cpu_features().model)), source_sha256)
 
 
-class EngineCache:
+class EngineStore:
     """The ``engines/`` directory of a device state."""
 
     def __init__(self, root: str | Path):

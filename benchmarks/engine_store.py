@@ -1,10 +1,10 @@
-"""What the device engine cache saves: loading an engine from ``state/engines/<key>/`` vs building it again.
+"""What the device engine store saves: loading an engine from ``state/engines/<key>/`` vs building it again.
 
 Runs ``edgexfer device install`` on a fresh state (the engine is built), then again (reused), and times,
 interleaved in one run, opening the engine the way ``predict`` does: from the cache entry vs compiling
 the IR without a cache. Each open is a new OpenVINO Core, as in a new process. TensorRT takes the same
 path with a plan whose build takes minutes on a Jetson; it is not measurable here (no GPU).
-Usage: python benchmarks/engine_cache.py BUNDLE_WITH_OPENVINO_ENGINE [--repeats 15] [--precision fp32]
+Usage: python benchmarks/engine_store.py BUNDLE_WITH_OPENVINO_ENGINE [--repeats 15] [--precision fp32]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgexfer.runtime.backends.base import open_backend
+from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.device import Device
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engine_cache.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engine_store.json"))
     args = ap.parse_args()
     model = Bundle.open(args.bundle).engine_file("openvino", args.precision)
     with tempfile.TemporaryDirectory() as tmp:

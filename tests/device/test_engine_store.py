@@ -18,7 +18,7 @@ import pytest
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.device import Device
-from edgexfer.runtime.engine_cache import EngineCache, EngineKey, engine_cache_key, tensorrt_key
+from edgexfer.runtime.engine_store import EngineKey, EngineStore, engine_store_key, tensorrt_key
 from edgexfer.runtime.errors import MissingDependencyError, ValidationError
 from edgexfer.runtime.optional import is_installed
 from edgexfer.runtime.state import DeviceState
@@ -31,9 +31,9 @@ PARTS = {"backend": "tensorrt", "engine_version": "10.3.0", "device": "Orin sm8.
                                         ("device", "Xavier sm7.2"), ("precision", "fp16"),
                                         ("backbone_sha256", "ef" * 32), ("source_sha256", "01" * 32)])
 def test_cache_key_changes_with_every_part_and_is_a_safe_directory_name(part, other):
-    key = engine_cache_key(**PARTS)
-    assert key == engine_cache_key(**PARTS)
-    assert engine_cache_key(**{**PARTS, part: other}) != key
+    key = engine_store_key(**PARTS)
+    assert key == engine_store_key(**PARTS)
+    assert engine_store_key(**{**PARTS, part: other}) != key
     assert key.startswith("tensorrt-10.3.0-sm87-int8-") and "/" not in key and " " not in key
 
 
@@ -41,7 +41,7 @@ def _bundle_with_ov(openvino_bundle) -> Bundle:
     return Bundle.open(openvino_bundle, verify=True)
 
 
-def test_install_compiles_openvino_once_into_the_engine_cache_and_reuses_it(openvino_bundle, tmp_path):
+def test_install_compiles_openvino_once_into_the_engine_store_and_reuses_it(openvino_bundle, tmp_path):
     state = tmp_path / "state"
     with Device(state, backend="openvino") as dev:
         first = dev.install(openvino_bundle)
@@ -91,7 +91,7 @@ def test_engine_build_killed_before_rename_leaves_no_entry_and_next_install_buil
     assert proc.returncode == -9, proc.stderr
     assert not (state / "active.json").exists()  # nothing was activated
     assert [p.name[:5] for p in (state / "engines").iterdir()] == [".tmp-"]  # only the half-built entry
-    assert EngineCache(state / "engines").entries() == []
+    assert EngineStore(state / "engines").entries() == []
     with Device(state, backend="openvino") as dev:
         report = dev.install(openvino_bundle)
     assert report["engine"]["built"] is True and DeviceState(state).active().bundle == report["bundle"]
@@ -132,7 +132,7 @@ def test_tensorrt_requested_without_tensorrt_is_one_line_and_changes_nothing(dev
 
 
 def test_cache_lookup_ignores_an_entry_whose_key_file_disagrees(tmp_path):
-    cache = EngineCache(tmp_path / "engines")
+    cache = EngineStore(tmp_path / "engines")
     key = EngineKey("openvino", "2026.4", "CPU test", "fp32", "ab" * 32)
     entry, info = cache.build(key, lambda out: {"wrote": (out / "model.blob").write_bytes(b"x" * 10)})
     assert info["built"] and info["wrote"] == 10 and cache.lookup(key) == entry
@@ -174,7 +174,7 @@ def test_install_prunes_engines_that_can_never_load_again(device_bundle, tmp_pat
     state = tmp_path / "state"
     with Device(state) as dev:
         sha = dev.install(device_bundle)["bundle"]
-    cache = EngineCache(state / "engines")
+    cache = EngineStore(state / "engines")
     versions = _engine_versions()
     entries = {
         "other-backbone": EngineKey("onnxruntime", "1", "CPU", "fp32", "0" * 64),
@@ -196,7 +196,7 @@ def test_install_prunes_engines_that_can_never_load_again(device_bundle, tmp_pat
 
 
 def test_a_state_moved_to_another_kind_of_cpu_builds_and_golden_checks_its_engine_again(openvino_bundle, tmp_path):
-    """The engine cache is keyed by ISA flags: another kind of CPU gets its own engine, validated there."""
+    """The engine store is keyed by ISA flags: another kind of CPU gets its own engine, validated there."""
     state = tmp_path / "state"
     with Device(state, backend="openvino") as dev:
         first = dev.install(openvino_bundle)
