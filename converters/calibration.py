@@ -21,10 +21,9 @@ import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import DataError, InputError
+from edgexfer.runtime.imagefolder import class_files, class_folders
 from edgexfer.runtime.preprocess import load_image
 
-#: file name endings read as images (lower-cased)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: at least this share of the images (and at least MIN_HOLDOUT images) is always held out
 MIN_HOLDOUT_FRACTION = 0.2
 MIN_HOLDOUT = 8
@@ -68,7 +67,7 @@ def scan_calibration_files(calib_dir: str | Path, classes: tuple[str, ...]) -> t
         raise DataError("calibration data directory", got=f"{root} is not a directory",
                         expected="an ImageFolder tree (one sub-folder per class)",
                         todo="pass --calib DATA_DIR with folders named like the bundle's classes")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folders(root)
     known = [name for name in folders if name in classes]
     if not known:
         raise DataError("no folder of the calibration data is a class of the bundle's head",
@@ -77,9 +76,7 @@ def scan_calibration_files(calib_dir: str | Path, classes: tuple[str, ...]) -> t
     files: list[tuple[Path, int]] = []
     for name in known:
         label = classes.index(name)
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                files.append((path, label))
+        files.extend((path, label) for path in class_files(root / name)[0])
     return files, [name for name in folders if name not in classes]
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 
 from edgexfer import __version__
+from edgexfer.runtime.backends.registry import BACKENDS, DEVICE_DEFAULT, HOST_DEFAULT
 from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.names import HEAD_KINDS
 from edgexfer.runtime.precision import PRECISIONS
 
 
@@ -54,7 +56,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--mode", type=click.Choice(["frozen", "partial"]), default="frozen", show_default=True)
-@click.option("--head", type=click.Choice(["linear", "mlp", "prototype"]), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(list(HEAD_KINDS)), default="linear", show_default=True)
 @click.option("--unfreeze", default="2", show_default=True, help="Partial mode: last N blocks to fine-tune, or 'all'.")
 @click.option("--epochs", type=int, default=None, help="Default: 15 (partial), 200 (frozen mlp head).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -106,7 +108,7 @@ def export(run_dir, out, name, as_json, quiet):
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), help="Engine to build.")
+@click.option("--to", "to", required=True, type=click.Choice(list(BACKENDS)), help="Engine to build.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree, folders named like the head's classes: calibration and held-out "
@@ -137,7 +139,7 @@ def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, in
 
 def _backend_options(f):
     f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
-    f = click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+    f = click.option("--backend", type=click.Choice(list(BACKENDS)), default=HOST_DEFAULT,
                      show_default=True)(f)
     return f
 
@@ -195,7 +197,7 @@ def _state_option(f):
 
 def _device_engine_options(f):
     f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
-    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+    f = click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default=DEVICE_DEFAULT,
                      show_default=True, help="auto: tensorrt, openvino, onnxruntime - the first installed with an engine.")(f)
     return f
 
@@ -286,7 +288,7 @@ def device_learn(images, label, state, backend, precision, as_json):
 
 @device.command(name="retrain")
 @_state_option
-@click.option("--head", "kind", type=click.Choice(["linear", "mlp", "prototype"]), default=None,
+@click.option("--head", "kind", type=click.Choice(list(HEAD_KINDS)), default=None,
               help="Head kind (default: the active head's).")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Accept the new head if its holdout accuracy >= the active head's minus this.")

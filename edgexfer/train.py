@@ -32,10 +32,10 @@ from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.head_training import HeadTrainer
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.names import HEAD_KINDS
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec, stack
 
 RUN_SCHEMA = "edgexfer.run/1"
-HEAD_KINDS = ("linear", "mlp", "prototype")
 
 
 def default_cache_path() -> Path:

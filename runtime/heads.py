@@ -26,16 +26,11 @@ import safetensors.numpy
 
 from edgexfer.runtime.errors import HeadError, InputError
 from edgexfer.runtime.fsutil import write_atomic
+from edgexfer.runtime.names import HEAD_KINDS
 
 #: value of the ``format`` metadata key; bump the suffix when the file layout changes
 HEAD_FORMAT = "edgexfer.head/1"
 
-#: kind -> names of the tensors it is made of, in the order they are documented
-HEAD_KINDS: dict[str, tuple[str, ...]] = {
-    "linear": ("W", "b"),
-    "mlp": ("W1", "b1", "W2", "b2"),
-    "prototype": ("P", "scale"),
-}
 
 _METADATA_KEYS = frozenset({"format", "kind", "classes", "temperature"})
 

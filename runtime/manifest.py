@@ -12,11 +12,10 @@ from typing import Any
 
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import write_atomic
+from edgexfer.runtime.names import HEAD_KINDS, RESIZE_POLICIES
 from edgexfer.runtime.precision import PRECISIONS
 
 SCHEMA = "edgexfer.bundle/1"
-RESIZE_POLICIES = ("letterbox", "resize_shorter_then_center_crop")
-HEAD_KINDS = ("linear", "mlp", "prototype")
 
 
 class _Fields:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.names import RESIZE_POLICIES
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 #: Resize policies a spec (and a manifest's ``backbone.input.resize``) may name.
-RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")
 
 #: Images with more pixels than this are refused before decoding (a 40 MP photo decodes to ~120 MB).
 DEFAULT_MAX_PIXELS = 40_000_000

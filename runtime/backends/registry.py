@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import is_installed
 from edgexfer.runtime.precision import check_precision
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the registry stays light: the command line imports it for its choices
+    from edgexfer.runtime.backends.base import EngineRunner
     from edgexfer.runtime.bundle import Bundle
 
 #: default ``--backend`` of host commands (predict, eval): the fp32 ONNX Runtime reference the bundle always has

@@ -1,0 +1,17 @@
+"""Shared vocabularies: head kinds and resize policies, defined once, imported by everything that checks them.
+
+Pure data that imports nothing, so the command line can offer the choices without loading numpy. The
+precisions are :data:`edgexfer.runtime.precision.PRECISIONS`; the backends are
+:data:`edgexfer.runtime.backends.registry.BACKENDS`.
+"""
+from __future__ import annotations
+
+#: head kind -> names of the tensors it is made of, in the order they are documented (runtime/heads.py)
+HEAD_KINDS: dict[str, tuple[str, ...]] = {
+    "linear": ("W", "b"),
+    "mlp": ("W1", "b1", "W2", "b2"),
+    "prototype": ("P", "scale"),
+}
+
+#: how an image is fitted to the backbone's input (runtime/preprocess.py)
+RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")
