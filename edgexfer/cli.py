@@ -5,17 +5,24 @@ exit 0 success, 1 failure, 2 usage error; errors are one line unless ``--debug``
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from edgexfer import __version__
-from edgexfer.runtime.backends.registry import BACKENDS, DEVICE_DEFAULT, HOST_DEFAULT
+from edgexfer.cli_options import (
+    device_engine_options,
+    emit,
+    host_engine_options,
+    json_option,
+    precision_option,
+    quiet_option,
+    state_option,
+)
+from edgexfer.runtime.backends.registry import BACKENDS
 from edgexfer.runtime.errors import EdgexferError
 from edgexfer.runtime.names import HEAD_KINDS
-from edgexfer.runtime.precision import PRECISIONS
 
 
 class _Group(click.Group):
@@ -32,13 +39,6 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-
-
-def _emit(obj, as_json: bool, text: str) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, indent=2))
-    else:
-        click.echo(text, err=False)
 
 
 @click.group(cls=_Group)
@@ -85,15 +85,15 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
             f"backbone ran on {result.metrics['backbone_images_run']} image(s); "
             f"{result.metrics['features_from_cache']} feature vector(s) came from the cache\n"
             f"skipped {len(result.skipped)} file(s)\nrun directory: {out}")
-    _emit(result.metrics, as_json, text)
+    emit(result.metrics, as_json, text)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--name", default=None, help="Bundle name (default: the data folder's name).")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@json_option
+@quiet_option
 def export(run_dir, out, name, as_json, quiet):
     """Export a run as a bundle: backbone.onnx, head, golden images, parity report, manifest."""
     from edgexfer.export import export as run_export
@@ -103,13 +103,13 @@ def export(run_dir, out, name, as_json, quiet):
     text = (f"bundle written to {result.bundle}\n"
             f"ONNX Runtime vs PyTorch on {p['count']} validation images: max |diff| {p['max_abs_diff']:.2e}, "
             f"mean cosine {p['mean_cosine']:.6f}, top-1 agreement {p['top1_agreement']:.1%}")
-    _emit({"bundle": str(result.bundle), "parity": p}, as_json, text)
+    emit({"bundle": str(result.bundle), "parity": p}, as_json, text)
 
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", required=True, type=click.Choice(list(BACKENDS)), help="Engine to build.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@precision_option
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree, folders named like the head's classes: calibration and held-out "
                    "validation images (the bundle does not keep its training data). Required for int8.")
@@ -122,8 +122,8 @@ def export(run_dir, out, name, as_json, quiet):
               help="CPUs an OpenVINO int8 engine must be exact on: any x86-64 CPU (7-bit weights where no VNNI), "
                    "or only CPUs like this one (native).")
 @click.option("--force", is_flag=True, help="Convert again even if an engine from the same inputs is recorded.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@json_option
+@quiet_option
 def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, int8_target, force, as_json, quiet):
     """Build an engine into the bundle, validate it against the fp32 reference, record it."""
     from edgexfer.converters import convert as run_convert
@@ -132,24 +132,17 @@ def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, in
     result = run_convert(bundle_dir, to, precision, calib=calib, calib_size=calib_size, val_size=val_size,
                          max_drop=max_drop, force=force, progress=not quiet, int8_target=int8_target)
     table = engine_table(bundle_dir)
-    _emit({"backend": to, "precision": precision, "reused": result.reused, "registered": result.registered,
+    emit({"backend": to, "precision": precision, "reused": result.reused, "registered": result.registered,
            "files": list(result.files), "report": result.report, "engines": table},
           as_json, result.summary() + "\n\n" + format_engine_table(table))
-
-
-def _backend_options(f):
-    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
-    f = click.option("--backend", type=click.Choice(list(BACKENDS)), default=HOST_DEFAULT,
-                     show_default=True)(f)
-    return f
 
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@_backend_options
+@host_engine_options
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def predict(bundle_dir, images, backend, precision, top_k, as_json):
     """Label images with a bundle. Unreadable images are reported; the others still get labels."""
     from edgexfer.runtime.predictor import Prediction, Predictor
@@ -164,7 +157,7 @@ def predict(bundle_dir, images, backend, precision, top_k, as_json):
             lines.append(f"{r.source}: {r.label} ({r.probability:.2f})" + (f"  [then {alts}]" if alts else ""))
         else:
             lines.append(f"{r.source}: ERROR {r.error}")
-    _emit({"execution": execution, "results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
+    emit({"execution": execution, "results": [r.to_dict() for r in results]}, as_json, "\n".join(lines))
     if any(not isinstance(r, Prediction) for r in results):
         sys.exit(1)
 
@@ -172,9 +165,9 @@ def predict(bundle_dir, images, backend, precision, top_k, as_json):
 @main.command(name="eval")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@_backend_options
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@host_engine_options
+@json_option
+@quiet_option
 def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
     """Accuracy, per-class table and confusion matrix of a bundle on an ImageFolder tree."""
     from edgexfer.evaluate import evaluate
@@ -186,22 +179,10 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
         text += f"\n\nskipped {len(report['skipped'])} unreadable file(s)"
     if report["ignored_classes"]:
         text += f"\nignored folders unknown to the head: {', '.join(report['ignored_classes'])}"
-    _emit(report, as_json, text)
+    emit(report, as_json, text)
 
 
 # --------------------------------------------------------------------------------------------- device
-def _state_option(f):
-    return click.option("--state", "state", type=click.Path(path_type=Path), default=None,
-                        help="Device state directory (default $EDGEXFER_STATE or /var/lib/edgexfer).")(f)
-
-
-def _device_engine_options(f):
-    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)(f)
-    f = click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default=DEVICE_DEFAULT,
-                     show_default=True, help="auto: tensorrt, openvino, onnxruntime - the first installed with an engine.")(f)
-    return f
-
-
 @main.group()
 def device():
     """The device side: install, predict, learn, retrain, status, heads, rollback (no torch needed)."""
@@ -209,9 +190,9 @@ def device():
 
 @device.command(name="install")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@_state_option
-@_device_engine_options
-@click.option("--json", "as_json", is_flag=True)
+@state_option
+@device_engine_options
+@json_option
 def device_install(bundle_dir, state, backend, precision, as_json):
     """Verify and copy a bundle, build or pick its engine, check the golden outputs, then activate it.
 
@@ -224,7 +205,7 @@ def device_install(bundle_dir, state, backend, precision, as_json):
         result = dev.install(bundle_dir)
     e, g = result["engine"], result["golden"]
     how = "built" if e["built"] else "reused" if e["key"] else "picked"
-    _emit(result, as_json,
+    emit(result, as_json,
           f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head {result['head']}\n"
           f"engine   {e['backend']}/{e['precision']} {how}: {e['source']} ({e['seconds']:.2f} s)\n"
           f"golden   {g['images']} images, max feature diff {g['max_abs_feature_diff']:.2g}, "
@@ -244,10 +225,10 @@ def _engine_builders() -> dict:
 
 @device.command(name="predict")
 @click.argument("images", nargs=-1, required=True)
-@_state_option
-@_device_engine_options
+@state_option
+@device_engine_options
 @click.option("--top-k", type=int, default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def device_predict(images, state, backend, precision, top_k, as_json):
     """Label images with the active bundle and head."""
     from edgexfer.runtime.device import Device
@@ -259,7 +240,7 @@ def device_predict(images, state, backend, precision, top_k, as_json):
         execution = dev.engine().execution  # what really ran: arithmetic and ISA
     lines = [f"{r.source}: {r.label} ({r.probability:.2f}) [head {head}, {r.backend}/{r.precision}]"
              if isinstance(r, Prediction) else f"{r.source}: ERROR {r.error}" for r in results]
-    _emit({"head": head, "execution": execution, "results": [r.to_dict() for r in results]}, as_json,
+    emit({"head": head, "execution": execution, "results": [r.to_dict() for r in results]}, as_json,
           "\n".join(lines))
     if any(not isinstance(r, Prediction) for r in results):
         sys.exit(1)
@@ -268,9 +249,9 @@ def device_predict(images, state, backend, precision, top_k, as_json):
 @device.command(name="learn")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--label", required=True, help="Class name of these images (a new name adds a class).")
-@_state_option
-@_device_engine_options
-@click.option("--json", "as_json", is_flag=True)
+@state_option
+@device_engine_options
+@json_option
 def device_learn(images, label, state, backend, precision, as_json):
     """Store labelled samples and their features in the cache (the backbone runs only for new ones)."""
     from edgexfer.runtime.device import Device
@@ -281,19 +262,19 @@ def device_learn(images, label, state, backend, precision, as_json):
             f"backbone ran {report.backbone_runs} time(s))")
     for e in report.errors:
         text += f"\n{e['source']}: ERROR {e['error']}"
-    _emit(report.to_dict(), as_json, text)
+    emit(report.to_dict(), as_json, text)
     if report.errors:
         sys.exit(1)
 
 
 @device.command(name="retrain")
-@_state_option
+@state_option
 @click.option("--head", "kind", type=click.Choice(list(HEAD_KINDS)), default=None,
               help="Head kind (default: the active head's).")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Accept the new head if its holdout accuracy >= the active head's minus this.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def device_retrain(state, kind, tolerance, seed, as_json):
     """Retrain the head on cached features; activate it only if it passes the holdout gate."""
     from edgexfer.runtime.device import Device
@@ -301,14 +282,14 @@ def device_retrain(state, kind, tolerance, seed, as_json):
     with Device(state) as dev:
         r = dev.retrain(kind=kind, tolerance=tolerance, seed=seed)
     verdict = "activated" if r.accepted else "REJECTED (kept as a candidate; the active head is unchanged)"
-    _emit(r.to_dict(), as_json, f"head {r.version} {verdict}: {r.reason}; {len(r.classes)} classes, trained on "
+    emit(r.to_dict(), as_json, f"head {r.version} {verdict}: {r.reason}; {len(r.classes)} classes, trained on "
                                f"{r.train_count} samples ({r.exemplar_count} bundle exemplars) in {r.seconds:.2f} s")
 
 
 @device.command(name="status")
-@_state_option
-@_device_engine_options
-@click.option("--json", "as_json", is_flag=True)
+@state_option
+@device_engine_options
+@json_option
 def device_status(state, backend, precision, as_json):
     """Bundle, active head, backend, cache size per class, last retrain figures."""
     from edgexfer.runtime.device import Device
@@ -325,12 +306,12 @@ def device_status(state, backend, precision, as_json):
             f"engines  " + ("; ".join(f"{e['key']} ({e['bytes'] / 1e6:.1f} MB)" for e in st["engines"]) or "none built here")
             + "\nretrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
                             if last else "never"))
-    _emit(st, as_json, text)
+    emit(st, as_json, text)
 
 
 @device.command(name="heads")
-@_state_option
-@click.option("--json", "as_json", is_flag=True)
+@state_option
+@json_option
 def device_heads(state, as_json):
     """Every head version on the device, with its status and figures."""
     from edgexfer.runtime.device import Device
@@ -341,19 +322,19 @@ def device_heads(state, as_json):
              f"{len(h['classes'])} classes  parent {h['parent']}  {h['created_utc']}  "
              + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in h["metrics"].items())
              for h in heads]
-    _emit({"heads": heads}, as_json, "\n".join(lines))
+    emit({"heads": heads}, as_json, "\n".join(lines))
 
 
 @device.command(name="rollback")
-@_state_option
-@click.option("--json", "as_json", is_flag=True)
+@state_option
+@json_option
 def device_rollback(state, as_json):
     """Return to the previous head."""
     from edgexfer.runtime.device import Device
 
     with Device(state) as dev:
         active = dev.rollback()
-    _emit({"head": active.head, "previous_head": active.previous_head}, as_json,
+    emit({"head": active.head, "previous_head": active.previous_head}, as_json,
           f"active head is now {active.head} (previous {active.previous_head})")
 
 

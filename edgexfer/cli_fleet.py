@@ -5,12 +5,11 @@ Registered in :mod:`edgexfer.cli` (``main.add_command(flash)``, ``main.add_comma
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from edgexfer.runtime.precision import PRECISIONS
+from edgexfer.cli_options import device_engine_options, emit, json_option, state_option
 
 _SIGNER = click.option("--signer-backend", type=click.Choice(["cryptography", "pure-python"]), default="cryptography",
                        show_default=True, envvar="EDGEXFER_SIGNER_BACKEND",
@@ -20,11 +19,7 @@ _KEYS = click.option("--keys", "keys_dir", type=click.Path(path_type=Path), requ
                      help="Directory of the online keys (targets, snapshot, timestamp); never inside --repo.")
 _REPO = click.option("--repo", "repo_dir", type=click.Path(path_type=Path), required=True,
                      help="Repository directory (serve it over HTTP, or copy it for `device update --dir`).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
-
-def _emit(obj, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2) if as_json else text)
 
 
 # --------------------------------------------------------------------------------------------- heads
@@ -38,13 +33,13 @@ def heads():
 @click.option("--role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]), default="root",
               show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
-@_JSON
+@json_option
 def heads_keygen(out, role, force, as_json):
     """Create an Ed25519 key. Keep the root key offline; `init` creates the online keys itself."""
     from edgexfer.publish import keygen
 
     result = keygen(out, role, force=force)
-    _emit(result, as_json, f"{role} key {result['keyid'][:16]}… written to {out}")
+    emit(result, as_json, f"{role} key {result['keyid'][:16]}… written to {out}")
 
 
 @heads.command(name="init")
@@ -52,14 +47,14 @@ def heads_keygen(out, role, force, as_json):
 @_KEYS
 @click.option("--root-key", type=click.Path(path_type=Path), required=True, help="The offline root key file.")
 @_SIGNER
-@_JSON
+@json_option
 def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
     """Create an empty update repository (root signed offline, online keys in --keys)."""
     from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.init(repo_dir, keys_dir, root_key, signer_backend=signer_backend)
     result = {"repo": str(repo.root_dir), "root": str(repo.root_path())}
-    _emit(result, as_json, f"repository {repo_dir} created; give devices {repo.root_path()} as their trust root")
+    emit(result, as_json, f"repository {repo_dir} created; give devices {repo.root_path()} as their trust root")
 
 
 @heads.command(name="publish")
@@ -74,14 +69,14 @@ def heads_init(repo_dir, keys_dir, root_key, signer_backend, as_json):
               help="Backbone sha256, when SOURCE is a bare head.safetensors (default: --bundle's).")
 @click.option("--version", "version", type=int, default=None, help="Head version (default: the next one).")
 @_SIGNER
-@_JSON
+@json_option
 def heads_publish(source, repo_dir, keys_dir, group, bundle_dir, backbone_sha, version, signer_backend, as_json):
     """Sign and publish the head of a bundle dir, run dir or head.safetensors, with its golden logits."""
     from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.publish(source, group=group, backbone_sha256=backbone_sha, bundle=bundle_dir, version=version)
-    _emit(r, as_json, f"published head version {r['head_version']} ({r['kind']}, {len(r['classes'])} classes) "
+    emit(r, as_json, f"published head version {r['head_version']} ({r['kind']}, {len(r['classes'])} classes) "
                       f"for backbone {r['backbone_sha256'][:12]}… to group {group}: {r['target']}")
 
 
@@ -93,14 +88,14 @@ def heads_publish(source, repo_dir, keys_dir, group, bundle_dir, backbone_sha, v
 @click.option("--from", "from_group", default="canary", show_default=True)
 @click.option("--to", "to_group", default="all", show_default=True)
 @_SIGNER
-@_JSON
+@json_option
 def heads_promote(repo_dir, keys_dir, backbone_sha, version, from_group, to_group, signer_backend, as_json):
     """Publish a canary head to every device (the same bytes under heads/<to>/…)."""
     from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.promote(backbone_sha, version, from_group=from_group, to_group=to_group)
-    _emit(r, as_json, f"promoted head version {version} from {from_group} to {to_group}: {r['target']}")
+    emit(r, as_json, f"promoted head version {version} from {from_group} to {to_group}: {r['target']}")
 
 
 @heads.command(name="rotate")
@@ -109,19 +104,19 @@ def heads_promote(repo_dir, keys_dir, backbone_sha, version, from_group, to_grou
 @_KEYS
 @click.option("--root-key", type=click.Path(path_type=Path), required=True, help="The offline root key file.")
 @_SIGNER
-@_JSON
+@json_option
 def heads_rotate(role, repo_dir, keys_dir, root_key, signer_backend, as_json):
     """Replace an online role's key (new root version signed with the offline root key)."""
     from edgexfer.publish import HeadsRepo
 
     repo = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend)
     r = repo.rotate(role, root_key)
-    _emit(r, as_json, f"{role} key rotated to {r['keyid'][:16]}…; root is now version {r['root_version']}")
+    emit(r, as_json, f"{role} key rotated to {r['keyid'][:16]}…; root is now version {r['root_version']}")
 
 
 @heads.command(name="list")
 @_REPO
-@_JSON
+@json_option
 def heads_list(repo_dir, as_json):
     """Every published head: group, backbone, version, kind, classes (no keys needed)."""
     from edgexfer.publish import list_heads
@@ -129,7 +124,7 @@ def heads_list(repo_dir, as_json):
     rows = list_heads(repo_dir)
     text = "\n".join(f"{h.get('group', '?'):<8} {str(h.get('backbone_sha256', '?'))[:12]}…  v{h.get('head_version', '?'):<3} "
                      f"{h.get('kind', '?'):<9} {len(h.get('classes', []))} classes  {h['path']}" for h in rows)
-    _emit({"heads": rows}, as_json, text or "no heads published yet")
+    emit({"heads": rows}, as_json, text or "no heads published yet")
 
 
 @heads.command(name="timestamp")
@@ -137,29 +132,26 @@ def heads_list(repo_dir, as_json):
 @_KEYS
 @click.option("--days", type=float, default=None, help="Lifetime (default 7).")
 @_SIGNER
-@_JSON
+@json_option
 def heads_timestamp(repo_dir, keys_dir, days, signer_backend, as_json):
     """Re-sign the timestamp (run from cron well within its lifetime)."""
     from edgexfer.publish import HeadsRepo
 
     version = HeadsRepo.open(repo_dir, keys_dir, signer_backend=signer_backend).resign_timestamp(days)
-    _emit({"timestamp_version": version}, as_json, f"timestamp re-signed (version {version})")
+    emit({"timestamp_version": version}, as_json, f"timestamp re-signed (version {version})")
 
 
 # --------------------------------------------------------------------------------------------- device
 @click.command(name="update")
-@click.option("--state", "state", type=click.Path(path_type=Path), default=None,
-              help="Device state directory (default $EDGEXFER_STATE or /var/lib/edgexfer).")
+@state_option
 @click.option("--repo", "repo_url", default=None, help="Repository URL (http://HOST:PORT/PATH).")
 @click.option("--dir", "local_dir", type=click.Path(path_type=Path), default=None,
               help="A copy of the repository directory (air-gapped devices).")
 @click.option("--group", default="all", show_default=True, help="Rollout group of this device (e.g. canary).")
 @click.option("--root", "root", type=click.Path(path_type=Path), default=None,
               help="Trust root (the repository's 1.root.json); needed the first time only.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
-              show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@_JSON
+@device_engine_options
+@json_option
 def device_update(state, repo_url, local_dir, group, root, backend, precision, as_json):
     """Fetch, verify, install and health-check the newest signed head; roll back on failure.
 
@@ -178,7 +170,7 @@ def device_update(state, repo_url, local_dir, group, root, backend, precision, a
             }.get(r.status, f"{r.status.upper()}: {r.reason}; head {r.active_head} stays active")
     for s in r.skipped:
         text += f"\nskipped {s['target']}: {s['reason']}"
-    _emit(r.to_dict(), as_json, text)
+    emit(r.to_dict(), as_json, text)
     if r.status in ("rejected", "rolled-back"):
         sys.exit(1)
 
@@ -197,10 +189,8 @@ def device_update(state, repo_url, local_dir, group, root, backend, precision, a
               help="Also install this update trust root (1.root.json) on the target.")
 @click.option("--updates-repo", type=click.Path(path_type=Path), default=None,
               help="Also copy this update repository to STATE_DIR/updates-repo (for `device update --dir`).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
-              show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@_JSON
+@device_engine_options
+@json_option
 def flash(bundle_dir, target, identity, remote_edgexfer, remote_python, ssh_options, trust_root, updates_repo, backend, precision,
           as_json):
     """Install a bundle on a device over ssh: preflight, copy, verify, install, golden check."""
@@ -209,5 +199,5 @@ def flash(bundle_dir, target, identity, remote_edgexfer, remote_python, ssh_opti
     r = run_flash(bundle_dir, target, identity=identity, remote_edgexfer=remote_edgexfer, remote_python=remote_python,
                   ssh_options=list(ssh_options), trust_root=trust_root, updates_repo=updates_repo, backend=backend,
                   precision=precision, log=lambda s: click.echo(s, err=True))
-    _emit(r, as_json, f"flashed {r['bundle']['name']} to {target}: head {r['install']['head']} active; "
+    emit(r, as_json, f"flashed {r['bundle']['name']} to {target}: head {r['install']['head']} active; "
                       f"golden {r['golden']['top1_agreement']:.3f} agreement; {r['seconds']['total']:.1f} s")

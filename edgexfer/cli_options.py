@@ -1,0 +1,43 @@
+"""Options and output shared by every command group (``cli``, ``cli_fleet``, ``cli_bench``), defined once.
+
+Only light modules are imported here: the choices come from the registry and the vocabularies, which
+import no engine and no numpy, so ``edgexfer --help`` stays fast.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgexfer.runtime.backends.registry import BACKENDS, DEVICE_DEFAULT, HOST_DEFAULT
+from edgexfer.runtime.precision import PRECISIONS
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress output.")
+state_option = click.option("--state", "state", type=click.Path(path_type=Path), default=None,
+                            help="Device state directory (default $EDGEXFER_STATE or /var/lib/edgexfer).")
+precision_option = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                                help="What the engine computes in (bf16: OpenVINO on CPUs with avx512_bf16/AMX).")
+
+
+def host_engine_options(f: Callable) -> Callable:
+    """``--backend`` (default: the bundle's fp32 ONNX Runtime reference) and ``--precision``, for host commands."""
+    f = precision_option(f)
+    return click.option("--backend", type=click.Choice(list(BACKENDS)), default=HOST_DEFAULT, show_default=True,
+                        help="Engine to run (the bundle must have it for this precision).")(f)
+
+
+def device_engine_options(f: Callable) -> Callable:
+    """``--backend`` (default ``auto``) and ``--precision``, for commands that run on the device."""
+    f = precision_option(f)
+    return click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default=DEVICE_DEFAULT,
+                        show_default=True,
+                        help="auto: the first of tensorrt, openvino, onnxruntime installed with an engine.")(f)
+
+
+def emit(obj: Any, as_json: bool, text: str) -> None:
+    """One JSON object on stdout with ``--json``, else the human text."""
+    click.echo(json.dumps(obj, indent=2) if as_json else text)
