@@ -1,4 +1,4 @@
-"""``edgexfer export``: turn a run directory into a bundle (ARCHITECTURE.md, "The bundle").
+"""``edgexfer export``: turn a run directory into a bundle (docs/architecture.md, "The bundle").
 
 The bundle's ``backbone.onnx`` is the run's exported backbone; before the manifest is written the
 export is validated against PyTorch on the run's validation images (features and full-model top-1),

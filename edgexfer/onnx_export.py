@@ -49,7 +49,7 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
 
 
 def check_contract(model, input_size: tuple[int, int]) -> list[str]:
-    """Differences between ``model`` and ARCHITECTURE.md's backbone.onnx contract, one line each."""
+    """Differences between ``model`` and the backbone.onnx contract of docs/architecture.md, one line each."""
     onnx = require("onnx", "ONNX checks")
     problems = []
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}

@@ -182,7 +182,7 @@ def _is_sha(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The bundle's contract; see ARCHITECTURE.md ("The bundle")."""
+    """The bundle's contract; see docs/architecture.md ("The bundle")."""
 
     name: str
     created_utc: str

@@ -14,14 +14,15 @@ from edgexfer.runtime.errors import MissingDependencyError
 EXTRAS: dict[str, str] = {
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
-    "nncf": "openvino",
+    "nncf": "convert",
     "tensorrt": "tensorrt",
     "tuf": "updates",
     "mlperf_loadgen": "bench",
     "matplotlib": "bench",
     "torch": "train",
-    "onnx": "train",
-    "onnxslim": "train",
+    # onnx and onnxslim are in `train` too (export), but converting alone needs no torch
+    "onnx": "convert",
+    "onnxslim": "convert",
 }
 
 

@@ -2,7 +2,7 @@
 
 The host (training, export, golden files, evaluation) and the device (predict, learn) both call this
 module, so the backbone sees byte-identical tensors on both sides. Cast, scaling and mean/std
-normalisation are *not* done here: they live inside ``backbone.onnx`` (see ARCHITECTURE.md).
+normalisation are *not* done here: they live inside ``backbone.onnx`` (see docs/architecture.md).
 
 Pipeline: read bytes -> refuse oversized images before decoding -> decode fully -> EXIF orientation ->
 composite any alpha onto the fill colour -> RGB -> resize by the spec's policy (``letterbox`` or

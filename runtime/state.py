@@ -1,4 +1,4 @@
-"""The device state directory (ARCHITECTURE.md, "Device state directory").
+"""The device state directory (docs/architecture.md, "Device state directory").
 
 ```
 state/
