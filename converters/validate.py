@@ -34,18 +34,18 @@ def run_batched(run: FeatureFn, pixels: np.ndarray, batch: int = 16) -> np.ndarr
     return np.concatenate([run(pixels[s:s + batch]) for s in range(0, len(pixels), batch)])
 
 
-_REFERENCE_CACHE: dict[tuple[str, str], np.ndarray] = {}
+_REFERENCE_FEATURES: dict[tuple[str, str], np.ndarray] = {}
 
 
 def reference_features(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
     """fp32 ONNX Runtime features of the bundle's own backbone (kept in memory per process)."""
     key = (bundle.manifest.backbone.sha256, hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
-    if key not in _REFERENCE_CACHE:
+    if key not in _REFERENCE_FEATURES:
         from edgexfer.runtime.backends.registry import open_backend
 
         with open_backend("onnxruntime", bundle.backbone_path) as engine:
-            _REFERENCE_CACHE[key] = run_batched(engine.run, pixels)
-    return _REFERENCE_CACHE[key]
+            _REFERENCE_FEATURES[key] = run_batched(engine.run, pixels)
+    return _REFERENCE_FEATURES[key]
 
 
 def feature_figures(ref: np.ndarray, new: np.ndarray, head: Head, labels: np.ndarray | None = None,
