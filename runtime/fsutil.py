@@ -33,8 +33,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new name in ``path`` durable."""
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -42,15 +41,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new name in ``path`` durable."""
+    _fsync(path)
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file and folder below ``path`` (before it is renamed into place)."""
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(Path(root) / name)
         fsync_dir(Path(root))
 
 

@@ -13,14 +13,13 @@ import json
 import os
 import shutil
 import sqlite3
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from image_support import png_declaring
 from PIL import Image
 
 from edgexfer.runtime.cache import FeatureCache
@@ -46,17 +45,6 @@ def _noise(side: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-    """A valid-looking PNG whose header claims width x height but which carries almost no pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
-
-
 def _nan_pixels() -> np.ndarray:
     arr = np.full((224, 224, 3), 0.5, dtype=np.float32)
     arr[100, 100, 1] = np.nan
@@ -69,8 +57,8 @@ BAD_INPUTS = {
     "empty bytes": (lambda tmp: b"", "empty file"),
     "truncated jpeg": (lambda tmp: _encode(_noise(256, 1), "JPEG")[:9000], "truncated"),
     "truncated png": (lambda tmp: _encode(_noise(256, 2), "PNG")[:90000], "truncated"),
-    "bomb over Pillow's limit": (lambda tmp: _png_declaring(100_000, 100_000), "too large"),
-    "bomb over edgexfer's limit": (lambda tmp: _png_declaring(8_000, 8_000), "too large: 8000x8000"),
+    "bomb over Pillow's limit": (lambda tmp: png_declaring(100_000, 100_000), "too large"),
+    "bomb over edgexfer's limit": (lambda tmp: png_declaring(8_000, 8_000), "too large: 8000x8000"),
     "float32 array": (lambda tmp: np.full((224, 224, 3), 0.5, dtype=np.float32), "dtype float32"),
     "int64 array": (lambda tmp: np.full((224, 224, 3), 128, dtype=np.int64), "dtype int64"),
     "uint16 array": (lambda tmp: np.full((224, 224, 3), 40000, dtype=np.uint16), "dtype uint16"),
@@ -167,7 +155,7 @@ def device(tmp_path, device_bundle):
 
 def test_device_predict_cli_reports_bad_files_and_labels_the_good_one(device, tmp_path):
     files = {"good.png": _image("fruit").read_bytes(), "garbage.jpg": b"\xff\xd8\xff not really a jpeg",
-             "truncated.jpg": _encode(_noise(256, 3), "JPEG")[:9000], "bomb.png": _png_declaring(100_000, 100_000)}
+             "truncated.jpg": _encode(_noise(256, 3), "JPEG")[:9000], "bomb.png": png_declaring(100_000, 100_000)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     proc = subprocess.run([sys.executable, "-m", "edgexfer.cli", "device", "predict", *(str(tmp_path / n) for n in files),
@@ -180,7 +168,7 @@ def test_device_predict_cli_reports_bad_files_and_labels_the_good_one(device, tm
 
 
 def test_learn_reports_bad_files_and_keeps_the_good_ones(device, tmp_path):
-    bad = {"truncated": _encode(_noise(256, 4), "JPEG")[:9000], "bomb": _png_declaring(100_000, 100_000),
+    bad = {"truncated": _encode(_noise(256, 4), "JPEG")[:9000], "bomb": png_declaring(100_000, 100_000),
            "garbage": b"\x00" * 100}
     good = [_image("sports", 0).read_bytes(), _image("sports", 1).read_bytes()]
     report = device.learn([good[0], *bad.values(), good[1]], "sports")

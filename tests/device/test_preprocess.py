@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from image_support import png_declaring
 from PIL import Image, ImageFile
 
 from edgexfer.runtime.errors import InputError
@@ -44,17 +43,6 @@ def _noise_jpeg(path: Path, size: tuple[int, int] = (256, 256)) -> bytes:
     pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, format="JPEG", quality=90)
     return path.read_bytes()
-
-
-def _png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but which carries almost no pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
 
 
 def _mean(region: np.ndarray) -> np.ndarray:
@@ -236,11 +224,11 @@ def test_decompression_bomb_refused_before_decoding(tmp_path, monkeypatch):
 def test_header_declaring_a_huge_image_is_refused(recwarn):
     # 20000 x 20000 = 400 MP: far beyond Pillow's hard limit, refused while reading the header.
     with pytest.raises(InputError, match="too large"):
-        decode_image(_png_declaring(20000, 20000))
+        decode_image(png_declaring(20000, 20000))
     # 90 MP sits in Pillow's warning band; a higher max_pixels does not loosen Pillow's own limit and
     # no DecompressionBombWarning leaks out.
     with pytest.raises(InputError, match="too large"):
-        decode_image(_png_declaring(10000, 9000), max_pixels=10**9)
+        decode_image(png_declaring(10000, 9000), max_pixels=10**9)
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
@@ -345,5 +333,5 @@ def test_preprocess_imports_neither_torch_nor_onnx():
 
 def test_png_header_helper_is_a_valid_png():
     # Guards the bomb test: the crafted header must parse, so its refusal is about size, not garbage.
-    with Image.open(io.BytesIO(_png_declaring(7, 5))) as img:
+    with Image.open(io.BytesIO(png_declaring(7, 5))) as img:
         assert img.size == (7, 5)
