@@ -1,11 +1,11 @@
 """The device side: predict, learn new samples, retrain the head, switch heads atomically.
 
-Field learning never touches the backbone. ``learn`` stores each new sample with its features (one
-transaction: a sample is confirmed with its features or not at all), running the backbone only for
-samples the cache does not have. ``retrain`` fits a new head on cached features plus the bundle's
-exemplars, warm-started from the active head, and activates it only if it is not worse than the active
-head on a seeded holdout of the local samples (minus a tolerance); otherwise the candidate is kept as
-rejected, with its figures. The holdout comes from :mod:`edgexfer.runtime.holdout`, which the update
+Field learning never touches the backbone. ``learn`` stores each new sample with its features through
+:func:`edgexfer.runtime.features.cached_features` (one transaction: a sample is confirmed with its
+features or not at all), running the backbone only for samples the cache does not have. ``retrain``
+fits a new head on cached features plus the bundle's exemplars, warm-started from the active head, and
+activates it only if it is not worse than the active head on a seeded holdout of the local samples
+(minus a tolerance); otherwise the candidate is kept as rejected, with its figures. The holdout comes from :mod:`edgexfer.runtime.holdout`, which the update
 health check uses too: with the default seed and fraction both hold out the same samples.
 """
 from __future__ import annotations
@@ -31,13 +31,14 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
 from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
+from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, class_order, holdout_digest, holdout_split
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
-from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
+from edgexfer.runtime.preprocess import decode_image, resize_to_spec
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer
 
@@ -69,6 +70,28 @@ def _source_sha(bundle: Bundle, path: Path | None) -> str:
         return ""
     entry = bundle.manifest.files.get(path.relative_to(bundle.root).as_posix())
     return entry.sha256 if entry is not None else ""
+
+
+def _decode_all(items: Sequence[ImageInput], fill: Any) -> tuple[dict[str, tuple[bytes, str, Any]], list[dict[str, str]]]:
+    """Decode what ``learn`` was given: ``{sha256: (bytes, name, image)}`` (first copy of each) and the errors."""
+    errors: list[dict[str, str]] = []
+    decoded: dict[str, tuple[bytes, str, Any]] = {}
+    for i, item in enumerate(items):
+        name = str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]"
+        try:
+            data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
+            if not isinstance(data, (bytes, bytearray)):
+                raise InputError("learn takes image files or encoded image bytes", got=type(item).__name__,
+                                 expected="a path or bytes")
+            img = decode_image(bytes(data), fill=fill)
+        except OSError as exc:
+            errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
+            continue
+        except EdgexferError as exc:
+            errors.append({"source": name, "error": str(exc)})
+            continue
+        decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
+    return decoded, errors
 
 
 @dataclass(frozen=True)
@@ -307,19 +330,15 @@ class Device:
         """Features for the active backbone of every stored sample that lacks them (images kept)."""
         bundle = self.bundle()
         spec = bundle.preprocess
-        key = spec.key()
+        backbone = bundle.manifest.backbone.sha256
         with self.cache() as cache:
-            todo = cache.samples_without_features(bundle.manifest.backbone.sha256, key)
-            done = 0
-            for start in range(0, len(todo), 16):
-                chunk = [s for s in todo[start:start + 16] if cache.image(s) is not None]
-                if not chunk:
-                    continue
-                pixels = stack([resize_to_spec(decode_image(cache.image(s), fill=spec.fill), spec) for s in chunk])
-                feats = self.engine(bundle).run(pixels)
-                cache.put_features(bundle.manifest.backbone.sha256, key, dict(zip(chunk, feats)))
-                done += len(chunk)
-        return done
+            shas = [s for s in cache.samples_without_features(backbone, spec.key()) if cache.image(s) is not None]
+            if not shas:  # nothing to do: the engine is not even opened
+                return 0
+            _, report = cached_features(
+                self.engine(bundle), cache, backbone, spec, shas,
+                lambda i: resize_to_spec(decode_image(cache.image(shas[i]), fill=spec.fill), spec), progress=False)
+        return report.requested - report.from_cache
 
     # ---------------------------------------------------------------------------- predict
     def predict(self, items: Sequence[ImageInput], top_k: int = 3) -> list[Prediction | SampleError]:
@@ -332,50 +351,25 @@ class Device:
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Sequence[ImageInput], label: str, source: str = "device") -> LearnReport:
-        """Store labelled samples with their features; bad inputs are reported, good ones still learned."""
+        """Store labelled samples with their features; bad inputs are reported, good ones still learned.
+
+        The backbone runs only for samples the cache has no features of, and each sample is confirmed
+        together with its features or not at all (:func:`~edgexfer.runtime.features.cached_features`).
+        """
         if not isinstance(label, str) or not label.strip() or label != label.strip() or "/" in label:
             raise InputError("label", got=repr(label), expected="a non-empty class name without '/' or outer spaces")
         bundle = self.bundle()
         spec = bundle.preprocess
-        backbone = bundle.manifest.backbone.sha256
-        key = spec.key()
-        errors: list[dict[str, str]] = []
-        decoded: dict[str, tuple[bytes, str, Any]] = {}
-        for i, item in enumerate(items):
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]"
-            try:
-                data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
-                if not isinstance(data, (bytes, bytearray)):
-                    raise InputError("learn takes image files or encoded image bytes", got=type(item).__name__,
-                                     expected="a path or bytes")
-                img = decode_image(bytes(data), fill=spec.fill)
-            except OSError as exc:
-                errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
-                continue
-            except EdgexferError as exc:
-                errors.append({"source": name, "error": str(exc)})
-                continue
-            decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
+        decoded, errors = _decode_all(items, spec.fill)
+        shas = list(decoded)
+        records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
         with self.cache() as cache:
-            shas = list(decoded)
-            missing = set(cache.missing(backbone, key, shas))
-            engine = self.engine(bundle)
-            runs_before = engine.stats.images
-            feats: dict[str, np.ndarray] = {}
-            todo = [s for s in shas if s in missing]
-            for start in range(0, len(todo), 16):
-                chunk = todo[start:start + 16]
-                out = engine.run(stack([resize_to_spec(decoded[s][2], spec) for s in chunk]))
-                feats.update(zip(chunk, out))
-            crash_point("learn-before-commit")
-            # one transaction: the samples and their features are confirmed together or not at all
-            with cache.transaction():
-                kept = cache.add_samples([SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas])
-                kept_set = set(kept)
-                cache.put_features(backbone, key, {s: f for s, f in feats.items() if s in kept_set})
+            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, spec, shas,
+                                        lambda i: resize_to_spec(decoded[shas[i]][2], spec), records=records,
+                                        progress=False)
             crash_point("learn-committed")
-        return LearnReport(label=label, added=len(todo), already_known=len(shas) - len(todo),
-                           backbone_runs=engine.stats.images - runs_before, errors=errors)
+        return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
+                           backbone_runs=report.extracted, errors=errors)
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
