@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
@@ -324,12 +325,10 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
 def _local_comparison(state: DeviceState, active: ActiveState, bundle: Bundle, previous: Head | None,
                       new: Head) -> dict[str, Any]:
     """The previous and the new head on the device's labelled holdout, when that means something."""
-    from edgexfer.runtime.device import Device
-
     if previous is None:
         return {"compared": False, "holdout_count": 0,
                 "reason": "local comparison skipped: no previous head to compare with"}
-    with Device(state.root) as dev, dev.cache() as cache:
+    with FeatureCache(state.cache_path) as cache:
         # the split retrain uses: the previous (active before the switch) head's classes first, default seed
         split = LocalSplit.of(*cache.labelled(active.bundle, bundle.preprocess.key()), previous.classes)
     hold = split.hold
