@@ -76,7 +76,8 @@ def _source_sha(bundle: Bundle, path: Path | None) -> str:
     return entry.sha256 if entry is not None else ""
 
 
-def _decode_all(items: Sequence[ImageInput], fill: Any) -> tuple[dict[str, tuple[bytes, str, Any]], list[dict[str, str]]]:
+def _decode_all(items: Sequence[ImageInput],
+                fill: tuple[int, int, int]) -> tuple[dict[str, tuple[bytes, str, Any]], list[dict[str, str]]]:
     """Decode what ``learn`` was given: ``{sha256: (bytes, name, image)}`` (first copy of each) and the errors."""
     errors: list[dict[str, str]] = []
     decoded: dict[str, tuple[bytes, str, Any]] = {}
