@@ -1,12 +1,14 @@
 """The device side: predict, learn new samples, retrain the head, switch heads atomically.
 
-Field learning never touches the backbone. ``learn`` stores each new sample with its features (one
-transaction: a sample is confirmed with its features or not at all), running the backbone only for
-samples the cache does not have. ``retrain`` fits a new head on cached features plus the bundle's
-exemplars, warm-started from the active head, and activates it only if it is not worse than the active
-head on a seeded holdout of the local samples (minus a tolerance); otherwise the candidate is kept as
-rejected, with its figures. The holdout comes from :mod:`edgexfer.runtime.holdout`, which the update
-health check uses too: with the default seed and fraction both hold out the same samples.
+``Device`` is a facade over one state directory; the work is done where each concept lives.
+Field learning never touches the backbone. ``learn`` stores each new sample with its features through
+:func:`edgexfer.runtime.features.cached_features` (one transaction: a sample is confirmed with its
+features or not at all), running the backbone only for samples the cache does not have. ``retrain``
+fits a new head on cached features plus the bundle's exemplars, warm-started from the active head, and
+activates it only if :func:`edgexfer.runtime.holdout.retrain_gate` accepts it: not worse than the
+active head on a seeded holdout of the local samples (minus a tolerance); otherwise the candidate is
+kept as rejected, with its figures. The holdout is :class:`edgexfer.runtime.holdout.LocalSplit`, which
+the update health check uses too: with the default seed and fraction both hold out the same samples.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +33,22 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
 from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
+from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, class_order, holdout_digest, holdout_split
+from edgexfer.runtime.holdout import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_SEED,
+    DEFAULT_TOLERANCE,
+    LocalSplit,
+    retrain_gate,
+)
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
-from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
+from edgexfer.runtime.preprocess import decode_image, resize_to_spec
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer
-
-#: default acceptance gate: the new head may be at most this much worse on the holdout
-DEFAULT_TOLERANCE = 0.01
-
 
 #: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
@@ -69,6 +74,29 @@ def _source_sha(bundle: Bundle, path: Path | None) -> str:
         return ""
     entry = bundle.manifest.files.get(path.relative_to(bundle.root).as_posix())
     return entry.sha256 if entry is not None else ""
+
+
+def _decode_all(items: Sequence[ImageInput],
+                fill: tuple[int, int, int]) -> tuple[dict[str, tuple[bytes, str, Any]], list[dict[str, str]]]:
+    """Decode what ``learn`` was given: ``{sha256: (bytes, name, image)}`` (first copy of each) and the errors."""
+    errors: list[dict[str, str]] = []
+    decoded: dict[str, tuple[bytes, str, Any]] = {}
+    for i, item in enumerate(items):
+        name = str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]"
+        try:
+            data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
+            if not isinstance(data, (bytes, bytearray)):
+                raise InputError("learn takes image files or encoded image bytes", got=type(item).__name__,
+                                 expected="a path or bytes")
+            img = decode_image(bytes(data), fill=fill)
+        except OSError as exc:
+            errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
+            continue
+        except EdgexferError as exc:
+            errors.append({"source": name, "error": str(exc)})
+            continue
+        decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
+    return decoded, errors
 
 
 @dataclass(frozen=True)
@@ -307,19 +335,15 @@ class Device:
         """Features for the active backbone of every stored sample that lacks them (images kept)."""
         bundle = self.bundle()
         spec = bundle.preprocess
-        key = spec.key()
+        backbone = bundle.manifest.backbone.sha256
         with self.cache() as cache:
-            todo = cache.samples_without_features(bundle.manifest.backbone.sha256, key)
-            done = 0
-            for start in range(0, len(todo), 16):
-                chunk = [s for s in todo[start:start + 16] if cache.image(s) is not None]
-                if not chunk:
-                    continue
-                pixels = stack([resize_to_spec(decode_image(cache.image(s), fill=spec.fill), spec) for s in chunk])
-                feats = self.engine(bundle).run(pixels)
-                cache.put_features(bundle.manifest.backbone.sha256, key, dict(zip(chunk, feats)))
-                done += len(chunk)
-        return done
+            shas = [s for s in cache.samples_without_features(backbone, spec.key()) if cache.image(s) is not None]
+            if not shas:  # nothing to do: the engine is not even opened
+                return 0
+            _, report = cached_features(
+                self.engine(bundle), cache, backbone, spec, shas,
+                lambda i: resize_to_spec(decode_image(cache.image(shas[i]), fill=spec.fill), spec), progress=False)
+        return report.requested - report.from_cache
 
     # ---------------------------------------------------------------------------- predict
     def predict(self, items: Sequence[ImageInput], top_k: int = 3) -> list[Prediction | SampleError]:
@@ -332,56 +356,31 @@ class Device:
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Sequence[ImageInput], label: str, source: str = "device") -> LearnReport:
-        """Store labelled samples with their features; bad inputs are reported, good ones still learned."""
+        """Store labelled samples with their features; bad inputs are reported, good ones still learned.
+
+        The backbone runs only for samples the cache has no features of, and each sample is confirmed
+        together with its features or not at all (:func:`~edgexfer.runtime.features.cached_features`).
+        """
         if not isinstance(label, str) or not label.strip() or label != label.strip() or "/" in label:
             raise InputError("label", got=repr(label), expected="a non-empty class name without '/' or outer spaces")
         bundle = self.bundle()
         spec = bundle.preprocess
-        backbone = bundle.manifest.backbone.sha256
-        key = spec.key()
-        errors: list[dict[str, str]] = []
-        decoded: dict[str, tuple[bytes, str, Any]] = {}
-        for i, item in enumerate(items):
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]"
-            try:
-                data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
-                if not isinstance(data, (bytes, bytearray)):
-                    raise InputError("learn takes image files or encoded image bytes", got=type(item).__name__,
-                                     expected="a path or bytes")
-                img = decode_image(bytes(data), fill=spec.fill)
-            except OSError as exc:
-                errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
-                continue
-            except EdgexferError as exc:
-                errors.append({"source": name, "error": str(exc)})
-                continue
-            decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
+        decoded, errors = _decode_all(items, spec.fill)
+        shas = list(decoded)
+        records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
         with self.cache() as cache:
-            shas = list(decoded)
-            missing = set(cache.missing(backbone, key, shas))
-            engine = self.engine(bundle)
-            runs_before = engine.stats.images
-            feats: dict[str, np.ndarray] = {}
-            todo = [s for s in shas if s in missing]
-            for start in range(0, len(todo), 16):
-                chunk = todo[start:start + 16]
-                out = engine.run(stack([resize_to_spec(decoded[s][2], spec) for s in chunk]))
-                feats.update(zip(chunk, out))
-            crash_point("learn-before-commit")
-            # one transaction: the samples and their features are confirmed together or not at all
-            with cache.transaction():
-                kept = cache.add_samples([SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas])
-                kept_set = set(kept)
-                cache.put_features(backbone, key, {s: f for s, f in feats.items() if s in kept_set})
+            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, spec, shas,
+                                        lambda i: resize_to_spec(decoded[shas[i]][2], spec), records=records,
+                                        progress=False)
             crash_point("learn-committed")
-        return LearnReport(label=label, added=len(todo), already_known=len(shas) - len(todo),
-                           backbone_runs=engine.stats.images - runs_before, errors=errors)
+        return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
+                           backbone_runs=report.extracted, errors=errors)
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
                 holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0) -> RetrainReport:
         """Train a candidate head on cached features and activate it if it passes the gate."""
-        from edgexfer.runtime.head_training import HeadTrainer, fit_temperature
+        from edgexfer.runtime.head_training import HeadTrainer
 
         started = time.perf_counter()
         with self.state.locked():
@@ -389,18 +388,17 @@ class Device:
             bundle = self.state.bundle(active.bundle)
             kind = kind or old_head.kind
             with self.cache() as cache:
-                shas_local, X_local, labels_local = cache.labelled(active.bundle, bundle.preprocess.key())
-            if len(labels_local) == 0:
+                shas, features, labels = cache.labelled(active.bundle, bundle.preprocess.key())
+            if len(labels) == 0:
                 raise InputError("nothing to retrain on", got="no labelled samples for the installed backbone",
                                  expected="samples added with `edgexfer device learn`", todo="learn some samples first")
             # the split the update health check uses too (same class order, fraction and seed)
-            classes = class_order(old_head.classes, labels_local)
-            y_local = np.array([classes.index(lbl) for lbl in labels_local], dtype=np.int64)
-            train_idx, hold_idx = holdout_split(labels_local, classes, holdout, seed)
+            split = LocalSplit.of(shas, features, labels, old_head.classes, holdout, seed)
+            classes = split.classes
             ex = bundle.exemplars()
-            X_ex, y_ex = (ex if ex is not None else (np.zeros((0, X_local.shape[1]), np.float32), np.zeros(0, np.int64)))
-            X_train = np.concatenate([X_ex, X_local[train_idx]])
-            y_train = np.concatenate([y_ex, y_local[train_idx]])
+            X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
+            X_train = np.concatenate([X_ex, features[split.train]])
+            y_train = np.concatenate([y_ex, split.targets[split.train]])
             params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
             if kind == "linear":
                 # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
@@ -411,38 +409,29 @@ class Device:
             if kind == "linear" and warm is not None:
                 # classes without local samples keep the bundle's row: the device has no evidence
                 # about them beyond the exemplars the row was already trained on (and more)
-                frozen = [c for c in old_head.classes if c not in set(labels_local)]
+                frozen = [c for c in old_head.classes if c not in set(labels)]
                 params["frozen_classes"] = frozen
-            candidate = HeadTrainer(kind, **params).fit(X_train, y_train, classes, warm_start=warm)
-            acc_new = acc_old = None
-            temperature = None
-            if len(hold_idx):
-                X_hold, y_hold = X_local[hold_idx], y_local[hold_idx]
-                acc_new = float(np.mean(candidate.logits(X_hold).argmax(1) == y_hold))
-                old_pred = np.array([classes.index(old_head.classes[j]) for j in old_head.logits(X_hold).argmax(1)])
-                acc_old = float(np.mean(old_pred == y_hold))
-                if len(hold_idx) >= 10:
-                    temperature = fit_temperature(candidate.logits(X_hold), y_hold)
-                    candidate = replace(candidate, temperature=temperature)
-            accepted = acc_new is None or acc_new >= acc_old - tolerance
-            reason = ("no holdout: accepted on training data alone" if acc_new is None else
-                      f"holdout accuracy {acc_new:.3f} vs active {acc_old:.3f} (tolerance {tolerance:.3f})")
-            metrics = {k: v for k, v in {"holdout_accuracy": acc_new, "holdout_accuracy_previous": acc_old,
-                                         "holdout_count": len(hold_idx), "train_count": len(y_train)}.items() if v is not None}
-            metrics["holdout_digest"] = holdout_digest([shas_local[i] for i in hold_idx])
+            gate = retrain_gate(HeadTrainer(kind, **params).fit(X_train, y_train, classes, warm_start=warm), old_head,
+                                split, tolerance)
+            metrics = {k: v for k, v in {"holdout_accuracy": gate.accuracy_new,
+                                         "holdout_accuracy_previous": gate.accuracy_active,
+                                         "holdout_count": gate.holdout_count, "train_count": len(y_train)}.items()
+                       if v is not None}
+            metrics["holdout_digest"] = split.digest
             # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
-            record = self.state.add_head(candidate, backbone_sha256=active.bundle, parent=active.head,
-                                         status="candidate" if accepted else "rejected", source="retrain",
+            record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
+                                         status="candidate" if gate.accepted else "rejected", source="retrain",
                                          metrics=metrics)
-            if accepted:
+            if gate.accepted:
                 self.state.activate_head(record.version)
                 self.state.set_head_status(record.version, "accepted")
             report = RetrainReport(
-                accepted=accepted, version=record.version, active_head=record.version if accepted else active.head,
-                kind=kind, classes=classes, holdout_count=int(len(hold_idx)), holdout_accuracy_new=acc_new,
-                holdout_accuracy_old=acc_old, tolerance=tolerance, train_count=int(len(y_train)),
-                exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=temperature,
-                seconds=round(time.perf_counter() - started, 3), reason=reason)
+                accepted=gate.accepted, version=record.version,
+                active_head=record.version if gate.accepted else active.head, kind=kind, classes=classes,
+                holdout_count=gate.holdout_count, holdout_accuracy_new=gate.accuracy_new,
+                holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
+                exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
+                seconds=round(time.perf_counter() - started, 3), reason=gate.reason)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
             crash_point("retrain-done")
         return report

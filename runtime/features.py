@@ -1,6 +1,7 @@
 """Features through the feature cache: the backbone runs only for samples the cache lacks.
 
-Shared by host training (frozen mode) and device field learning, so both count and cache alike.
+Shared by host training (frozen mode) and the device (``Device.learn`` and
+``Device.recompute_features``), so all of them count and cache alike.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from edgexfer.runtime.backends.base import EngineRunner
-from edgexfer.runtime.cache import FeatureCache
+from edgexfer.runtime.cache import FeatureCache, SampleRecord
+from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.preprocess import PreprocessSpec, stack
+from edgexfer.runtime.state import crash_point
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,11 @@ class ExtractionReport:
     """How many samples were asked for and how many went through the backbone."""
 
     requested: int
-    from_cache: int
-    extracted: int
-    seconds: float
+    from_cache: int  #: requested samples whose features were cached already
+    extracted: int  #: images that went through the backbone
+    seconds: float  #: time spent in the backbone
+    #: samples given as ``records`` that the cache's per-class capacity dropped (their rows are left out)
+    dropped: tuple[str, ...] = ()
 
 
 def cached_features(
@@ -33,15 +38,29 @@ def cached_features(
     shas: Sequence[str],
     pixels_of: Callable[[int], np.ndarray],
     *,
+    records: Sequence[SampleRecord] | None = None,
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "extracting features",
 ) -> tuple[np.ndarray, ExtractionReport]:
-    """Features for ``shas`` (samples already in the cache's ``samples`` table).
+    """Features for ``shas``, float32 ``[N, D]`` in their order, and what it took.
 
     ``pixels_of(i)`` gives the uint8 pixels of ``shas[i]`` and is called only for samples whose
     features are missing, so decoding work is skipped with the backbone work.
+
+    Two ways to commit:
+
+    * ``records=None`` (host training, recomputing after a backbone change): ``shas`` are samples
+      already in the cache, and each batch of features is committed on its own, so an interrupted
+      run keeps what it extracted.
+    * ``records`` given (field learning): ``records[i]`` is the sample ``shas[i]``, to be added. All
+      features are extracted first, then the samples are added and their features stored in one
+      transaction: a sample is confirmed with its features or not at all. The cache's per-class
+      capacity may drop some of them; they are listed in ``report.dropped`` and have no row.
     """
+    if records is not None and [r.sha256 for r in records] != list(shas):
+        raise InputError("cached_features: records and shas differ", got=f"{len(records)} records for {len(shas)} shas",
+                         expected="records[i].sha256 == shas[i]", todo="pass shas=[r.sha256 for r in records]")
     key = spec.key()
     missing = set(cache.missing(backbone_sha256, key, shas))
     todo = [i for i, sha in enumerate(shas) if sha in missing]
@@ -51,16 +70,29 @@ def cached_features(
         first_index.setdefault(shas[i], i)
     todo = sorted(first_index.values())
     images_before, seconds_before = backend.stats.images, backend.stats.seconds
+    extracted: dict[str, np.ndarray] = {}
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo, leave=False) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            feats = backend.run(stack([pixels_of(i) for i in chunk]))
-            # each batch is committed on its own: an interrupted run keeps what it extracted
-            cache.put_features(backbone_sha256, key, {shas[i]: f for i, f in zip(chunk, feats)})
+            feats = dict(zip((shas[i] for i in chunk), backend.run(stack([pixels_of(i) for i in chunk]))))
+            if records is None:
+                # each batch is committed on its own: an interrupted run keeps what it extracted
+                cache.put_features(backbone_sha256, key, feats)
+            else:
+                extracted.update(feats)
             bar.update(len(chunk))
-    found = cache.get_features(backbone_sha256, key, list(shas))
-    matrix = np.stack([found[sha] for sha in shas]).astype(np.float32) if shas else np.zeros((0, 0), np.float32)
+    kept = set(shas)
+    if records is not None:
+        crash_point("learn-before-commit")  # the crash tests kill field learning here: extracted, nothing committed
+        # one transaction: the samples and their features are confirmed together or not at all
+        with cache.transaction():
+            kept = set(cache.add_samples(records))  # the capacity policy may drop some
+            cache.put_features(backbone_sha256, key, {sha: f for sha, f in extracted.items() if sha in kept})
+    wanted = [sha for sha in shas if sha in kept]
+    found = cache.get_features(backbone_sha256, key, wanted)
+    matrix = np.stack([found[sha] for sha in wanted]).astype(np.float32) if wanted else np.zeros((0, 0), np.float32)
     report = ExtractionReport(requested=len(shas), from_cache=len(shas) - len(todo),
                               extracted=backend.stats.images - images_before,
-                              seconds=backend.stats.seconds - seconds_before)
+                              seconds=backend.stats.seconds - seconds_before,
+                              dropped=tuple(sha for sha in dict.fromkeys(shas) if sha not in kept))
     return matrix, report

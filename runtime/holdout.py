@@ -1,10 +1,13 @@
-"""The device's labelled holdout, and the paired test that compares two heads on it.
+"""The device's labelled holdout, and the two ways a new head is judged on it.
 
 ``Device.retrain`` gates a retrained head on a seeded share of the local labelled samples; the update
 health check compares the previous and the new head on the same share. Both take it from
-:func:`holdout_split` with the same seed, fraction and class order (:func:`class_order`: the active
-head's classes, then labels it does not know, sorted), so a retrained head is never judged by an
-update's health check on samples it was trained on.
+:meth:`LocalSplit.of` (:func:`holdout_split` with the same seed, fraction and class order:
+:func:`class_order`, the active head's classes, then labels it does not know, sorted), so a retrained
+head is never judged by an update's health check on samples it was trained on.
+
+Retrain's gate (:func:`retrain_gate`) accepts a candidate unless it is more than a tolerance less
+accurate than the active head on the holdout, and fits the candidate's temperature there.
 
 Two heads on the same samples are compared with McNemar's exact test (:func:`mcnemar_worse`): only
 the samples on which exactly one head is right carry information, and under "both heads are equally
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,10 @@ DEFAULT_SEED = 0
 MIN_HOLDOUT_SAMPLES = 20
 #: level of the one-sided McNemar test: the new head is rolled back when p <= ALPHA
 ALPHA = 0.05
+#: retrain's gate: the new head may be at most this much less accurate than the active one on the holdout
+DEFAULT_TOLERANCE = 0.01
+#: below this many holdout samples, retrain does not fit the new head's temperature
+MIN_TEMPERATURE_SAMPLES = 10
 
 
 def class_order(active_classes: Sequence[str], labels: Sequence[str]) -> list[str]:
@@ -72,6 +79,44 @@ def holdout_split(labels: Sequence[str], classes: Sequence[str], fraction: float
 def holdout_digest(sample_sha256: Sequence[str]) -> str:
     """sha256 of the sorted sample ids of a holdout: two reports name the same samples iff it matches."""
     return hashlib.sha256("\n".join(sorted(sample_sha256)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalSplit:
+    """The device's labelled samples of one backbone, split into training and holdout (see the module doc)."""
+
+    shas: list[str]
+    features: np.ndarray  #: float32 ``[N, D]``; row ``i`` belongs to ``shas[i]``
+    labels: list[str]
+    classes: list[str]  #: :func:`class_order` of the active head's classes and ``labels``
+    train: np.ndarray  #: indices of the training samples
+    hold: np.ndarray  #: indices of the holdout samples
+
+    @classmethod
+    def of(cls, shas: Sequence[str], features: np.ndarray, labels: Sequence[str], active_classes: Sequence[str],
+           fraction: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED) -> LocalSplit:
+        """Split ``FeatureCache.labelled``'s ``(shas, features, labels)`` for a device whose active head has ``active_classes``."""
+        classes = class_order(active_classes, labels)
+        train, hold = holdout_split(labels, classes, fraction, seed)
+        return cls(list(shas), features, list(labels), classes, train, hold)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Each sample's class number in :attr:`classes`."""
+        return np.array([self.classes.index(label) for label in self.labels], dtype=np.int64)
+
+    @property
+    def holdout_features(self) -> np.ndarray:
+        return self.features[self.hold]
+
+    @property
+    def holdout_labels(self) -> list[str]:
+        return [self.labels[i] for i in self.hold]
+
+    @property
+    def digest(self) -> str:
+        """:func:`holdout_digest` of the holdout samples."""
+        return holdout_digest([self.shas[i] for i in self.hold])
 
 
 def correct(head: Head, features: np.ndarray, labels: Sequence[str]) -> np.ndarray:
@@ -142,3 +187,43 @@ def mcnemar_worse(previous_correct: np.ndarray, new_correct: np.ndarray, alpha: 
     return PairedComparison(samples=n, accuracy_new=float(new.mean()) if n else 0.0,
                             accuracy_previous=float(prev.mean()) if n else 0.0, previous_only=previous_only,
                             new_only=new_only, p_value=mcnemar_p_value(previous_only, new_only), alpha=float(alpha))
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Retrain's verdict on a candidate head."""
+
+    accepted: bool
+    head: Head  #: the candidate, with its temperature when the holdout was large enough to fit one
+    holdout_count: int
+    accuracy_new: float | None  #: None without holdout samples
+    accuracy_active: float | None
+    temperature: float | None
+    reason: str
+
+
+def retrain_gate(candidate: Head, active: Head, split: LocalSplit, tolerance: float = DEFAULT_TOLERANCE) -> GateResult:
+    """Accept ``candidate`` unless it is more than ``tolerance`` less accurate than ``active`` on the holdout.
+
+    Without holdout samples the candidate is accepted on its training alone. With at least
+    :data:`MIN_TEMPERATURE_SAMPLES` its temperature is fitted on the holdout, accepted or not.
+    """
+    X, labels = split.holdout_features, split.holdout_labels
+    if not labels:
+        return GateResult(accepted=True, head=candidate, holdout_count=0, accuracy_new=None, accuracy_active=None,
+                          temperature=None, reason="no holdout: accepted on training data alone")
+    accuracy_new = float(np.mean(correct(candidate, X, labels)))
+    accuracy_active = float(np.mean(correct(active, X, labels)))
+    temperature = None
+    if len(labels) >= MIN_TEMPERATURE_SAMPLES:
+        # imported here, as in Device.retrain: predicting never needs the trainers
+        from edgexfer.runtime.head_training import fit_temperature
+
+        y = np.array([candidate.classes.index(label) for label in labels], dtype=np.int64)
+        temperature = fit_temperature(candidate.logits(X), y)
+        candidate = replace(candidate, temperature=temperature)
+    return GateResult(accepted=accuracy_new >= accuracy_active - tolerance, head=candidate,
+                      holdout_count=len(labels), accuracy_new=accuracy_new, accuracy_active=accuracy_active,
+                      temperature=temperature,
+                      reason=f"holdout accuracy {accuracy_new:.3f} vs active {accuracy_active:.3f} "
+                             f"(tolerance {tolerance:.3f})")

@@ -47,21 +47,12 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.holdout import (
-    ALPHA,
-    DEFAULT_HOLDOUT,
-    DEFAULT_SEED,
-    MIN_HOLDOUT_SAMPLES,
-    class_order,
-    correct,
-    holdout_digest,
-    holdout_split,
-    mcnemar_worse,
-)
+from edgexfer.runtime.holdout import ALPHA, MIN_HOLDOUT_SAMPLES, LocalSplit, correct, mcnemar_worse
 from edgexfer.runtime.manifest import check_relative_path
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
@@ -334,24 +325,21 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
 def _local_comparison(state: DeviceState, active: ActiveState, bundle: Bundle, previous: Head | None,
                       new: Head) -> dict[str, Any]:
     """The previous and the new head on the device's labelled holdout, when that means something."""
-    from edgexfer.runtime.device import Device
-
     if previous is None:
         return {"compared": False, "holdout_count": 0,
                 "reason": "local comparison skipped: no previous head to compare with"}
-    with Device(state.root) as dev, dev.cache() as cache:
-        shas, X, labels = cache.labelled(active.bundle, bundle.preprocess.key())
-    # the split retrain uses: the previous (active before the switch) head's classes first, same seed
-    _, hold = holdout_split(labels, class_order(previous.classes, labels), DEFAULT_HOLDOUT, DEFAULT_SEED)
-    out: dict[str, Any] = {"holdout_count": int(len(hold)),
-                           "holdout_digest": holdout_digest([shas[i] for i in hold]),
+    with FeatureCache(state.cache_path) as cache:
+        # the split retrain uses: the previous (active before the switch) head's classes first, default seed
+        split = LocalSplit.of(*cache.labelled(active.bundle, bundle.preprocess.key()), previous.classes)
+    hold = split.hold
+    out: dict[str, Any] = {"holdout_count": int(len(hold)), "holdout_digest": split.digest,
                            "min_holdout_count": MIN_HOLDOUT_SAMPLES}
     if len(hold) < MIN_HOLDOUT_SAMPLES:
         return {**out, "compared": False,
                 "reason": f"local comparison skipped: {len(hold)} holdout samples < {MIN_HOLDOUT_SAMPLES}; "
                           "the publisher's signed figures stand"}
-    y = [labels[i] for i in hold]
-    paired = mcnemar_worse(correct(previous, X[hold], y), correct(new, X[hold], y), ALPHA)
+    X, y = split.holdout_features, split.holdout_labels
+    paired = mcnemar_worse(correct(previous, X, y), correct(new, X, y), ALPHA)
     return {**out, "compared": True, **paired.to_dict(), "reason": paired.describe()}
 
 

@@ -1,7 +1,8 @@
 """The device's holdout (one split for retrain and the update health check) and McNemar's test.
 
 The decision on plain counts and arrays, checked against the binomial tail (and scipy where it is
-installed); the split against what ``Device.retrain`` held out on a real device.
+installed); retrain's gate on small linear heads; the split against what ``Device.retrain`` held out
+on a real device.
 """
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import numpy as np
 import pytest
 
 from edgexfer.runtime.device import Device
+from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import (
+    MIN_TEMPERATURE_SAMPLES,
+    LocalSplit,
     class_order,
     correct,
     holdout_digest,
     holdout_split,
     mcnemar_p_value,
     mcnemar_worse,
+    retrain_gate,
 )
 from edgexfer.runtime.state import DeviceState
 
@@ -102,3 +107,50 @@ def test_retrain_holds_out_what_the_shared_split_gives(bundle, make_device):
     assert holdout_digest([shas[i] for i in hold]) == digest
     _, alphabetical = holdout_split(labels, sorted(order))
     assert holdout_digest([shas[i] for i in alphabetical]) != digest
+
+
+# ------------------------------------------------------------------------------------------ retrain's gate
+def _linear(classes: list[str], predicts: list[str]) -> Head:
+    """A linear head on one-hot-like features whose class ``classes[i]`` scores feature ``predicts`` maps to it."""
+    dim = len(predicts)
+    W = np.zeros((len(classes), dim), np.float32)
+    for j, name in enumerate(predicts):
+        W[classes.index(name), j] = 4.0
+    return Head("linear", classes, {"W": W, "b": np.zeros(len(classes), np.float32)})
+
+
+def _local(per_class: int, fraction: float = 0.25) -> LocalSplit:
+    names = ["cat", "dog", "fox"]
+    labels = [name for name in names for _ in range(per_class)]
+    rng = np.random.default_rng(3)
+    X = np.eye(3, dtype=np.float32)[[names.index(label) for label in labels]] + rng.normal(0, 0.1, (len(labels), 3))
+    shas = [f"{i:064x}" for i in range(len(labels))]
+    return LocalSplit.of(shas, X.astype(np.float32), labels, ["dog", "cat"], fraction)
+
+
+def test_retrain_gate_accepts_within_the_tolerance_and_fits_the_temperature():
+    split = _local(per_class=16)  # 4 of each class held out: 12 >= MIN_TEMPERATURE_SAMPLES
+    assert split.classes == ["dog", "cat", "fox"] and len(split.hold) == 12 >= MIN_TEMPERATURE_SAMPLES
+    right = _linear(split.classes, ["cat", "dog", "fox"])
+    active = _linear(["dog", "cat"], ["cat", "dog", "dog"])  # never knew "fox": those are its errors
+    gate = retrain_gate(right, active, split, tolerance=0.01)
+    assert gate.accepted and gate.holdout_count == 12
+    assert (gate.accuracy_new, gate.accuracy_active) == (pytest.approx(1.0), pytest.approx(8 / 12))
+    assert gate.reason == "holdout accuracy 1.000 vs active 0.667 (tolerance 0.010)"
+    assert gate.temperature is not None and gate.head.temperature == gate.temperature
+    assert right.temperature is None  # the candidate given is left as it was
+
+    # a candidate that calls everything "dog": 4/12, more than the tolerance below the active head
+    dogs = _linear(split.classes, ["dog", "dog", "dog"])
+    assert not retrain_gate(dogs, active, split, tolerance=0.01).accepted
+    assert retrain_gate(dogs, active, split, tolerance=0.5).accepted
+
+
+def test_retrain_gate_without_a_holdout_or_with_a_small_one():
+    right = _linear(["dog", "cat", "fox"], ["cat", "dog", "fox"])
+    none = retrain_gate(right, right, _local(per_class=8, fraction=0.0), tolerance=0.01)
+    assert (none.accepted, none.holdout_count, none.accuracy_new, none.temperature) == (True, 0, None, None)
+    assert none.reason == "no holdout: accepted on training data alone"
+    small = retrain_gate(right, right, _local(per_class=8))  # 2 of each class: below MIN_TEMPERATURE_SAMPLES
+    assert small.holdout_count == 6 and small.accepted and small.temperature is None
+    assert small.head is right
