@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.metadata
-import inspect
 import io
 import json
 import os
@@ -251,7 +250,7 @@ def open_target(target: EngineTarget, bundle: Bundle, threads: int | None):
         runner = TorchEagerRunner(bundle, threads)
         return runner, time.perf_counter() - start, runner.details["threads"]
     options: dict[str, Any] = {}
-    accepts_threads = "threads" in inspect.signature(backend_class(target.backend)).parameters
+    accepts_threads = backend_class(target.backend).takes_threads
     if threads and accepts_threads:
         options["threads"] = int(threads)
     runner = open_backend(target.backend, target.model, precision=target.precision, **options)
