@@ -15,6 +15,7 @@ from edgexfer.bench.plan import TORCH_BACKEND, EngineTarget
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.backends.registry import backend_class, open_backend
 from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.precision import execution_record
 
@@ -35,6 +36,8 @@ class TorchEagerRunner(EngineRunner):
     takes_threads = True  # torch's intra-op (OpenMP) threads; this sets them for the whole process
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", *, threads: int | None = None):
+        if precision != "fp32":  # no autocast: anything else would be recorded as what did not run
+            raise InputError(f"{precision} on {TORCH_BACKEND}", got=precision, expected="fp32 (the eager reference)")
         super().__init__(bundle.root, precision, threads=threads)
         torch = require("torch", "the PyTorch eager reference")
         from edgexfer.backbones import build_backbone

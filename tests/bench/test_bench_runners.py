@@ -38,6 +38,8 @@ def test_the_pytorch_eager_twin_is_an_engine_runner_with_its_checks_and_statisti
         assert runner.execution["precision"] == "fp32" and runner.execution["inference_precision"] == "f32"
         assert runner.details["parity_max_abs_diff"] >= 0
         assert runner.details["same_weights_as_bundle"] == (runner.details["parity_max_abs_diff"] <= 1e-3)
+    with pytest.raises(InputError, match="int8 on pytorch-eager"):
+        open_target(EngineTarget(TORCH_BACKEND, "int8", None), bundle, threads=None)
 
 
 def test_a_thread_count_reaches_an_engine_with_a_cpu_thread_pool(bench_bundle):
