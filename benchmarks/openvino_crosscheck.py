@@ -208,7 +208,7 @@ def main() -> int:
             continue
         bundle.engine_file("openvino", p)  # a missing engine is an error before any measurement
         precisions.append(p)
-    environment = capture_environment(args.threads)
+    environment = capture_environment(args.threads).to_dict()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     results = crosscheck(bundle, precisions, args.seconds, args.rounds, args.threads, args.tolerance)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -49,13 +49,30 @@ class RunStats:
 
 
 class EngineRunner:
-    """Base of every backend. ``run`` validates the batch and the output; ``run_impl`` is the engine."""
+    """Base of every runner. ``run`` validates the batch and the output; ``run_impl`` is the engine.
+
+    Options every runner takes: ``precision`` (what the engine is asked to compute in) and ``threads``
+    (the size of its CPU thread pool; only where :attr:`takes_threads` says it has one).
+    """
 
     name = "engine"
+    #: whether ``threads=N`` sizes a CPU thread pool the engine computes with (ONNX Runtime, OpenVINO,
+    #: PyTorch eager). An engine without one (TensorRT computes on the GPU) refuses a thread count
+    #: instead of ignoring it; callers that set threads for several engines ask this first.
+    takes_threads: ClassVar[bool] = False
 
-    def __init__(self, model_path: str | Path, precision: str = "fp32"):
+    def __init__(self, model_path: str | Path, precision: str = "fp32", *, threads: int | None = None):
+        if threads is not None:
+            if not self.takes_threads:
+                raise InputError(f"threads for the {self.name} backend", got=repr(threads),
+                                 expected="no thread count: this engine has no CPU thread pool",
+                                 todo="leave threads unset for this backend")
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise InputError("threads", got=repr(threads), expected="an integer >= 1")
         self.model_path = Path(model_path)
         self.precision = precision
+        #: CPU threads the engine computes with; None: the engine's own default
+        self.threads = threads
         #: what the float arithmetic really runs in (f32, f16, bf16); a backend sets it from its engine
         self.inference_precision = "f16" if precision == "fp16" else "f32"
         self.stats = RunStats()

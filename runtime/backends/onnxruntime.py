@@ -14,10 +14,11 @@ _TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)
 
 class OnnxRuntimeBackend(EngineRunner):
     name = "onnxruntime"
+    takes_threads = True  # intra-op threads of the CPU provider
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", *, providers: list[str] | None = None,
                  threads: int | None = None):
-        super().__init__(model_path, precision)
+        super().__init__(model_path, precision, threads=threads)
         ort = require("onnxruntime", "the onnxruntime backend")
         if not self.model_path.is_file():
             raise BundleError("ONNX model not found", got=str(self.model_path), expected="an existing .onnx file")
@@ -33,8 +34,8 @@ class OnnxRuntimeBackend(EngineRunner):
             raise InputError("ONNX Runtime execution provider not available", got=", ".join(missing),
                              expected=f"one of {', '.join(available)}", todo="choose another --providers value")
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=wanted)

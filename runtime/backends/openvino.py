@@ -23,10 +23,11 @@ from edgexfer.runtime.precision import check_openvino_ran, openvino_config, open
 
 class OpenVinoBackend(EngineRunner):
     name = "openvino"
+    takes_threads = True  # INFERENCE_NUM_THREADS of the compiled model
 
     def __init__(self, model_path: str | Path, precision: str = "fp32", *, device: str = "CPU",
                  threads: int | None = None, cache_dir: str | Path | None = None):
-        super().__init__(model_path, precision)
+        super().__init__(model_path, precision, threads=threads)
         ov = require("openvino", "the openvino backend")
         if self.model_path.suffix != ".xml" or not self.model_path.is_file():
             raise BundleError("OpenVINO model not found", got=str(self.model_path), expected="an existing .xml IR file")
@@ -38,8 +39,8 @@ class OpenVinoBackend(EngineRunner):
         # Every precision is set by name: on CPUs with AVX512-BF16 or AMX, OpenVINO would otherwise
         # compute fp32, fp16 and int8 engines in bf16.
         config: dict[str, object] = openvino_config(precision, device)
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         if cache_dir is not None:
             # OpenVINO's model cache: the first compile writes a blob there, later loads import it
             config["CACHE_DIR"] = str(cache_dir)

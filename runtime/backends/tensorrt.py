@@ -58,8 +58,8 @@ class _Cuda:
 class TensorRtBackend(EngineRunner):
     name = "tensorrt"
 
-    def __init__(self, model_path: str | Path, precision: str = "fp32"):
-        super().__init__(model_path, precision)
+    def __init__(self, model_path: str | Path, precision: str = "fp32", *, threads: int | None = None):
+        super().__init__(model_path, precision, threads=threads)  # refuses a thread count: GPU engine
         trt = require("tensorrt", "the tensorrt backend")
         if self.model_path.suffix not in (".plan", ".engine") or not self.model_path.is_file():
             raise BundleError("TensorRT engine not found", got=str(self.model_path), expected="a built .plan file",

@@ -1,155 +1,132 @@
-"""edgexfer bench: the report schema, the LoadGen wiring (tiny runs) and --compare ratios.
-
-No test asserts a wall-clock time: timings on a shared machine say nothing about correctness.
-"""
+"""The report (:mod:`edgexfer.bench.report`): records written as bench.json, the schema derived from them
+(checked by ``validate_report`` and documented in docs/benchmarks.md), and ``--compare`` ratios."""
 from __future__ import annotations
 
+import copy
 import json
-import os
+import re
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlperf_loadgen")
-pytest.importorskip("onnxruntime")
-
-from edgexfer import bench  # noqa: E402
-from edgexfer.runtime.bundle import Bundle  # noqa: E402
-from edgexfer.runtime.errors import BundleError, InputError  # noqa: E402
+from edgexfer.bench import SCHEMA, validate_report
+from edgexfer.bench.plan import SkippedTarget
+from edgexfer.bench.render import format_compare
+from edgexfer.bench.report import (
+    BundleInfo,
+    CpuRecord,
+    EngineRecord,
+    Environment,
+    Execution,
+    OfflineResult,
+    Report,
+    SampleInfo,
+    Settings,
+    SingleStreamResult,
+    compare_reports,
+    load_report,
+    report_schema,
+)
+from edgexfer.runtime.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench_bundle(request) -> Path:
-    """$EDGEXFER_TEST_BUNDLE, else the repository's build/test-bundle, else the demo bundle built with torch."""
-    env = os.environ.get("EDGEXFER_TEST_BUNDLE")
-    if env:
-        return Path(env)
-    built = REPO / "build" / "test-bundle"
-    if (built / "manifest.json").is_file():
-        return built
-    return request.getfixturevalue("device_bundle")
+def _latencies(**values):
+    keys = ("p50_ms", "p90_ms", "p95_ms", "p97_ms", "p99_ms", "p99_9_ms", "max_ms", "min_ms", "mean_ms")
+    return {k: values.get(k, 1.0) for k in keys}
 
 
-@pytest.fixture(scope="module")
-def tiny_report(bench_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "out"
-    report = bench.run_bench(bench_bundle, backends="onnxruntime", precisions="fp32",
-                             scenarios="single-stream,offline", batches="1,2", min_duration_s=0.05, min_queries=3,
-                             threads=1, out_dir=out, progress=False, layers="all", torch_reference=False)
-    return report, out
+def _small_report() -> Report:
+    """A report of one engine, one SingleStream and one Offline row, built from the records."""
+    cpu = CpuRecord(machine="x86_64", model="Test CPU", flags=["avx2"], signature="x86_64:avx2", bf16=False,
+                    int8_dot=False, hidden_flags=[])
+    return Report(
+        created_utc="2026-11-25T00:00:00Z", edgexfer="0.1.0",
+        bundle=BundleInfo(path="/b", name="b", arch="efficientnet_lite0", backbone_sha256="0" * 64,
+                          feature_dim=1280, head_kind="linear", classes=8),
+        settings=Settings(backends=["all"], precisions=["all"], scenarios=["single-stream", "offline"],
+                          layers=["engine"], batches=[1], min_duration_s=0.05, min_queries=3, threads=None,
+                          mlperf_minimums=False, warmup_calls=3, seed=0, offline_layer="engine_head",
+                          samples=SampleInfo(count=4, source="golden", mean_encoded_bytes=900,
+                                             pixels_shape=[224, 224, 3])),
+        environment=Environment(cpu_model="Test CPU", cpu=cpu, machine="x86_64", logical_cores=2, cores_usable=2,
+                                threads_requested=None, governor=None, load_average_1_5_15=[0.5, 0.5, 0.5],
+                                os="Linux", python="3.12", versions={"numpy": "2.0", "tensorrt": None},
+                                temperatures_c=None, jetson=None),
+        engines=[EngineRecord(backend="onnxruntime", precision="fp32", model="backbone.onnx", load_seconds=0.1,
+                              first_inference_ms=5.0, threads="engine default",
+                              execution=Execution(precision="fp32", inference_precision="f32", isa="x86_64:avx2",
+                                                  cpu="Test CPU"), details={"providers": ["CPUExecutionProvider"]})],
+        skipped=[SkippedTarget("openvino", "bf16", "bf16 execution | got CPU 'Test CPU'")],
+        results=[SingleStreamResult(backend="onnxruntime", precision="fp32", layer="engine", batch=1,
+                                    **_latencies(), count=3, std_ms=0.1, throughput_sps=900, validity="INVALID",
+                                    invalid_reason=None, early_stopping=None, sut_timed={"p50_ms": 1.0, "count": 3},
+                                    latencies_ms=[1.0, 1.0, 1.0]),
+                 OfflineResult(backend="onnxruntime", precision="fp32", layer="engine_head", batch=1, samples=3,
+                               throughput_sps=950.0, sut_timed_sps=None, validity="VALID", invalid_reason=None)],
+        head_overhead=[], summary={})
 
 
-def test_tiny_run_writes_every_output_with_the_documented_schema(tiny_report):
-    report, out = tiny_report
-    assert bench.validate_report(report) == []
-    on_disk = json.loads((out / "bench.json").read_text())
-    assert bench.validate_report(on_disk) == []
-    assert on_disk["schema"] == bench.SCHEMA
-    for name in ("bench.json", "bench.md", "plots/latency_cdf.png", "plots/throughput_vs_batch.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert (out / "plots/latency_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_a_report_built_from_the_records_is_valid_and_written_in_the_documented_order():
+    written = _small_report().to_dict()
+    assert validate_report(written) == []
+    assert validate_report(json.loads(json.dumps(written))) == []
+    assert list(written) == ["schema", "created_utc", "edgexfer", "bundle", "settings", "environment", "engines",
+                             "skipped", "results", "head_overhead", "summary", "outputs"]  # no side_by_side, compare
+    assert written["schema"] == SCHEMA and written["results"][0]["scenario"] == "single-stream"
+    assert written["results"][1]["scenario"] == "offline" and written["results"][1]["sut_timed_sps"] is None
+    assert written["skipped"] == [{"backend": "openvino", "precision": "bf16",
+                                   "reason": "bf16 execution | got CPU 'Test CPU'"}]
 
 
-def test_every_layer_and_batch_is_reported_for_the_engine(tiny_report):
-    report, _ = tiny_report
-    ss = [r for r in report["results"] if r["scenario"] == "single-stream"]
-    assert sorted(r["layer"] for r in ss) == sorted(bench.LAYERS)
-    off = [r for r in report["results"] if r["scenario"] == "offline"]
-    assert sorted(r["batch"] for r in off) == [1, 2]
-    assert all(r["layer"] == bench.OFFLINE_LAYER for r in off)
-    for r in ss:
-        assert r["backend"] == "onnxruntime" and r["precision"] == "fp32" and r["batch"] == 1
-        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
-        # LoadGen counted exactly the queries our SUT completed
-        assert r["count"] == len(r["latencies_ms"]) >= 3
-    for r in off:
-        assert r["samples"] >= 3 and r["throughput_sps"] > 0
-    engine = report["engines"][0]
-    assert engine["load_seconds"] > 0 and engine["first_inference_ms"] > 0 and engine["threads"] == 1
-    overhead = report["head_overhead"][0]
-    assert overhead["pairs"] >= 16
-    # The time outside the engine (a 1280 x 8 head and the wrapper) is a small part of a backbone call: an
-    # "outside" as large as the engine itself means the engine's own time was not subtracted.
-    assert 0 < overhead["outside_engine_p50_ms"] < 0.5 * overhead["engine_p50_ms"], overhead
-    assert engine["execution"]["precision"] == "fp32" and engine["execution"]["inference_precision"] == "f32"
+@pytest.mark.parametrize("change,problem", [
+    (lambda r: r.pop("summary"), "report: missing summary"),
+    (lambda r: r.update(schema="edgexfer.bundle/1"), "report.schema is 'edgexfer.bundle/1', expected 'edgexfer.bench/1'"),
+    (lambda r: r["results"][0].pop("p50_ms"), "report.results[0]: missing p50_ms"),
+    (lambda r: r["results"][1].pop("samples"), "report.results[1]: missing samples"),
+    (lambda r: r["results"][0].update(scenario="server"), "report.results[0].scenario is 'server'"),
+    (lambda r: r["results"][0].update(count="3"), "report.results[0].count is string, expected integer"),
+    (lambda r: r["results"][0].update(latencies_ms=None), "report.results[0].latencies_ms is null, expected array"),
+    (lambda r: r["engines"][0]["execution"].pop("isa"), "report.engines[0].execution: missing isa"),
+    (lambda r: r["engines"][0].pop("threads"), "report.engines[0]: missing threads"),
+    (lambda r: r["environment"]["cpu"].update(signature=""), "report.environment.cpu.signature is empty"),
+    (lambda r: r["environment"]["cpu"].update(flags="avx2"), "report.environment.cpu.flags is string"),
+    (lambda r: r["environment"].pop("cpu"), "report.environment: missing cpu"),
+    (lambda r: r["settings"].update(threads=True), "report.settings.threads is boolean, expected integer or null"),
+    (lambda r: r.update(skipped={}), "report.skipped is object, expected array"),
+])
+def test_validation_names_each_problem_of_a_report(change, problem):
+    report = copy.deepcopy(_small_report().to_dict())
+    change(report)
+    problems = validate_report(report)
+    assert any(p.startswith(problem) for p in problems), problems
 
 
-def test_markdown_lists_every_backend_and_precision_with_percentiles(tiny_report):
-    report, out = tiny_report
-    md = (out / "bench.md").read_text()
-    assert "| backend | precision | computes in | p50 | p90 | p99 | throughput (samples/s) | at batch |" in md
-    row = next(line for line in md.splitlines() if line.startswith("| onnxruntime | fp32 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert all(c not in ("", "–") for c in cells), row
-    assert cells[2] == "f32", row
-    # where the figures come from: the CPU model, its ISA flags and the date, at the top
-    cpu = report["environment"]["cpu"]
-    header = md.split("## Backends side by side")[0]
-    assert cpu["model"] in header and ", ".join(cpu["flags"]) in header, header
-    assert report["created_utc"][:10] in header
-    # a skipped engine's one-line reason (parts joined by " | ") stays inside its table cell
-    skipped = {"backend": "openvino", "precision": "bf16", "reason": "bf16 execution | got CPU 'x' | expected avx512_bf16"}
-    row = next(line for line in bench.render_markdown({**report, "skipped": [skipped]}).splitlines()
-               if line.startswith("| openvino | bf16 |"))
-    assert len([c for c in row.replace("\\|", "").strip("|").split("|")]) == 8, row
+def test_validation_of_something_that_is_not_a_report():
+    assert validate_report([]) == ["report is array, expected object"]
 
 
-def test_environment_and_bundle_identity_are_recorded(tiny_report, bench_bundle):
-    report, out = tiny_report
-    env = report["environment"]
-    for key in ("cpu_model", "logical_cores", "governor", "versions", "jetson", "load_average_1_5_15"):
-        assert key in env
-    # bench.json on disk names the ISA flags engines decide on, the same cpu_features() reads
-    from edgexfer.runtime.cpu import cpu_features
-
-    on_disk = json.loads((out / "bench.json").read_text())["environment"]["cpu"]
-    assert on_disk["flags"] == list(cpu_features().flags) and on_disk["signature"] == cpu_features().signature
-    assert on_disk["model"] == cpu_features().model and isinstance(on_disk["bf16"], bool)
-    assert env["versions"]["onnxruntime"] and env["versions"]["mlperf_loadgen"]
-    assert report["bundle"]["backbone_sha256"] == Bundle.open(bench_bundle).manifest.backbone.sha256
-    assert report["settings"]["seed"] == bench.SEED
+def _schema_fields(schema, where="report"):
+    """(path, field name) of every field of every record in the schema."""
+    for name, sub in schema.get("properties", {}).items():
+        yield where, name
+        for part in [sub, sub.get("items", {}), *sub.get("anyOf", []), *sub.get("items", {}).get("anyOf", [])]:
+            if part.get("type") == "object" and "properties" in part:
+                yield from _schema_fields(part, f"{where}.{name}")
 
 
-def test_loadgen_logs_are_kept_per_test(tiny_report):
-    _, out = tiny_report
-    logs = sorted(p.parent.name for p in (out / "loadgen").glob("*/mlperf_log_summary.txt"))
-    assert "onnxruntime-fp32-single-stream-engine" in logs and "onnxruntime-fp32-offline-b2" in logs
-
-
-# ------------------------------------------------------------------------------ LoadGen wiring alone
-def test_single_stream_issues_one_sample_at_a_time_until_the_minimum(tmp_path):
-    seen: list[int] = []
-    run = bench.single_stream(seen.append, 5, bench.LoadGenSettings(0.01, 7, tmp_path / "ss"), expected_s=0.001)
-    lg = run["loadgen"]
-    assert lg["result_query_count"] == len(seen) == len(run["latencies_s"]) >= 7
-    assert set(seen) <= set(range(5))
-    assert "result_50.00_percentile_latency_ns" in lg and "result_validity" in lg
-
-
-def test_offline_issues_every_sample_in_batches_no_larger_than_asked(tmp_path):
-    batches: list[list[int]] = []
-    run = bench.offline(batches.append, 6, 4, bench.LoadGenSettings(0.01, 10, tmp_path / "off"),
-                        expected_qps=100.0, min_samples=10)
-    done = sum(len(b) for b in batches)
-    assert done == run["loadgen"]["effective_samples_per_query"] >= 10
-    assert max(len(b) for b in batches) == 4
-    assert all(0 <= i < 6 for b in batches for i in b)
-    assert run["loadgen"]["result_samples_per_second"] > 0
-
-
-def test_an_error_inside_the_system_under_test_is_raised_after_loadgen_stops(tmp_path):
-    def broken(index: int) -> None:
-        raise InputError("engine exploded", got=index)
-
-    with pytest.raises(InputError, match="engine exploded"):
-        bench.single_stream(broken, 3, bench.LoadGenSettings(0.01, 3, tmp_path / "bad"), expected_s=0.001)
+def test_docs_describe_every_field_the_report_writes():
+    """docs/benchmarks.md documents bench.json: every field of the schema is named there, in backticks."""
+    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    documented = set(re.findall(r"`([a-z0-9_]+)(?:\[\])?`", docs))  # `engines[]`: a list
+    missing = sorted({f"{where}.{name}" for where, name in _schema_fields(report_schema()) if name not in documented})
+    assert missing == []
 
 
 # ------------------------------------------------------------------------------ --compare
 def _report(results):
-    return {"schema": bench.SCHEMA, "created_utc": "2026-11-25T00:00:00Z", "results": results}
+    return {"schema": SCHEMA, "created_utc": "2026-11-25T00:00:00Z", "results": results}
 
 
 def test_compare_computes_new_over_old_ratios_per_matching_row():
@@ -165,7 +142,7 @@ def test_compare_computes_new_over_old_ratios_per_matching_row():
         {"scenario": "offline", "backend": "onnxruntime", "precision": "fp32", "layer": "engine_head", "batch": 8,
          "throughput_sps": 75.0},
     ])
-    rows = {(r["backend"], r["scenario"]): r for r in bench.compare_reports(new, old)}
+    rows = {(r["backend"], r["scenario"]): r for r in compare_reports(new, old)}
     both = rows[("onnxruntime", "single-stream")]
     assert both["status"] == "both"
     assert both["p50_ms_ratio"] == pytest.approx(0.5)
@@ -174,7 +151,7 @@ def test_compare_computes_new_over_old_ratios_per_matching_row():
     assert both["throughput_sps_ratio"] == pytest.approx(2.0)
     assert rows[("onnxruntime", "offline")]["status"] == "new only"
     assert rows[("openvino", "offline")]["status"] == "old only"
-    table = bench.format_compare(bench.compare_reports(new, old))
+    table = format_compare(compare_reports(new, old))
     assert "| 0.500 | 1.000 | 2.000 |" in table
 
 
@@ -182,219 +159,6 @@ def test_compare_refuses_a_file_that_is_not_a_bench_report(tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"schema": "edgexfer.bundle/1"}))
     with pytest.raises(InputError, match="not an edgexfer bench report"):
-        bench.load_report(path)
+        load_report(path)
     with pytest.raises(InputError, match="not found"):
-        bench.load_report(tmp_path / "missing.json")
-
-
-def test_cli_compare_prints_ratios_against_an_earlier_run(tiny_report, bench_bundle, tmp_path):
-    from click.testing import CliRunner
-
-    from edgexfer.cli_bench import bench as bench_command
-
-    _, first = tiny_report
-    result = CliRunner().invoke(bench_command, [
-        str(bench_bundle), "--backend", "onnxruntime", "--precision", "fp32", "--scenario", "single-stream",
-        "--layer", "engine", "--min-duration", "0.05", "--min-queries", "3", "--out", str(tmp_path / "second"),
-        "--compare", str(first / "bench.json"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert "Compared with" in result.output
-    report = json.loads((tmp_path / "second" / "bench.json").read_text())
-    row = next(r for r in report["compare"]["rows"] if r["layer"] == "engine" and r["scenario"] == "single-stream")
-    assert row["status"] == "both" and row["p50_ms_ratio"] > 0
-    assert {r["status"] for r in report["compare"]["rows"]} == {"both", "old only"}
-
-
-# ------------------------------------------------------------------------------ choosing what to run
-def test_an_engine_the_bundle_lacks_is_an_error_not_a_quiet_omission(bench_bundle):
-    bundle = Bundle.open(bench_bundle)
-    with pytest.raises(BundleError, match="no engine in the bundle"):
-        bench.plan_targets(bundle, ["onnxruntime"], ["int8"])
-    with pytest.raises(InputError, match="--backend"):
-        bench.plan_targets(bundle, ["onnx"], ["all"])
-    targets, _ = bench.plan_targets(bundle, ["all"], ["all"], torch_reference=False)
-    assert ("onnxruntime", "fp32") in {(t.backend, t.precision) for t in targets}
-
-
-@pytest.mark.parametrize("value", ["1,x", "0", ""])
-def test_bad_batch_lists_are_one_line_errors(value):
-    with pytest.raises(InputError, match="--batch"):
-        bench.parse_batches(value)
-
-
-def test_latency_stats_of_known_values():
-    stats = bench.latency_stats([0.001, 0.002, 0.003, 0.004])
-    assert stats["count"] == 4
-    assert stats["p50_ms"] == pytest.approx(2.5)
-    assert stats["max_ms"] == pytest.approx(4.0)
-    assert stats["mean_ms"] == pytest.approx(2.5)
-
-
-def test_interleaved_engines_give_every_engine_the_same_rounds():
-    import numpy as np
-
-    class Fake:
-        def __init__(self):
-            self.calls = 0
-
-        def run(self, batch):
-            self.calls += 1
-            return np.zeros((len(batch), 4), np.float32)
-
-    runners = {"a/fp32": Fake(), "b/int8": Fake()}
-    side = bench.interleaved_engines(runners, np.zeros((3, 8, 8, 3), np.uint8), rounds=10)
-    assert side["rounds"] == 10
-    assert runners["a/fp32"].calls == runners["b/int8"].calls == 10 + bench.WARMUP_CALLS
-    assert set(side["p50_ms"]) == set(runners) and all(v >= 0 for v in side["p50_ms"].values())
-    report = {"results": [], "side_by_side": {**side, "p50_ms": {"a/fp32": 2.0, "pytorch-eager/fp32": 10.0}}}
-    summary = bench.summarize(report)
-    assert summary["side_by_side_best"]["engine"] == "a/fp32"
-    assert summary["side_by_side_speedup_vs_pytorch_eager"] == pytest.approx(5.0)
-
-
-def test_cli_json_prints_the_report_on_stdout(bench_bundle, tmp_path):
-    from click.testing import CliRunner
-
-    from edgexfer.cli_bench import bench as bench_command
-
-    result = CliRunner().invoke(bench_command, [
-        str(bench_bundle), "--backend", "onnxruntime", "--scenario", "offline", "--batch", "2",
-        "--min-duration", "0.05", "--min-queries", "2", "--out", str(tmp_path / "j"), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert bench.validate_report(report) == []
-    assert [(r["scenario"], r["batch"]) for r in report["results"]] == [("offline", 2)]
-
-
-def test_an_undecodable_image_stops_the_benchmark_instead_of_timing_an_error(bench_bundle, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    with pytest.raises(InputError):
-        bench.run_bench(bench_bundle, backends="onnxruntime", scenarios="single-stream", layers="end_to_end",
-                        min_duration_s=0.05, min_queries=2, out_dir=tmp_path / "o", progress=False,
-                        images=images, torch_reference=False, plots=False)
-
-
-def test_registered_under_the_edgexfer_group_a_bad_option_is_a_one_line_error(bench_bundle):
-    import click
-    from click.testing import CliRunner
-
-    from edgexfer.cli import _Group
-    from edgexfer.cli_bench import bench as bench_command
-
-    @click.group(cls=_Group)
-    @click.pass_context
-    def group(ctx):
-        ctx.ensure_object(dict)
-
-    group.add_command(bench_command)
-    result = CliRunner().invoke(group, ["bench", str(bench_bundle), "--scenario", "server", "--quiet"])
-    assert result.exit_code == 1
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines == ["error: --scenario | got server | expected all or any of single-stream, offline"]
-
-
-# ------------------------------------------------------------------------------ the head-overhead decomposition
-class _Clock:
-    """A stand-in for time.perf_counter that moves only when the fake engine or head works."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
-def test_head_overhead_parts_add_up_to_the_measured_engine_plus_head(monkeypatch):
-    """Engine calls of known, varying cost and a head of known cost: the decomposition must find the head's
-    cost, and engine p50 + outside-the-engine p50 must equal the engine + head p50 measured directly."""
-    import types
-
-    import numpy as np
-
-    from edgexfer.runtime.backends import base
-    from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
-    from edgexfer.runtime.predictor import Predictor
-
-    clock = _Clock()
-    fake_time = types.SimpleNamespace(perf_counter=clock.perf_counter)
-    monkeypatch.setattr(bench, "time", fake_time)
-    monkeypatch.setattr(base, "time", fake_time)
-    head_cost_s = 0.0005
-    # one cost per pair (both calls of a pair see it), a jittery engine: 4 ms with 8 ms and 20 ms outliers
-    costs = [0.004, 0.0041, 0.0039, 0.008, 0.004, 0.02, 0.0042, 0.0038]
-    calls = {"n": 1}  # paired_head_overhead's first engine call takes slot 0 alone; then pair i takes slot i + 1
-
-    class ClockEngine(EngineRunner):
-        name = "clock"
-
-        def input_spec(self):
-            return TensorSpec("image", (None, 4, 4, 3), "uint8")
-
-        def run_impl(self, batch):
-            clock.now += costs[(calls["n"] // 2) % len(costs)]
-            calls["n"] += 1
-            return np.ones((len(batch), 5), np.float32)
-
-    class ClockHead:
-        classes = ["a", "b"]
-
-        def probabilities(self, feats):
-            clock.now += head_cost_s
-            return np.full((len(feats), 2), 0.5, np.float32)
-
-    engine = ClockEngine("clock.onnx", "fp32")
-    predictor = Predictor(None, engine, ClockHead(), "clock", "fp32")
-    h = bench.paired_head_overhead(engine, predictor, np.zeros((4, 4, 4, 3), np.uint8), pairs=32)
-
-    assert h["pairs"] == 32
-    assert h["outside_engine_p50_ms"] == pytest.approx(head_cost_s * 1e3, rel=1e-6)
-    assert h["head_only_p50_ms"] == pytest.approx(head_cost_s * 1e3, rel=1e-6)
-    assert h["engine_p50_ms"] == pytest.approx(float(np.median(costs)) * 1e3, rel=1e-6)
-    # the parts add up to the directly measured engine + head figure (1 % tolerance; exact with this clock)
-    assert h["engine_p50_ms"] + h["outside_engine_p50_ms"] == pytest.approx(h["engine_head_p50_ms"], rel=0.01)
-    assert h["decomposed_ratio"] == pytest.approx(h["engine_head_p50_ms"] / h["engine_p50_ms"], rel=0.01)
-
-
-# ------------------------------------------------------------------------------ bf16 targets
-def _bundle_with(engines):
-    """What plan_targets reads of a bundle: its engine entries and their files."""
-    import types
-
-    root = Path("/bundle")
-    entries = [types.SimpleNamespace(backend=b, precision=p) for b, p in engines]
-
-    def engine_file(backend, precision):
-        if (backend, precision) == ("onnxruntime", "fp32") or (backend, precision) in engines:
-            return root / "engines" / backend / precision / "backbone.xml"
-        raise BundleError("no engine in the bundle for this backend and precision", got=f"{backend}/{precision}")
-
-    return types.SimpleNamespace(root=root, manifest=types.SimpleNamespace(engines=entries), engine_file=engine_file)
-
-
-def test_bf16_is_planned_next_to_fp32_and_int8_on_a_bf16_cpu_and_skipped_with_the_reason_elsewhere(monkeypatch):
-    from edgexfer.runtime.cpu import CpuFeatures
-    from edgexfer.runtime.precision import PRECISIONS, PrecisionError
-
-    monkeypatch.setattr(bench, "available_backends", lambda: ["onnxruntime", "openvino"])
-    bundle = _bundle_with([("openvino", "int8"), ("openvino", "bf16"), ("openvino", "fp32")])
-    zen4 = CpuFeatures("x86_64", "AMD EPYC", ("avx2", "avx512f", "avx512_vnni", "avx512_bf16"))
-    avx2 = CpuFeatures("x86_64", "older x86", ("avx2", "fma"))
-
-    targets, skipped = bench.plan_targets(bundle, ["openvino"], ["all"], torch_reference=False, features=zen4)
-    assert [t.label for t in targets] == ["openvino/fp32", "openvino/bf16", "openvino/int8"]
-    assert skipped == []
-
-    targets, skipped = bench.plan_targets(bundle, ["all"], ["all"], torch_reference=False, features=avx2)
-    assert [t.label for t in targets] == ["onnxruntime/fp32", "openvino/fp32", "openvino/int8"]
-    assert [(s.backend, s.precision) for s in skipped] == [("openvino", "bf16")]
-    reason = skipped[0].reason
-    assert "\n" not in reason and "avx512_bf16" in reason and "older x86" in reason, reason
-
-    # asked for by name on such a CPU: the one-line error, not a quiet omission
-    for backends in (["openvino"], ["all"]):
-        with pytest.raises(PrecisionError, match="bf16 execution.*avx512_bf16"):
-            bench.plan_targets(bundle, backends, ["fp32", "bf16"], torch_reference=False, features=avx2)
-    assert bench.PRECISIONS is PRECISIONS
-
+        load_report(tmp_path / "missing.json")

@@ -8,11 +8,22 @@ from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.backends.registry import BACKENDS, backend_class, open_backend
 from edgexfer.runtime.errors import InputError, MissingDependencyError
 from edgexfer.runtime.optional import is_installed
+from edgexfer.runtime.precision import BACKEND_PRECISIONS
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_backend_module_imports_without_its_engine(name):
     assert issubclass(backend_class(name), EngineRunner)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_takes_a_thread_count_or_refuses_it_in_one_line(name, tmp_path):
+    """``threads`` sizes the CPU thread pool of an engine that has one; one without (TensorRT, on the GPU)
+    refuses a count instead of ignoring it. Both checks come before any engine is loaded."""
+    precision = BACKEND_PRECISIONS[name][0]
+    bad = 2 if not backend_class(name).takes_threads else 0
+    with pytest.raises(InputError, match="threads"):
+        open_backend(name, tmp_path / "model", precision=precision, threads=bad)
 
 
 @pytest.mark.parametrize("name,precision", [("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")])
