@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from edgexfer.cli_options import json_option, quiet_option
+from edgexfer.runtime.backends.registry import BACKENDS
 from edgexfer.runtime.precision import PRECISIONS
 
 _DEFAULT_BATCHES = "1,2,4,8,16"
@@ -18,7 +20,7 @@ _DEFAULT_BATCHES = "1,2,4,8,16"
 @click.command(name="bench")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", default="all", show_default=True,
-              help="all, or a comma-separated list of onnxruntime, openvino, tensorrt, pytorch-eager.")
+              help=f"all, or a comma-separated list of {', '.join(BACKENDS)}, pytorch-eager.")
 @click.option("--precision", "precisions", default="all", show_default=True,
               help=f"all, or a comma-separated list of {', '.join(PRECISIONS)}. With all, an engine this CPU "
                    "cannot compute in (bf16 without avx512_bf16/amx_bf16) is skipped with the reason; named, "
@@ -43,8 +45,8 @@ _DEFAULT_BATCHES = "1,2,4,8,16"
               help="Directory for bench.json, bench.md, plots/ and LoadGen logs.")
 @click.option("--compare", type=click.Path(path_type=Path), default=None,
               help="An earlier bench.json: print new/old ratios.")
-@click.option("--json", "as_json", is_flag=True, help="Print bench.json on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@json_option
+@quiet_option
 def bench(bundle_dir, backends, precisions, scenarios, batches, layers, min_duration, min_queries, mlperf, threads,
           images, no_torch, out, compare, as_json, quiet):
     """Latency and throughput of every engine in a bundle, side by side (MLPerf LoadGen)."""

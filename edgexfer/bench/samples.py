@@ -9,9 +9,9 @@ import numpy as np
 
 from edgexfer.bench.plan import SEED
 from edgexfer.bench.report import SampleInfo
-from edgexfer.data import IMAGE_EXTENSIONS
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.imagefolder import IMAGE_EXTENSIONS
 
 
 @dataclass
