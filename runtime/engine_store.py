@@ -1,4 +1,4 @@
-"""Engines built on the device, kept under ``state/engines/<cache-key>/`` and rebuilt only when something changed.
+"""Engines built on the device, kept under ``state/engines/<key>/`` and rebuilt only when something changed.
 
 A compiled engine is valid for exactly one combination of backend, engine version, device, precision
 and backbone. :func:`engine_store_key` turns those five into a directory name, so a new TensorRT from a
