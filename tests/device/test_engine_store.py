@@ -1,4 +1,4 @@
-"""Engines built or picked on the device (``state/engines/<cache-key>/``), and the golden gate of install.
+"""Engines built or picked on the device (``state/engines/<key>/``), and the golden gate of install.
 
 The OpenVINO tests compile a real IR into OpenVINO's model cache; they run where openvino is installed
 (the host venv) and skip in the torch-free ONNX-Runtime-only device venv. TensorRT needs a GPU: the
