@@ -261,9 +261,9 @@ class Head:
             "classes": json.dumps(list(self.classes)),
             "temperature": json.dumps(self.temperature),
         }
-        payload = safetensors.numpy.save(
+        payload = _canonical_header(safetensors.numpy.save(
             {name: np.ascontiguousarray(value) for name, value in self.tensors.items()}, metadata=metadata
-        )
+        ))
         if not target.parent.is_dir():
             raise HeadError("cannot write head file", got=f"{target}: no such directory",
                             expected="an existing, writable directory", todo="create the directory first")
@@ -427,3 +427,18 @@ def _parse_metadata(source: Path, metadata: object) -> tuple[str, tuple[str, ...
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
         raise _reject(source, "has a malformed 'temperature'", repr(temperature)[:40], "null or a number")
     return kind, tuple(classes), None if temperature is None else float(temperature)
+
+
+def _canonical_header(payload: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted order, so one head always has one sha256.
+
+    safetensors writes the metadata map in a random order (a Rust HashMap), so saving one head twice gave
+    different bytes; devices recognise a head by its sha256 (re-installs, refused updates). The tensor
+    offsets are relative to the data section, so only the header is rewritten (padded to 8 bytes as the
+    format asks).
+    """
+    (size,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + payload[8 + size:]

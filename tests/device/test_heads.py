@@ -337,3 +337,19 @@ def test_load_refuses_a_head_for_another_backbone(tmp_path) -> None:
         Head.load(path, feature_dim=1280)
     message = assert_one_line_error(exc)
     assert "1280" in message and str(D) in message
+
+
+def test_one_head_always_saves_to_the_same_bytes(tmp_path):
+    """Devices know a head by its sha256 (re-install, refused updates): saving must be deterministic."""
+    import hashlib
+
+    head = Head("linear", ("a", "b", "c"), {"W": np.arange(12, dtype=np.float32).reshape(3, 4),
+                                            "b": np.ones(3, np.float32)}, 1.5)
+    digests = set()
+    for i in range(12):  # safetensors' metadata order alone used to vary between saves
+        head.save(tmp_path / f"h{i}.safetensors")
+        digests.add(hashlib.sha256((tmp_path / f"h{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    again = Head.load(tmp_path / "h0.safetensors")
+    assert again.classes == head.classes and again.temperature == 1.5
+    np.testing.assert_array_equal(again.tensors["W"], head.tensors["W"])
