@@ -320,7 +320,9 @@ def device_heads(state, as_json):
         heads = dev.heads()
     lines = [f"{'*' if h['active'] else ' '} {h['version']:>3}  {h['status']:<9} {h['source']:<8} {h['kind']:<9} "
              f"{len(h['classes'])} classes  parent {h['parent']}  {h['created_utc']}  "
-             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in h["metrics"].items())
+             # scalar figures only: the signed golden logits of an update stay in --json
+             + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in h["metrics"].items()
+                        if not isinstance(v, (dict, list)))
              for h in heads]
     emit({"heads": heads}, as_json, "\n".join(lines))
 
