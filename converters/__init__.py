@@ -6,7 +6,8 @@ onnxruntime, onnx, tensorrt) are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-from edgexfer.converters.conversion import BACKENDS, PRECISIONS, ConvertResult, convert
+from edgexfer.converters.conversion import BACKENDS, ConvertResult, convert
 from edgexfer.converters.engine_table import engine_table, format_engine_table
+from edgexfer.runtime.precision import PRECISIONS
 
 __all__ = ["BACKENDS", "PRECISIONS", "ConvertResult", "convert", "engine_table", "format_engine_table"]

@@ -73,10 +73,6 @@ def openvino_config(precision: str, device: str = "CPU", features: CpuFeatures |
     return {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "f16"}
 
 
-#: what OpenVINO's INFERENCE_PRECISION_HINT must read back as, per precision, on a CPU
-_OPENVINO_CPU_RUNS = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
-
-
 def openvino_inference_precision(compiled) -> str:
     """What a compiled OpenVINO model computes its float parts in (``f32``, ``bf16``, ``f16``)."""
     value = compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -86,8 +82,7 @@ def openvino_inference_precision(compiled) -> str:
 
 def check_openvino_ran(precision: str, device: str, ran: str) -> None:
     """The compiled model must compute in what was asked for (a plugin may silently ignore a hint)."""
-    want = _OPENVINO_CPU_RUNS[precision] if device.startswith("CPU") else openvino_config(precision, device)[
-        "INFERENCE_PRECISION_HINT"]
+    want = openvino_config(precision, device)["INFERENCE_PRECISION_HINT"]
     if ran != want:
         raise PrecisionError(f"OpenVINO {precision} engine on {device}", got=f"computes in {ran}",
                              expected=f"computes in {want}",
