@@ -265,7 +265,7 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     import torch
     from torch import nn
 
-    from edgexfer.augment import Augmenter
+    from edgexfer.runtime.augment import Augmenter
     from edgexfer.onnx_export import export_backbone
     from edgexfer.pixel_model import TorchHead
 

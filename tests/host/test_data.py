@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgexfer.augment import Augmenter
+from edgexfer.runtime.augment import Augmenter
 from edgexfer.data import (
     IMAGE_EXTENSIONS,
     decode_all,

@@ -1,4 +1,4 @@
-"""Training-time augmentation of decoded images, built around the inference resize.
+"""Augmentation of decoded images, built around the inference resize (host fine-tuning and device views).
 
 Every augmented sample goes through :func:`edgexfer.runtime.preprocess.resize_to_spec`, so training
 images have the same geometry (letterbox bars or centre crop, same size, same resampling) as the images
