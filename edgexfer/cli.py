@@ -22,7 +22,7 @@ from edgexfer.cli_options import (
 )
 from edgexfer.runtime.backends.registry import BACKENDS
 from edgexfer.runtime.errors import EdgexferError
-from edgexfer.runtime.names import HEAD_KINDS
+from edgexfer.runtime.names import HEAD_KINDS, TRAIN_MODES
 
 
 class _Group(click.Group):
@@ -55,7 +55,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--mode", type=click.Choice(["frozen", "partial"]), default="frozen", show_default=True)
+@click.option("--mode", type=click.Choice(list(TRAIN_MODES)), default="frozen", show_default=True,
+              help="frozen: head on fixed features; partial: fine-tune the last blocks; auto: choose by k-fold "
+                   "cross-validation (docs/training.md).")
 @click.option("--head", type=click.Choice(list(HEAD_KINDS)), default="linear", show_default=True)
 @click.option("--unfreeze", default="2", show_default=True, help="Partial mode: last N blocks to fine-tune, or 'all'.")
 @click.option("--epochs", type=int, default=None, help="Default: 15 (partial), 200 (frozen mlp head).")
@@ -69,19 +71,23 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Feature cache file (default $EDGEXFER_CACHE or ~/.cache/edgexfer/features.sqlite).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Your own checkpoint (state dict) of the same architecture.")
+@click.option("--folds", type=int, default=5, show_default=True, help="Auto mode: folds of the cross-validation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, batch_size, C,
-          cache, weights, as_json, quiet):
+          cache, weights, folds, as_json, quiet):
     """Fine-tune on an ImageFolder tree (one folder per class)."""
     from edgexfer.train import TrainConfig
     from edgexfer.train import train as run_train
 
     cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, unfreeze=unfreeze,
                       epochs=epochs, seed=seed, val_fraction=val_fraction, lr=lr, backbone_lr=backbone_lr,
-                      batch_size=batch_size, C=C, cache=cache, weights=weights, progress=not quiet)
+                      batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds,
+                      progress=not quiet)
     result = run_train(cfg)
-    text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{head}, {result.metrics['val_count']} images)\n"
+    chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""
+    text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{result.metrics['head']}, "
+            f"{result.metrics['val_count']} images{chosen})\n"
             f"backbone ran on {result.metrics['backbone_images_run']} image(s); "
             f"{result.metrics['features_from_cache']} feature vector(s) came from the cache\n"
             f"skipped {len(result.skipped)} file(s)\nrun directory: {out}")

@@ -65,3 +65,32 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_selection(candidates: Sequence[dict[str, Any]], chosen: str, path: Path, title: str) -> Path:
+    """Cross-validated accuracy per candidate (mean and std over folds) beside its time per fold."""
+    plt = _pyplot()
+    rows = [c for c in candidates if c.get("mean") is not None]
+    names = [c["name"] + ("" if c["eligible"] else " (incomplete)") for c in rows]
+    fig, (ax_acc, ax_time) = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * len(rows)), sharey=True,
+                                          gridspec_kw={"width_ratios": [3, 1]})
+    colours = ["tab:orange" if c["name"] == chosen else ("tab:blue" if c["eligible"] else "lightgray") for c in rows]
+    ys = range(len(rows))
+    ax_acc.barh(ys, [c["mean"] for c in rows], xerr=[c["std"] for c in rows], color=colours, capsize=3)
+    low = min(c["mean"] - c["std"] for c in rows)
+    ax_acc.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax_acc.set_yticks(list(ys), names)
+    ax_acc.invert_yaxis()
+    ax_acc.set_xlabel("cross-validated accuracy (mean ± std over folds)")
+    for y, c in zip(ys, rows):
+        ax_acc.text(0.995, y, f"{c['mean']:.3f} ± {c['std']:.3f}", va="center", ha="right", fontsize=8)
+    ax_acc.grid(axis="x", alpha=0.3)
+    ax_time.barh(ys, [c["seconds_per_fold"] or 0 for c in rows], color=colours)
+    ax_time.set_xscale("log")
+    ax_time.set_xlabel("seconds per fold")
+    ax_time.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{title} — chosen: {chosen}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -32,7 +32,7 @@ from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.head_training import HeadTrainer
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.names import HEAD_KINDS
+from edgexfer.runtime.names import HEAD_KINDS, TRAIN_MODES
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec, stack
 
 RUN_SCHEMA = "edgexfer.run/1"
@@ -52,7 +52,7 @@ class TrainConfig:
     data_dir: Path
     out: Path
     backbone: str = "efficientnet_lite0"
-    mode: str = "frozen"  #: "frozen" or "partial"
+    mode: str = "frozen"  #: "frozen", "partial" or "auto" (cross-validated choice, see edgexfer.selection)
     head: str = "linear"
     epochs: int | None = None  #: default: 200 for a frozen mlp head, 15 for partial
     seed: int = 0
@@ -66,6 +66,7 @@ class TrainConfig:
     resize: str = "letterbox"
     cache: Path | None = None
     weights: Path | None = None  #: own checkpoint of the same architecture instead of the packaged one
+    folds: int = 5  #: auto mode: folds of the cross-validation
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,8 +85,8 @@ def _log(msg: str, progress: bool = True) -> None:
 
 
 def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
-    if cfg.mode not in ("frozen", "partial"):
-        raise InputError("unknown --mode", got=repr(cfg.mode), expected="frozen or partial")
+    if cfg.mode not in TRAIN_MODES:
+        raise InputError("unknown --mode", got=repr(cfg.mode), expected=", ".join(TRAIN_MODES))
     if cfg.head not in HEAD_KINDS:
         raise InputError("unknown --head", got=repr(cfg.head), expected=", ".join(HEAD_KINDS))
     if cfg.mode == "partial" and cfg.head == "prototype":
@@ -100,6 +101,8 @@ def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
             n = -1
         if not 0 <= n <= bb.num_blocks:
             raise InputError("--unfreeze", got=repr(cfg.unfreeze), expected=f"0..{bb.num_blocks} or 'all'")
+    if cfg.mode == "auto" and (isinstance(cfg.folds, bool) or not isinstance(cfg.folds, int) or cfg.folds < 2):
+        raise InputError("--folds", got=repr(cfg.folds), expected="an integer >= 2", todo="use e.g. --folds 5")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise InputError("--epochs", got=cfg.epochs, expected="at least 1")
 
@@ -135,6 +138,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.mode == "frozen":
         head, history, extraction, val_logits = _train_frozen(cfg, bb, spec, folder.classes, images, shas, paths,
                                                               labels, train_idx, val_idx)
+    elif cfg.mode == "auto":
+        head, history, extraction, val_logits = _train_auto(cfg, bb, spec, folder.classes, images, shas, paths,
+                                                            labels, train_idx, val_idx)
     else:
         head, history, extraction, val_logits = _train_partial(cfg, bb, spec, folder.classes, images, labels,
                                                                train_idx, val_idx)
@@ -145,7 +151,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics = {
         "schema": "edgexfer.metrics/1",
         "mode": cfg.mode,
-        "head": cfg.head,
+        "head": head.kind,
         "backbone": cfg.backbone,
         "val_accuracy": report["accuracy"],
         "val_count": int(len(val_idx)),
@@ -157,13 +163,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "seconds": round(time.time() - started, 2),
     }
+    if "selection" in extraction:
+        metrics["selection"] = extraction["selection"]
     write_atomic(cfg.out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     run = {
         "schema": RUN_SCHEMA,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "progress"},
         "backbone": {"arch": bb.name, "weights_sha256": bb.weight_sha256 if cfg.weights is None else file_sha256(cfg.weights),
-                     "fine_tuned": cfg.mode == "partial", "onnx_sha256": file_sha256(cfg.out / "backbone.onnx"),
+                     "fine_tuned": bool(extraction.get("fine_tuned", cfg.mode == "partial")), "onnx_sha256": file_sha256(cfg.out / "backbone.onnx"),
                      "mean": list(bb.mean), "std": list(bb.std), "feature_dim": bb.feature_dim},
         "preprocess": spec.to_dict(),
         "classes": list(folder.classes),
@@ -174,8 +182,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "tools": _tool_versions(),
     }
     write_atomic(cfg.out / "run.json", (json.dumps(run, indent=2) + "\n").encode())
-    _plots(cfg, history, report)
-    _log(f"validation accuracy {report['accuracy']:.3f} ({cfg.mode}/{cfg.head}, {len(val_idx)} images); "
+    _plots(cfg, history, report, metrics.get("selection"))
+    _log(f"validation accuracy {report['accuracy']:.3f} ({cfg.mode}/{head.kind}, {len(val_idx)} images); "
          f"skipped {len(skipped)} file(s); run written to {cfg.out}", cfg.progress)
     return TrainResult(cfg.out, report["accuracy"], metrics, skipped)
 
@@ -199,9 +207,13 @@ def _drop_duplicates(keep: list[int], shas: list[str | None], folder) -> tuple[l
     return kept, dropped
 
 
-def _plots(cfg: TrainConfig, history: list[dict[str, Any]], report: dict[str, Any]) -> None:
-    from edgexfer.plots import plot_confusion_matrix, plot_training_curves
+def _plots(cfg: TrainConfig, history: list[dict[str, Any]], report: dict[str, Any],
+           selection: dict[str, Any] | None = None) -> None:
+    from edgexfer.plots import plot_confusion_matrix, plot_selection, plot_training_curves
 
+    if selection:
+        plot_selection(selection["candidates"], selection["chosen"], cfg.out / "plots" / "selection.png",
+                       f"{cfg.backbone}, {selection['folds']}-fold cross-validation")
     if history:
         plot_training_curves(history, cfg.out / "plots" / "curves.png", f"{cfg.backbone} {cfg.mode}/{cfg.head}")
     plot_confusion_matrix(report["confusion_matrix"], report["classes"], cfg.out / "plots" / "confusion.png",
@@ -235,7 +247,8 @@ def _head_params(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
-def _train_frozen(cfg, bb, spec, classes, images, shas, paths, labels, train_idx, val_idx):
+def _frozen_features(cfg, bb, spec, classes, images, shas, paths, labels):
+    """Export the pretrained backbone and return the features of every image (through the feature cache)."""
     from edgexfer.onnx_export import export_backbone
     from edgexfer.runtime.backends.registry import open_backend
     from edgexfer.runtime.cache import FeatureCache, SampleRecord
@@ -253,11 +266,40 @@ def _train_frozen(cfg, bb, spec, classes, images, shas, paths, labels, train_idx
                                      lambda i: resize_to_spec(images[i], spec), progress=cfg.progress)
     _log(f"features: {rep.extracted} extracted by the backbone, {rep.from_cache} from the cache ({cache_path})",
          cfg.progress)
-    trainer = HeadTrainer(cfg.head, **_head_params(cfg))
+    return feats, {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}
+
+
+def _fit_frozen_head(kind, params, feats, labels, classes, train_idx, val_idx):
+    trainer = HeadTrainer(kind, **params)
     head = trainer.fit(feats[train_idx], labels[train_idx], list(classes))
     history = list(getattr(trainer, "history", []) or [])
-    val_logits = head.logits(feats[val_idx])
-    extraction = {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}
+    return head, history, head.logits(feats[val_idx])
+
+
+def _train_frozen(cfg, bb, spec, classes, images, shas, paths, labels, train_idx, val_idx):
+    feats, extraction = _frozen_features(cfg, bb, spec, classes, images, shas, paths, labels)
+    head, history, val_logits = _fit_frozen_head(cfg.head, _head_params(cfg), feats, labels, classes, train_idx,
+                                                 val_idx)
+    return head, history, extraction, val_logits
+
+
+def _train_auto(cfg, bb, spec, classes, images, shas, paths, labels, train_idx, val_idx):
+    """Cross-validate the candidates on the training split, then train the winner on all of it."""
+    from edgexfer.selection import choose, frozen_candidates, score_frozen, selection_report, stratified_folds
+
+    feats, extraction = _frozen_features(cfg, bb, spec, classes, images, shas, paths, labels)
+    y = labels[train_idx]
+    folds = stratified_folds(y, cfg.folds, cfg.seed)
+    _log(f"model selection: {len(folds)}-fold cross-validation on {len(train_idx)} training images", cfg.progress)
+    scores = score_frozen(frozen_candidates(cfg.C, cfg.seed), feats[train_idx], y, classes, folds, cfg.progress)
+    chosen = choose(scores)
+    for s in scores:
+        _log(f"  {s.candidate.name:<28} {s.mean:.3f} ± {s.std:.3f}  ({sum(s.fold_seconds):.1f} s)"
+             + ("   <- chosen" if s is chosen else ""), cfg.progress)
+    selection = selection_report(scores, chosen, len(folds), cfg.seed, len(train_idx))
+    head, history, val_logits = _fit_frozen_head(chosen.candidate.head, chosen.candidate.params, feats, labels,
+                                                 classes, train_idx, val_idx)
+    extraction["selection"] = selection
     return head, history, extraction, val_logits
 
 
@@ -265,9 +307,9 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     import torch
     from torch import nn
 
-    from edgexfer.runtime.augment import Augmenter
     from edgexfer.onnx_export import export_backbone
     from edgexfer.pixel_model import TorchHead
+    from edgexfer.runtime.augment import Augmenter
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

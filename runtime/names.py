@@ -1,4 +1,4 @@
-"""Shared vocabularies: head kinds and resize policies, defined once, imported by everything that checks them.
+"""Shared vocabularies: head kinds, resize policies and training modes, defined once, imported by everything that checks them.
 
 Pure data that imports nothing, so the command line can offer the choices without loading numpy. The
 precisions are :data:`edgexfer.runtime.precision.PRECISIONS`; the backends are
@@ -15,3 +15,6 @@ HEAD_KINDS: dict[str, tuple[str, ...]] = {
 
 #: how an image is fitted to the backbone's input (runtime/preprocess.py)
 RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")
+
+#: `edgexfer train --mode`: frozen backbone, partial fine-tuning, or a cross-validated choice
+TRAIN_MODES = ("frozen", "partial", "auto")

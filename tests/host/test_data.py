@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgexfer.runtime.augment import Augmenter
 from edgexfer.data import (
     IMAGE_EXTENSIONS,
     decode_all,
@@ -16,6 +15,7 @@ from edgexfer.data import (
     scan_image_folder,
     stratified_split,
 )
+from edgexfer.runtime.augment import Augmenter
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec
 
