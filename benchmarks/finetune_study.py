@@ -30,12 +30,29 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES: dict[str, dict] = {
     "u0 head on views": {"unfreeze": 0, "epochs": 6},
     "u1 blr1e-4": {"unfreeze": 1, "backbone_lr": 1e-4, "epochs": 6},
+    "u0 head hlr1e-4": {"unfreeze": 0, "epochs": 6, "head_lr": 1e-4},
+    "u0 head clean only": {"unfreeze": 0, "epochs": 6, "views": 0},
+    "u0 head no-smooth no-drop": {"unfreeze": 0, "epochs": 6, "label_smoothing": 0.0, "dropout": 0.0},
+    "u0 head clean0.5": {"unfreeze": 0, "epochs": 6, "clean_prob": 0.5},
     "u2 blr1e-4": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6},
     "u2 blr3e-4": {"unfreeze": 2, "backbone_lr": 3e-4, "epochs": 6},
     "u2 blr1e-4 ema": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "ema": 0.9},
     "u2 blr1e-4 noLP": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "lp_init": False},
     "u2 blr1e-4 bn-train": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "train_bn": True},
     "u3 blr1e-4": {"unfreeze": 3, "backbone_lr": 1e-4, "epochs": 6},
+    # refit: the final head is fit_linear on the tuned tail's clean training features
+    "u1 blr1e-4 refit": {"unfreeze": 1, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True},
+    "u2 blr1e-4 refit": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True},
+    "u2 blr3e-4 refit": {"unfreeze": 2, "backbone_lr": 3e-4, "epochs": 6, "refit_head": True},
+    "u2 blr3e-4 ema refit": {"unfreeze": 2, "backbone_lr": 3e-4, "epochs": 6, "ema": 0.9, "refit_head": True},
+    "u2 hlr1e-4 blr1e-4": {"unfreeze": 2, "head_lr": 1e-4, "backbone_lr": 1e-4, "epochs": 6},
+    "u2 blr1e-4 clean only": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "views": 0},
+    "u3 blr3e-4 refit": {"unfreeze": 3, "backbone_lr": 3e-4, "epochs": 6, "refit_head": True},
+    # low head learning rate: the LP head is already converged; lr 1e-3 makes it drift (u0 clean only: -5 points)
+    "u1 hlr1e-4 blr1e-4": {"unfreeze": 1, "head_lr": 1e-4, "backbone_lr": 1e-4, "epochs": 6},
+    "u2 hlr1e-4 blr3e-4": {"unfreeze": 2, "head_lr": 1e-4, "backbone_lr": 3e-4, "epochs": 6},
+    "u3 hlr1e-4 blr1e-4": {"unfreeze": 3, "head_lr": 1e-4, "backbone_lr": 1e-4, "epochs": 6},
+    "u2 hlr3e-5 blr1e-4": {"unfreeze": 2, "head_lr": 3e-5, "backbone_lr": 1e-4, "epochs": 6},
 }
 
 
@@ -80,8 +97,13 @@ def main() -> None:
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--views", type=int, default=6, help="augmented views stored per image")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-file", default=None, help="reuse (or write) the view cache here (torch.save file)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="only merge the runs of these finetune_study.json files (parallel workers) into --out and plot")
     args = ap.parse_args()
+    if args.merge is not None:
+        return merge(args.merge, Path(args.out))
 
     import torch
 
@@ -108,7 +130,14 @@ def main() -> None:
     base = PartialRecipe(views=args.views)
     deepest = max(RECIPES[n].get("unfreeze", base.unfreeze) for n in names)
     started = time.perf_counter()
-    cache = ViewCache.build(images, spec, bb, replace(base, unfreeze=max(deepest, 1)), seed=0, progress=True)
+    if args.cache_file and Path(args.cache_file).is_file():
+        cache = ViewCache.load(args.cache_file, bb, spec)
+        if cache.unfreeze < deepest or cache.augmented.shape[1] < args.views:
+            raise SystemExit(f"{args.cache_file}: cut for {cache.unfreeze} blocks, {cache.augmented.shape[1]} views")
+    else:
+        cache = ViewCache.build(images, spec, bb, replace(base, unfreeze=max(deepest, 1)), seed=0, progress=True)
+        if args.cache_file:
+            cache.save(args.cache_file)
     caches = {cache.unfreeze: cache}
     print(f"view cache: {len(images)} images x ({args.views} + 1) views in {cache.seconds:.0f} s", flush=True)
 
@@ -165,6 +194,26 @@ def main() -> None:
             print(f"{name} seed {seed}: {np.mean(accs):.4f} +- {np.std(accs):.4f}", flush=True)
     results["wall_seconds_" + args.stage] = round(time.perf_counter() - started, 1)
     save()
+    plot(results, out / "finetune_study.png")
+
+
+def merge(files: list[str], out: Path) -> None:
+    """Fold the runs of worker result files (same data, folds and CPU) into out/finetune_study.json."""
+    target = out / "finetune_study.json"
+    results = json.loads(target.read_text()) if target.is_file() else {"runs": []}
+    for name in files:
+        other = json.loads(Path(name).read_text())
+        if results.get("fold_sizes") and other["fold_sizes"] != results["fold_sizes"]:
+            raise SystemExit(f"{name}: other folds")
+        for key, value in other.items():
+            if key == "prefix_seconds":
+                results.setdefault(key, {}).update(value)
+            elif key != "runs" and not key.startswith("wall_seconds"):
+                results.setdefault(key, value)
+        for run in other["runs"]:
+            ident = (run["stage"], run["recipe"], run["seed"])
+            results["runs"] = [r for r in results["runs"] if (r["stage"], r["recipe"], r["seed"]) != ident] + [run]
+    target.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "finetune_study.png")
 
 

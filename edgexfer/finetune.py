@@ -58,6 +58,9 @@ class PartialRecipe:
     lp_init: bool = True
     #: C of that linear probe (scikit-learn's meaning)
     C: float = 1.0
+    #: after fine-tuning, refit the linear head with fit_linear (same C, balanced) on the tuned tail's clean
+    #: training features: the final head is the converged probe of the new features, not a drifted SGD head
+    refit_head: bool = False
     #: BatchNorm of the unfrozen blocks in train mode (batch statistics); False keeps ImageNet statistics
     train_bn: bool = False
     #: exponential moving average of the tail and head weights per step (0 turns it off); the average is
@@ -307,6 +310,34 @@ class ViewCache:
                          has_views=self.has_views, device=self.device, recipe=replace(self.recipe, unfreeze=int(unfreeze)),
                          seed=self.seed, seconds=self.seconds + time.perf_counter() - started, weights=self.weights)
 
+    def save(self, path) -> None:
+        """Write the activations and what they depend on (torch.save; reload with :meth:`load`)."""
+        import torch
+
+        torch.save({"clean": self.clean, "augmented": self.augmented, "has_views": torch.from_numpy(self.has_views),
+                    "cut": self.cut, "backbone": self.bb.name, "spec": self.spec.to_dict(), "seed": self.seed,
+                    "recipe": self.recipe.to_dict(), "seconds": self.seconds}, str(path))
+
+    @classmethod
+    def load(cls, path, bb, spec, *, weights=None, device: str = "cpu") -> ViewCache:
+        """A cache written by :meth:`save` for the same backbone and preprocessing (checked)."""
+        import torch
+
+        from edgexfer.backbones import build_backbone
+
+        data = torch.load(str(path), weights_only=True)
+        if data["backbone"] != bb.name or data["spec"] != spec.to_dict():
+            raise InputError("view cache file was made for another backbone or preprocessing", got=str(path),
+                             expected=f"{bb.name}, {spec.to_dict()}", todo="build a new ViewCache")
+        net = build_backbone(bb.name, weights=weights).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        recipe = data["recipe"]
+        recipe["augment"] = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["augment"].items()}
+        return cls(net=net, bb=bb, spec=spec, cut=int(data["cut"]), clean=data["clean"], augmented=data["augmented"],
+                   has_views=data["has_views"].numpy(), device=resolve_device(device), recipe=PartialRecipe(**recipe),
+                   seed=int(data["seed"]), seconds=float(data["seconds"]), weights=weights)
+
     # ------------------------------------------------------------------------------------------- fit
     def clean_features(self, idx=None) -> np.ndarray:
         """Pretrained (not fine-tuned) pooled features of the clean views: the frozen model's features."""
@@ -460,6 +491,11 @@ class ViewCache:
                     p.copy_(a)
         tail.eval()
         head.eval()
+        if recipe.refit_head and head_kind == "linear":
+            probe = fit_linear(features(train_idx).cpu().numpy(), y_train, classes, C=recipe.C)
+            with torch.no_grad():
+                head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
+                head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
         return PartialFit(cache=self, tail=tail.cpu(), head=head.cpu(), classes=classes, recipe=recipe, history=history,
                           seconds=time.perf_counter() - started, device=device, stopped=stopped, head_kind=head_kind)
 

@@ -76,7 +76,7 @@ def test_metrics_and_plots_of_a_run(demo_run):
 
 
 def test_partial_fine_tuning_trains_and_exports_its_own_backbone(demo_data, tmp_path):
-    """Tiny smoke run (the real comparison is benchmarks/partial_vs_frozen.py): 1 epoch, last block."""
+    """Tiny smoke run (the real comparison is benchmarks/finetune_study.py): 2 epochs, last block."""
     from edgexfer.export import export
 
     subset = _subset(demo_data, tmp_path / "data", classes=3, per_class=8)
