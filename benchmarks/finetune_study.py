@@ -53,6 +53,17 @@ RECIPES: dict[str, dict] = {
     "u2 hlr1e-4 blr3e-4": {"unfreeze": 2, "head_lr": 1e-4, "backbone_lr": 3e-4, "epochs": 6},
     "u3 hlr1e-4 blr1e-4": {"unfreeze": 3, "head_lr": 1e-4, "backbone_lr": 1e-4, "epochs": 6},
     "u2 hlr3e-5 blr1e-4": {"unfreeze": 2, "head_lr": 3e-5, "backbone_lr": 1e-4, "epochs": 6},
+    # around the refit recipe
+    "u3 blr1e-4 refit": {"unfreeze": 3, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True},
+    "u2 blr1e-4 ema refit": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "ema": 0.9, "refit_head": True},
+    "u2 blr1e-4 refit 10ep": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 10, "refit_head": True},
+    "u2 blr1e-4 refit noLP": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "lp_init": False},
+    "u2 blr1e-4 refit clean only": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "views": 0},
+    "u2 blr1e-4 refit V3": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "views": 3},
+    "u2 blr1e-4 refit bn-train": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
+    "u2 blr5e-5 refit": {"unfreeze": 2, "backbone_lr": 5e-5, "epochs": 6, "refit_head": True},
+    "u2 blr1e-4 refit+views": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "refit_views": True},
+    "u0 refit+views": {"unfreeze": 0, "epochs": 1, "refit_head": True, "refit_views": True},
 }
 
 
@@ -215,6 +226,17 @@ def merge(files: list[str], out: Path) -> None:
             results["runs"] = [r for r in results["runs"] if (r["stage"], r["recipe"], r["seed"]) != ident] + [run]
     target.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "finetune_study.png")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown table of the runs: final stage first, then screening, best mean first."""
+    rows = ["| stage | recipe | seed | folds | accuracy per fold | mean ± std | s per fit |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(results["runs"], key=lambda r: (r["stage"] != "final", r["stage"], -r["mean"])):
+        rows.append(f"| {r['stage']} | {r['recipe']} | {r['seed']} | {len(r['folds'])} | "
+                    f"{' '.join(f'{a:.3f}' for a in r['fold_accuracy'])} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                    f"{r['seconds_per_run']:g} |")
+    return "\n".join(rows)
 
 
 def plot(results: dict, path: Path) -> None:

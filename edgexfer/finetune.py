@@ -44,7 +44,7 @@ class PartialRecipe:
     #: learning rate of the unfrozen blocks; None means head_lr / 10
     backbone_lr: float | None = None
     #: epochs over the training part (a fixed count chosen by the study: no selection on held-out data)
-    epochs: int = 10
+    epochs: int = 6
     #: first epochs train the head alone (the tail is held still)
     warmup_epochs: int = 0
     batch_size: int = 32
@@ -60,14 +60,17 @@ class PartialRecipe:
     C: float = 1.0
     #: after fine-tuning, refit the linear head with fit_linear (same C, balanced) on the tuned tail's clean
     #: training features: the final head is the converged probe of the new features, not a drifted SGD head
-    refit_head: bool = False
+    refit_head: bool = True
+    #: that refit also sees the tuned features of the stored augmented views, each a sample of its own (same C:
+    #: with V + 1 rows per image the L2 penalty weighs (V + 1) times less against the data term)
+    refit_views: bool = False
     #: BatchNorm of the unfrozen blocks in train mode (batch statistics); False keeps ImageNet statistics
     train_bn: bool = False
     #: exponential moving average of the tail and head weights per step (0 turns it off); the average is
     #: what the fit returns
     ema: float = 0.0
     #: stored augmented views per image (plus the clean one); an epoch draws one of them per image
-    views: int = 8
+    views: int = 6
     #: probability that an epoch uses an image's clean view instead of an augmented one
     clean_prob: float = 0.0
     #: Augmenter options of the stored views (runtime/augment.py)
@@ -492,7 +495,14 @@ class ViewCache:
         tail.eval()
         head.eval()
         if recipe.refit_head and head_kind == "linear":
-            probe = fit_linear(features(train_idx).cpu().numpy(), y_train, classes, C=recipe.C)
+            X, Y = features(train_idx).cpu().numpy(), y_train
+            if recipe.refit_views and views:
+                with torch.no_grad():
+                    aug = [tail(self.augmented[torch.from_numpy(train_idx[s:s + 64]), v].to(torch.float32).to(device)).cpu()
+                           for v in range(views) for s in range(0, len(train_idx), 64)]
+                X = np.concatenate([X, torch.cat(aug).numpy()])
+                Y = np.concatenate([y_train] * (views + 1))
+            probe = fit_linear(X, Y, classes, C=recipe.C)
             with torch.no_grad():
                 head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
                 head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
