@@ -59,12 +59,19 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="frozen: head on fixed features; partial: fine-tune the last blocks; auto: choose by k-fold "
                    "cross-validation (docs/training.md).")
 @click.option("--head", type=click.Choice(list(HEAD_KINDS)), default="linear", show_default=True)
-@click.option("--unfreeze", default="2", show_default=True, help="Partial mode: last N blocks to fine-tune, or 'all'.")
-@click.option("--epochs", type=int, default=None, help="Default: 15 (partial), 200 (frozen mlp head).")
+@click.option("--unfreeze", default=None, help="Partial mode: last N blocks to fine-tune, or 'all' (slow path). "
+              "Default: the measured recipe's (edgexfer.finetune.PartialRecipe).")
+@click.option("--epochs", type=int, default=None,
+              help="Default: the partial recipe's (15 with --unfreeze all), 200 for a frozen mlp head.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=float, default=0.2, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
-@click.option("--backbone-lr", type=float, default=None, help="Default: lr/10 (lr/30 with --unfreeze all).")
+@click.option("--lr", type=float, default=None, help="Head learning rate (default: the partial recipe's, 1e-3).")
+@click.option("--backbone-lr", type=float, default=None,
+              help="Learning rate of the unfrozen blocks (default: the partial recipe's; lr/30 with --unfreeze all).")
+@click.option("--views", type=int, default=None,
+              help="Partial mode: augmented views stored per training image (default: the recipe's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where partial training runs (auto: cuda if PyTorch sees a GPU). Export is always from a CPU copy.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--C", "C", type=float, default=1.0, show_default=True, help="Inverse L2 strength of the linear head.")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
@@ -72,18 +79,22 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Your own checkpoint (state dict) of the same architecture.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Auto mode: folds of the cross-validation.")
+@click.option("--budget", type=float, default=1200.0, show_default=True,
+              help="Auto mode: seconds for cross-validating the partial fine-tuning candidate (0: frozen heads only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, batch_size, C,
-          cache, weights, folds, as_json, quiet):
+def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, views, device,
+          batch_size, C, cache, weights, folds, budget, as_json, quiet):
     """Fine-tune on an ImageFolder tree (one folder per class)."""
     from edgexfer.train import TrainConfig
     from edgexfer.train import train as run_train
 
-    cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, unfreeze=unfreeze,
-                      epochs=epochs, seed=seed, val_fraction=val_fraction, lr=lr, backbone_lr=backbone_lr,
-                      batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds,
-                      progress=not quiet)
+    given = {"unfreeze": unfreeze, "lr": lr}
+    cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, epochs=epochs, seed=seed,
+                      val_fraction=val_fraction, backbone_lr=backbone_lr, views=views, device=device,
+                      batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds, budget=budget,
+                      progress=not quiet,
+                      **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""
     text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{result.metrics['head']}, "

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from edgexfer import __version__
 from edgexfer.backbones import BackboneConfig, get_config
 from edgexfer.data import decode_all, describe_skipped, scan_image_folder, stratified_split
+from edgexfer.finetune import PartialRecipe
 from edgexfer.metrics import classification_report
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
@@ -36,6 +37,7 @@ from edgexfer.runtime.names import HEAD_KINDS, TRAIN_MODES
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec, stack
 
 RUN_SCHEMA = "edgexfer.run/1"
+_RECIPE = PartialRecipe()  # the measured partial defaults (edgexfer.finetune imports torch only when training)
 
 
 def default_cache_path() -> Path:
@@ -54,19 +56,22 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     mode: str = "frozen"  #: "frozen", "partial" or "auto" (cross-validated choice, see edgexfer.selection)
     head: str = "linear"
-    epochs: int | None = None  #: default: 200 for a frozen mlp head, 15 for partial
+    epochs: int | None = None  #: default: 200 for a frozen mlp head; partial: PartialRecipe().epochs (15 for 'all')
     seed: int = 0
     val_fraction: float = 0.2
-    unfreeze: str = "2"  #: number of last blocks, or "all" (partial mode)
-    lr: float = 1e-3  #: head learning rate (mlp head, partial mode)
-    backbone_lr: float | None = None  #: default lr / 10 (lr / 30 for --unfreeze all)
+    unfreeze: str = str(_RECIPE.unfreeze)  #: number of last blocks, or "all" (partial mode)
+    lr: float = _RECIPE.head_lr  #: head learning rate (mlp head, partial mode)
+    backbone_lr: float | None = None  #: default: PartialRecipe's (lr / 30 for --unfreeze all)
     batch_size: int = 32
-    patience: int = 4  #: early stopping: epochs without a better validation accuracy
+    patience: int = 4  #: --unfreeze all only: early stopping on validation accuracy
+    views: int | None = None  #: partial: augmented views stored per training image (default PartialRecipe().views)
+    device: str = "auto"  #: where partial training runs: auto (cuda if available), cpu or cuda
     C: float = 1.0  #: inverse L2 strength of the linear head (scikit-learn's meaning)
     resize: str = "letterbox"
     cache: Path | None = None
     weights: Path | None = None  #: own checkpoint of the same architecture instead of the packaged one
     folds: int = 5  #: auto mode: folds of the cross-validation
+    budget: float = 1200.0  #: auto mode: seconds for cross-validating the partial candidate (0: frozen heads only)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,8 +108,23 @@ def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
             raise InputError("--unfreeze", got=repr(cfg.unfreeze), expected=f"0..{bb.num_blocks} or 'all'")
     if cfg.mode == "auto" and (isinstance(cfg.folds, bool) or not isinstance(cfg.folds, int) or cfg.folds < 2):
         raise InputError("--folds", got=repr(cfg.folds), expected="an integer >= 2", todo="use e.g. --folds 5")
+    if cfg.mode == "auto" and (isinstance(cfg.budget, bool) or not isinstance(cfg.budget, (int, float))
+                               or not cfg.budget >= 0):
+        raise InputError("--budget", got=repr(cfg.budget), expected="seconds >= 0 (0: frozen heads only)",
+                         todo="use e.g. --budget 1200")
+    if cfg.mode == "auto" and cfg.budget > 0 and cfg.unfreeze == "all":
+        raise InputError("--mode auto with --unfreeze all", got="--unfreeze all", expected="a number of last blocks",
+                         todo="leave --unfreeze at its default, or use --mode partial --unfreeze all")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise InputError("--epochs", got=cfg.epochs, expected="at least 1")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise InputError("unknown --device", got=repr(cfg.device), expected="auto, cpu or cuda")
+    if cfg.mode == "partial" or (cfg.mode == "auto" and cfg.budget > 0):
+        from edgexfer.finetune import resolve_device
+
+        resolve_device(cfg.device)  # --device cuda without CUDA fails here, before any image is decoded
+    if cfg.views is not None and cfg.views < 0:
+        raise InputError("--views", got=cfg.views, expected="0 or more")
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -112,24 +132,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bb = get_config(cfg.backbone)
     _validate(cfg, bb)
     started = time.time()
-    folder = scan_image_folder(cfg.data_dir)
     spec = PreprocessSpec(size=bb.input_size, resize=cfg.resize)
-    _log(f"data: {len(folder.paths)} images in {len(folder.classes)} classes under {folder.root}", cfg.progress)
-    decoded = decode_all(list(folder.paths), spec.fill, progress=cfg.progress)
-    skipped = [(str(p), r) for p, r in folder.ignored] + [(str(p), r) for p, r in decoded.skipped]
-    keep = [i for i, img in enumerate(decoded.images) if img is not None]
-    keep, duplicates = _drop_duplicates(keep, decoded.sha256, folder)
-    skipped += duplicates
-    if skipped:
-        _log(describe_skipped([(Path(p), r) for p, r in skipped]), cfg.progress)
-    labels = np.array([folder.labels[i] for i in keep], dtype=np.int64)
-    empty = [c for k, c in enumerate(folder.classes) if not np.any(labels == k)]
-    if empty:
-        raise DataError("no readable image left in class folder(s)", got=", ".join(empty),
-                        expected="at least one decodable image per class", todo="fix or remove those folders")
-    images = [decoded.images[i] for i in keep]
-    shas = [decoded.sha256[i] for i in keep]
-    paths = [folder.paths[i] for i in keep]
+    folder, images, labels, shas, paths, skipped = load_dataset(cfg.data_dir, spec, progress=cfg.progress)
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
     _log(f"split: {len(train_idx)} train / {len(val_idx)} validation images (seed {cfg.seed})", cfg.progress)
 
@@ -145,6 +149,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         head, history, extraction, val_logits = _train_partial(cfg, bb, spec, folder.classes, images, labels,
                                                                train_idx, val_idx)
     head.save(cfg.out / "head.safetensors")
+    if "device" in extraction:
+        _log(f"partial training ran on {extraction['device']}", cfg.progress)
 
     val_pred = val_logits.argmax(axis=1)
     report = classification_report(labels[val_idx], val_pred, folder.classes)
@@ -158,6 +164,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "train_count": int(len(train_idx)),
         "history": history,
         "validation": report,
+        "device": extraction.get("device", "cpu"),
         "backbone_images_run": extraction["backbone_images_run"],
         "features_from_cache": extraction.get("features_from_cache", 0),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
@@ -186,6 +193,32 @@ def train(cfg: TrainConfig) -> TrainResult:
     _log(f"validation accuracy {report['accuracy']:.3f} ({cfg.mode}/{head.kind}, {len(val_idx)} images); "
          f"skipped {len(skipped)} file(s); run written to {cfg.out}", cfg.progress)
     return TrainResult(cfg.out, report["accuracy"], metrics, skipped)
+
+
+def load_dataset(data_dir: Path, spec: PreprocessSpec, *, progress: bool = True):
+    """Scan and decode an ImageFolder tree as ``train`` does: unreadable files and duplicates are skipped.
+
+    Returns ``(folder, images, labels, shas, paths, skipped)``: decoded RGB images, int64 labels, their
+    sha256, paths and the skipped ``(path, reason)`` pairs. Raises :class:`DataError` for an empty class.
+    """
+    folder = scan_image_folder(data_dir)
+    _log(f"data: {len(folder.paths)} images in {len(folder.classes)} classes under {folder.root}", progress)
+    decoded = decode_all(list(folder.paths), spec.fill, progress=progress)
+    skipped = [(str(p), r) for p, r in folder.ignored] + [(str(p), r) for p, r in decoded.skipped]
+    keep = [i for i, img in enumerate(decoded.images) if img is not None]
+    keep, duplicates = _drop_duplicates(keep, decoded.sha256, folder)
+    skipped += duplicates
+    if skipped:
+        _log(describe_skipped([(Path(p), r) for p, r in skipped]), progress)
+    labels = np.array([folder.labels[i] for i in keep], dtype=np.int64)
+    empty = [c for k, c in enumerate(folder.classes) if not np.any(labels == k)]
+    if empty:
+        raise DataError("no readable image left in class folder(s)", got=", ".join(empty),
+                        expected="at least one decodable image per class", todo="fix or remove those folders")
+    images = [decoded.images[i] for i in keep]
+    shas = [decoded.sha256[i] for i in keep]
+    paths = [folder.paths[i] for i in keep]
+    return folder, images, labels, shas, paths, skipped
 
 
 def _drop_duplicates(keep: list[int], shas: list[str | None], folder) -> tuple[list[int], list[tuple[str, str]]]:
@@ -285,32 +318,149 @@ def _train_frozen(cfg, bb, spec, classes, images, shas, paths, labels, train_idx
 
 def _train_auto(cfg, bb, spec, classes, images, shas, paths, labels, train_idx, val_idx):
     """Cross-validate the candidates on the training split, then train the winner on all of it."""
-    from edgexfer.selection import choose, frozen_candidates, score_frozen, selection_report, stratified_folds
+    from edgexfer.selection import (
+        Candidate,
+        choose,
+        frozen_candidates,
+        score_budgeted,
+        score_frozen,
+        selection_report,
+        stratified_folds,
+    )
 
     feats, extraction = _frozen_features(cfg, bb, spec, classes, images, shas, paths, labels)
     y = labels[train_idx]
     folds = stratified_folds(y, cfg.folds, cfg.seed)
     _log(f"model selection: {len(folds)}-fold cross-validation on {len(train_idx)} training images", cfg.progress)
     scores = score_frozen(frozen_candidates(cfg.C, cfg.seed), feats[train_idx], y, classes, folds, cfg.progress)
+    views = fit_partial = None
+    if cfg.budget > 0:
+        import torch
+
+        from edgexfer.finetune import ViewCache, resolve_device
+
+        recipe = partial_recipe(cfg)
+        device = resolve_device(cfg.device)
+        candidate = Candidate(f"partial last {recipe.unfreeze} blocks", "partial", "linear", recipe.to_dict())
+        _log(f"partial candidate: {len(folds)} fine-tuning runs within --budget {cfg.budget:g} s", cfg.progress)
+        with _torch_threads(torch):
+            views = ViewCache.build(images, spec, bb, recipe, weights=cfg.weights, device=device, seed=cfg.seed,
+                                    progress=cfg.progress, augment_idx=train_idx)
+
+            def run_fold(tr, te, left):
+                fit = views.fit(train_idx[tr], labels, classes, recipe, seed=cfg.seed, budget_s=left, device=device)
+                return None if fit.stopped else fit.logits(train_idx[te])
+
+            scores.append(score_budgeted(candidate, run_fold, y, folds, cfg.budget, setup_seconds=views.seconds))
+            fit_partial = (recipe, device)
     chosen = choose(scores)
     for s in scores:
-        _log(f"  {s.candidate.name:<28} {s.mean:.3f} ± {s.std:.3f}  ({sum(s.fold_seconds):.1f} s)"
-             + ("   <- chosen" if s is chosen else ""), cfg.progress)
-    selection = selection_report(scores, chosen, len(folds), cfg.seed, len(train_idx))
+        line = f"{s.mean:.3f} ± {s.std:.3f}  ({sum(s.fold_seconds):.1f} s)" if s.complete else s.note
+        _log(f"  {s.candidate.name:<28} {line}" + ("   <- chosen" if s is chosen else ""), cfg.progress)
+    extraction["selection"] = selection_report(scores, chosen, len(folds), cfg.seed, len(train_idx))
+    if chosen.candidate.mode == "partial":
+        import torch
+
+        recipe, device = fit_partial
+        _log("training the chosen partial recipe on the whole training split", cfg.progress)
+        with _torch_threads(torch):
+            fit = views.fit(train_idx, labels, classes, recipe, seed=cfg.seed, eval_idx=val_idx, progress=cfg.progress,
+                            device=device)
+            head, val_logits = _export_partial(fit, cfg, bb), fit.logits(val_idx)
+        extraction.update(fine_tuned=True, device=device, recipe=recipe.to_dict())
+        return head, fit.history, extraction, val_logits
     head, history, val_logits = _fit_frozen_head(chosen.candidate.head, chosen.candidate.params, feats, labels,
                                                  classes, train_idx, val_idx)
-    extraction["selection"] = selection
     return head, history, extraction, val_logits
 
 
+def _export_partial(fit, cfg: TrainConfig, bb: BackboneConfig) -> Head:
+    """Write the fine-tuned backbone (ONNX and state dict) into the run; returns the numpy head."""
+    from safetensors.torch import save_file
+
+    from edgexfer.onnx_export import export_backbone
+
+    model = fit.pixel_backbone()
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(cfg.out / "backbone.safetensors"))
+    export_backbone(model, bb.input_size, cfg.out / "backbone.onnx")
+    return fit.to_head()
+
+
+def partial_recipe(cfg: TrainConfig) -> PartialRecipe:
+    """The PartialRecipe a TrainConfig asks for: the measured defaults with the CLI's overrides."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {"unfreeze": int(cfg.unfreeze), "head_lr": cfg.lr, "batch_size": cfg.batch_size,
+                               "C": cfg.C}
+    if cfg.backbone_lr is not None:
+        changes["backbone_lr"] = cfg.backbone_lr
+    if cfg.epochs is not None:
+        changes["epochs"] = cfg.epochs
+    if cfg.views is not None:
+        changes["views"] = cfg.views
+    return replace(_RECIPE, **changes)
+
+
 def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
+    """Partial fine-tuning with edgexfer.finetune: frozen prefix once per stored view, epochs on the tail only."""
+    if cfg.unfreeze == "all":
+        return _train_partial_full(cfg, bb, spec, classes, images, labels, train_idx, val_idx)
+    import torch
+
+    from edgexfer.finetune import ViewCache, resolve_device
+
+    device = resolve_device(cfg.device)
+    recipe = partial_recipe(cfg)
+    _log(f"frozen prefix: {len(images)} clean views + {recipe.views} augmented views of each of {len(train_idx)} "
+         f"training images (once; epochs then run only the last {recipe.unfreeze} block(s))", cfg.progress)
+    with _torch_threads(torch):
+        cache = ViewCache.build(images, spec, bb, recipe, weights=cfg.weights, device=device, seed=cfg.seed,
+                                progress=cfg.progress, augment_idx=train_idx)
+        _log(f"fine-tuning the last {recipe.unfreeze} of {bb.num_blocks} blocks on {device}: head lr {recipe.head_lr:g}, "
+             f"backbone lr {recipe.lr_of_backbone():g}, {recipe.epochs} epochs (fixed; no selection on validation)",
+             cfg.progress)
+        fit = cache.fit(train_idx, labels, classes, recipe, seed=cfg.seed, eval_idx=val_idx, progress=cfg.progress,
+                        head_kind=cfg.head, device=device)
+        history = fit.history
+        history[-1]["best_epoch"] = history[-1]["epoch"]  # the epoch whose weights are kept: the last
+        head = _export_partial(fit, cfg, bb)
+        val_logits = fit.logits(val_idx)
+    extraction = {"backbone_images_run": 0, "features_from_cache": 0, "device": device,
+                  "prefix_seconds": round(cache.seconds, 2), "fit_seconds": round(fit.seconds, 2),
+                  "recipe": recipe.to_dict()}
+    return head, history, extraction, val_logits
+
+
+class _torch_threads:
+    """At most 2 intra-op threads unless the user set OMP_NUM_THREADS (small tensors gain nothing from more
+    on a shared CPU); restored afterwards."""
+
+    def __init__(self, torch):
+        self.torch, self.saved = torch, None
+
+    def __enter__(self):
+        if "OMP_NUM_THREADS" not in os.environ:
+            self.saved = self.torch.get_num_threads()
+            self.torch.set_num_threads(min(2, self.saved))
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.torch.set_num_threads(self.saved)
+        return False
+
+
+def _train_partial_full(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
+    """--unfreeze all: every layer trains, so there is no frozen prefix to cache (the slow path)."""
     import torch
     from torch import nn
 
+    from edgexfer.finetune import resolve_device
     from edgexfer.onnx_export import export_backbone
     from edgexfer.pixel_model import TorchHead
     from edgexfer.runtime.augment import Augmenter
 
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = _pixel_backbone(bb, cfg.weights)
@@ -336,7 +486,7 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
             m.eval()
 
     def forward_features(x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.permute(0, 3, 1, 2).to(torch.float32) * model.scale + model.shift
+        x = x_uint8.to(device).permute(0, 3, 1, 2).to(torch.float32) * model.scale + model.shift
         # The frozen prefix needs no gradient: running it under no_grad saves memory and time.
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.unfreeze == "all"):
             x = net.act(net._bn0(net._conv_stem(x)))
@@ -350,7 +500,8 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     val_pixels = torch.from_numpy(stack([resize_to_spec(images[i], spec) for i in val_idx]))
     train_pixels = stack([resize_to_spec(images[i], spec) for i in train_idx])
     num_classes = len(classes)
-    head = TorchHead(cfg.head, bb.feature_dim, num_classes)
+    head = TorchHead(cfg.head, bb.feature_dim, num_classes).to(device)
+    model.to(device)
 
     def features_of(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         model.eval()
@@ -365,11 +516,11 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
         # Linear probe first, then fine-tune (LP-FT): a head fitted on the pretrained features keeps the
         # first fine-tuning steps from wrecking the backbone with random-head gradients.
         _log("fitting the linear probe that starts fine-tuning", cfg.progress)
-        probe = HeadTrainer("linear", C=cfg.C).fit(features_of(train_pixels).numpy(), labels[train_idx], list(classes))
+        probe = HeadTrainer("linear", C=cfg.C).fit(features_of(train_pixels).cpu().numpy(), labels[train_idx], list(classes))
         linear = head.net[1]
         with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
-            linear.bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+            linear.weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])).to(device))
+            linear.bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])).to(device))
 
     epochs = cfg.epochs or 15
     steps_per_epoch = int(np.ceil(len(train_idx) / cfg.batch_size))
@@ -382,10 +533,10 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, epochs * steps_per_epoch) / (epochs * steps_per_epoch))))
     counts = np.bincount(labels[train_idx], minlength=num_classes).astype(np.float32)
-    class_weights = torch.from_numpy(len(train_idx) / (num_classes * np.maximum(counts, 1)))
+    class_weights = torch.from_numpy((len(train_idx) / (num_classes * np.maximum(counts, 1))).astype(np.float32)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=0.1)
-    augment = Augmenter(spec)
-    y_val = torch.from_numpy(labels[val_idx])
+    augment = Augmenter(spec, **PartialRecipe().augment)
+    y_val = torch.from_numpy(labels[val_idx]).to(device)
     history: list[dict[str, Any]] = []
     best = (-1.0, None, None, 0)
     since_best = 0
@@ -402,7 +553,7 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x = torch.from_numpy(stack([augment(images[i], rng) for i in idx]))
-            y = torch.from_numpy(labels[idx])
+            y = torch.from_numpy(labels[idx]).to(device)
             logits = head(forward_features(x))
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -434,8 +585,10 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     net.load_state_dict(best[1])
     head.load_state_dict(best[2])
     history[-1]["best_epoch"] = best[3]
-    model.eval()
-    head.eval()
+    model.cpu().eval()  # export from a CPU copy: backbone.onnx does not depend on the training device
+    head.cpu().eval()
+    device_used = device
+    device = "cpu"
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(cfg.out / "backbone.safetensors"))
@@ -444,5 +597,5 @@ def _train_partial(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     head_np.validate()
     with torch.no_grad():
         val_logits = head_np.logits(features_of(val_pixels).numpy())
-    extraction = {"backbone_images_run": 0, "features_from_cache": 0}
+    extraction = {"backbone_images_run": 0, "features_from_cache": 0, "device": device_used}
     return head_np, history, extraction, val_logits

@@ -44,6 +44,10 @@ class Augmenter:
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
+    #: Zoom-out: the (cropped) image is drawn at a size factor from this range on a canvas of the fill
+    #: colour, at a random place, before the inference resize: a smaller and shifted object, never a cut
+    #: one. (1, 1) turns it off. Suits objects on a plain background (clip-art, product shots on white).
+    zoom_out: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, PreprocessSpec):
@@ -56,6 +60,11 @@ class Augmenter:
         if not 0 < ratio[0] <= ratio[1]:
             raise InputError("Augmenter ratio", got=repr(self.ratio), expected="0 < low <= high",
                              todo="e.g. ratio=(3/4, 4/3)")
+        zoom = _pair(self.zoom_out, "zoom_out")
+        if not 0 < zoom[0] <= zoom[1] <= 1:
+            raise InputError("Augmenter zoom_out", got=repr(self.zoom_out), expected="0 < low <= high <= 1",
+                             todo="e.g. zoom_out=(0.8, 1.0); (1, 1) turns it off")
+        object.__setattr__(self, "zoom_out", zoom)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "ratio", ratio)
         _number(self.hflip, "hflip", high=1.0)
@@ -74,6 +83,8 @@ class Augmenter:
         crop = img.crop(self._crop_box(img.width, img.height, rng))
         if rng.random() < self.hflip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.zoom_out != (1.0, 1.0):
+            crop = self._zoom_out(crop, rng)
         out = resize_to_spec(crop, self.spec)
         # Colour jitter runs on the resized pixels: brightness, contrast and saturation are blends that
         # commute with the resize up to rounding, and a 224x224 image is far cheaper than a 12 MP crop.
@@ -89,6 +100,17 @@ class Augmenter:
                 region = enhancer(region).enhance(float(rng.uniform(max(0.0, 1.0 - amount), 1.0 + amount)))
         out[top:bottom, left:right] = np.asarray(region)
         return out
+
+    def _zoom_out(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """``img`` pasted at a random place on a larger canvas of the fill colour (no resampling here:
+        the one resampling pass stays in ``resize_to_spec``)."""
+        factor = float(rng.uniform(self.zoom_out[0], self.zoom_out[1]))
+        if factor >= 1.0:
+            return img
+        width, height = max(img.width, round(img.width / factor)), max(img.height, round(img.height / factor))
+        canvas = Image.new("RGB", (width, height), self.spec.fill)
+        canvas.paste(img, (int(rng.integers(0, width - img.width + 1)), int(rng.integers(0, height - img.height + 1))))
+        return canvas
 
     def _crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """A random (left, top, right, bottom) box with area and aspect in range, or the whole image."""

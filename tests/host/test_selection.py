@@ -93,7 +93,7 @@ def test_auto_mode_cross_validates_on_the_training_split_and_keeps_the_table(dem
 
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", str(demo_data), "--out", str(out), "--mode", "auto", "--folds", "3",
-                                       "--cache", str(tmp_path / "f.sqlite"), "--quiet"])
+                                       "--budget", "0", "--cache", str(tmp_path / "f.sqlite"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "chosen by cross-validation" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -120,3 +120,28 @@ def test_auto_mode_refuses_one_fold_in_one_line(demo_data, tmp_path):
     assert result.exit_code != 0
     assert "--folds | got 1 | expected an integer >= 2" in result.output
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_auto_mode_scores_the_partial_candidate_on_the_same_folds_within_the_budget(demo_data, tmp_path):
+    """A short partial recipe (1 epoch, 1 view) takes part; a budget too small for it leaves it ineligible."""
+    from edgexfer.train import TrainConfig, train
+
+    subset = tmp_path / "data"
+    for cls in sorted(p.name for p in demo_data.iterdir() if p.is_dir())[:3]:
+        (subset / cls).mkdir(parents=True)
+        for f in sorted((demo_data / cls).iterdir())[:12]:
+            (subset / cls / f.name).write_bytes(f.read_bytes())
+    common = dict(data_dir=subset, mode="auto", folds=3, epochs=1, views=1, cache=tmp_path / "f.sqlite",
+                  progress=False)
+    result = train(TrainConfig(out=tmp_path / "run", budget=600, **common))
+    sel = result.metrics["selection"]
+    partial = [c for c in sel["candidates"] if c["mode"] == "partial"]
+    assert len(partial) == 1 and partial[0]["eligible"], partial
+    assert len(partial[0]["fold_accuracy"]) == 3 and partial[0]["params"]["epochs"] == 1
+    assert "gain_over_frozen_linear" in partial[0]
+    if sel["chosen"] == partial[0]["name"]:
+        assert (tmp_path / "run" / "backbone.safetensors").is_file()
+
+    short = train(TrainConfig(out=tmp_path / "short", budget=0.01, **common)).metrics["selection"]
+    cut = [c for c in short["candidates"] if c["mode"] == "partial"][0]
+    assert not cut["eligible"] and "budget" in cut["note"] and short["chosen"] != cut["name"]

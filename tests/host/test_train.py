@@ -76,7 +76,7 @@ def test_metrics_and_plots_of_a_run(demo_run):
 
 
 def test_partial_fine_tuning_trains_and_exports_its_own_backbone(demo_data, tmp_path):
-    """Tiny smoke run (the real comparison is benchmarks/partial_vs_frozen.py): 1 epoch, last block."""
+    """Tiny smoke run (the real comparison is benchmarks/finetune_study.py): 2 epochs, last block."""
     from edgexfer.export import export
 
     subset = _subset(demo_data, tmp_path / "data", classes=3, per_class=8)
@@ -92,10 +92,16 @@ def test_partial_fine_tuning_trains_and_exports_its_own_backbone(demo_data, tmp_
     tuned = load_file(str(tmp_path / "run" / "backbone.safetensors"))
     pretrained = {k: v.numpy() for k, v in build_backbone("efficientnet_lite0").state_dict().items()}
     # frozen blocks keep weights and BatchNorm statistics (eval mode); the unfrozen last block moves
-    for key in ("_conv_stem.weight", "_blocks.14._bn1.running_mean", "_blocks.14._bn1.running_var"):
+    for key in ("_conv_stem.weight", "_blocks.14._bn1.running_mean", "_blocks.14._bn1.running_var",
+                "_blocks.14._project_conv.weight"):
         np.testing.assert_array_equal(tuned[key], pretrained[key])
-    assert not np.allclose(tuned["_blocks.15._bn1.running_mean"], pretrained["_blocks.15._bn1.running_mean"])
     assert not np.allclose(tuned["_blocks.15._project_conv.weight"], pretrained["_blocks.15._project_conv.weight"])
+    from edgexfer.finetune import PartialRecipe
+
+    # the default recipe keeps the unfrozen blocks' BatchNorm in eval mode too (ImageNet statistics)
+    same_stats = np.array_equal(tuned["_blocks.15._bn1.running_mean"], pretrained["_blocks.15._bn1.running_mean"])
+    assert same_stats == (not PartialRecipe().train_bn)
+    assert result.metrics["device"] in ("cpu", "cuda")
     exported = export(tmp_path / "run", tmp_path / "bundle", progress=False)
     assert exported.parity["max_abs_diff"] <= 1e-4 and exported.parity["top1_agreement"] == 1.0
 

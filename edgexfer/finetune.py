@@ -1,0 +1,594 @@
+"""Fast partial fine-tuning: the frozen prefix runs once per stored view, epochs run only the tail.
+
+With the last N blocks unfrozen, everything before them (stem + ``blocks[:-N]``) is a fixed,
+deterministic function. :class:`ViewCache` therefore decodes each image once, draws ``views`` seeded
+augmented copies of it (plus the clean inference view), runs the frozen prefix once per copy under
+``no_grad`` and keeps the activations at the input of the first unfrozen block (float16 for the
+augmented views, float32 for the clean one, so clean features equal the full model's). A training
+epoch then samples one stored view per image and runs only the tail (unfrozen blocks, head conv,
+pooling, classifier) forward and backward: on EfficientNet-Lite0 that is a 7x7 or 14x14 map.
+
+The cache covers all images and is reused for every training subset (cross-validation folds, model
+selection): ``ViewCache.build(...)`` once, then ``cache.fit(train_idx, labels, classes, recipe)`` per
+subset, which returns a :class:`PartialFit` (logits and features for any index on its clean view, a
+numpy :class:`~edgexfer.runtime.heads.Head`, the fine-tuned :class:`~edgexfer.pixel_model.PixelBackbone`
+for export, history and seconds).
+
+The default :class:`PartialRecipe` is the one measured best in ``benchmarks/finetune_study.py``
+(results and the CPU it ran on: ``benchmarks/README.md``).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from edgexfer.runtime.errors import InputError
+
+__all__ = ["PartialRecipe", "ViewCache", "PartialFit", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class PartialRecipe:
+    """Everything that defines one partial fine-tuning run (defaults: the study's winner)."""
+
+    #: number of last MBConv blocks to fine-tune (the 1x1 head convolution after them trains too when N > 0)
+    unfreeze: int = 2
+    #: head learning rate (AdamW)
+    head_lr: float = 1e-3
+    #: learning rate of the unfrozen blocks; None means head_lr / 10
+    backbone_lr: float | None = None
+    #: epochs over the training part (a fixed count chosen by the study: no selection on held-out data)
+    epochs: int = 6
+    #: first epochs train the head alone (the tail is held still)
+    warmup_epochs: int = 0
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    #: dropout before the linear head
+    dropout: float = 0.2
+    #: "balanced" weights the loss by n / (classes * count), as the linear probe does; None: unweighted
+    class_weight: str | None = "balanced"
+    #: LP-FT: start the head from the converged linear probe (fit_linear on the clean training features)
+    lp_init: bool = True
+    #: C of that linear probe (scikit-learn's meaning)
+    C: float = 1.0
+    #: after fine-tuning, refit the linear head with fit_linear (same C, balanced) on the tuned tail's clean
+    #: training features: the final head is the converged probe of the new features, not a drifted SGD head
+    refit_head: bool = True
+    #: that refit also sees the tuned features of the stored augmented views, each a sample of its own (same C:
+    #: with V + 1 rows per image the L2 penalty weighs (V + 1) times less against the data term)
+    refit_views: bool = False
+    #: BatchNorm of the unfrozen blocks in train mode (batch statistics); False keeps ImageNet statistics
+    train_bn: bool = False
+    #: exponential moving average of the tail and head weights per step (0 turns it off); the average is
+    #: what the fit returns
+    ema: float = 0.0
+    #: stored augmented views per image (plus the clean one); an epoch draws one of them per image
+    views: int = 6
+    #: probability that an epoch uses an image's clean view instead of an augmented one
+    clean_prob: float = 0.0
+    #: Augmenter options of the stored views (runtime/augment.py)
+    augment: dict[str, Any] = field(default_factory=lambda: {
+        "scale": (0.8, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "zoom_out": (0.75, 1.0),
+        "brightness": 0.0, "contrast": 0.0, "saturation": 0.0})
+
+    def lr_of_backbone(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else self.head_lr / 10
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["augment"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.augment.items()}
+        return out
+
+    def check(self, num_blocks: int) -> PartialRecipe:
+        if not 0 <= int(self.unfreeze) <= num_blocks:
+            raise InputError("unfreeze", got=repr(self.unfreeze), expected=f"0..{num_blocks}",
+                             todo="use the slow full path (--unfreeze all) to train every layer")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(name, got=getattr(self, name), expected="at least 1")
+        if int(self.views) < 0:
+            raise InputError("views", got=self.views, expected="0 or more augmented views per image")
+        if not 0 <= self.ema < 1:
+            raise InputError("ema", got=self.ema, expected="0 (off) or a decay in (0, 1)", todo="e.g. 0.9")
+        if self.head_lr <= 0 or self.lr_of_backbone() < 0:
+            raise InputError("learning rates", got=f"head {self.head_lr}, backbone {self.lr_of_backbone()}",
+                             expected="head > 0, backbone >= 0")
+        return self
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when PyTorch sees a CUDA device, else ``cpu``; ``cuda`` without CUDA is an error."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise InputError("--device", got=repr(device), expected="auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda but PyTorch sees no CUDA device", got=f"torch {torch.__version__}, "
+                         f"cuda build {torch.version.cuda or 'none'}", expected="a CUDA GPU and a CUDA build of torch",
+                         todo="use --device cpu or --device auto")
+    return str(device)
+
+
+class _Tail:
+    """The trainable end of the backbone: blocks[cut:], head conv + BN + ReLU6, global average pool."""
+
+    def __init__(self, net, cut: int):
+        import torch
+        from torch import nn
+
+        class Tail(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.blocks = nn.ModuleList(list(net._blocks)[cut:])
+                self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net.act
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                for block in self.blocks:
+                    x = block(x)
+                return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+        self.module = Tail()
+
+
+def _prefix_runner(net, bb, cut: int, device: str, engine: str):
+    """A function uint8 NHWC pixels -> float32 CPU tensor of the activations at the input of block ``cut``."""
+    import torch
+    from torch import nn
+
+    if engine not in ("auto", "torch", "onnxruntime"):
+        raise InputError("prefix engine", got=repr(engine), expected="auto, torch or onnxruntime")
+
+    class Prefix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            std = torch.tensor(bb.std, dtype=torch.float32)
+            self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
+            self.register_buffer("shift", (-torch.tensor(bb.mean, dtype=torch.float32) / std).view(1, 3, 1, 1))
+            self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net.act
+            self.blocks = nn.ModuleList(list(net._blocks)[:cut])
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+            x = self.act(self.bn0(self.stem(x)))
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    module = Prefix().eval()
+    use_ort = engine == "onnxruntime" or (engine == "auto" and device == "cpu" and _has("onnxruntime"))
+    if not use_ort:
+        module = module.to(device)
+        return lambda pixels: module(torch.from_numpy(pixels).to(device)).cpu()
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros((2, *bb.input_size, 3), dtype=torch.uint8),), buffer, dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["act"],
+                          dynamic_axes={"image": {0: "batch"}, "act": {0: "batch"}}, do_constant_folding=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda pixels: torch.from_numpy(session.run(None, {"image": pixels})[0])
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+class ViewCache:
+    """Prefix activations of every image: one clean view (float32) and ``views`` augmented ones (float16).
+
+    Build with :meth:`build`; train with :meth:`fit`. ``clean`` is ``[N, C, H, W]``, ``augmented``
+    ``[N, V, C, H, W]`` (V = 0 for images outside ``augment_idx``: they are scored, never trained on).
+    """
+
+    def __init__(self, *, net, bb, spec, cut: int, clean, augmented, has_views: np.ndarray, device: str,
+                 recipe: PartialRecipe, seed: int, seconds: float, weights=None):
+        self.net, self.bb, self.spec, self.cut = net, bb, spec, cut
+        self.clean, self.augmented, self.has_views = clean, augmented, has_views
+        self.device, self.recipe, self.seed, self.seconds, self.weights = device, recipe, seed, seconds, weights
+
+    @property
+    def unfreeze(self) -> int:
+        return len(self.net._blocks) - self.cut
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    # ------------------------------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, images: Sequence, spec, bb, recipe: PartialRecipe | None = None, *, weights=None,
+              device: str = "cpu", seed: int = 0, progress: bool = True, augment_idx=None,
+              batch_size: int = 32, engine: str = "auto") -> ViewCache:
+        """Run the frozen prefix once per view of every decoded RGB image in ``images``.
+
+        ``bb`` is the :class:`~edgexfer.backbones.BackboneConfig`; ``weights`` an own checkpoint of it.
+        Augmented views of image i come from a generator seeded with ``(seed, i)``, so an image's views
+        do not depend on which other images are in the set. Only images in ``augment_idx`` (default:
+        all) get augmented views. ``engine``: what runs the prefix; ``auto`` is ONNX Runtime on the CPU
+        (about 4x faster than eager PyTorch there; activations agree to ~1e-5 relative) and PyTorch on CUDA.
+        """
+        import torch
+
+        from edgexfer.backbones import build_backbone
+        from edgexfer.runtime.augment import Augmenter
+        from edgexfer.runtime.preprocess import resize_to_spec
+
+        recipe = (recipe or PartialRecipe()).check(bb.num_blocks)
+        device = resolve_device(device)
+        started = time.perf_counter()
+        net = build_backbone(bb.name, weights=weights).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        cut = len(net._blocks) - int(recipe.unfreeze)
+        n = len(images)
+        want = np.zeros(n, dtype=bool)
+        want[np.arange(n) if augment_idx is None else np.asarray(augment_idx, dtype=np.int64)] = True
+        views = int(recipe.views)
+        augment = Augmenter(spec, **recipe.augment)
+        prefix = _prefix_runner(net, bb, cut, device, engine)
+        # (image, view) jobs: view 0 is clean, 1..V augmented
+        jobs = [(i, 0) for i in range(n)] + [(i, v) for i in range(n) if want[i] for v in range(1, views + 1)]
+        clean = augmented = None
+        rngs: dict[int, np.random.Generator] = {}
+        with torch.no_grad():
+            bar = tqdm(range(0, len(jobs), batch_size), desc=f"frozen prefix ({views} views + clean)", unit="batch",
+                       disable=not progress, leave=False)
+            for s in bar:
+                chunk = jobs[s:s + batch_size]
+                pixels = []
+                for i, v in chunk:
+                    if v == 0:
+                        pixels.append(resize_to_spec(images[i], spec))
+                    else:
+                        rng = rngs.setdefault(i, np.random.default_rng([seed, i]))
+                        pixels.append(augment(images[i], rng))
+                out = prefix(np.stack(pixels))
+                if clean is None:
+                    shape = tuple(out.shape[1:])
+                    clean = torch.zeros((n, *shape), dtype=torch.float32)
+                    augmented = torch.zeros((n, views, *shape), dtype=torch.float16)
+                for (i, v), act in zip(chunk, out):
+                    if v == 0:
+                        clean[i] = act
+                    else:
+                        augmented[i, v - 1] = act.to(torch.float16)
+                    if v == views:
+                        rngs.pop(i, None)
+        net = net.cpu()
+        return cls(net=net, bb=bb, spec=spec, cut=cut, clean=clean, augmented=augmented, has_views=want,
+                   device=device, recipe=recipe, seed=seed, seconds=time.perf_counter() - started, weights=weights)
+
+    def deeper(self, unfreeze: int, progress: bool = False, batch_size: int = 64) -> ViewCache:
+        """The same views cut later (fewer unfrozen blocks): runs the blocks in between once per view."""
+        import torch
+
+        new_cut = len(self.net._blocks) - int(unfreeze)
+        if new_cut < self.cut:
+            raise InputError("ViewCache.deeper", got=f"unfreeze {unfreeze}", expected=f"at most {self.unfreeze}",
+                             todo="build a new cache with more unfrozen blocks")
+        if new_cut == self.cut:
+            return self
+        started = time.perf_counter()
+        blocks = list(self.net._blocks)[self.cut:new_cut]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for block in blocks:
+                x = block(x)
+            return x
+
+        with torch.no_grad():
+            clean = torch.cat([run(self.clean[s:s + batch_size]) for s in range(0, len(self), batch_size)])
+            n, v = self.augmented.shape[:2]
+            flat = self.augmented.reshape(n * v, *self.augmented.shape[2:])
+            rows = np.flatnonzero(np.repeat(self.has_views, v)) if v else np.zeros(0, dtype=np.int64)
+            out = None
+            for s in tqdm(range(0, len(rows), batch_size), desc="deeper cut", disable=not progress, leave=False):
+                idx = torch.from_numpy(rows[s:s + batch_size])
+                y = run(flat[idx].to(torch.float32)).to(torch.float16)
+                if out is None:
+                    out = torch.zeros((n * v, *y.shape[1:]), dtype=torch.float16)
+                out[idx] = y
+            if out is None:
+                out = torch.zeros((n, 0, *clean.shape[1:]), dtype=torch.float16)
+            augmented = out.reshape(n, v, *clean.shape[1:])
+        return ViewCache(net=self.net, bb=self.bb, spec=self.spec, cut=new_cut, clean=clean, augmented=augmented,
+                         has_views=self.has_views, device=self.device, recipe=replace(self.recipe, unfreeze=int(unfreeze)),
+                         seed=self.seed, seconds=self.seconds + time.perf_counter() - started, weights=self.weights)
+
+    def save(self, path) -> None:
+        """Write the activations and what they depend on (torch.save; reload with :meth:`load`)."""
+        import torch
+
+        torch.save({"clean": self.clean, "augmented": self.augmented, "has_views": torch.from_numpy(self.has_views),
+                    "cut": self.cut, "backbone": self.bb.name, "spec": self.spec.to_dict(), "seed": self.seed,
+                    "recipe": self.recipe.to_dict(), "seconds": self.seconds}, str(path))
+
+    @classmethod
+    def load(cls, path, bb, spec, *, weights=None, device: str = "cpu") -> ViewCache:
+        """A cache written by :meth:`save` for the same backbone and preprocessing (checked)."""
+        import torch
+
+        from edgexfer.backbones import build_backbone
+
+        data = torch.load(str(path), weights_only=True)
+        if data["backbone"] != bb.name or data["spec"] != spec.to_dict():
+            raise InputError("view cache file was made for another backbone or preprocessing", got=str(path),
+                             expected=f"{bb.name}, {spec.to_dict()}", todo="build a new ViewCache")
+        net = build_backbone(bb.name, weights=weights).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        recipe = data["recipe"]
+        recipe["augment"] = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["augment"].items()}
+        return cls(net=net, bb=bb, spec=spec, cut=int(data["cut"]), clean=data["clean"], augmented=data["augmented"],
+                   has_views=data["has_views"].numpy(), device=resolve_device(device), recipe=PartialRecipe(**recipe),
+                   seed=int(data["seed"]), seconds=float(data["seconds"]), weights=weights)
+
+    # ------------------------------------------------------------------------------------------- fit
+    def clean_features(self, idx=None) -> np.ndarray:
+        """Pretrained (not fine-tuned) pooled features of the clean views: the frozen model's features."""
+        import torch
+
+        tail = _Tail(self.net, self.cut).module.eval()
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
+        with torch.no_grad():
+            return torch.cat([tail(self.clean[idx[s:s + 64]]) for s in range(0, len(idx), 64)]).numpy()
+
+    def fit(self, train_idx, labels, classes: Sequence[str], recipe: PartialRecipe | None = None, *, seed: int = 0,
+            budget_s: float | None = None, eval_idx=None, progress: bool = False, head_kind: str = "linear",
+            device: str | None = None) -> PartialFit:
+        """Fine-tune a fresh copy of the tail (and a head) on ``train_idx``; returns a :class:`PartialFit`.
+
+        ``labels`` covers all cached images (only ``train_idx`` rows are read for training). The recipe's
+        ``unfreeze`` must match this cache's cut (use :meth:`deeper` for fewer blocks); its views and
+        augmentation are the cache's. ``budget_s`` stops between steps once the fit has run that long.
+        ``eval_idx`` only adds per-epoch accuracy on those images to the history; nothing is selected on it.
+        """
+        import torch
+        from torch import nn
+
+        from edgexfer.pixel_model import TorchHead
+        from edgexfer.runtime.head_training import fit_linear
+
+        recipe = (recipe or self.recipe).check(self.bb.num_blocks)
+        if int(recipe.unfreeze) != self.unfreeze:
+            raise InputError("recipe.unfreeze does not match the view cache", got=recipe.unfreeze,
+                             expected=self.unfreeze, todo="use cache.deeper(unfreeze) or build a new cache")
+        device = resolve_device(device or self.device)
+        started = time.perf_counter()
+        train_idx = np.asarray(train_idx, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if not self.has_views[train_idx].all() and self.augmented.shape[1] > 0:
+            raise InputError("training images without augmented views", got=int((~self.has_views[train_idx]).sum()),
+                             expected="0", todo="build the cache with augment_idx covering train_idx")
+        torch.manual_seed(seed)
+        rng = np.random.default_rng([seed, 7919])
+        classes = list(classes)
+        k = len(classes)
+        y_train = labels[train_idx]
+
+        tail = _Tail(copy.deepcopy(self.net).cpu(), self.cut).module.to(device)
+        trainable = [p for p in tail.parameters()] if self.unfreeze > 0 else []
+        for p in tail.parameters():
+            p.requires_grad_(bool(trainable))
+        head = TorchHead(head_kind, self.bb.feature_dim, k, dropout=recipe.dropout).to(device)
+
+        def features(idx: np.ndarray, module=None) -> torch.Tensor:
+            module = module or tail
+            module.eval()
+            with torch.no_grad():
+                return torch.cat([module(self.clean[idx[s:s + 64]].to(device)) for s in range(0, len(idx), 64)])
+
+        if recipe.lp_init and head_kind == "linear":
+            probe = fit_linear(features(train_idx).cpu().numpy(), y_train, classes, C=recipe.C)
+            with torch.no_grad():
+                head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
+                head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+
+        epochs = int(recipe.epochs)
+        bs = int(recipe.batch_size)
+        steps_per_epoch = int(np.ceil(len(train_idx) / bs))
+        groups = [{"params": list(head.parameters()), "lr": recipe.head_lr, "base_lr": recipe.head_lr}]
+        if trainable:
+            groups.append({"params": trainable, "lr": recipe.lr_of_backbone(), "base_lr": recipe.lr_of_backbone()})
+        optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+        total_steps = epochs * steps_per_epoch
+        warm_steps = int(recipe.warmup_epochs) * steps_per_epoch
+
+        def lr_factor(step: int) -> float:  # cosine to zero over all epochs
+            return 0.5 * (1 + np.cos(np.pi * min(step, total_steps) / total_steps))
+
+        if recipe.class_weight == "balanced":
+            counts = np.bincount(y_train, minlength=k).astype(np.float32)
+            weight = torch.from_numpy((len(y_train) / (np.count_nonzero(counts) * np.maximum(counts, 1))).astype(np.float32)).to(device)
+        else:
+            weight = None
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+        params = [p for p in [*tail.parameters(), *head.parameters()]]
+        averaged = [p.detach().clone() for p in params] if recipe.ema > 0 else None
+        views = min(int(recipe.views), int(self.augmented.shape[1]))  # the first V stored views
+        history: list[dict[str, Any]] = []
+        y_eval = None if eval_idx is None else labels[np.asarray(eval_idx, dtype=np.int64)]
+        step = 0
+        stopped = None
+        bar = tqdm(total=total_steps, desc=f"fine-tuning {self.unfreeze} block(s)", unit="step", disable=not progress,
+                   leave=False)
+        for epoch in range(1, epochs + 1):
+            torch.set_grad_enabled(True)  # a caller may have switched autograd off globally
+            tail.train(recipe.train_bn and epoch > recipe.warmup_epochs)
+            head.train()
+            order = rng.permutation(len(train_idx))
+            pick = rng.integers(0, views, size=len(train_idx)) if views else np.zeros(len(train_idx), dtype=np.int64)
+            use_clean = (rng.random(len(train_idx)) < recipe.clean_prob) if views else np.ones(len(train_idx), bool)
+            total_loss, correct = 0.0, 0
+            for s in range(steps_per_epoch):
+                rows = order[s * bs:(s + 1) * bs]
+                idx = train_idx[rows]
+                x = self.augmented[torch.from_numpy(idx), torch.from_numpy(pick[rows])].to(torch.float32) if views \
+                    else self.clean[torch.from_numpy(idx)]
+                if views and use_clean[rows].any():
+                    mask = torch.from_numpy(use_clean[rows])
+                    x[mask] = self.clean[torch.from_numpy(idx[use_clean[rows]])]
+                x = x.to(device)
+                y = torch.from_numpy(labels[idx]).to(device)
+                head_only = step < warm_steps or not trainable
+                factor = lr_factor(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                if len(optimizer.param_groups) > 1:
+                    optimizer.param_groups[1]["lr"] = 0.0 if head_only else optimizer.param_groups[1]["lr"]
+                if head_only:
+                    with torch.no_grad():
+                        f = tail(x)
+                else:
+                    f = tail(x)
+                logits = head(f)
+                loss = loss_fn(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if averaged is not None:
+                    with torch.no_grad():
+                        for a, p in zip(averaged, params):
+                            a.mul_(recipe.ema).add_(p.detach(), alpha=1 - recipe.ema)
+                total_loss += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+                bar.update(1)
+                if budget_s is not None and time.perf_counter() - started > budget_s:
+                    stopped = f"time budget {budget_s:g} s reached in epoch {epoch}, step {s + 1}"
+                    break
+            done = s + 1 if stopped else steps_per_epoch
+            seen = min(len(train_idx), done * bs)
+            entry = {"epoch": epoch, "train_loss": round(total_loss / seen, 5), "train_accuracy": round(correct / seen, 5),
+                     "seconds": round(time.perf_counter() - started, 2)}
+            if y_eval is not None:
+                with _weights_swapped(params, averaged), torch.no_grad():
+                    z = head.eval()(features(np.asarray(eval_idx, dtype=np.int64)))
+                    entry["val_loss"] = round(float(nn.functional.cross_entropy(z, torch.from_numpy(y_eval).to(device))), 5)
+                    entry["val_accuracy"] = round(float((z.argmax(1).cpu().numpy() == y_eval).mean()), 5)
+            history.append(entry)
+            if stopped:
+                break
+        bar.close()
+        if averaged is not None:
+            with torch.no_grad():
+                for a, p in zip(averaged, params):
+                    p.copy_(a)
+        tail.eval()
+        head.eval()
+        if recipe.refit_head and head_kind == "linear":
+            X, Y = features(train_idx).cpu().numpy(), y_train
+            if recipe.refit_views and views:
+                with torch.no_grad():
+                    aug = [tail(self.augmented[torch.from_numpy(train_idx[s:s + 64]), v].to(torch.float32).to(device)).cpu()
+                           for v in range(views) for s in range(0, len(train_idx), 64)]
+                X = np.concatenate([X, torch.cat(aug).numpy()])
+                Y = np.concatenate([y_train] * (views + 1))
+            probe = fit_linear(X, Y, classes, C=recipe.C)
+            with torch.no_grad():
+                head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
+                head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+        return PartialFit(cache=self, tail=tail.cpu(), head=head.cpu(), classes=classes, recipe=recipe, history=history,
+                          seconds=time.perf_counter() - started, device=device, stopped=stopped, head_kind=head_kind)
+
+
+class _weights_swapped:
+    """Context: evaluate with the averaged weights, then put the live ones back."""
+
+    def __init__(self, params, averaged):
+        self.params, self.averaged, self.saved = params, averaged, None
+
+    def __enter__(self):
+        import torch
+
+        if self.averaged is not None:
+            with torch.no_grad():
+                self.saved = [p.detach().clone() for p in self.params]
+                for p, a in zip(self.params, self.averaged):
+                    p.copy_(a)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.saved is not None:
+            with torch.no_grad():
+                for p, s in zip(self.params, self.saved):
+                    p.copy_(s)
+        return False
+
+
+class PartialFit:
+    """A fine-tuned tail + head over a :class:`ViewCache`; scores any cached image on its clean view."""
+
+    def __init__(self, *, cache: ViewCache, tail, head, classes, recipe, history, seconds, device, stopped, head_kind):
+        self.cache, self.tail, self.torch_head, self.classes = cache, tail, head, list(classes)
+        self.recipe, self.history, self.seconds, self.device = recipe, history, seconds, device
+        self.stopped, self.head_kind = stopped, head_kind
+
+    def features(self, idx) -> np.ndarray:
+        import torch
+
+        idx = np.asarray(idx, dtype=np.int64)
+        with torch.no_grad():
+            return torch.cat([self.tail(self.cache.clean[idx[s:s + 64]]) for s in range(0, len(idx), 64)]).numpy()
+
+    def logits(self, idx) -> np.ndarray:
+        """float32 ``[len(idx), classes]`` logits of the cached images ``idx`` (clean views)."""
+        return self.to_head().logits(self.features(idx))
+
+    def to_head(self):
+        """The head as the runtime's numpy :class:`~edgexfer.runtime.heads.Head`."""
+        from edgexfer.runtime.heads import Head
+
+        head = Head(kind=self.head_kind, classes=tuple(self.classes), tensors=self.torch_head.numpy_tensors())
+        head.validate()
+        return head
+
+    def pixel_backbone(self):
+        """The whole fine-tuned backbone as a CPU :class:`~edgexfer.pixel_model.PixelBackbone` in eval mode
+        (uint8 NHWC in, pooled features out): export this."""
+        from edgexfer.pixel_model import PixelBackbone
+
+        net = copy.deepcopy(self.cache.net).cpu()
+        cut = self.cache.cut
+        for j, block in enumerate(self.tail.blocks):
+            net._blocks[cut + j].load_state_dict(block.state_dict())
+        net._conv_head.load_state_dict(self.tail.conv_head.state_dict())
+        net._bn1.load_state_dict(self.tail.bn1.state_dict())
+        bb = self.cache.bb
+        return PixelBackbone(net, bb.mean, bb.std).eval()
+
+    def export(self, out_dir) -> dict[str, Any]:
+        """Write ``backbone.onnx``, ``backbone.safetensors`` (state dict) and ``head.safetensors`` into ``out_dir``."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from edgexfer.onnx_export import export_backbone
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.pixel_backbone()
+        save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(out / "backbone.safetensors"))
+        export_backbone(model, self.cache.bb.input_size, out / "backbone.onnx")
+        self.to_head().save(out / "head.safetensors")
+        return {"backbone_onnx": str(out / "backbone.onnx"), "head": str(out / "head.safetensors")}
