@@ -41,9 +41,12 @@ from edgexfer.runtime.holdout import (
     DEFAULT_HOLDOUT,
     DEFAULT_SEED,
     DEFAULT_TOLERANCE,
+    MIN_SPLIT_SAMPLES,
+    LeaveOneOut,
     LocalSplit,
     retrain_gate,
 )
+from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec
@@ -54,6 +57,12 @@ from edgexfer.runtime.timing import StepTimer
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
 #: never imports the converters).
 EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
+
+#: the mild :class:`~edgexfer.runtime.augment.Augmenter` settings of ``learn(augment=K)``: flips and crops
+#: of at least 70% of the image with a near-square aspect, no colour jitter (colour carries class
+#: information in clip art)
+AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
+                                    "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
 
 
 def _engine_versions() -> dict[str, str]:
@@ -128,6 +137,12 @@ class RetrainReport:
     temperature: float | None
     seconds: float
     reason: str
+    policy: str = "fewshot"  #: the linear head policy (edgexfer.runtime.fewshot), or the head kind
+    #: how the candidate was judged: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
+    gate: str = "holdout"
+    loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
+    few_shot_classes: list[str] = field(default_factory=list)  #: classes not split (too few local samples)
+    min_split_samples: int = MIN_SPLIT_SAMPLES  #: below this many local samples a class is not split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -378,10 +393,23 @@ class Device:
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0) -> RetrainReport:
-        """Train a candidate head on cached features and activate it if it passes the gate."""
+                holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0,
+                policy: str = DEFAULT_HEAD_POLICY) -> RetrainReport:
+        """Train a candidate head on cached features and activate it if it passes the gate.
+
+        Linear heads follow ``policy`` (:mod:`edgexfer.runtime.fewshot`): ``"fewshot"`` (default) fits a
+        class-balanced logistic head on the bundle's exemplars and the local samples, every row free,
+        then aligns the weight norms of device-only classes; ``"frozen"`` is the previous policy (rows of
+        classes without local samples keep the active head's values). Classes with fewer than
+        :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their
+        samples train, and the gate judges them by leave-one-out.
+        """
+        from edgexfer.runtime.fewshot import POLICIES, fit_fewshot, frozen_rows, leave_one_out_correct
         from edgexfer.runtime.head_training import HeadTrainer
 
+        if policy not in POLICIES:
+            raise InputError("retrain policy", got=repr(policy), expected=f"one of {list(POLICIES)}",
+                             todo="use 'fewshot' (the default) or 'frozen' (the previous policy)")
         started = time.perf_counter()
         with self.state.locked():
             active, old_head = self.active_head()
@@ -399,25 +427,49 @@ class Device:
             X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
             X_train = np.concatenate([X_ex, features[split.train]])
             y_train = np.concatenate([y_ex, split.targets[split.train]])
-            params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
-            if kind == "linear":
-                # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
-                # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
-                params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
             warm = old_head if (old_head.kind == kind) else None
             frozen: list[str] = []
-            if kind == "linear" and warm is not None:
-                # classes without local samples keep the bundle's row: the device has no evidence
-                # about them beyond the exemplars the row was already trained on (and more)
-                frozen = [c for c in old_head.classes if c not in set(labels)]
-                params["frozen_classes"] = frozen
-            gate = retrain_gate(HeadTrainer(kind, **params).fit(X_train, y_train, classes, warm_start=warm), old_head,
-                                split, tolerance)
+            if kind == "linear" and policy == "fewshot":
+                exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
+                device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
+
+                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
+                    return fit_fewshot(X, y, classes, device_only=device_only, C=C, warm_start=start)
+            else:
+                params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
+                if kind == "linear":
+                    # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
+                    # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
+                    params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
+                    if warm is not None:
+                        # the previous policy: classes without local samples keep the active head's row
+                        frozen = frozen_rows(warm, classes, labels)
+                        params["frozen_classes"] = frozen
+                trainer = HeadTrainer(kind, **params)
+
+                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
+                    return trainer.fit(X, y, classes, warm_start=start)
+            candidate = fit(X_train, y_train, warm)
+            # few-shot classes have no holdout: their local samples are judged by leave-one-out refits
+            few_shot = split.few_shot_classes
+            loo = None
+            if few_shot and kind == "linear":
+                local_rows = len(y_ex) + np.arange(len(split.train))
+                is_few = np.isin(np.array([split.labels[i] for i in split.train], dtype=object),
+                                 np.array(few_shot, dtype=object)) if len(split.train) else np.zeros(0, bool)
+                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few], candidate, seed=seed)
+                if len(judged):
+                    loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
+                                      candidate_correct=ok)
+            gate = retrain_gate(candidate, old_head, split, tolerance, loo=loo)
             metrics = {k: v for k, v in {"holdout_accuracy": gate.accuracy_new,
                                          "holdout_accuracy_previous": gate.accuracy_active,
                                          "holdout_count": gate.holdout_count, "train_count": len(y_train)}.items()
                        if v is not None}
             metrics["holdout_digest"] = split.digest
+            metrics["gate"] = gate.method
+            metrics["loo_count"] = gate.loo_count
+            metrics["policy"] = policy if kind == "linear" else kind
             # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
             record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
                                          status="candidate" if gate.accepted else "rejected", source="retrain",
@@ -431,7 +483,9 @@ class Device:
                 holdout_count=gate.holdout_count, holdout_accuracy_new=gate.accuracy_new,
                 holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
                 exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
-                seconds=round(time.perf_counter() - started, 3), reason=gate.reason)
+                seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
+                policy=policy if kind == "linear" else kind, gate=gate.method, loo_count=gate.loo_count,
+                few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
             crash_point("retrain-done")
         return report
