@@ -63,6 +63,24 @@ EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
 #: information in clip art)
 AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
                                     "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+#: names AUGMENT_SETTINGS in the views' cache key: change it with the settings, so old views are not reused
+AUGMENT_TAG = "aug1"
+#: views per image ``learn`` makes by default. Measured on clipart8 (benchmarks/fewshot_curves.py): 4 views
+#: gain under one point at 3-5 shots per class and nothing from 10 on, for 5x the backbone work: off
+DEFAULT_AUGMENT = 0
+#: the most views per image
+MAX_AUGMENT = 16
+
+
+def view_key(preprocess_key: str, view: int) -> str:
+    """The feature-cache key of a sample's augmented view ``view``: the sample's own row, another key.
+
+    Views are features of their sample (same sha256) under this key, so the train/holdout split, which
+    is drawn over samples, keeps a sample and its views on one side, and deleting a sample (capacity,
+    cascade) deletes its views. ``FeatureCache.labelled`` reads one exact key, so views never pass
+    for samples.
+    """
+    return f"{preprocess_key}|view{view}|{AUGMENT_TAG}"
 
 
 def _engine_versions() -> dict[str, str]:
@@ -113,8 +131,10 @@ class LearnReport:
     label: str
     added: int  #: samples newly confirmed in the cache
     already_known: int  #: samples the cache had (features reused)
-    backbone_runs: int  #: images that went through the backbone
+    backbone_runs: int  #: images that went through the backbone (views included)
     errors: list[dict[str, str]] = field(default_factory=list)
+    augment: int = 0  #: augmented views asked for per image
+    views_added: int = 0  #: views computed now (views cached already are not recomputed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +163,7 @@ class RetrainReport:
     loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
     few_shot_classes: list[str] = field(default_factory=list)  #: classes not split (too few local samples)
     min_split_samples: int = MIN_SPLIT_SAMPLES  #: below this many local samples a class is not split
+    view_count: int = 0  #: augmented views of training samples trained on (``learn --augment``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -370,26 +391,66 @@ class Device:
         return predictor.predict(items, top_k=top_k)
 
     # ---------------------------------------------------------------------------- learn
-    def learn(self, items: Sequence[ImageInput], label: str, source: str = "device") -> LearnReport:
+    def learn(self, items: Sequence[ImageInput], label: str, source: str = "device", *,
+              augment: int = DEFAULT_AUGMENT) -> LearnReport:
         """Store labelled samples with their features; bad inputs are reported, good ones still learned.
 
         The backbone runs only for samples the cache has no features of, and each sample is confirmed
         together with its features or not at all (:func:`~edgexfer.runtime.features.cached_features`).
+        ``augment=K`` also stores K augmented views of each sample (mild crops and flips,
+        :data:`AUGMENT_SETTINGS`, seeded by the sample's sha256: the same views every time), one
+        backbone pass each, under :func:`view_key`; ``retrain`` trains on the views of training samples.
         """
         if not isinstance(label, str) or not label.strip() or label != label.strip() or "/" in label:
             raise InputError("label", got=repr(label), expected="a non-empty class name without '/' or outer spaces")
+        if isinstance(augment, bool) or not isinstance(augment, int) or not 0 <= augment <= MAX_AUGMENT:
+            raise InputError("augment", got=repr(augment), expected=f"an integer 0..{MAX_AUGMENT} (views per image)",
+                             todo="pass e.g. --augment 4, or 0 for none")
         bundle = self.bundle()
         spec = bundle.preprocess
         decoded, errors = _decode_all(items, spec.fill)
         shas = list(decoded)
         records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
+        backbone = bundle.manifest.backbone.sha256
+        views_added = view_runs = 0
         with self.cache() as cache:
-            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, spec, shas,
+            engine = self.engine(bundle)
+            _, report = cached_features(engine, cache, backbone, spec, shas,
                                         lambda i: resize_to_spec(decoded[shas[i]][2], spec), records=records,
                                         progress=False)
             crash_point("learn-committed")
+            if augment:
+                kept = [s for s in shas if s not in set(report.dropped)]
+                views_added, view_runs = self._add_views(cache, engine, backbone, spec, kept, decoded, augment)
         return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
-                           backbone_runs=report.extracted, errors=errors)
+                           backbone_runs=report.extracted + view_runs, errors=errors, augment=augment,
+                           views_added=views_added)
+
+    @staticmethod
+    def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, spec: Any, shas: list[str],
+                   decoded: Mapping[str, tuple[bytes, str, Any]], augment: int) -> tuple[int, int]:
+        """Store the missing views ``0..augment-1`` of ``shas``; returns (views stored, backbone runs).
+
+        Each view key is committed on its own, after its sample: a crash in between leaves samples with
+        fewer views (the next ``learn --augment`` of the same images adds them), never a view without
+        its sample (the feature row references the sample).
+        """
+        from edgexfer.runtime.augment import Augmenter
+        from edgexfer.runtime.preprocess import stack
+
+        augmenter = Augmenter(spec, **AUGMENT_SETTINGS)
+        added = runs = 0
+        for view in range(augment):
+            key = view_key(spec.key(), view)
+            todo = cache.missing(backbone, key, shas)
+            for start in range(0, len(todo), 16):
+                chunk = todo[start:start + 16]
+                pixels = [augmenter(decoded[s][2], np.random.default_rng([int(s[:16], 16), view])) for s in chunk]
+                before = engine.stats.images
+                cache.put_features(backbone, key, dict(zip(chunk, engine.run(stack(pixels)))))
+                runs += engine.stats.images - before
+                added += len(chunk)
+        return added, runs
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
@@ -425,8 +486,25 @@ class Device:
             classes = split.classes
             ex = bundle.exemplars()
             X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
-            X_train = np.concatenate([X_ex, features[split.train]])
-            y_train = np.concatenate([y_ex, split.targets[split.train]])
+            # augmented views of the training samples only (learn --augment): a held-out sample's views
+            # never train, and leave-one-out drops a sample with its views (same group)
+            train_shas = [shas[i] for i in split.train]
+            view_rows, view_groups = [], []
+            with self.cache() as cache:
+                for view in range(MAX_AUGMENT):
+                    found = cache.get_features(active.bundle, view_key(bundle.preprocess.key(), view), train_shas)
+                    if not found:
+                        break
+                    for j, sha in enumerate(train_shas):
+                        if sha in found:
+                            view_rows.append(found[sha])
+                            view_groups.append(j)
+            view_groups_arr = np.array(view_groups, dtype=np.int64)
+            X_views = np.stack(view_rows).astype(np.float32) if view_rows else np.zeros((0, features.shape[1]), np.float32)
+            X_train = np.concatenate([X_ex, features[split.train], X_views])
+            y_train = np.concatenate([y_ex, split.targets[split.train], split.targets[split.train][view_groups_arr]])
+            # one group per exemplar, per local sample, and a sample's views in its sample's group
+            groups = np.concatenate([-1 - np.arange(len(y_ex)), np.arange(len(split.train)), view_groups_arr])
             warm = old_head if (old_head.kind == kind) else None
             frozen: list[str] = []
             if kind == "linear" and policy == "fewshot":
@@ -457,7 +535,8 @@ class Device:
                 local_rows = len(y_ex) + np.arange(len(split.train))
                 is_few = np.isin(np.array([split.labels[i] for i in split.train], dtype=object),
                                  np.array(few_shot, dtype=object)) if len(split.train) else np.zeros(0, bool)
-                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few], candidate, seed=seed)
+                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few], candidate, seed=seed,
+                                                   groups=groups)
                 if len(judged):
                     loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
                                       candidate_correct=ok)
@@ -485,6 +564,7 @@ class Device:
                 exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
                 seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
                 policy=policy if kind == "linear" else kind, gate=gate.method, loo_count=gate.loo_count,
+                view_count=int(len(X_views)),
                 few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
             crash_point("retrain-done")

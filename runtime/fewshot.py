@@ -157,25 +157,29 @@ def leave_one_out_correct(
     *,
     limit: int = MAX_LOO_SAMPLES,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out verdicts on training samples: ``(indices judged, whether each was predicted right)``.
 
     For each index ``i`` (at most ``limit`` of ``candidates``, drawn with ``seed``), ``fit(X without i,
-    y without i, warm_start)`` is scored on sample ``i``. A sample that is the only one of its class is
-    skipped: without it the class cannot be trained at all.
+    y without i, warm_start)`` is scored on sample ``i``. With ``groups`` (one id per row; a sample's
+    augmented views share its id), every row of ``i``'s group is left out with it. A sample that is the
+    only one of its class is skipped: without it the class cannot be trained at all.
     """
     candidates = np.asarray(candidates, dtype=np.int64)
-    counts = np.bincount(y, minlength=int(y.max()) + 1 if len(y) else 0)
-    candidates = candidates[counts[y[candidates]] >= 2] if len(candidates) else candidates
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    per_class: dict[int, set] = {}
+    for g, c in zip(groups.tolist(), y.tolist()):
+        per_class.setdefault(c, set()).add(g)
+    if len(candidates):
+        candidates = candidates[[len(per_class[int(y[i])]) >= 2 for i in candidates]]
     if len(candidates) > limit:
         rng = np.random.default_rng(seed)
         candidates = np.sort(rng.choice(candidates, size=limit, replace=False))
     ok = np.zeros(len(candidates), dtype=bool)
-    keep = np.ones(len(y), dtype=bool)
     for j, i in enumerate(candidates):
-        keep[i] = False
+        keep = groups != groups[i]
         head = fit(X[keep], y[keep], warm_start)
-        keep[i] = True
         ok[j] = int(head.logits(X[i:i + 1]).argmax(1)[0]) == int(y[i])
     return candidates, ok
 

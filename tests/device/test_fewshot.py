@@ -155,3 +155,31 @@ def test_retrain_refuses_an_unknown_policy(tmp_path, device_bundle):
         dev.learn([_png((1, 2, 3)), _png((200, 2, 3))], "squares")
         with pytest.raises(InputError, match="retrain policy"):
             dev.retrain(policy="bogus")
+
+
+def test_augmented_views_train_with_their_sample_and_leave_with_it(tmp_path, device_bundle):
+    from edgexfer.runtime.device import Device, view_key
+
+    rng = np.random.default_rng(1)
+    squares = [_png(tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(4)]
+    with Device(tmp_path / "state", per_class_capacity=3) as dev:
+        dev.install(device_bundle)
+        report = dev.learn(squares[:3], "squares", augment=2)
+        assert (report.added, report.views_added, report.backbone_runs) == (3, 6, 9)
+        again = dev.learn(squares[:3], "squares", augment=2)  # the same views: nothing recomputed
+        assert (again.views_added, again.backbone_runs) == (0, 0)
+        with pytest.raises(InputError, match="augment"):
+            dev.learn(squares[:1], "squares", augment=-1)
+        retrain = dev.retrain()
+        assert retrain.view_count == 6 and retrain.train_count == retrain.exemplar_count + 3 + 6
+        assert retrain.gate == "leave-one-out" and retrain.loo_count == 3
+        # the capacity keeps 3 samples per class: an evicted sample's views go with it (cascade)
+        dev.learn(squares[3:], "squares", augment=2)
+        bundle = dev.bundle()
+        with dev.cache() as cache:
+            shas, _, _ = cache.labelled(bundle.manifest.backbone.sha256, bundle.preprocess.key())
+            assert len(shas) == 3
+            for view in range(2):
+                key = view_key(bundle.preprocess.key(), view)
+                assert cache.features_count(bundle.manifest.backbone.sha256) == 3 * 3
+                assert set(cache.get_features(bundle.manifest.backbone.sha256, key, shas)) == set(shas)
