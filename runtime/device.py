@@ -510,9 +510,14 @@ class Device:
             if kind == "linear" and policy == "fewshot":
                 exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
                 device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
+                # classes without local samples keep the active head's rows (rescaled): see fit_fewshot
+                frozen = frozen_rows(warm, classes, labels)
 
                 def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-                    return fit_fewshot(X, y, classes, device_only=device_only, C=C, warm_start=start)
+                    # leave-one-out refits start from the candidate: the rows to keep still come from
+                    # the active head
+                    return fit_fewshot(X, y, classes, device_only=device_only, keep=frozen, C=C,
+                                       warm_start=start, keep_from=warm)
             else:
                 params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
                 if kind == "linear":

@@ -9,6 +9,10 @@ with) plus its own samples, often a handful per new class. Measured on clipart8 
   leave-one-out instead (:func:`leave_one_out_correct`).
 * **class-balanced logistic regression over all classes**, warm-started from the active head but not
   frozen: every row is refitted against every other, as scikit-learn's balanced peer does.
+* **the old classes' rows kept**: classes without local samples get the active head's rows back
+  after the fit (rescaled by one factor to the fitted norm, :func:`restore_rows`), so old classes
+  among themselves decide exactly as before learning (refitted on 20 exemplars per class they lost up
+  to 4 points) and the new rows keep the scale they were fitted at.
 * **weight aligning** (:func:`align_weights`, Zhao et al., CVPR 2020): a class trained on five samples
   ends up with a shorter weight row than one trained on twenty and loses every close call; rescaling
   the rows of device-only classes to the mean norm of the others (bias with them, so the decision
@@ -131,21 +135,56 @@ def fit_fewshot(
     classes: Sequence[str],
     *,
     device_only: Sequence[str] = (),
+    keep: Sequence[str] = (),
     C: float = 1.0,
     warm_start: Head | None = None,
     tol: float = 1e-5,
     matmul_dtype: str = "float32",
+    keep_from: Head | None = None,
 ) -> Head:
-    """The default policy: class-balanced logistic head on every class, then :func:`align_weights`.
+    """The default policy: class-balanced logistic head on every class, kept rows restored, then aligned.
 
-    ``device_only``: the classes trained on local samples alone (no bundle exemplars); their rows are
-    aligned to the others'. The warm start only saves iterations (the problem is convex).
+    1. :func:`~edgexfer.runtime.head_training.fit_linear` (balanced) on every class, all rows free, so
+       the new rows are fitted against every other class.
+    2. ``keep`` (classes without local samples; the ``warm_start`` head knows them from more data than
+       the exemplars): their rows and biases become the warm start's, times one factor that gives them the
+       mean norm the fit gave them. One factor for all of them, so the decisions among kept classes are
+       exactly the warm start's (old classes among themselves do not drift), while their scale matches
+       the new rows'.
+    3. ``device_only`` (classes trained on local samples alone): :func:`align_weights` to the others.
+
+    The warm start also saves iterations (the problem is convex). ``keep_from`` (default: ``warm_start``)
+    is where kept rows come from, when the warm start is another head (leave-one-out refits).
     """
     if warm_start is not None and warm_start.kind != "linear":
         warm_start = None
+    source = keep_from if keep_from is not None else warm_start
     head = fit_linear(X, y, classes, C=C, class_weight="balanced", warm_start=warm_start, tol=tol,
                       matmul_dtype=matmul_dtype)
+    if source is not None and source.kind == "linear" and keep:
+        head = restore_rows(head, source, keep)
     return align_weights(head, device_only)
+
+
+def restore_rows(head: Head, source: Head, keep: Sequence[str]) -> Head:
+    """``head`` with the rows (and biases) of ``keep`` taken from ``source``, scaled by one common factor
+    so their mean norm is the one ``head`` had for them."""
+    old = {name: i for i, name in enumerate(source.classes)}
+    rows = [(i, old[c]) for i, c in enumerate(head.classes) if c in set(keep) and c in old]
+    if not rows:
+        return head
+    W = head.tensors["W"].astype(np.float64)
+    b = head.tensors["b"].astype(np.float64)
+    Ws = source.tensors["W"].astype(np.float64)
+    bs = source.tensors["b"].astype(np.float64)
+    new_idx = [i for i, _ in rows]
+    src_idx = [j for _, j in rows]
+    src_norm = np.linalg.norm(Ws[src_idx], axis=1).mean()
+    gamma = np.linalg.norm(W[new_idx], axis=1).mean() / src_norm if src_norm > 0 else 1.0
+    W[new_idx] = Ws[src_idx] * gamma
+    b[new_idx] = bs[src_idx] * gamma
+    return Head("linear", head.classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)},
+                temperature=head.temperature)
 
 
 def leave_one_out_correct(
@@ -193,4 +232,4 @@ def frozen_rows(warm_start: Head | None, classes: Sequence[str], local_labels: S
 
 
 __all__ = ["DEFAULT_POLICY", "DEFAULT_SHRINKAGE", "MAX_LOO_SAMPLES", "POLICIES", "align_weights", "fit_fewshot",
-           "fit_slda", "frozen_rows", "leave_one_out_correct"]
+           "fit_slda", "frozen_rows", "restore_rows", "leave_one_out_correct"]
