@@ -279,7 +279,8 @@ def device_learn(images, label, augment, state, backend, precision, as_json):
               help="Accept the new head if its holdout accuracy >= the active head's minus this.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--policy", type=click.Choice(list(HEAD_POLICIES)), default=DEFAULT_HEAD_POLICY, show_default=True,
-              help="Linear head policy: fewshot (balanced, weight-aligned) or frozen (the previous one).")
+              help="Linear head policy: fewshot (balanced, old rows kept, new rows weight-aligned), frozen, or auto "
+                   "(fewshot while the new classes have < 15 training samples each, median).")
 @json_option
 def device_retrain(state, kind, tolerance, seed, policy, as_json):
     """Retrain the head on cached features; activate it only if it passes the holdout gate."""

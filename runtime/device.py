@@ -157,7 +157,8 @@ class RetrainReport:
     temperature: float | None
     seconds: float
     reason: str
-    policy: str = "fewshot"  #: the linear head policy (edgexfer.runtime.fewshot), or the head kind
+    policy: str = "fewshot"  #: the linear head policy used (edgexfer.runtime.fewshot), or the head kind
+    requested_policy: str = "auto"  #: the policy asked for ("auto" picks fewshot or frozen)
     #: how the candidate was judged: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
     gate: str = "holdout"
     loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
@@ -458,19 +459,27 @@ class Device:
                 policy: str = DEFAULT_HEAD_POLICY) -> RetrainReport:
         """Train a candidate head on cached features and activate it if it passes the gate.
 
-        Linear heads follow ``policy`` (:mod:`edgexfer.runtime.fewshot`): ``"fewshot"`` (default) fits a
+        Linear heads follow ``policy`` (:mod:`edgexfer.runtime.fewshot`): ``"fewshot"`` fits a
         class-balanced logistic head on the bundle's exemplars and the local samples, every row free,
-        then aligns the weight norms of device-only classes; ``"frozen"`` is the previous policy (rows of
-        classes without local samples keep the active head's values). Classes with fewer than
+        restores the active head's rows of classes without local samples and aligns the weight norms of
+        device-only classes; ``"frozen"`` is the previous policy (rows of classes without local samples
+        keep the active head's values); ``"auto"`` (default) is fewshot while the device-only classes have
+        a median of fewer than :data:`~edgexfer.runtime.fewshot.FEWSHOT_MAX_SAMPLES` training samples. Classes with fewer than
         :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their
         samples train, and the gate judges them by leave-one-out.
         """
-        from edgexfer.runtime.fewshot import POLICIES, fit_fewshot, frozen_rows, leave_one_out_correct
+        from edgexfer.runtime.fewshot import (
+            POLICIES,
+            choose_policy,
+            fit_fewshot,
+            frozen_rows,
+            leave_one_out_correct,
+        )
         from edgexfer.runtime.head_training import HeadTrainer
 
         if policy not in POLICIES:
             raise InputError("retrain policy", got=repr(policy), expected=f"one of {list(POLICIES)}",
-                             todo="use 'fewshot' (the default) or 'frozen' (the previous policy)")
+                             todo="use 'auto' (the default), 'fewshot' or 'frozen' (the previous policy)")
         started = time.perf_counter()
         with self.state.locked():
             active, old_head = self.active_head()
@@ -507,9 +516,12 @@ class Device:
             groups = np.concatenate([-1 - np.arange(len(y_ex)), np.arange(len(split.train)), view_groups_arr])
             warm = old_head if (old_head.kind == kind) else None
             frozen: list[str] = []
+            exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
+            device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
+            train_labels = [split.labels[i] for i in split.train]
+            requested = policy
+            policy = choose_policy(policy, [train_labels.count(c) for c in device_only])
             if kind == "linear" and policy == "fewshot":
-                exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
-                device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
                 # classes without local samples keep the active head's rows (rescaled): see fit_fewshot
                 frozen = frozen_rows(warm, classes, labels)
 
@@ -568,7 +580,8 @@ class Device:
                 holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
                 exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
                 seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
-                policy=policy if kind == "linear" else kind, gate=gate.method, loo_count=gate.loo_count,
+                policy=policy if kind == "linear" else kind, requested_policy=requested, gate=gate.method,
+                loo_count=gate.loo_count,
                 view_count=int(len(X_views)),
                 few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())

@@ -78,6 +78,27 @@ def test_fit_fewshot_is_balanced_logistic_regression_then_aligned() -> None:
     np.testing.assert_allclose(head.tensors["W"][:2], plain.tensors["W"][:2], atol=1e-3)
 
 
+def test_auto_policy_is_fewshot_only_while_the_new_classes_have_few_samples() -> None:
+    from edgexfer.runtime.fewshot import FEWSHOT_MAX_SAMPLES, choose_policy
+
+    assert choose_policy("auto", [5, 5, 3]) == "fewshot"
+    assert choose_policy("auto", [FEWSHOT_MAX_SAMPLES] * 3) == "frozen"
+    assert choose_policy("auto", []) == "frozen"  # nothing learned on the device alone: the previous policy
+    assert choose_policy("fewshot", [100]) == "fewshot" and choose_policy("frozen", [1]) == "frozen"
+
+
+def test_restored_rows_decide_among_themselves_exactly_as_before() -> None:
+    from edgexfer.runtime.fewshot import restore_rows
+
+    X, y = _blobs()
+    before = fit_linear(X[y < 2], y[y < 2], CLASSES[:2])
+    head = fit_fewshot(X, y, CLASSES, device_only=["c"], keep=CLASSES[:2], warm_start=before)
+    np.testing.assert_array_equal(head.logits(X)[:, :2].argmax(1), before.logits(X).argmax(1))
+    ratio = head.tensors["W"][:2] / before.tensors["W"]
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)  # one common factor
+    assert restore_rows(head, before, []) is head
+
+
 # --------------------------------------------------------------------------------------- split and gate
 def test_classes_below_min_split_samples_are_not_split() -> None:
     labels = ["old"] * 12 + ["few"] * (MIN_SPLIT_SAMPLES - 1) + ["enough"] * MIN_SPLIT_SAMPLES
@@ -140,9 +161,11 @@ def test_retrain_with_five_shots_trains_on_all_of_them_and_judges_by_leave_one_o
         dev.install(device_bundle)
         dev.learn([_png(tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(5)], "squares")
         report = dev.retrain()
-    assert report.policy == "fewshot" and report.gate == "leave-one-out"
+    assert (report.requested_policy, report.policy, report.gate) == ("auto", "fewshot", "leave-one-out")
     assert report.few_shot_classes == ["squares"] and report.holdout_count == 0 and report.loo_count == 5
-    assert report.train_count == report.exemplar_count + 5 and report.frozen_classes == []
+    assert report.train_count == report.exemplar_count + 5
+    # the bundle's classes keep their rows (one common scale): old classes decide among themselves as before
+    assert report.frozen_classes == report.classes[:-1]
     last = json.loads((tmp_path / "state" / "last_retrain.json").read_text())
     assert last["gate"] == "leave-one-out" and last["min_split_samples"] == MIN_SPLIT_SAMPLES
 
