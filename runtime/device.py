@@ -153,7 +153,7 @@ class RetrainReport:
     tolerance: float
     train_count: int
     exemplar_count: int
-    frozen_classes: list[str]
+    frozen_classes: list[str]  #: classes whose rows are the active head's (frozen; fewshot: restored, one common scale)
     temperature: float | None
     seconds: float
     reason: str
@@ -548,12 +548,21 @@ class Device:
             # few-shot classes have no holdout: their local samples are judged by leave-one-out refits
             few_shot = split.few_shot_classes
             loo = None
+            is_few = np.array([label in set(few_shot) for label in train_labels], dtype=bool)
+            few_shot_trained = sorted(train_shas[j] for j in np.flatnonzero(is_few))
             if few_shot and kind == "linear":
                 local_rows = len(y_ex) + np.arange(len(split.train))
-                is_few = np.isin(np.array([split.labels[i] for i in split.train], dtype=object),
-                                 np.array(few_shot, dtype=object)) if len(split.train) else np.zeros(0, bool)
-                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few], candidate, seed=seed,
-                                                   groups=groups)
+                # A fair comparison needs samples the active head never trained on either: a retrained
+                # head records the few-shot samples it trained on; one from before that record may have
+                # trained on any of them. Bundle and published heads never saw a local sample.
+                record = self.state.head_record(active.head)
+                if record.source == "retrain":
+                    seen = set(record.metrics.get("few_shot_trained", train_shas))
+                else:
+                    seen = set()
+                fair = np.array([train_shas[j] not in seen for j in range(len(train_shas))], dtype=bool)
+                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few & fair], candidate,
+                                                   seed=seed, groups=groups)
                 if len(judged):
                     loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
                                       candidate_correct=ok)
@@ -566,6 +575,8 @@ class Device:
             metrics["gate"] = gate.method
             metrics["loo_count"] = gate.loo_count
             metrics["policy"] = policy if kind == "linear" else kind
+            # the few-shot samples this head trained on: the next retrain's leave-one-out leaves them out
+            metrics["few_shot_trained"] = few_shot_trained
             # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
             record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
                                          status="candidate" if gate.accepted else "rejected", source="retrain",

@@ -161,6 +161,13 @@ def test_retrain_with_five_shots_trains_on_all_of_them_and_judges_by_leave_one_o
         dev.install(device_bundle)
         dev.learn([_png(tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(5)], "squares")
         report = dev.retrain()
+        # the new head trained on those 5: judging it against the next candidate's leave-one-out on them
+        # would be unfair, so a retrain without new samples has nothing to compare on
+        again = dev.retrain()
+        assert again.accepted and again.gate == "none" and again.loo_count == 0
+        dev.learn([_png(tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(2)], "squares")
+        third = dev.retrain()
+        assert third.gate == "leave-one-out" and third.loo_count == 2  # only the samples no head has seen
     assert (report.requested_policy, report.policy, report.gate) == ("auto", "fewshot", "leave-one-out")
     assert report.few_shot_classes == ["squares"] and report.holdout_count == 0 and report.loo_count == 5
     assert report.train_count == report.exemplar_count + 5
