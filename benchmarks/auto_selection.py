@@ -6,7 +6,7 @@ outer training part only (exactly what `edgexfer train --mode auto` does with it
 its pick on the whole outer training part and is scored on the same outer test fold. So `auto`'s figure
 is an honest estimate of what the mode delivers, comparable with each fixed candidate's.
 
-Usage: python benchmarks/auto_selection.py [DATA_DIR] [--folds 5] [--seed 0] [--partial] [--budget S]
+Usage: python benchmarks/auto_selection.py [DATA_DIR] [--folds 5] [--inner-folds 5] [--seeds 0,1] [--partial]
 Writes results/auto_selection.json.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,67 +22,109 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def frozen_features(data: Path, cache: Path):
-    """Features of every (deduplicated) image through the real frozen path, read back from the cache."""
-    from edgexfer.runtime.cache import FeatureCache
-    from edgexfer.runtime.preprocess import PreprocessSpec
-    from edgexfer.train import TrainConfig, train
+def load(data: Path, cache: Path):
+    """Decoded images, labels and frozen features of every (deduplicated) image, as `train` sees them."""
+    import tempfile
 
+    from edgexfer.backbones import get_config
+    from edgexfer.runtime.preprocess import PreprocessSpec
+    from edgexfer.train import TrainConfig, _frozen_features, load_dataset
+
+    bb = get_config("efficientnet_lite0")
+    spec = PreprocessSpec(size=bb.input_size)
+    folder, images, labels, shas, paths, _ = load_dataset(data, spec, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        train(TrainConfig(data_dir=data, out=Path(tmp) / "run", cache=cache, progress=False))
-        run = json.loads((Path(tmp) / "run" / "run.json").read_text())
-    samples = sorted(run["train"] + run["val"], key=lambda s: s["path"])
-    key = PreprocessSpec.from_dict(run["preprocess"]).key()
-    with FeatureCache(cache, per_class_capacity=None) as fc:
-        found = fc.get_features(run["backbone"]["onnx_sha256"], key, [s["sha256"] for s in samples])
-    X = np.stack([found[s["sha256"]] for s in samples]).astype(np.float32)
-    y = np.array([s["label"] for s in samples], dtype=np.int64)
-    return X, y, run["classes"], [s["path"] for s in samples]
+        cfg = TrainConfig(data_dir=data, out=Path(tmp), cache=cache, progress=False)
+        feats, _ = _frozen_features(cfg, bb, spec, folder.classes, images, shas, paths, labels)
+    return bb, spec, images, labels, list(folder.classes), feats.astype(np.float32)
 
 
 def main() -> None:
     from edgexfer.runtime.cpu import cpu_features
-    from edgexfer.selection import choose, frozen_candidates, score_frozen, stratified_folds
+    from edgexfer.runtime.head_training import HeadTrainer
+    from edgexfer.selection import (
+        Candidate,
+        CandidateScore,
+        choose,
+        frozen_candidates,
+        score_frozen,
+        stratified_folds,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("data", nargs="?", default=str(REPO.parent / "shared" / "datasets" / "clipart8"))
-    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--folds", type=int, default=5, help="outer folds")
+    ap.add_argument("--inner-folds", type=int, default=5, help="auto's own folds (train --folds)")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds of the outer and inner splits")
+    ap.add_argument("--partial", action="store_true", help="add the default partial recipe as a candidate (slow)")
     ap.add_argument("--cache", default=str(REPO / "build" / "bench-features.sqlite"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "auto_selection.json"))
     args = ap.parse_args()
 
-    X, y, classes, _ = frozen_features(Path(args.data), Path(args.cache))
+    bb, spec, images, y, classes, X = load(Path(args.data), Path(args.cache))
     candidates = frozen_candidates(C=1.0)
+    views = recipe = None
+    if args.partial:
+        import torch
+
+        from edgexfer.finetune import PartialRecipe, ViewCache
+
+        torch.set_num_threads(2)
+        recipe = PartialRecipe()
+        views = ViewCache.build(images, spec, bb, recipe, seed=0, progress=True)
+        print(f"view cache: {views.seconds:.0f} s", file=sys.stderr)
+    partial_name = f"partial last {recipe.unfreeze} blocks" if recipe else None
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         outer = stratified_folds(y, args.folds, seed)
         per_candidate = score_frozen(candidates, X, y, classes, outer, progress=False)
+        partial_outer = CandidateScore(Candidate(partial_name, "partial", "linear")) if recipe else None
         auto_acc, auto_pick, auto_seconds = [], [], []
-        for train_idx, test_idx in outer:
+        for f, (train_idx, test_idx) in enumerate(outer):
             started = time.perf_counter()
-            inner = stratified_folds(y[train_idx], args.folds, seed)
-            chosen = choose(score_frozen(candidates, X[train_idx], y[train_idx], classes, inner, progress=False))
-            from edgexfer.runtime.head_training import HeadTrainer
-            head = HeadTrainer(chosen.candidate.head, **chosen.candidate.params).fit(X[train_idx], y[train_idx], classes)
-            auto_acc.append(float(np.mean(head.logits(X[test_idx]).argmax(1) == y[test_idx])))
+            inner = stratified_folds(y[train_idx], args.inner_folds, seed)
+            inner_scores = score_frozen(candidates, X[train_idx], y[train_idx], classes, inner, progress=False)
+            outer_fit = None
+            if recipe:
+                t0 = time.perf_counter()
+                outer_fit = views.fit(train_idx, y, classes, recipe, seed=seed)
+                partial_outer.fold_seconds.append(time.perf_counter() - t0)
+                partial_outer.fold_accuracy.append(float(np.mean(outer_fit.logits(test_idx).argmax(1) == y[test_idx])))
+                inner_partial = CandidateScore(Candidate(partial_name, "partial", "linear"))
+                for tr, te in inner:
+                    t0 = time.perf_counter()
+                    fit = views.fit(train_idx[tr], y, classes, recipe, seed=seed)
+                    inner_partial.fold_seconds.append(time.perf_counter() - t0)
+                    inner_partial.fold_accuracy.append(float(np.mean(fit.logits(train_idx[te]).argmax(1) == y[train_idx[te]])))
+                inner_scores.append(inner_partial)
+            chosen = choose(inner_scores)
+            if chosen.candidate.mode == "partial":  # the same fit auto would make: same recipe, seed, data
+                acc = partial_outer.fold_accuracy[-1]
+            else:
+                head = HeadTrainer(chosen.candidate.head, **chosen.candidate.params).fit(X[train_idx], y[train_idx], classes)
+                acc = float(np.mean(head.logits(X[test_idx]).argmax(1) == y[test_idx]))
+            auto_acc.append(acc)
             auto_pick.append(chosen.candidate.name)
             auto_seconds.append(time.perf_counter() - started)
-        runs.append({"seed": seed, "candidates": [s.to_dict() for s in per_candidate],
+            print(f"seed {seed} fold {f}: auto picked {chosen.candidate.name} -> {acc:.4f}"
+                  + (f"; partial {partial_outer.fold_accuracy[-1]:.4f}" if recipe else "")
+                  + f"; frozen linear {per_candidate[0].fold_accuracy[f]:.4f}", file=sys.stderr, flush=True)
+        all_scores = per_candidate + ([partial_outer] if recipe else [])
+        runs.append({"seed": seed, "candidates": [s.to_dict() for s in all_scores],
                      "auto": {"fold_accuracy": auto_acc, "picks": auto_pick, "seconds_per_fold": auto_seconds}})
-        print(f"seed {seed}", file=sys.stderr)
 
     def summary(name, accs):
         return {"name": name, "mean": round(float(np.mean(accs)), 4), "std": round(float(np.std(accs, ddof=1)), 4),
                 "folds": len(accs)}
 
-    table = [summary(c.name, sum((r["candidates"][i]["fold_accuracy"] for r in runs), []))
-             for i, c in enumerate(candidates)]
+    names = [c["name"] for c in runs[0]["candidates"]]
+    table = [summary(n, sum((r["candidates"][i]["fold_accuracy"] for r in runs), [])) for i, n in enumerate(names)]
     auto = summary("auto", sum((r["auto"]["fold_accuracy"] for r in runs), []))
     best = max(table, key=lambda r: r["mean"])
     result = {
         "question": "nested CV: does --mode auto reach the best fixed candidate (acceptance: >= best - 0.5 points)?",
-        "data": str(args.data), "images": int(len(y)), "folds": args.folds, "seeds": args.seeds,
+        "data": str(args.data), "images": int(len(y)), "folds": args.folds, "inner_folds": args.inner_folds,
+        "seeds": args.seeds, "partial_recipe": recipe.to_dict() if recipe else None,
         "cpu": {"model": cpu_features().model, "isa_flags": list(cpu_features().flags)},
         "date": time.strftime("%Y-%m-%d"),
         "table": table, "auto": auto, "best_single": best["name"],

@@ -22,7 +22,7 @@ from edgexfer.cli_options import (
 )
 from edgexfer.runtime.backends.registry import BACKENDS
 from edgexfer.runtime.errors import EdgexferError
-from edgexfer.runtime.names import HEAD_KINDS, TRAIN_MODES
+from edgexfer.runtime.names import DEFAULT_HEAD_POLICY, HEAD_KINDS, HEAD_POLICIES, TRAIN_MODES
 
 
 class _Group(click.Group):
@@ -266,17 +266,21 @@ def device_predict(images, state, backend, precision, top_k, as_json):
 @device.command(name="learn")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--label", required=True, help="Class name of these images (a new name adds a class).")
+@click.option("--augment", type=click.IntRange(0, 16), default=0, show_default=True,
+              help="Also store this many augmented views (mild crops, flips) of each image; one backbone pass each.")
 @state_option
 @device_engine_options
 @json_option
-def device_learn(images, label, state, backend, precision, as_json):
+def device_learn(images, label, augment, state, backend, precision, as_json):
     """Store labelled samples and their features in the cache (the backbone runs only for new ones)."""
     from edgexfer.runtime.device import Device
 
     with Device(state, backend=backend, precision=precision) as dev:
-        report = dev.learn(list(images), label)
+        report = dev.learn(list(images), label, augment=augment)
     text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
             f"backbone ran {report.backbone_runs} time(s))")
+    if augment:
+        text += f"; {report.views_added} augmented view(s) stored ({augment} per image)"
     for e in report.errors:
         text += f"\n{e['source']}: ERROR {e['error']}"
     emit(report.to_dict(), as_json, text)
@@ -291,16 +295,22 @@ def device_learn(images, label, state, backend, precision, as_json):
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Accept the new head if its holdout accuracy >= the active head's minus this.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--policy", type=click.Choice(list(HEAD_POLICIES)), default=DEFAULT_HEAD_POLICY, show_default=True,
+              help="Linear head policy: fewshot (balanced, old rows kept, new rows weight-aligned), frozen, or auto "
+                   "(fewshot while the new classes have < 15 training samples each, median).")
 @json_option
-def device_retrain(state, kind, tolerance, seed, as_json):
+def device_retrain(state, kind, tolerance, seed, policy, as_json):
     """Retrain the head on cached features; activate it only if it passes the holdout gate."""
     from edgexfer.runtime.device import Device
 
     with Device(state) as dev:
-        r = dev.retrain(kind=kind, tolerance=tolerance, seed=seed)
+        r = dev.retrain(kind=kind, tolerance=tolerance, seed=seed, policy=policy)
     verdict = "activated" if r.accepted else "REJECTED (kept as a candidate; the active head is unchanged)"
-    emit(r.to_dict(), as_json, f"head {r.version} {verdict}: {r.reason}; {len(r.classes)} classes, trained on "
-                               f"{r.train_count} samples ({r.exemplar_count} bundle exemplars) in {r.seconds:.2f} s")
+    few = (f"; few-shot classes (< {r.min_split_samples} samples, not split, judged by leave-one-out): "
+           f"{', '.join(r.few_shot_classes)}" if r.few_shot_classes else "")
+    emit(r.to_dict(), as_json, f"head {r.version} {verdict}: {r.reason}; gate: {r.gate}{few}; {len(r.classes)} "
+                               f"classes, {r.policy} policy, trained on {r.train_count} samples ({r.exemplar_count} "
+                               f"bundle exemplars, {r.view_count} augmented views) in {r.seconds:.2f} s")
 
 
 @device.command(name="status")

@@ -41,9 +41,12 @@ from edgexfer.runtime.holdout import (
     DEFAULT_HOLDOUT,
     DEFAULT_SEED,
     DEFAULT_TOLERANCE,
+    MIN_SPLIT_SAMPLES,
+    LeaveOneOut,
     LocalSplit,
     retrain_gate,
 )
+from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec
@@ -54,6 +57,30 @@ from edgexfer.runtime.timing import StepTimer
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
 #: never imports the converters).
 EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
+
+#: the mild :class:`~edgexfer.runtime.augment.Augmenter` settings of ``learn(augment=K)``: flips and crops
+#: of at least 70% of the image with a near-square aspect, no colour jitter (colour carries class
+#: information in clip art)
+AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
+                                    "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+#: names AUGMENT_SETTINGS in the views' cache key: change it with the settings, so old views are not reused
+AUGMENT_TAG = "aug1"
+#: views per image ``learn`` makes by default. Measured on clipart8 (benchmarks/fewshot_curves.py): 4 views
+#: gain under one point at 3-5 shots per class and nothing from 10 on, for 5x the backbone work: off
+DEFAULT_AUGMENT = 0
+#: the most views per image
+MAX_AUGMENT = 16
+
+
+def view_key(preprocess_key: str, view: int) -> str:
+    """The feature-cache key of a sample's augmented view ``view``: the sample's own row, another key.
+
+    Views are features of their sample (same sha256) under this key, so the train/holdout split, which
+    is drawn over samples, keeps a sample and its views on one side, and deleting a sample (capacity,
+    cascade) deletes its views. ``FeatureCache.labelled`` reads one exact key, so views never pass
+    for samples.
+    """
+    return f"{preprocess_key}|view{view}|{AUGMENT_TAG}"
 
 
 def _engine_versions() -> dict[str, str]:
@@ -104,8 +131,10 @@ class LearnReport:
     label: str
     added: int  #: samples newly confirmed in the cache
     already_known: int  #: samples the cache had (features reused)
-    backbone_runs: int  #: images that went through the backbone
+    backbone_runs: int  #: images that went through the backbone (views included)
     errors: list[dict[str, str]] = field(default_factory=list)
+    augment: int = 0  #: augmented views asked for per image
+    views_added: int = 0  #: views computed now (views cached already are not recomputed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,10 +153,18 @@ class RetrainReport:
     tolerance: float
     train_count: int
     exemplar_count: int
-    frozen_classes: list[str]
+    frozen_classes: list[str]  #: classes whose rows are the active head's (frozen; fewshot: restored, one common scale)
     temperature: float | None
     seconds: float
     reason: str
+    policy: str = "fewshot"  #: the linear head policy used (edgexfer.runtime.fewshot), or the head kind
+    requested_policy: str = "auto"  #: the policy asked for ("auto" picks fewshot or frozen)
+    #: how the candidate was judged: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
+    gate: str = "holdout"
+    loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
+    few_shot_classes: list[str] = field(default_factory=list)  #: classes not split (too few local samples)
+    min_split_samples: int = MIN_SPLIT_SAMPLES  #: below this many local samples a class is not split
+    view_count: int = 0  #: augmented views of training samples trained on (``learn --augment``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -355,33 +392,94 @@ class Device:
         return predictor.predict(items, top_k=top_k)
 
     # ---------------------------------------------------------------------------- learn
-    def learn(self, items: Sequence[ImageInput], label: str, source: str = "device") -> LearnReport:
+    def learn(self, items: Sequence[ImageInput], label: str, source: str = "device", *,
+              augment: int = DEFAULT_AUGMENT) -> LearnReport:
         """Store labelled samples with their features; bad inputs are reported, good ones still learned.
 
         The backbone runs only for samples the cache has no features of, and each sample is confirmed
         together with its features or not at all (:func:`~edgexfer.runtime.features.cached_features`).
+        ``augment=K`` also stores K augmented views of each sample (mild crops and flips,
+        :data:`AUGMENT_SETTINGS`, seeded by the sample's sha256: the same views every time), one
+        backbone pass each, under :func:`view_key`; ``retrain`` trains on the views of training samples.
         """
         if not isinstance(label, str) or not label.strip() or label != label.strip() or "/" in label:
             raise InputError("label", got=repr(label), expected="a non-empty class name without '/' or outer spaces")
+        if isinstance(augment, bool) or not isinstance(augment, int) or not 0 <= augment <= MAX_AUGMENT:
+            raise InputError("augment", got=repr(augment), expected=f"an integer 0..{MAX_AUGMENT} (views per image)",
+                             todo="pass e.g. --augment 4, or 0 for none")
         bundle = self.bundle()
         spec = bundle.preprocess
         decoded, errors = _decode_all(items, spec.fill)
         shas = list(decoded)
         records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
+        backbone = bundle.manifest.backbone.sha256
+        views_added = view_runs = 0
         with self.cache() as cache:
-            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, spec, shas,
+            engine = self.engine(bundle)
+            _, report = cached_features(engine, cache, backbone, spec, shas,
                                         lambda i: resize_to_spec(decoded[shas[i]][2], spec), records=records,
                                         progress=False)
             crash_point("learn-committed")
+            if augment:
+                kept = [s for s in shas if s not in set(report.dropped)]
+                views_added, view_runs = self._add_views(cache, engine, backbone, spec, kept, decoded, augment)
         return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
-                           backbone_runs=report.extracted, errors=errors)
+                           backbone_runs=report.extracted + view_runs, errors=errors, augment=augment,
+                           views_added=views_added)
+
+    @staticmethod
+    def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, spec: Any, shas: list[str],
+                   decoded: Mapping[str, tuple[bytes, str, Any]], augment: int) -> tuple[int, int]:
+        """Store the missing views ``0..augment-1`` of ``shas``; returns (views stored, backbone runs).
+
+        Each view key is committed on its own, after its sample: a crash in between leaves samples with
+        fewer views (the next ``learn --augment`` of the same images adds them), never a view without
+        its sample (the feature row references the sample).
+        """
+        from edgexfer.runtime.augment import Augmenter
+        from edgexfer.runtime.preprocess import stack
+
+        augmenter = Augmenter(spec, **AUGMENT_SETTINGS)
+        added = runs = 0
+        for view in range(augment):
+            key = view_key(spec.key(), view)
+            todo = cache.missing(backbone, key, shas)
+            for start in range(0, len(todo), 16):
+                chunk = todo[start:start + 16]
+                pixels = [augmenter(decoded[s][2], np.random.default_rng([int(s[:16], 16), view])) for s in chunk]
+                before = engine.stats.images
+                cache.put_features(backbone, key, dict(zip(chunk, engine.run(stack(pixels)))))
+                runs += engine.stats.images - before
+                added += len(chunk)
+        return added, runs
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
-                holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0) -> RetrainReport:
-        """Train a candidate head on cached features and activate it if it passes the gate."""
+                holdout: float = DEFAULT_HOLDOUT, seed: int = DEFAULT_SEED, C: float = 1.0,
+                policy: str = DEFAULT_HEAD_POLICY) -> RetrainReport:
+        """Train a candidate head on cached features and activate it if it passes the gate.
+
+        Linear heads follow ``policy`` (:mod:`edgexfer.runtime.fewshot`): ``"fewshot"`` fits a
+        class-balanced logistic head on the bundle's exemplars and the local samples, every row free,
+        restores the active head's rows of classes without local samples and aligns the weight norms of
+        device-only classes; ``"frozen"`` is the previous policy (rows of classes without local samples
+        keep the active head's values); ``"auto"`` (default) is fewshot while the device-only classes have
+        a median of fewer than :data:`~edgexfer.runtime.fewshot.FEWSHOT_MAX_SAMPLES` training samples. Classes with fewer than
+        :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their
+        samples train, and the gate judges them by leave-one-out.
+        """
+        from edgexfer.runtime.fewshot import (
+            POLICIES,
+            choose_policy,
+            fit_fewshot,
+            frozen_rows,
+            leave_one_out_correct,
+        )
         from edgexfer.runtime.head_training import HeadTrainer
 
+        if policy not in POLICIES:
+            raise InputError("retrain policy", got=repr(policy), expected=f"one of {list(POLICIES)}",
+                             todo="use 'auto' (the default), 'fewshot' or 'frozen' (the previous policy)")
         started = time.perf_counter()
         with self.state.locked():
             active, old_head = self.active_head()
@@ -397,27 +495,88 @@ class Device:
             classes = split.classes
             ex = bundle.exemplars()
             X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
-            X_train = np.concatenate([X_ex, features[split.train]])
-            y_train = np.concatenate([y_ex, split.targets[split.train]])
-            params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
-            if kind == "linear":
-                # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
-                # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
-                params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
+            # augmented views of the training samples only (learn --augment): a held-out sample's views
+            # never train, and leave-one-out drops a sample with its views (same group)
+            train_shas = [shas[i] for i in split.train]
+            view_rows, view_groups = [], []
+            with self.cache() as cache:
+                for view in range(MAX_AUGMENT):
+                    found = cache.get_features(active.bundle, view_key(bundle.preprocess.key(), view), train_shas)
+                    if not found:
+                        break
+                    for j, sha in enumerate(train_shas):
+                        if sha in found:
+                            view_rows.append(found[sha])
+                            view_groups.append(j)
+            view_groups_arr = np.array(view_groups, dtype=np.int64)
+            X_views = np.stack(view_rows).astype(np.float32) if view_rows else np.zeros((0, features.shape[1]), np.float32)
+            X_train = np.concatenate([X_ex, features[split.train], X_views])
+            y_train = np.concatenate([y_ex, split.targets[split.train], split.targets[split.train][view_groups_arr]])
+            # one group per exemplar, per local sample, and a sample's views in its sample's group
+            groups = np.concatenate([-1 - np.arange(len(y_ex)), np.arange(len(split.train)), view_groups_arr])
             warm = old_head if (old_head.kind == kind) else None
             frozen: list[str] = []
-            if kind == "linear" and warm is not None:
-                # classes without local samples keep the bundle's row: the device has no evidence
-                # about them beyond the exemplars the row was already trained on (and more)
-                frozen = [c for c in old_head.classes if c not in set(labels)]
-                params["frozen_classes"] = frozen
-            gate = retrain_gate(HeadTrainer(kind, **params).fit(X_train, y_train, classes, warm_start=warm), old_head,
-                                split, tolerance)
+            exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
+            device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
+            train_labels = [split.labels[i] for i in split.train]
+            requested = policy
+            policy = choose_policy(policy, [train_labels.count(c) for c in device_only])
+            if kind == "linear" and policy == "fewshot":
+                # classes without local samples keep the active head's rows (rescaled): see fit_fewshot
+                frozen = frozen_rows(warm, classes, labels)
+
+                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
+                    # leave-one-out refits start from the candidate: the rows to keep still come from
+                    # the active head
+                    return fit_fewshot(X, y, classes, device_only=device_only, keep=frozen, C=C,
+                                       warm_start=start, keep_from=warm)
+            else:
+                params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
+                if kind == "linear":
+                    # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
+                    # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
+                    params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
+                    if warm is not None:
+                        # the previous policy: classes without local samples keep the active head's row
+                        frozen = frozen_rows(warm, classes, labels)
+                        params["frozen_classes"] = frozen
+                trainer = HeadTrainer(kind, **params)
+
+                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
+                    return trainer.fit(X, y, classes, warm_start=start)
+            candidate = fit(X_train, y_train, warm)
+            # few-shot classes have no holdout: their local samples are judged by leave-one-out refits
+            few_shot = split.few_shot_classes
+            loo = None
+            is_few = np.array([label in set(few_shot) for label in train_labels], dtype=bool)
+            few_shot_trained = sorted(train_shas[j] for j in np.flatnonzero(is_few))
+            if few_shot and kind == "linear":
+                local_rows = len(y_ex) + np.arange(len(split.train))
+                # A fair comparison needs samples the active head never trained on either: a retrained
+                # head records the few-shot samples it trained on; one from before that record may have
+                # trained on any of them. Bundle and published heads never saw a local sample.
+                record = self.state.head_record(active.head)
+                if record.source == "retrain":
+                    seen = set(record.metrics.get("few_shot_trained", train_shas))
+                else:
+                    seen = set()
+                fair = np.array([train_shas[j] not in seen for j in range(len(train_shas))], dtype=bool)
+                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few & fair], candidate,
+                                                   seed=seed, groups=groups)
+                if len(judged):
+                    loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
+                                      candidate_correct=ok)
+            gate = retrain_gate(candidate, old_head, split, tolerance, loo=loo)
             metrics = {k: v for k, v in {"holdout_accuracy": gate.accuracy_new,
                                          "holdout_accuracy_previous": gate.accuracy_active,
                                          "holdout_count": gate.holdout_count, "train_count": len(y_train)}.items()
                        if v is not None}
             metrics["holdout_digest"] = split.digest
+            metrics["gate"] = gate.method
+            metrics["loo_count"] = gate.loo_count
+            metrics["policy"] = policy if kind == "linear" else kind
+            # the few-shot samples this head trained on: the next retrain's leave-one-out leaves them out
+            metrics["few_shot_trained"] = few_shot_trained
             # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
             record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
                                          status="candidate" if gate.accepted else "rejected", source="retrain",
@@ -431,7 +590,11 @@ class Device:
                 holdout_count=gate.holdout_count, holdout_accuracy_new=gate.accuracy_new,
                 holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
                 exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
-                seconds=round(time.perf_counter() - started, 3), reason=gate.reason)
+                seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
+                policy=policy if kind == "linear" else kind, requested_policy=requested, gate=gate.method,
+                loo_count=gate.loo_count,
+                view_count=int(len(X_views)),
+                few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
             write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
             crash_point("retrain-done")
         return report

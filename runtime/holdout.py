@@ -28,8 +28,12 @@ import numpy as np
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.heads import Head
 
-#: share of the local labelled samples held out (per class; a class with fewer than 3 samples has none)
+#: share of the local labelled samples held out (per class; a class with fewer than MIN_SPLIT_SAMPLES has none)
 DEFAULT_HOLDOUT = 0.25
+#: a class with fewer local samples than this is not split: all its samples train (few-shot classes;
+#: retrain judges them by leave-one-out instead). 25% of 5 shots is one sample that the head never sees,
+#: which cost more accuracy on clipart8 than any choice of classifier (benchmarks/fewshot_curves.py)
+MIN_SPLIT_SAMPLES = 10
 #: the seed of the split; retrain's default, and the only one the update health check uses
 DEFAULT_SEED = 0
 #: below this many holdout samples, two heads are not compared locally
@@ -49,12 +53,14 @@ def class_order(active_classes: Sequence[str], labels: Sequence[str]) -> list[st
 
 
 def holdout_split(labels: Sequence[str], classes: Sequence[str], fraction: float = DEFAULT_HOLDOUT,
-                  seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = DEFAULT_SEED, min_split: int = MIN_SPLIT_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, holdout)`` of ``labels``: a seeded share of every class is held out.
 
     Classes are visited in the order of ``classes`` (see :func:`class_order`), each drawing its
     permutation from one generator seeded with ``seed``: the same labels, order, fraction and seed
-    always give the same split. A class with fewer than 3 samples stays entirely in training.
+    always give the same split. A class with fewer than ``min_split`` samples (default
+    :data:`MIN_SPLIT_SAMPLES`) stays entirely in training; its permutation is drawn all the same, so
+    the split of the other classes does not depend on ``min_split``.
     """
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
@@ -70,7 +76,7 @@ def holdout_split(labels: Sequence[str], classes: Sequence[str], fraction: float
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
-        n_hold = int(round(len(idx) * fraction)) if len(idx) >= 3 else 0
+        n_hold = int(round(len(idx) * fraction)) if len(idx) >= max(min_split, 3) else 0
         hold += list(idx[:n_hold])
         train += list(idx[n_hold:])
     return np.array(sorted(train), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)
@@ -99,6 +105,13 @@ class LocalSplit:
         classes = class_order(active_classes, labels)
         train, hold = holdout_split(labels, classes, fraction, seed)
         return cls(list(shas), features, list(labels), classes, train, hold)
+
+    @property
+    def few_shot_classes(self) -> list[str]:
+        """Classes with local samples but none held out (fewer than :data:`MIN_SPLIT_SAMPLES`), in class order."""
+        held = {self.labels[i] for i in self.hold}
+        present = set(self.labels)
+        return [c for c in self.classes if c in present and c not in held]
 
     @property
     def targets(self) -> np.ndarray:
@@ -200,20 +213,42 @@ class GateResult:
     accuracy_active: float | None
     temperature: float | None
     reason: str
+    method: str = "holdout"  #: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
+    loo_count: int = 0  #: few-shot samples judged by leave-one-out
 
 
-def retrain_gate(candidate: Head, active: Head, split: LocalSplit, tolerance: float = DEFAULT_TOLERANCE) -> GateResult:
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """Leave-one-out verdicts on local training samples of few-shot classes (they have no holdout)."""
+
+    features: np.ndarray  #: ``[M, D]`` the samples judged
+    labels: list[str]
+    candidate_correct: np.ndarray  #: whether the candidate, refitted without each sample, predicts it
+
+
+def retrain_gate(candidate: Head, active: Head, split: LocalSplit, tolerance: float = DEFAULT_TOLERANCE,
+                 loo: LeaveOneOut | None = None) -> GateResult:
     """Accept ``candidate`` unless it is more than ``tolerance`` less accurate than ``active`` on the holdout.
 
-    Without holdout samples the candidate is accepted on its training alone. With at least
-    :data:`MIN_TEMPERATURE_SAMPLES` its temperature is fitted on the holdout, accepted or not.
+    The holdout is the split's held-out samples plus, for few-shot classes (not split), the samples in
+    ``loo``: there the candidate's verdict is its leave-one-out refit's, the active head's its own (it
+    was not trained on them by this retrain). Without any such sample the candidate is accepted on its
+    training alone. With at least :data:`MIN_TEMPERATURE_SAMPLES` true holdout samples its temperature
+    is fitted there, accepted or not.
     """
     X, labels = split.holdout_features, split.holdout_labels
-    if not labels:
+    n_loo = 0 if loo is None else len(loo.labels)
+    if not labels and not n_loo:
         return GateResult(accepted=True, head=candidate, holdout_count=0, accuracy_new=None, accuracy_active=None,
-                          temperature=None, reason="no holdout: accepted on training data alone")
-    accuracy_new = float(np.mean(correct(candidate, X, labels)))
-    accuracy_active = float(np.mean(correct(active, X, labels)))
+                          temperature=None, reason="no holdout: accepted on training data alone", method="none")
+    new_ok = correct(candidate, X, labels)
+    active_ok = correct(active, X, labels)
+    if n_loo:
+        new_ok = np.concatenate([new_ok, np.asarray(loo.candidate_correct, dtype=bool)])
+        active_ok = np.concatenate([active_ok, correct(active, loo.features, loo.labels)])
+    method = "holdout+leave-one-out" if labels and n_loo else ("holdout" if labels else "leave-one-out")
+    accuracy_new = float(np.mean(new_ok))
+    accuracy_active = float(np.mean(active_ok))
     temperature = None
     if len(labels) >= MIN_TEMPERATURE_SAMPLES:
         # imported here, as in Device.retrain: predicting never needs the trainers
@@ -222,8 +257,11 @@ def retrain_gate(candidate: Head, active: Head, split: LocalSplit, tolerance: fl
         y = np.array([candidate.classes.index(label) for label in labels], dtype=np.int64)
         temperature = fit_temperature(candidate.logits(X), y)
         candidate = replace(candidate, temperature=temperature)
+    what = {"holdout": "holdout accuracy",
+            "leave-one-out": f"leave-one-out accuracy on {n_loo} few-shot samples",
+            "holdout+leave-one-out": f"accuracy on {len(labels)} holdout + {n_loo} leave-one-out samples"}[method]
     return GateResult(accepted=accuracy_new >= accuracy_active - tolerance, head=candidate,
                       holdout_count=len(labels), accuracy_new=accuracy_new, accuracy_active=accuracy_active,
                       temperature=temperature,
-                      reason=f"holdout accuracy {accuracy_new:.3f} vs active {accuracy_active:.3f} "
-                             f"(tolerance {tolerance:.3f})")
+                      reason=f"{what} {accuracy_new:.3f} vs active {accuracy_active:.3f} "
+                             f"(tolerance {tolerance:.3f})", method=method, loo_count=n_loo)

@@ -13,6 +13,12 @@ HEAD_KINDS: dict[str, tuple[str, ...]] = {
     "prototype": ("P", "scale"),
 }
 
+#: how ``device retrain`` fits a linear head (runtime/fewshot.py): "fewshot", "frozen" (rows of classes
+#: without local samples keep the active head's values), or "auto" (the default: fewshot while the
+#: classes learned on the device have few training samples, frozen from then on)
+HEAD_POLICIES: tuple[str, ...] = ("auto", "fewshot", "frozen")
+DEFAULT_HEAD_POLICY = "auto"
+
 #: how an image is fitted to the backbone's input (runtime/preprocess.py)
 RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")
 

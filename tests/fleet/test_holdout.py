@@ -81,7 +81,12 @@ def test_split_follows_the_class_order_and_is_seeded():
     train, hold = holdout_split(labels, order, 0.25, 0)
     assert sorted([*train, *hold]) == list(range(len(labels))) and not set(train) & set(hold)
     held = [labels[i] for i in hold]
-    assert (held.count("zebra"), held.count("apple"), held.count("mango"), held.count("kiwi")) == (3, 3, 1, 0)
+    # mango (5) and kiwi (2) are below MIN_SPLIT_SAMPLES: few-shot classes keep every sample for training
+    assert (held.count("zebra"), held.count("apple"), held.count("mango"), held.count("kiwi")) == (3, 3, 0, 0)
+    # the previous rule (classes >= 3 split) is still a parameter; the other classes' draws do not move
+    old_rule = holdout_split(labels, order, 0.25, 0, min_split=3)[1]
+    assert [labels[i] for i in old_rule].count("mango") == 1
+    assert [i for i in old_rule if labels[i] != "mango"] == list(hold)
     again = holdout_split(labels, order, 0.25, 0)
     assert np.array_equal(again[1], hold)
     # the order is part of the split: the alphabetical one (np.unique's) draws other samples
@@ -151,6 +156,8 @@ def test_retrain_gate_without_a_holdout_or_with_a_small_one():
     none = retrain_gate(right, right, _local(per_class=8, fraction=0.0), tolerance=0.01)
     assert (none.accepted, none.holdout_count, none.accuracy_new, none.temperature) == (True, 0, None, None)
     assert none.reason == "no holdout: accepted on training data alone"
-    small = retrain_gate(right, right, _local(per_class=8))  # 2 of each class: below MIN_TEMPERATURE_SAMPLES
-    assert small.holdout_count == 6 and small.accepted and small.temperature is None
+    # 8 per class is below MIN_SPLIT_SAMPLES: not split at all (few-shot classes keep every sample)
+    assert len(_local(per_class=8).hold) == 0
+    small = retrain_gate(right, right, _local(per_class=12))  # 3 of each class: below MIN_TEMPERATURE_SAMPLES
+    assert small.holdout_count == 9 and small.accepted and small.temperature is None
     assert small.head is right

@@ -42,17 +42,17 @@ def _rescaled(head: Head, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ the local holdout
 def test_small_holdout_skips_the_local_comparison_and_says_so(repo, server, bundle, make_device, tmp_path):
-    """6 holdout samples cannot tell two heads apart: the signed figures stand, the report says why."""
+    """9 holdout samples cannot tell two heads apart: the signed figures stand, the report says why."""
     state = make_device()
-    _learn(state, 8, {"fruit": "fruit", "tools": "tools", "music": "drums"})
+    _learn(state, 12, {"fruit": "fruit", "tools": "tools", "music": "drums"})
     with Device(state) as dev:
         dev.retrain()  # accepted or not: the holdout is what matters here
     published = repo.publish(variant_head(bundle, tmp_path / "v.safetensors"), group="all", bundle=bundle.root)
     r = update(state, server.url, root=repo.root_path())
     assert r.status == "updated", r
-    assert r.reason == ("health check passed; local comparison skipped: 6 holdout samples < 20; "
+    assert r.reason == ("health check passed; local comparison skipped: 9 holdout samples < 20; "
                         "the publisher's signed figures stand")
-    assert r.health["local"]["compared"] is False and r.health["local"]["holdout_count"] == 6
+    assert r.health["local"]["compared"] is False and r.health["local"]["holdout_count"] == 9
     assert r.health["publisher"] == json.loads(published["metrics"])
     assert DeviceState(state).head_record(r.active_head).status == "accepted"
 
