@@ -63,6 +63,11 @@ RECIPES: dict[str, dict] = {
     "u2 blr1e-4 refit bn-train": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
     "u2 blr5e-5 refit": {"unfreeze": 2, "backbone_lr": 5e-5, "epochs": 6, "refit_head": True},
     "u2 blr1e-4 refit+views": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "refit_views": True},
+    "u3 blr1e-4 refit bn-train": {"unfreeze": 3, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
+    "u2 blr1e-4 refit bn-train 10ep": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 10, "refit_head": True,
+                                       "train_bn": True},
+    "u2 blr3e-5 refit bn-train": {"unfreeze": 2, "backbone_lr": 3e-5, "epochs": 6, "refit_head": True, "train_bn": True},
+    "u1 blr1e-4 refit bn-train": {"unfreeze": 1, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
     "u0 refit+views": {"unfreeze": 0, "epochs": 1, "refit_head": True, "refit_views": True},
 }
 

@@ -64,8 +64,9 @@ class PartialRecipe:
     #: that refit also sees the tuned features of the stored augmented views, each a sample of its own (same C:
     #: with V + 1 rows per image the L2 penalty weighs (V + 1) times less against the data term)
     refit_views: bool = False
-    #: BatchNorm of the unfrozen blocks in train mode (batch statistics); False keeps ImageNet statistics
-    train_bn: bool = False
+    #: BatchNorm of the unfrozen blocks in train mode: their statistics adapt to the new images (the frozen
+    #: prefix keeps ImageNet's); False keeps ImageNet statistics everywhere
+    train_bn: bool = True
     #: exponential moving average of the tail and head weights per step (0 turns it off); the average is
     #: what the fit returns
     ema: float = 0.0
