@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from edgexfer import __version__
 from edgexfer.backbones import BackboneConfig, get_config
-from edgexfer.finetune import PartialRecipe
 from edgexfer.data import decode_all, describe_skipped, scan_image_folder, stratified_split
+from edgexfer.finetune import PartialRecipe
 from edgexfer.metrics import classification_report
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
@@ -366,11 +366,10 @@ def _train_partial_full(cfg, bb, spec, classes, images, labels, train_idx, val_i
     import torch
     from torch import nn
 
-    from edgexfer.runtime.augment import Augmenter
+    from edgexfer.finetune import resolve_device
     from edgexfer.onnx_export import export_backbone
     from edgexfer.pixel_model import TorchHead
-
-    from edgexfer.finetune import resolve_device
+    from edgexfer.runtime.augment import Augmenter
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
