@@ -26,7 +26,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: candidate recipes: name -> overrides of PartialRecipe()
+#: candidate recipes: name -> overrides of the study's base (PartialRecipe() with 6 epochs, no refit, eval BN);
+#: "u2 blr1e-4 refit bn-train 10ep" is today's PartialRecipe() default
 RECIPES: dict[str, dict] = {
     "u0 head on views": {"unfreeze": 0, "epochs": 6},
     "u1 blr1e-4": {"unfreeze": 1, "backbone_lr": 1e-4, "epochs": 6},
@@ -63,6 +64,11 @@ RECIPES: dict[str, dict] = {
     "u2 blr1e-4 refit bn-train": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
     "u2 blr5e-5 refit": {"unfreeze": 2, "backbone_lr": 5e-5, "epochs": 6, "refit_head": True},
     "u2 blr1e-4 refit+views": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "refit_views": True},
+    "u3 blr1e-4 refit bn-train": {"unfreeze": 3, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
+    "u2 blr1e-4 refit bn-train 10ep": {"unfreeze": 2, "backbone_lr": 1e-4, "epochs": 10, "refit_head": True,
+                                       "train_bn": True},
+    "u2 blr3e-5 refit bn-train": {"unfreeze": 2, "backbone_lr": 3e-5, "epochs": 6, "refit_head": True, "train_bn": True},
+    "u1 blr1e-4 refit bn-train": {"unfreeze": 1, "backbone_lr": 1e-4, "epochs": 6, "refit_head": True, "train_bn": True},
     "u0 refit+views": {"unfreeze": 0, "epochs": 1, "refit_head": True, "refit_views": True},
 }
 
@@ -138,7 +144,9 @@ def main() -> None:
     classes = list(folder.classes)
     folds = stratified_folds(labels, 5, args.fold_seed)
     use_folds = list(range(args.screen_folds)) if args.stage == "screen" else list(range(5))
-    base = PartialRecipe(views=args.views)
+    # the study's base: what PartialRecipe() was when the screen began; every recipe states its epochs and
+    # each name says which of refit / bn-train it turns on (results record the full recipe of every run)
+    base = replace(PartialRecipe(), views=args.views, epochs=6, train_bn=False, refit_head=False)
     deepest = max(RECIPES[n].get("unfreeze", base.unfreeze) for n in names)
     started = time.perf_counter()
     if args.cache_file and Path(args.cache_file).is_file():

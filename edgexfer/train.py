@@ -6,9 +6,13 @@ Two recipes:
   first and run through the runtime's own engine and feature cache, so each image goes through the
   backbone once, ever; the head is then trained in numpy on cached features (the device retrains the
   same way).
-* ``partial`` — the last N blocks (and the 1x1 head convolution after them) are fine-tuned in PyTorch
-  with a lower learning rate than the new head, frozen BatchNorm kept in eval mode, augmentation,
-  a cosine schedule and early stopping on validation accuracy; the best epoch is kept.
+* ``partial`` — the last N blocks (and the 1x1 head convolution after them) are fine-tuned with
+  :mod:`edgexfer.finetune`: the frozen prefix runs once per stored view (clean + seeded augmented views
+  of each training image), epochs run only the tail; LP-FT from the converged linear probe, a tail
+  learning rate below the head's, a cosine schedule, a fixed epoch count (the validation split is only
+  reported, never used to pick an epoch) and a final head refit by ``fit_linear``. The defaults are
+  ``PartialRecipe()``, measured by ``benchmarks/finetune_study.py``. ``--unfreeze all`` keeps the slow
+  path (every image through the whole network every epoch, early stopping on validation accuracy).
 """
 from __future__ import annotations
 
