@@ -134,10 +134,38 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, Path(args.out).with_suffix(".png"))
     for r in table + [auto]:
         print(f"{r['name']:<26} {r['mean']:.4f} ± {r['std']:.4f}  ({r['folds']} folds)")
     print(f"auto - best single ({best['name']}): {result['auto_minus_best_points']:+.2f} points")
 
 
+def plot(result: dict, path: Path) -> None:
+    """Outer-fold accuracy of every fixed candidate and of auto (mean ± std), one bar each."""
+    from edgexfer.plots import _pyplot
+
+    plt = _pyplot()
+    rows = result["table"] + [result["auto"]]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
+    colours = ["tab:orange" if r["name"] == "auto" else ("tab:green" if r["name"].startswith("partial")
+                                                         else "tab:blue") for r in rows]
+    ax.barh(range(len(rows)), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color=colours, capsize=3)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(max(0.0, min(r["mean"] - r["std"] for r in rows) - 0.05), 1.0)
+    for i, r in enumerate(rows):
+        ax.text(0.995, i, f"{r['mean']:.3f} ± {r['std']:.3f}", va="center", ha="right", fontsize=8)
+    ax.set_xlabel(f"accuracy on the outer test folds ({result['folds']}-fold, seeds {result['seeds']})")
+    ax.set_title(f"clipart8: fixed candidates vs --mode auto (inner {result['inner_folds']}-fold); "
+                 f"{result['cpu']['model']}, {result['date']}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # redraw from a result file
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]).with_suffix(".png"))
+        sys.exit(0)
     main()
