@@ -24,8 +24,8 @@ with) plus its own samples, often a handful per new class. Measured on clipart8 
   direction is what they have in common. Still a linear head on raw features. On clipart8 at 5 shots
   it moved the margin over the sklearn peer from +2.3 to +3.3 points (every one of 15 runs at or above
   the peer), 3 shots +4.3 -> +4.9, 10 shots -1.3 -> -0.7, 1 shot unchanged (+2.5). On 15 fresh runs
-  (draws not used to choose the weight) it changed nothing at 5 shots (+3.3 either way) and +-0.2 elsewhere:
-  a small gain at best, kept because it lost nowhere that the policy applies.
+  (draws not used to choose the weight) it changed nothing at 5 shots (+3.3 either way), within 0.3 elsewhere:
+  a small gain at best, kept because it never lost more than 0.1 point where the policy applies.
 
 SLDA (:func:`fit_slda`, Hayes & Kanan 2020: class means + one shared covariance, shrunk towards a
 scaled identity) is here as a trainer of its own and in the curves; it ships as a ``linear`` head.
