@@ -17,6 +17,7 @@ Policies (all on the same features):
 * ``slda``: ``fit_slda`` (shrinkage 0.95).
 * ``fewshot``: the few-shot policy of ``Device.retrain`` (runtime/fewshot.py), with the device's split
   (classes with < MIN_SPLIT_SAMPLES samples not split).
+* ``fewshot, no imprinting``: the same without :func:`imprint_rows` (``imprint=0``; the default before).
 * ``frozen``: the previous policy's head with the device's new split.
 * ``auto (default)``: what ``Device.retrain`` does by default: fewshot while the new classes have a
   median of < FEWSHOT_MAX_SAMPLES training samples, frozen from then on.
@@ -126,6 +127,8 @@ def run_one(data: dict[str, np.ndarray], old: tuple[int, ...], seed: int, views:
         yd = np.concatenate([y_ex, split.targets[split.train]])
         few = fit_fewshot(Xd, yd, cls, device_only=device_only, keep=keep, warm_start=bundle)
         score("fewshot", shots, few.logits(Xt))
+        score("fewshot, no imprinting", shots, fit_fewshot(Xd, yd, cls, device_only=device_only, keep=keep,
+                                                           warm_start=bundle, imprint=0.0).logits(Xt))
         frozen = fit_linear(Xd, yd, cls, tol=1e-5, matmul_dtype="float32", warm_start=bundle, frozen_classes=keep)
         score("frozen", shots, frozen.logits(Xt))
         train_names = [names[i] for i in split.train]

@@ -461,8 +461,9 @@ class Device:
 
         Linear heads follow ``policy`` (:mod:`edgexfer.runtime.fewshot`): ``"fewshot"`` fits a
         class-balanced logistic head on the bundle's exemplars and the local samples, every row free,
-        restores the active head's rows of classes without local samples and aligns the weight norms of
-        device-only classes; ``"frozen"`` is the previous policy (rows of classes without local samples
+        restores the active head's rows of classes without local samples, aligns the weight norms of
+        device-only classes and blends their rows half-way with their class-mean direction (weight
+        imprinting); ``"frozen"`` is the previous policy (rows of classes without local samples
         keep the active head's values); ``"auto"`` (default) is fewshot while the device-only classes have
         a median of fewer than :data:`~edgexfer.runtime.fewshot.FEWSHOT_MAX_SAMPLES` training samples. Classes with fewer than
         :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their

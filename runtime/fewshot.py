@@ -17,6 +17,15 @@ with) plus its own samples, often a handful per new class. Measured on clipart8 
   ends up with a shorter weight row than one trained on twenty and loses every close call; rescaling
   the rows of device-only classes to the mean norm of the others (bias with them, so the decision
   surfaces stay the same per class) recovers most of that. It is a linear head still.
+* **weight imprinting, half-way** (:func:`imprint_rows`, after Qi et al., CVPR 2018): each
+  device-only row is blended 50/50 with its class's mean direction (class mean of the training
+  features minus their overall mean, at the row's own norm; the bias moves so the logit at the overall
+  mean stays). Five logistic-fitted shots give a row that separates those five samples; the mean
+  direction is what they have in common. Still a linear head on raw features. On clipart8 at 5 shots
+  it moved the margin over the sklearn peer from +2.3 to +3.3 points (every one of 15 runs at or above
+  the peer), 3 shots +4.3 -> +4.9, 10 shots -1.3 -> -0.7, 1 shot unchanged (+2.5). On 15 fresh runs
+  (draws not used to choose the weight) it changed nothing at 5 shots (+3.3 either way), within 0.3 elsewhere:
+  a small gain at best, kept because it never lost more than 0.1 point where the policy applies.
 
 SLDA (:func:`fit_slda`, Hayes & Kanan 2020: class means + one shared covariance, shrunk towards a
 scaled identity) is here as a trainer of its own and in the curves; it ships as a ``linear`` head.
@@ -51,6 +60,11 @@ DEFAULT_POLICY = DEFAULT_HEAD_POLICY
 #: split): 5 shots fewshot +1.6 / frozen -0.1 points against the sklearn peer; 10 shots (7-8 train)
 #: -1.1 / -2.1; all (18-26 train) -1.8 / -0.1. Only those points were measured: 15 lies between them.
 FEWSHOT_MAX_SAMPLES = 15
+#: weight of the imprinted direction in the device-only rows (:func:`imprint_rows`). Measured on clipart8,
+#: 5 shots, 5 class splits x 3 draws, margin over the sklearn peer: 0 +2.3, 0.3 +3.2, 0.5 +3.3, 0.7 +3.4,
+#: 1.0 +3.6 points, but 1.0 loses 0.8 points at 10 shots and 0.7 loses 0.9 with every image; 0.5 is no
+#: worse than 0 anywhere by more than 0.1 point (1 shot: +2.5 either way).
+DEFAULT_IMPRINT = 0.5
 #: leave-one-out refits at most this many samples (seeded choice), so a gate stays a fraction of a second
 MAX_LOO_SAMPLES = 40
 
@@ -145,6 +159,7 @@ def fit_fewshot(
     tol: float = 1e-5,
     matmul_dtype: str = "float32",
     keep_from: Head | None = None,
+    imprint: float = DEFAULT_IMPRINT,
 ) -> Head:
     """The default policy: class-balanced logistic head on every class, kept rows restored, then aligned.
 
@@ -155,7 +170,8 @@ def fit_fewshot(
        mean norm the fit gave them. One factor for all of them, so the decisions among kept classes are
        exactly the warm start's (old classes among themselves do not drift), while their scale matches
        the new rows'.
-    3. ``device_only`` (classes trained on local samples alone): :func:`align_weights` to the others.
+    3. ``device_only`` (classes trained on local samples alone): :func:`align_weights` to the others,
+       then :func:`imprint_rows` (weight ``imprint``; 0 turns it off).
 
     The warm start also saves iterations (the problem is convex). ``keep_from`` (default: ``warm_start``)
     is where kept rows come from, when the warm start is another head (leave-one-out refits).
@@ -167,7 +183,49 @@ def fit_fewshot(
                       matmul_dtype=matmul_dtype)
     if source is not None and source.kind == "linear" and keep:
         head = restore_rows(head, source, keep)
-    return align_weights(head, device_only)
+    head = align_weights(head, device_only)
+    return imprint_rows(head, X, y, device_only, imprint)
+
+
+def imprint_rows(head: Head, X: np.ndarray, y: np.ndarray, rows: Sequence[str], alpha: float = DEFAULT_IMPRINT) -> Head:
+    """Blend the rows of ``rows`` with their class's mean direction in ``X`` (weight ``alpha``), norms kept.
+
+    For class ``c`` with row ``w`` (norm ``r``): ``m = mean(X[y == c]) - mean(X)``, ``v = (1 - α)·w +
+    α·r·m/|m|``, rescaled to norm ``r``; the bias gains ``(w - v)·mean(X)``, so the logit at the overall
+    mean is unchanged. ``y`` indexes ``head.classes``. A class without samples in ``y``, or whose mean
+    equals the overall mean, keeps its row. ``alpha == 0`` returns the head unchanged.
+    """
+    if head.kind != "linear":
+        raise InputError("imprint_rows needs a linear head", got=head.kind, expected="linear")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError("imprint weight is out of range", got=alpha, expected="0 <= imprint <= 1", todo="use e.g. 0.5")
+    group = [i for i, c in enumerate(head.classes) if c in set(rows)]
+    if alpha == 0.0 or not group or len(y) == 0:
+        return head
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    W = head.tensors["W"].astype(np.float64)
+    b = head.tensors["b"].astype(np.float64)
+    mu = X.mean(axis=0)
+    for i in group:
+        members = y == i
+        r = float(np.linalg.norm(W[i]))
+        if not members.any() or r <= 0.0:
+            continue
+        m = X[members].mean(axis=0) - mu
+        m_norm = float(np.linalg.norm(m))
+        if m_norm <= 0.0:
+            continue
+        v = (1.0 - alpha) * W[i] + alpha * r * m / m_norm
+        v_norm = float(np.linalg.norm(v))
+        if v_norm <= 0.0:
+            continue
+        v *= r / v_norm
+        b[i] += (W[i] - v) @ mu
+        W[i] = v
+    return Head("linear", head.classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)},
+                temperature=head.temperature)
 
 
 def restore_rows(head: Head, source: Head, keep: Sequence[str]) -> Head:
@@ -244,5 +302,5 @@ def frozen_rows(warm_start: Head | None, classes: Sequence[str], local_labels: S
     return [c for c in warm_start.classes if c not in present and c in set(classes)]
 
 
-__all__ = ["DEFAULT_POLICY", "DEFAULT_SHRINKAGE", "FEWSHOT_MAX_SAMPLES", "MAX_LOO_SAMPLES", "POLICIES", "align_weights", "choose_policy", "fit_fewshot",
-           "fit_slda", "frozen_rows", "restore_rows", "leave_one_out_correct"]
+__all__ = ["DEFAULT_IMPRINT", "DEFAULT_POLICY", "DEFAULT_SHRINKAGE", "FEWSHOT_MAX_SAMPLES", "MAX_LOO_SAMPLES", "POLICIES", "align_weights", "choose_policy", "fit_fewshot",
+           "fit_slda", "frozen_rows", "imprint_rows", "restore_rows", "leave_one_out_correct"]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from edgexfer.runtime.errors import InputError
-from edgexfer.runtime.fewshot import align_weights, fit_fewshot, fit_slda, leave_one_out_correct
+from edgexfer.runtime.fewshot import align_weights, fit_fewshot, fit_slda, imprint_rows, leave_one_out_correct
 from edgexfer.runtime.head_training import fit_linear
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import MIN_SPLIT_SAMPLES, LeaveOneOut, LocalSplit, holdout_split, retrain_gate
@@ -66,6 +66,29 @@ def test_align_weights_equalises_group_norms_and_keeps_decisions_within_the_grou
     # nothing to align, or nothing to align to: unchanged
     for group in ([], list("vwxyz")):
         np.testing.assert_array_equal(align_weights(head, group).tensors["W"], W)
+
+
+def test_imprint_rows_blends_towards_the_class_mean_direction_with_norm_and_mean_logit_kept() -> None:
+    X, y = _blobs()
+    rng = np.random.default_rng(2)
+    W = rng.normal(0, 1, (3, X.shape[1])).astype(np.float32)
+    head = Head("linear", CLASSES, {"W": W, "b": rng.normal(0, 1, 3).astype(np.float32)})
+    mu = X.astype(np.float64).mean(0)
+    m = X[y == 2].astype(np.float64).mean(0) - mu
+    r = np.linalg.norm(W[2].astype(np.float64))
+    full = imprint_rows(head, X, y, ["c"], 1.0)
+    np.testing.assert_allclose(full.tensors["W"][2], r * m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
+    half = imprint_rows(head, X, y, ["c"], 0.5)
+    expected = 0.5 * W[2] + 0.5 * r * m / np.linalg.norm(m)
+    np.testing.assert_allclose(half.tensors["W"][2], expected * r / np.linalg.norm(expected), rtol=1e-5, atol=1e-6)
+    for h in (full, half):
+        np.testing.assert_array_equal(h.tensors["W"][:2], W[:2])  # other rows untouched
+        assert np.linalg.norm(h.tensors["W"][2]) == pytest.approx(r, rel=1e-5)
+        # the logit at the training mean does not move
+        assert h.logits(mu[None].astype(np.float32))[0, 2] == pytest.approx(head.logits(mu[None].astype(np.float32))[0, 2], abs=1e-4)
+    np.testing.assert_array_equal(imprint_rows(head, X, y, ["c"], 0.0).tensors["W"], W)
+    with pytest.raises(InputError):
+        imprint_rows(head, X, y, ["c"], 1.5)
 
 
 def test_fit_fewshot_is_balanced_logistic_regression_then_aligned() -> None:
