@@ -2,24 +2,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from host_support import subset as _subset
 
 pytest.importorskip("torch")
-
-
-def _subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
-    for cls in sorted(p.name for p in src.iterdir() if p.is_dir())[:classes]:
-        (dst / cls).mkdir(parents=True)
-        for f in sorted((src / cls).iterdir())[:per_class]:
-            shutil.copy(f, dst / cls / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")

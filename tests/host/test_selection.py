@@ -124,13 +124,11 @@ def test_auto_mode_refuses_one_fold_in_one_line(demo_data, tmp_path):
 
 def test_auto_mode_scores_the_partial_candidate_on_the_same_folds_within_the_budget(demo_data, tmp_path):
     """A short partial recipe (1 epoch, 1 view) takes part; a budget too small for it leaves it ineligible."""
+    from host_support import subset as copy_subset
+
     from edgexfer.train import TrainConfig, train
 
-    subset = tmp_path / "data"
-    for cls in sorted(p.name for p in demo_data.iterdir() if p.is_dir())[:3]:
-        (subset / cls).mkdir(parents=True)
-        for f in sorted((demo_data / cls).iterdir())[:12]:
-            (subset / cls / f.name).write_bytes(f.read_bytes())
+    subset = copy_subset(demo_data, tmp_path / "data", classes=3, per_class=12)
     common = dict(data_dir=subset, mode="auto", folds=3, epochs=1, views=1, cache=tmp_path / "f.sqlite",
                   progress=False)
     result = train(TrainConfig(out=tmp_path / "run", budget=600, **common))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from host_support import subset as _subset
 
 from edgexfer.cli import main
 from edgexfer.train import TrainConfig, train
@@ -107,14 +108,6 @@ def test_partial_fine_tuning_trains_and_exports_its_own_backbone(demo_data, tmp_
 
 
 # --- bad input ------------------------------------------------------------------------------------------
-
-def _subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
-    for cls in sorted(p.name for p in src.iterdir() if p.is_dir())[:classes]:
-        (dst / cls).mkdir(parents=True)
-        for f in sorted((src / cls).iterdir())[:per_class]:
-            shutil.copy(f, dst / cls / f.name)
-    return dst
-
 
 def _run(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
