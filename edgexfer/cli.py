@@ -202,7 +202,7 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
 # --------------------------------------------------------------------------------------------- device
 @main.group()
 def device():
-    """The device side: install, predict, learn, retrain, status, heads, rollback (no torch needed)."""
+    """The device side: install, predict, learn, retrain, status, heads, rollback, serve (no torch needed)."""
 
 
 @device.command(name="install")
@@ -381,11 +381,13 @@ def backbones_cmd():
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).
 from edgexfer.cli_bench import bench  # noqa: E402
 from edgexfer.cli_fleet import device_update, flash, heads  # noqa: E402
+from edgexfer.cli_serve import device_serve  # noqa: E402
 
 main.add_command(bench)
 main.add_command(flash)
 main.add_command(heads)
 device.add_command(device_update)
+device.add_command(device_serve)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from edgexfer.runtime.errors import CacheError
 
-#: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused.
-SCHEMA_VERSION = 1
+#: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused; a lower
+#: one is brought up to date by :data:`_MIGRATIONS` when it is opened (2: the service's review queue).
+SCHEMA_VERSION = 2
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 
@@ -59,6 +60,24 @@ _SCHEMA = (
         seen  INTEGER NOT NULL CHECK (seen >= 0)
     )""",
 )
+# The review queue of ``device serve`` and ``device watch`` (edgexfer.runtime.review): low-confidence
+# inputs kept for a person to label. Not samples: nothing trains on them until they are labelled.
+_REVIEW_SCHEMA = (
+    """CREATE TABLE review (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        sha256      TEXT NOT NULL UNIQUE,
+        image       BLOB NOT NULL,
+        media_type  TEXT NOT NULL,
+        label       TEXT NOT NULL,
+        probability REAL NOT NULL,
+        top_k       TEXT NOT NULL,
+        head        INTEGER NOT NULL,
+        source      TEXT NOT NULL,
+        created_utc TEXT NOT NULL
+    )""",
+)
+#: statements that bring a file of schema version ``v`` to ``v + 1``
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _REVIEW_SCHEMA}
 
 
 class CacheDatabase:
@@ -221,13 +240,20 @@ class CacheDatabase:
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         if self._check_identity(conn) == SCHEMA_VERSION:
             return
-        # Create the schema under the write lock and check again inside it. Two processes may open a
-        # new file at the same moment, and only one of them must create the tables.
+        # Create or migrate the schema under the write lock and check again inside it. Two processes
+        # may open a file at the same moment, and only one of them must change the tables. A migration
+        # is one transaction: an older file is either fully migrated or left as it was.
         with self.write("create"):
-            if self._check_identity(conn) == SCHEMA_VERSION:
+            version = self._check_identity(conn)
+            if version == SCHEMA_VERSION:
                 return
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            if version == 0:
+                for statement in _SCHEMA + _REVIEW_SCHEMA:
+                    conn.execute(statement)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------ transactions

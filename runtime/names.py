@@ -24,3 +24,7 @@ RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_cro
 
 #: `edgexfer train --mode`: frozen backbone, partial fine-tuning, or a cross-validated choice
 TRAIN_MODES = ("frozen", "partial", "auto")
+
+#: ``device serve`` / ``device watch``: predictions whose top probability is below this go to the review
+#: queue (runtime/review.py) for a person to label
+DEFAULT_REVIEW_THRESHOLD = 0.5

@@ -23,6 +23,12 @@ EXTRAS: dict[str, str] = {
     # onnx and onnxslim are in `train` too (export), but converting alone needs no torch
     "onnx": "convert",
     "onnxslim": "convert",
+    # device serve (runtime/service) and device watch
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "prometheus_client": "serve",
+    "cv2": "camera",
 }
 
 

@@ -1,0 +1,43 @@
+"""``edgexfer device serve`` and ``edgexfer device watch``: the device as a service (docs/service.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgexfer.cli_options import device_engine_options, state_option
+from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
+
+
+@click.command(name="serve")
+@state_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Beyond loopback, label/retrain/rollback need --token-file.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@device_engine_options
+@click.option("--max-batch", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Dynamic batching: most images per engine call (1: no batching).")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="Dynamic batching: how long a request waits for others to join its batch.")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=DEFAULT_REVIEW_THRESHOLD,
+              show_default=True, help="Predictions below this probability go to the review queue (0: none).")
+@click.option("--review-capacity", type=click.IntRange(1), default=200, show_default=True,
+              help="Review queue size; the oldest entries go first.")
+@click.option("--max-body-mb", type=click.FloatRange(0.01), default=32.0, show_default=True,
+              help="Largest request body (413 above).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest decoded image (decompression bombs get a 400).")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="File with the token that label/retrain/rollback need (mode 0600).")
+@click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+def device_serve(state, host, port, backend, precision, max_batch, max_queue_delay_ms, review_threshold,
+                 review_capacity, max_body_mb, max_pixels, token_file, access_log):
+    """Serve the device over HTTP: Open Inference Protocol (KServe v2), /v1/predict, /metrics, a web page at /."""
+    from edgexfer.runtime.service.core import ServiceConfig
+    from edgexfer.runtime.service.server import serve
+
+    config = ServiceConfig(backend=backend, precision=precision, max_batch=max_batch,
+                           max_queue_delay_ms=max_queue_delay_ms, review_threshold=review_threshold,
+                           review_capacity=review_capacity, max_body_bytes=int(max_body_mb * (1 << 20)),
+                           max_pixels=max_pixels)
+    serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log)

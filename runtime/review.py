@@ -1,0 +1,101 @@
+"""The review queue: low-confidence inputs kept for a person to label (``device serve``, ``device watch``).
+
+Each entry is the encoded image as it arrived, what the active head said about it (label, probability,
+top-k, head version), where it came from and when. The queue lives in the device's SQLite file
+(``STATE/features.sqlite``, table ``review``) and is bounded: adding beyond ``capacity`` drops the
+oldest entries. The same image (same sha256) is queued once. Labelling an entry hands its bytes to
+:meth:`edgexfer.runtime.device.Device.learn` and removes it; nothing trains on an unlabelled entry.
+
+Like :class:`~edgexfer.runtime.cache.FeatureCache`, one instance holds one SQLite connection and
+belongs to the thread that opened it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgexfer.runtime.cache_sqlite import CacheDatabase
+from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
+
+__all__ = ["DEFAULT_REVIEW_CAPACITY", "DEFAULT_REVIEW_THRESHOLD", "ReviewEntry", "ReviewQueue"]
+
+#: entries kept by default (at ~50 KB per clip-art or camera JPEG, about 10 MB)
+DEFAULT_REVIEW_CAPACITY = 200
+
+
+@dataclass(frozen=True)
+class ReviewEntry:
+    id: int
+    sha256: str
+    media_type: str
+    label: str  #: what the head predicted
+    probability: float
+    top_k: list[dict[str, Any]]
+    head: int
+    source: str
+    created_utc: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ReviewQueue:
+    """The bounded queue in ``path`` (the device's ``features.sqlite``)."""
+
+    def __init__(self, path: str | Path, capacity: int = DEFAULT_REVIEW_CAPACITY) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise InputError("review queue capacity", got=repr(capacity), expected="a positive integer",
+                             todo="pass e.g. --review-capacity 200")
+        self.capacity = capacity
+        self._db = CacheDatabase(Path(path))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ReviewQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, *, sha256: str, image: bytes, media_type: str, label: str, probability: float,
+            top_k: list[dict[str, Any]], head: int, source: str) -> int | None:
+        """Queue one input; returns its id, or ``None`` if that image is queued already."""
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._db.write("review add") as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO review (sha256, image, media_type, label, probability, top_k, head, source, "
+                "created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sha256, image, media_type, label, float(probability), json.dumps(top_k), int(head), source, created))
+            new_id = int(cur.lastrowid) if cur.rowcount else None
+            # bounded: the oldest entries go first
+            conn.execute("DELETE FROM review WHERE id NOT IN (SELECT id FROM review ORDER BY id DESC LIMIT ?)",
+                         (self.capacity,))
+        return new_id
+
+    def entries(self, limit: int = 100) -> list[ReviewEntry]:
+        """The newest ``limit`` entries, newest first, without their image bytes."""
+        with self._db.read("review list") as conn:
+            rows = conn.execute(
+                "SELECT id, sha256, media_type, label, probability, top_k, head, source, created_utc FROM review "
+                "ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        return [ReviewEntry(int(r[0]), r[1], r[2], r[3], float(r[4]), json.loads(r[5]), int(r[6]), r[7], r[8])
+                for r in rows]
+
+    def count(self) -> int:
+        with self._db.read("review count") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM review").fetchone()[0])
+
+    def image(self, entry_id: int) -> tuple[bytes, str] | None:
+        """The image bytes and media type of an entry; ``None`` if there is no such entry."""
+        with self._db.read("review image") as conn:
+            row = conn.execute("SELECT image, media_type FROM review WHERE id = ?", (int(entry_id),)).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    def remove(self, entry_id: int) -> bool:
+        with self._db.write("review remove") as conn:
+            return conn.execute("DELETE FROM review WHERE id = ?", (int(entry_id),)).rowcount > 0

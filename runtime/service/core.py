@@ -1,0 +1,331 @@
+"""The service's engine side: one engine, a dynamic batcher, the head that follows the device's state.
+
+Threads, and what each owns:
+
+* the **engine thread** (one): the :class:`~edgexfer.runtime.device.Device`, its engine, and the
+  active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
+  callers. Before each batch it stats ``active.json`` (one ``stat``); when another process (``device
+  retrain``, ``update``, ``rollback``) replaced it, the new head (or bundle) is loaded before the batch
+  runs. A batch runs with one head, and every result names that head's version. If the new state
+  cannot be read, the previous head keeps serving and the error is logged.
+* the **database thread** (one): the review queue and the per-class sample counts, one SQLite
+  connection each (connections belong to the thread that opened them).
+* the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` images or
+  ``max_queue_delay_ms`` after the first one, as Triton's dynamic batcher does, and hands the batch
+  to the engine thread. Requests that arrive while a batch runs form the next one.
+
+Decoding (Pillow) runs in the web framework's worker threads, in parallel, before a request joins the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.cache import FeatureCache
+from edgexfer.runtime.device import Device, LearnReport
+from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.heads import Head
+from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS, check_array, decode_image, resize_to_spec
+from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
+from edgexfer.runtime.service.metrics import ServiceMetrics
+
+log = logging.getLogger("edgexfer.serve")
+T = TypeVar("T")
+
+#: images one engine call takes at most (as Predictor); bigger batches run in chunks
+ENGINE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    backend: str = "auto"
+    precision: str = "fp32"
+    #: dynamic batching: the most images in one engine call (1: no batching)
+    max_batch: int = 8
+    #: how long the first request of a batch waits for others
+    max_queue_delay_ms: float = 2.0
+    #: predictions below this top probability go to the review queue (0: none)
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
+    review_capacity: int = DEFAULT_REVIEW_CAPACITY
+    max_body_bytes: int = 32 << 20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: images in one request at most
+    max_images: int = 64
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_batch", 1), ("review_capacity", 1), ("max_body_bytes", 1024), ("max_pixels", 1),
+                          ("max_images", 1), ("top_k", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"serve option {name}", got=repr(value), expected=f"an integer >= {low}")
+        if not 0 <= self.max_queue_delay_ms <= 1000:
+            raise InputError("serve option max_queue_delay_ms", got=self.max_queue_delay_ms, expected="0..1000 ms")
+        if not 0 <= self.review_threshold <= 1:
+            raise InputError("serve option review_threshold", got=self.review_threshold, expected="0..1")
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """What answers right now: one (bundle, head) pair, as ``active.json`` named it."""
+
+    bundle: Bundle
+    backbone: str
+    head: Head
+    head_version: int
+    backend: str  #: the engine's backend name
+    execution: dict[str, Any]  #: what the engine computes in (edgexfer.runtime.precision.execution_record)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.head.classes)
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The answer for one request's images: rows in input order, and the head that produced them."""
+
+    probabilities: np.ndarray  #: float32 [N, C]
+    features: np.ndarray  #: float32 [N, D]
+    classes: list[str]
+    head_version: int
+    backend: str
+    precision: str
+    execution: dict[str, Any]
+
+    def top(self, k: int) -> list[list[tuple[str, float]]]:
+        out = []
+        for row in self.probabilities:
+            order = np.argsort(-row)[:min(k, len(self.classes))]
+            out.append([(self.classes[j], float(row[j])) for j in order])
+        return out
+
+
+@dataclass
+class _Pending:
+    pixels: np.ndarray
+    future: asyncio.Future
+    want_features: bool
+
+
+class ServiceCore:
+    """The engine, the batcher and the head, for :mod:`edgexfer.runtime.service.app` and ``device watch``."""
+
+    def __init__(self, state_dir: str | Path | None, config: ServiceConfig | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
+        self.config = config or ServiceConfig()
+        self.metrics = metrics or ServiceMetrics()
+        self.device = Device(state_dir, backend=self.config.backend, precision=self.config.precision)
+        self.state = self.device.state
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="edgexfer-engine")
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="edgexfer-db")
+        self._db_local = threading.local()
+        self._model: ActiveModel | None = None
+        self._signature: tuple[int, int, int] | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._batcher: asyncio.Task | None = None
+        self.started = time.time()
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def open(self) -> ActiveModel:
+        """Open the engine and load the active head (in the engine thread); raises if the device has none."""
+        return self._engine_thread.submit(self._current).result()
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            self._batcher = None
+        self._engine_thread.submit(self.device.close).result()
+        self._engine_thread.shutdown(wait=True)
+
+        def close_db() -> None:
+            for obj in vars(self._db_local).values():
+                obj.close()
+
+        self._db_thread.submit(close_db).result()
+        self._db_thread.shutdown(wait=True)
+
+    @property
+    def model(self) -> ActiveModel:
+        """The model of the last batch (or of :meth:`open`)."""
+        if self._model is None:
+            raise RuntimeError("ServiceCore.open() was not called")
+        return self._model
+
+    # ---------------------------------------------------------------------------- the active head
+    def _current(self) -> ActiveModel:
+        """The active (bundle, head), reloaded when ``active.json`` changed. Engine thread only."""
+        try:
+            st = os.stat(self.state.active_path)
+            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            signature = None
+        if signature is not None and signature == self._signature and self._model is not None:
+            return self._model
+        try:
+            active = self.state.active()
+            model = self._model
+            if model is None or active.head != model.head_version or active.bundle != model.backbone:
+                bundle = self.state.bundle(active.bundle)
+                head = self.state.load_head(active.head, feature_dim=bundle.manifest.backbone.feature_dim)
+                engine = self.device.engine(bundle)  # reopened only if the bundle changed
+                if model is not None:
+                    log.info("active head %s -> %s", model.head_version, active.head)
+                self._model = ActiveModel(bundle, active.bundle, head, active.head, engine.name,
+                                          dict(engine.execution))
+                self.metrics.set_model(self._model, engine.name, self.config.precision, engine.execution)
+            self._signature = signature
+        except EdgexferError as exc:
+            if self._model is None:
+                raise
+            # keep serving what worked; the next batch tries again
+            log.warning("cannot switch to the new active head, still serving head %s: %s",
+                        self._model.head_version, exc)
+        return self._model
+
+    # ---------------------------------------------------------------------------- decoding (any thread)
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded image -> the bundle's uint8 pixels; :class:`InputError` for a bad or oversized image."""
+        spec = self.model.bundle.preprocess
+        started = time.perf_counter()
+        pixels = resize_to_spec(decode_image(data, fill=spec.fill, max_pixels=self.config.max_pixels), spec)
+        self.metrics.stage("decode", time.perf_counter() - started)
+        return pixels
+
+    def check_pixels(self, arr: np.ndarray) -> np.ndarray:
+        spec = self.model.bundle.preprocess
+        if arr.ndim != 4 or arr.shape[1:] != (spec.height, spec.width, 3):
+            raise InputError("pixels shape", got=list(arr.shape), expected=f"[N, {spec.height}, {spec.width}, 3]",
+                             todo="resize to the model's input (GET /v2/models/NAME), or send encoded images as 'image'")
+        return np.stack([check_array(a, spec) for a in arr]) if len(arr) else arr
+
+    # ---------------------------------------------------------------------------- classification
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
+        """One engine call (in chunks) and the head, with the head of this moment. Engine thread only."""
+        model = self._current()
+        engine = self.device.engine(model.bundle)
+        started = time.perf_counter()
+        features = np.concatenate([engine.run(batch[s:s + ENGINE_CHUNK]) for s in range(0, len(batch), ENGINE_CHUNK)])
+        mid = time.perf_counter()
+        probabilities = model.head.probabilities(features).astype(np.float32)
+        self.metrics.stage("engine", mid - started)
+        self.metrics.stage("head", time.perf_counter() - mid)
+        self.metrics.batch(len(batch))
+        return probabilities, features.astype(np.float32), model, engine
+
+    def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any) -> Classified:
+        return Classified(probs, feats, model.classes, model.head_version, engine.name, self.config.precision,
+                          dict(engine.execution))
+
+    def classify_now(self, pixels: np.ndarray) -> Classified:
+        """Classify one batch at once, without the batcher (``device watch``); blocks the calling thread."""
+        return self._engine_thread.submit(lambda: self._classified(*self._run(pixels))).result()
+
+    async def classify(self, pixels: np.ndarray, want_features: bool = False) -> Classified:
+        """Classify ``pixels`` [N, H, W, 3] through the dynamic batcher."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._batcher = loop.create_task(self._batch_loop())
+        future: asyncio.Future = loop.create_future()
+        await self._queue.put(_Pending(pixels, future, want_features))
+        return await future
+
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            items, count = [first], len(first.pixels)
+            deadline = loop.time() + self.config.max_queue_delay_ms / 1000
+            while count < self.config.max_batch:
+                if not queue.empty():
+                    nxt = queue.get_nowait()
+                else:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                if count + len(nxt.pixels) > self.config.max_batch:
+                    # it waits for the next batch, at its head
+                    await self._run_batch(loop, items)
+                    items, count = [nxt], len(nxt.pixels)
+                    deadline = loop.time() + self.config.max_queue_delay_ms / 1000
+                    continue
+                items.append(nxt)
+                count += len(nxt.pixels)
+            await self._run_batch(loop, items)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
+        live = [it for it in items if not it.future.done()]  # a client that went away is not computed
+        if not live:
+            return
+        try:
+            probs, feats, model, engine = await loop.run_in_executor(
+                self._engine_thread, self._run, np.concatenate([it.pixels for it in live]))
+        except Exception as exc:  # every waiting request gets the error; the loop goes on
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        start = 0
+        for it in live:
+            n = len(it.pixels)
+            if not it.future.done():
+                it.future.set_result(self._classified(probs[start:start + n], feats[start:start + n], model, engine))
+            start += n
+
+    # ---------------------------------------------------------------------------- engine-thread jobs
+    async def in_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the engine thread, between batches (``learn`` runs the backbone)."""
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn)
+
+    async def learn(self, items: Sequence[bytes], label: str, source: str) -> LearnReport:
+        return await self.in_engine_thread(lambda: self.device.learn(list(items), label, source=source))
+
+    # ---------------------------------------------------------------------------- database thread
+    def _db(self, name: str) -> Any:
+        obj = getattr(self._db_local, name, None)
+        if obj is None:
+            if name == "review":
+                obj = ReviewQueue(self.state.cache_path, capacity=self.config.review_capacity)
+            else:
+                obj = FeatureCache(self.state.cache_path)
+            setattr(self._db_local, name, obj)
+        return obj
+
+    def review_sync(self, fn: Callable[[ReviewQueue], T]) -> T:
+        return self._db_thread.submit(lambda: fn(self._db("review"))).result()
+
+    async def review(self, fn: Callable[[ReviewQueue], T]) -> T:
+        """Run ``fn(queue)`` in the database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: fn(self._db("review")))
+
+    async def sample_counts(self) -> dict[str, int]:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: self._db("cache").counts())
+
+    def wants_review(self, probability: float) -> bool:
+        return probability < self.config.review_threshold
+
+    def run_sync(self, fn: Callable[[], T]) -> Future:
+        """Submit ``fn`` to the engine thread from a plain thread."""
+        return self._engine_thread.submit(fn)

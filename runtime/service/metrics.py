@@ -1,0 +1,108 @@
+"""Prometheus metrics of ``device serve`` (``/metrics``), in a registry of their own.
+
+Families (all prefixed ``edgexfer_``):
+
+* ``http_requests_total{endpoint,code}`` and ``http_request_duration_seconds{endpoint}``: per endpoint
+  (the route's template, never the raw path, so a scanner cannot grow the label set);
+* ``stage_duration_seconds{stage}``: ``decode`` per image, ``engine`` and ``head`` per batch;
+* ``batch_size``: images per engine call (the dynamic batcher at work);
+* ``predictions_total{label}``, ``low_confidence_total`` and ``low_confidence_ratio``;
+* ``active_head_version`` and ``model_info{model,backend,precision,execution}`` (``execution``: the
+  arithmetic the engine really computes in, as :mod:`edgexfer.runtime.precision` records it);
+* ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``.
+
+The web page's p50/p99 come from :meth:`ServiceMetrics.latency_percentiles`, over the last
+:data:`RECENT` inference requests (``/v1/predict`` and ``/v2/.../infer``).
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "edgexfer"
+#: inference latencies kept for the page's percentiles
+RECENT = 1000
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+INFERENCE_ENDPOINTS = ("/v1/predict", "/v2/models/{name}/infer")
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "code"], registry=r)
+        self.latency = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP request latency by endpoint",
+                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stages = Histogram(f"{PREFIX}_stage_duration_seconds",
+                                "Time per stage: decode (per image), engine and head (per batch)", ["stage"],
+                                buckets=_STAGE_BUCKETS, registry=r)
+        self.batches = Histogram(f"{PREFIX}_batch_size", "Images per engine call", buckets=(1, 2, 4, 8, 16, 32, 64),
+                                 registry=r)
+        self.predictions = Counter(f"{PREFIX}_predictions", "Predictions by predicted class", ["label"], registry=r)
+        self.low_confidence = Counter(f"{PREFIX}_low_confidence", "Predictions below the review threshold",
+                                      registry=r)
+        self.low_confidence_ratio = Gauge(f"{PREFIX}_low_confidence_ratio",
+                                          "Share of predictions below the review threshold since start", registry=r)
+        self.head_version = Gauge(f"{PREFIX}_active_head_version", "Version of the head that answers", registry=r)
+        self.model_info = Gauge(f"{PREFIX}_model_info", "The model that answers (value 1)",
+                                ["model", "backend", "precision", "execution"], registry=r)
+        self.cache_samples = Gauge(f"{PREFIX}_cache_samples", "Labelled samples in the feature cache per class",
+                                   ["label"], registry=r)
+        self.review_entries = Gauge(f"{PREFIX}_review_queue_entries", "Inputs waiting in the review queue",
+                                    registry=r)
+        self.retrains = Counter(f"{PREFIX}_retrains", "Retrains run by the service, by result", ["result"], registry=r)
+        self._lock = threading.Lock()
+        self._recent: deque[float] = deque(maxlen=RECENT)
+        self._total = 0
+        self._low = 0
+
+    # ---------------------------------------------------------------------------- recording
+    def request(self, endpoint: str, code: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(code)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if endpoint in INFERENCE_ENDPOINTS and code < 400:
+            with self._lock:
+                self._recent.append(seconds)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.stages.labels(stage).observe(seconds)
+
+    def batch(self, size: int) -> None:
+        self.batches.observe(size)
+
+    def prediction(self, label: str, low_confidence: bool) -> None:
+        self.predictions.labels(label).inc()
+        with self._lock:
+            self._total += 1
+            self._low += int(low_confidence)
+            self.low_confidence_ratio.set(self._low / self._total)
+        if low_confidence:
+            self.low_confidence.inc()
+
+    def set_model(self, model: Any, backend: str, precision: str, execution: dict[str, Any]) -> None:
+        self.head_version.set(model.head_version)
+        self.model_info.clear()
+        self.model_info.labels(model.name, backend, precision, str(execution.get("inference_precision", precision))).set(1)
+
+    def set_counts(self, counts: dict[str, int], review_entries: int) -> None:
+        self.cache_samples.clear()
+        for label, n in counts.items():
+            self.cache_samples.labels(label).set(n)
+        self.review_entries.set(review_entries)
+
+    # ---------------------------------------------------------------------------- reading
+    def latency_percentiles(self) -> dict[str, float | int | None]:
+        with self._lock:
+            recent = np.array(self._recent, dtype=np.float64)
+        if not len(recent):
+            return {"count": 0, "p50_ms": None, "p99_ms": None}
+        return {"count": int(len(recent)), "p50_ms": round(float(np.percentile(recent, 50)) * 1000, 2),
+                "p99_ms": round(float(np.percentile(recent, 99)) * 1000, 2)}
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

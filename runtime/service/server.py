@@ -1,0 +1,77 @@
+"""Start ``device serve``: open the engine, bind the socket, run uvicorn until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.optional import require
+from edgexfer.runtime.service.core import ServiceConfig, ServiceCore
+
+
+def read_token(path: str | Path) -> str:
+    """The token in ``path`` (one line). A file others can read is refused: the token guards the device."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise InputError("cannot read the token file", got=f"{path}: {exc.strerror}", expected="a readable file",
+                         todo="create it with: umask 077; openssl rand -hex 32 > FILE") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InputError("token file is readable by others", got=f"{path} mode {stat.S_IMODE(mode):04o}",
+                         expected="mode 0600 or 0400", todo=f"chmod 600 {path}")
+    if len(text) < 16 or "\n" in text:
+        raise InputError("token", got=f"{len(text)} characters" + (" over several lines" if "\n" in text else ""),
+                         expected="one line of at least 16 characters", todo="openssl rand -hex 32 > FILE")
+    return text
+
+
+def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080, config: ServiceConfig | None = None,
+          token_file: str | Path | None = None, access_log: bool = False,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the service in this thread until interrupted. ``port=0`` picks a free port; ``on_ready`` gets the URL."""
+    for module in ("starlette", "uvicorn", "multipart", "prometheus_client"):
+        require(module, "edgexfer device serve")
+    import uvicorn
+
+    from edgexfer.runtime.service.app import create_app, is_loopback
+
+    token = read_token(token_file) if token_file is not None else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    core = ServiceCore(state, config)
+    model = core.open()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        core.close()
+        raise InputError("cannot listen", got=f"{host}:{port}: {exc.strerror}", expected="a free port on this host",
+                         todo="pick another --port, or stop what listens there") from None
+    bound = sock.getsockname()[1]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/"
+    app = create_app(core, token=token, host=host)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
+                                           timeout_graceful_shutdown=5))
+    log = logging.getLogger("edgexfer.serve")
+    log.info("model %s head %d on %s/%s (%s); batching max %d, %.1f ms", model.name, model.head_version,
+             model.backend, core.config.precision, model.execution.get("inference_precision"),
+             core.config.max_batch, core.config.max_queue_delay_ms)
+    if not is_loopback(host) and token is None:
+        log.warning("listening on %s without --token-file: label, retrain and rollback answer 403", host)
+    print(f"listening on {url} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        core.close()
+        sock.close()

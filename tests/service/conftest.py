@@ -1,0 +1,19 @@
+"""Service tests need the ``serve`` extra; they run in the host venv and in the torch-free device venv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="device serve needs the serve extra (pip install 'edgexfer[serve]')")
+
+
+@pytest.fixture(scope="module")
+def served_state(tmp_path_factory, device_bundle) -> Path:
+    """A device state with the test bundle installed (one per test module)."""
+    from edgexfer.runtime.device import Device
+
+    state = tmp_path_factory.mktemp("serve") / "state"
+    with Device(state) as dev:
+        dev.install(device_bundle)
+    return state
