@@ -362,7 +362,7 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
         return JSONResponse(await asyncio.to_thread(run))
 
     async def status(request: Request) -> Response:
-        model = core.model
+        model = await core.refresh()
         record_ = core.state.head_record(model.head_version)
         counts, entries = await refresh_counts()
         with jobs.lock:

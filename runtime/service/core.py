@@ -198,6 +198,10 @@ class ServiceCore:
                         self._model.head_version, exc)
         return self._model
 
+    async def refresh(self) -> ActiveModel:
+        """The active model now (reloaded if another process switched it), between batches."""
+        return await self.in_engine_thread(self._current)
+
     # ---------------------------------------------------------------------------- decoding (any thread)
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded image -> the bundle's uint8 pixels; :class:`InputError` for a bad or oversized image."""

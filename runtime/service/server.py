@@ -51,6 +51,8 @@ def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # listening before "listening on" is printed: connections wait in the backlog until uvicorn accepts
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         core.close()

@@ -23,6 +23,30 @@ def demo_images(n: int | None = None) -> list[Path]:
     return paths[:n] if n is not None else paths
 
 
+def new_class_images(n: int, seed: int = 0) -> list[bytes]:
+    """JPEGs of a class the demo bundle does not know: coloured checkerboards of random sizes.
+
+    The demo bundle was trained on the demo images, so its head is right on all of them and a retrain on
+    them alone can only tie; a new class is what a device learns in the field, and its retrain passes the gate.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        cell = int(rng.integers(12, 40))
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        yy, xx = np.mgrid[0:224, 0:224] // cell
+        pixels = np.where(((yy + xx) % 2 == 0)[..., None], a, b).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """``edgexfer ARGS`` in a fresh process of this interpreter (another process, as on a device)."""
     out = subprocess.run([sys.executable, "-m", "edgexfer.cli", *args], capture_output=True, text=True,

@@ -1,0 +1,52 @@
+"""The review queue in the device's SQLite file: bounded, one entry per image, and old files migrate."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from edgexfer.runtime.cache import FeatureCache, SampleRecord
+from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.review import ReviewQueue
+
+
+def _add(queue: ReviewQueue, data: bytes, label: str = "cat", p: float = 0.3) -> int | None:
+    return queue.add(sha256=hashlib.sha256(data).hexdigest(), image=data, media_type="image/png", label=label,
+                     probability=p, top_k=[{"label": label, "probability": p}], head=1, source="test")
+
+
+def test_queue_is_bounded_newest_first_and_keeps_one_entry_per_image(tmp_path: Path) -> None:
+    with ReviewQueue(tmp_path / "features.sqlite", capacity=3) as queue:
+        ids = [_add(queue, f"image {i}".encode()) for i in range(5)]
+        assert _add(queue, b"image 4") is None  # the same image again: not queued twice
+        assert queue.count() == 3
+        assert [e.id for e in queue.entries()] == ids[:1:-1]  # the two oldest were dropped
+        assert queue.image(ids[0]) is None and queue.image(ids[4]) == (b"image 4", "image/png")
+        assert queue.entries()[0].top_k == [{"label": "cat", "probability": 0.3}]
+        assert queue.remove(ids[4]) and not queue.remove(ids[4])
+        assert queue.count() == 2
+
+
+def test_capacity_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="capacity"):
+        ReviewQueue(tmp_path / "features.sqlite", capacity=0)
+
+
+def test_a_schema_1_cache_gains_the_queue_and_keeps_its_samples(tmp_path: Path) -> None:
+    """A device's cache written before the service existed is migrated in place when it is opened."""
+    path = tmp_path / "features.sqlite"
+    with FeatureCache(path) as cache:
+        cache.add_samples([SampleRecord("a" * 64, "cat", "test")])
+    with closing(sqlite3.connect(path)) as raw:  # back to the schema 1 layout
+        raw.execute("DROP TABLE review")
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    with ReviewQueue(path) as queue:
+        assert _add(queue, b"x") is not None
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    with FeatureCache(path) as cache:
+        assert cache.counts() == {"cat": 1}
