@@ -57,6 +57,8 @@ log = logging.getLogger("edgexfer.serve")
 
 #: endpoints that change the device: a token is needed when the server is reachable from other hosts
 MUTATING = ("/v1/label", "/v1/retrain", "/v1/rollback")
+#: a body over the limit is read and dropped up to this many times the limit before the 413 (see ``body``)
+DRAIN_FACTOR = 4
 #: seconds between refreshes of the per-class sample counts that /metrics and /v1/status report
 COUNTS_TTL = 5.0
 
@@ -129,19 +131,28 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
                                 todo="send the token in the Authorization header")
 
     async def body(request: Request) -> bytes:
-        """The request body, refused with 413 past ``max_body_bytes`` (before reading it when the length is declared)."""
+        """The request body, refused with 413 past ``max_body_bytes``.
+
+        The excess is read and dropped (up to :data:`DRAIN_FACTOR` times the limit) before answering, so
+        a client still sending its body reads the 413 instead of a broken pipe; beyond that the
+        connection is closed.
+        """
         limit = cfg.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(413, "request body too large", got=f"{int(declared):,} bytes",
-                                expected=f"at most {limit:,} bytes", todo="send smaller or fewer images")
+        size_text = f"{int(declared):,} bytes" if declared is not None and declared.isdigit() else None
+        if size_text is not None and int(declared) > DRAIN_FACTOR * limit:
+            raise ProtocolError(413, "request body too large", got=size_text, expected=f"at most {limit:,} bytes",
+                                todo="send smaller or fewer images")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise ProtocolError(413, "request body too large", got=f"more than {limit:,} bytes",
-                                    expected=f"at most {limit:,} bytes", todo="send smaller or fewer images")
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > DRAIN_FACTOR * limit:
+                break
+        if size > limit:
+            raise ProtocolError(413, "request body too large", got=size_text or f"more than {limit:,} bytes",
+                                expected=f"at most {limit:,} bytes", todo="send smaller or fewer images")
         return b"".join(chunks)
 
     async def decode_all(images: list[bytes]) -> np.ndarray:
