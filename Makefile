@@ -4,8 +4,9 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The device install: the runtime with ONNX Runtime and signed updates (tuf), no torch (plus pytest
-# and scikit-learn, the peer some tests compare against).
+# The device install: the runtime with ONNX Runtime, signed updates (tuf), the service and the camera
+# reader, no torch (plus pytest, scikit-learn, the peer some tests compare against, and tritonclient,
+# the service's test client).
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 TEST_BUNDLE := build/test-bundle
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 $(DEVICE_STAMP): pyproject.toml constraints.txt
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install --quiet --upgrade pip
-	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates]' pytest scikit-learn
+	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera]' pytest scikit-learn 'tritonclient[http]'
 	@if $(DEVICE_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the device venv"; exit 1; fi
 	touch $(DEVICE_STAMP)
 
@@ -46,7 +47,7 @@ test-device: $(STAMP) $(DEVICE_STAMP)
 	rm -rf build/test-run $(TEST_BUNDLE)
 	$(VENV)/bin/edgexfer train data/clipart8-demo --out build/test-run --cache build/test-cache.sqlite --quiet >/dev/null
 	$(VENV)/bin/edgexfer export build/test-run --out $(TEST_BUNDLE) --quiet >/dev/null
-	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
+	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/service tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgexfer converters runtime tests benchmarks

@@ -83,4 +83,35 @@ edgexfer device update --state "$OUT/device" --repo "http://127.0.0.1:$PORT" --r
 edgexfer device heads --state "$OUT/device"
 kill $SERVER
 
+say "13. The device as a service: one process keeps the engine open and answers over HTTP (docs/service.md)"
+edgexfer device serve --state "$OUT/device" --port 0 > "$OUT/serve.log" 2>&1 &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null || true' EXIT
+URL=""
+for _ in $(seq 300); do
+  URL=$(grep -o 'listening on http://[^ ]*' "$OUT/serve.log" | head -1 | cut -d' ' -f3) && [ -n "$URL" ] && break
+  kill -0 $SERVE 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
+  sleep 0.1
+done
+echo "   web page (status, upload, review queue, retrain, head history): $URL"
+echo "   curl --data-binary @${UNSEEN[0]} ${URL}v1/predict"
+curl -sS --fail --data-binary "@${UNSEEN[0]}" "${URL}v1/predict"; echo
+echo "   tritonclient.http (Open Inference Protocol, binary tensor data), as a Triton or OpenVINO Model Server client:"
+python - "${URL}" "${UNSEEN[@]:0:3}" <<'PY'
+import sys, urllib.request, json
+import numpy as np
+import tritonclient.http as triton
+url, images = sys.argv[1], sys.argv[2:]
+model = json.load(urllib.request.urlopen(url + "v1/status"))["model"]
+client = triton.InferenceServerClient(url.split("//")[1].rstrip("/"))
+tensor = triton.InferInput("image", [len(images)], "BYTES")
+tensor.set_data_from_numpy(np.array([open(p, "rb").read() for p in images], dtype=np.object_))
+result = client.infer(model, [tensor])
+probs = result.as_numpy("probabilities")
+for path, label, row in zip(images, result.as_numpy("label"), probs):
+    print(f"   {path.split('/')[-1]}: {label.decode()} ({row.max():.2f}) [head {result.get_response()['model_version']}]")
+PY
+curl -sS "${URL}metrics" | grep -E '^edgexfer_(predictions_total|active_head_version|model_info)' | head -5
+kill -TERM $SERVE; wait $SERVE 2>/dev/null || true
+
 say "Done. Host run: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle; device state: $OUT/device"
