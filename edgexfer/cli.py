@@ -203,6 +203,11 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
 @main.group()
 def device():
     """The device side: install, predict, learn, retrain, status, heads, rollback, serve (no torch needed)."""
+    import os
+
+    # What a device command creates is its owner's alone: state folders 0700, files 0600, also the
+    # files other libraries write there (TUF metadata, OpenVINO's compiled model cache).
+    os.umask(os.umask(0o077) | 0o077)
 
 
 @device.command(name="install")
@@ -333,6 +338,8 @@ def device_status(state, backend, precision, as_json):
             f"engines  " + ("; ".join(f"{e['key']} ({e['bytes'] / 1e6:.1f} MB)" for e in st["engines"]) or "none built here")
             + "\nretrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
                             if last else "never"))
+    for warning in st["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     emit(st, as_json, text)
 
 

@@ -124,6 +124,15 @@ class CacheDatabase:
                 expected="an SQLite file path such as STATE/features.sqlite",
                 todo="pass the file's path, not its directory",
             )
+        if not path.exists():
+            # created private (0600): it holds a site's images and labels. SQLite gives its -wal and
+            # -shm files the database file's permissions. An empty file is an empty database to SQLite.
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise self.error("open", sqlite3.OperationalError(exc.strerror or str(exc))) from exc
         try:
             # isolation_level=None: the module opens no transactions of its own. Each one is
             # opened explicitly below, so a write always takes the lock up front (BEGIN IMMEDIATE).

@@ -34,7 +34,7 @@ from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, Sam
 from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
 from edgexfer.runtime.features import cached_features
-from edgexfer.runtime.fsutil import write_atomic
+from edgexfer.runtime.fsutil import PRIVATE_FILE, write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import (
@@ -596,7 +596,8 @@ class Device:
                 loo_count=gate.loo_count,
                 view_count=int(len(X_views)),
                 few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
-            write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+            write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
+                         mode=PRIVATE_FILE)
             crash_point("retrain-done")
         return report
 
@@ -626,7 +627,16 @@ class Device:
             "cache": {"samples_per_class": counts, "features_for_backbone": n_features},
             "engines": self.engines.entries(),
             "last_retrain": last,
+            "warnings": self._warnings(),
         }
+
+    def _warnings(self) -> list[str]:
+        exposed = self.state.exposed()
+        if not exposed:
+            return []
+        shown = ", ".join(exposed[:3]) + (f" and {len(exposed) - 3} more" if len(exposed) > 3 else "")
+        return [f"device state readable by others | got {shown} | expected a 0700 directory with 0600 files "
+                f"(it holds the site's images and heads) | chmod -R go-rwx {self.state.root}"]
 
     def heads(self) -> list[dict[str, Any]]:
         active = self.state.active()

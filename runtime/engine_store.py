@@ -34,7 +34,7 @@ from typing import Any
 
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
-from edgexfer.runtime.fsutil import fsync_dir, fsync_tree
+from edgexfer.runtime.fsutil import fsync_dir, fsync_tree, make_private, private_dir
 from edgexfer.runtime.state import crash_point
 
 KEY_FILE = "engine_key.json"
@@ -180,10 +180,10 @@ class EngineStore:
         entry = self.lookup(target)
         if entry is not None:
             return entry, {"built": False, "seconds": 0.0}
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.root / f".tmp-{target.key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        private_dir(tmp)
         started = time.perf_counter()
         try:
             info = dict(builder(tmp) or {})
@@ -194,6 +194,7 @@ class EngineStore:
             record = {**target.record(), "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "build_seconds": seconds, **{k: v for k, v in info.items() if isinstance(v, (str, int, float))}}
             (tmp / KEY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            make_private(tmp)  # what the engine's builder wrote, with its own modes
             fsync_tree(tmp)
             crash_point("engine-built")
             final = self.path(target.key)

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,15 @@ from typing import Any
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, HeadError
-from edgexfer.runtime.fsutil import file_sha256, fsync_dir, fsync_tree, write_atomic
+from edgexfer.runtime.fsutil import (
+    PRIVATE_FILE,
+    file_sha256,
+    fsync_dir,
+    fsync_tree,
+    make_private,
+    private_dir,
+    write_atomic,
+)
 from edgexfer.runtime.heads import Head
 
 STATE_ENV = "EDGEXFER_STATE"
@@ -103,8 +112,8 @@ class DeviceState:
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0) -> Iterator[DeviceState]:
         """Exclusive writer lock (flock: released by the kernel if the holder dies)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        private_dir(self.root)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -144,6 +153,29 @@ class DeviceState:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def exposed(self) -> list[str]:
+        """What of the state others than its owner can read or write: ``"PATH mode 0755"`` entries.
+
+        The state holds the images a site took, its labels and its heads; it is created 0700 with 0600
+        files, and ``device status`` warns about anything here that is not. Looks at the directory, its
+        files and folders, and the heads (not inside bundles or engines, which live in 0700 folders).
+        """
+        if not self.root.is_dir():
+            return []
+        paths = [self.root, *self.root.iterdir()]
+        for folder in (self.heads_dir, self.trust_dir):
+            if folder.is_dir():
+                paths += [p for child in folder.iterdir() for p in ([child, *child.iterdir()] if child.is_dir() else [child])]
+        out = []
+        for path in paths:
+            if path.is_symlink():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    out.append(f"{path} mode {mode:04o}")
+        return out
+
     # ---------------------------------------------------------------------------- active pair
     def active(self) -> ActiveState:
         if not self.active_path.is_file():
@@ -159,7 +191,7 @@ class DeviceState:
 
     def set_active(self, state: ActiveState) -> None:
         crash_point("before-switch")
-        write_atomic(self.active_path, state.to_json())
+        write_atomic(self.active_path, state.to_json(), mode=PRIVATE_FILE)
         crash_point("after-switch")
 
     # ---------------------------------------------------------------------------- bundles
@@ -186,12 +218,13 @@ class DeviceState:
         dest = self.bundles_dir / f"{sha}.{manifest_id(src.root)}"
         if dest.is_dir():
             return Bundle.open(dest, verify=True), False
-        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.bundles_dir)
         tmp = self.bundles_dir / f".tmp-{uuid.uuid4().hex}"
         files = ["manifest.json", *src.manifest.files]
         for rel in files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src.root / rel, tmp / rel)
+        make_private(tmp)
         crash_point("bundle-copied")
         Bundle.open(tmp, verify=True)  # what landed on this disk, not what was read
         fsync_tree(tmp)
@@ -272,9 +305,8 @@ class DeviceState:
             version = (max(existing) + 1) if existing else 1
         elif version in existing:
             raise StateError("head version exists already", got=version, expected="a new version number")
-        self.heads_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.heads_dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        private_dir(self.heads_dir)
+        tmp = private_dir(self.heads_dir / f".tmp-{uuid.uuid4().hex}")
         if source_file is not None:
             shutil.copyfile(source_file, tmp / "head.safetensors")
             with open(tmp / "head.safetensors", "rb+") as fh:
@@ -285,7 +317,8 @@ class DeviceState:
                             sha256=file_sha256(tmp / "head.safetensors"),
                             created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             parent=parent, status=status, source=source, metrics=dict(metrics or {}))
-        write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode())
+        write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode(), mode=PRIVATE_FILE)
+        os.chmod(tmp / "head.safetensors", PRIVATE_FILE)
         crash_point("head-written")
         os.rename(tmp, self.heads_dir / str(version))
         fsync_dir(self.heads_dir)
@@ -295,7 +328,8 @@ class DeviceState:
     def set_head_status(self, version: int, status: str) -> None:
         record = self.head_record(version)
         updated = HeadRecord(**{**asdict(record), "status": status})
-        write_atomic(self.heads_dir / str(version) / "head.json", (json.dumps(asdict(updated), indent=2) + "\n").encode())
+        write_atomic(self.heads_dir / str(version) / "head.json", (json.dumps(asdict(updated), indent=2) + "\n").encode(),
+                     mode=PRIVATE_FILE)
 
     def activate_head(self, version: int) -> ActiveState:
         """Make ``version`` the active head; a head bound to another backbone is refused."""

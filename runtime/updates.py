@@ -50,7 +50,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
-from edgexfer.runtime.fsutil import file_sha256, write_atomic
+from edgexfer.runtime.fsutil import PRIVATE_FILE, file_sha256, private_dir, write_atomic
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import ALPHA, MIN_HOLDOUT_SAMPLES, LocalSplit, correct, mcnemar_worse
 from edgexfer.runtime.manifest import check_relative_path
@@ -114,7 +114,8 @@ class TrustStore:
         if not ok:
             raise UpdateError("trust root file is not TUF root metadata", got=str(root_file), expected="1.root.json",
                               todo="pass the repository's metadata/1.root.json")
-        write_atomic(self.root_path, data)
+        private_dir(self.dir)
+        write_atomic(self.root_path, data, mode=PRIVATE_FILE)
 
     def _read(self, path: Path) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -127,7 +128,7 @@ class TrustStore:
         if version > int(data.get(backbone, {}).get("version", 0)):
             data[backbone] = {"version": version, "sha256": sha256,
                               "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            write_atomic(self.accepted_path, (json.dumps(data, indent=2) + "\n").encode())
+            write_atomic(self.accepted_path, (json.dumps(data, indent=2) + "\n").encode(), mode=PRIVATE_FILE)
 
     def rejected(self) -> dict[str, Any]:
         return self._read(self.rejected_path)
@@ -135,7 +136,7 @@ class TrustStore:
     def record_rejected(self, sha256: str, target: str, reason: str) -> None:
         data = self._read(self.rejected_path)
         data[sha256] = {"target": target, "reason": reason, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_atomic(self.rejected_path, (json.dumps(data, indent=2) + "\n").encode())
+        write_atomic(self.rejected_path, (json.dumps(data, indent=2) + "\n").encode(), mode=PRIVATE_FILE)
 
 
 # -------------------------------------------------------------------------------------------- fetching
@@ -375,7 +376,7 @@ def update(state_dir: str | Path | None, repo_url: str | None = None, *, local_d
         version = int(meta["head_version"])
         shutil.rmtree(trust.staging_dir, ignore_errors=True)
         staging = trust.staging_dir / uuid.uuid4().hex
-        staging.mkdir(parents=True)
+        private_dir(staging)
         staged = staging / "head.safetensors"
         try:
             info = updater.get_targetinfo(path)
