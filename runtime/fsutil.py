@@ -11,7 +11,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 #: modes of a device's state (docs/architecture.md, "Device state directory"): the images and labels a
 #: site took, its heads and keys are nobody else's business
 PRIVATE_DIR = 0o700
