@@ -244,11 +244,17 @@ def test_sigterm_stops_the_cli_cleanly(video, state, monkeypatch, tmp_path):
         if left == 17:  # the fourth read
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(watch_module, "_open_capture", lambda cv2_module, src: FakeLiveCapture(frames, on_read))
+    captures = []
+
+    def open_capture(cv2_module, src):  # a reopen gets no frames, so a missed signal ends in an error
+        captures.append(FakeLiveCapture(frames if not captures else [], on_read))
+        return captures[-1]
+
+    monkeypatch.setattr(watch_module, "_open_capture", open_capture)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "frames.jsonl"
     result = CliRunner().invoke(main, ["device", "watch", "/dev/video0", "--state", str(state), "--fps", "0",
-                                       "--out", str(out)])
+                                       "--retries", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["frame"] for line in out.read_text().splitlines()] == [0, 1, 2, 3]
     assert "4 frame(s) read, 4 classified" in result.output and "(stopped)" in result.output
