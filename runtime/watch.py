@@ -294,6 +294,9 @@ class Watch:
                     timestamp = now_ms
                 else:
                     timestamp = float(cap.get(cv2.CAP_PROP_POS_MSEC))
+                    if not timestamp >= 0:  # a container without timestamps: from the frame rate
+                        file_fps = float(cap.get(cv2.CAP_PROP_FPS))
+                        timestamp = index * 1000.0 / file_fps if file_fps > 0 else now_ms
                 if timestamp + _TS_SLACK_MS < next_due:
                     continue
                 if period_ms:
