@@ -41,3 +41,51 @@ def device_serve(state, host, port, backend, precision, max_batch, max_queue_del
                            review_capacity=review_capacity, max_body_bytes=int(max_body_mb * (1 << 20)),
                            max_pixels=max_pixels)
     serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log)
+
+
+@click.command(name="watch")
+@click.argument("source")
+@state_option
+@click.option("--fps", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="Frames classified per second at most (file: by frame timestamps; live: wall clock; 0: every frame).")
+@click.option("--max-frames", type=click.IntRange(1), default=None, help="Stop after this many classified frames.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the JSON lines to this file instead of stdout.")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=DEFAULT_REVIEW_THRESHOLD,
+              show_default=True, help="Frames below this probability go to the review queue (0: none).")
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+              help="Live source: failed reads in a row (1 s apart, reopening every second one) before giving up.")
+@device_engine_options
+def device_watch(source, state, fps, max_frames, out, review_threshold, top_k, retries, backend, precision):
+    """Classify frames of a video file, an RTSP/HTTP stream, /dev/videoN (or N) or a GStreamer pipeline.
+
+    One JSON line per classified frame on stdout (or --out); a summary line on stderr at the end.
+    SIGINT/SIGTERM stop cleanly. GStreamer pipelines (containing '!') need an OpenCV built with
+    GStreamer (JetPack's), not the PyPI wheel.
+    """
+    import json
+    import signal
+    import sys
+
+    from edgexfer.runtime.watch import watch
+
+    w = watch(source, state, fps=fps, max_frames=max_frames, review_threshold=review_threshold, backend=backend,
+              precision=precision, top_k=top_k, retries=retries)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        w.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sink = open(out, "a", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
+    try:
+        for result in w:
+            sink.write(json.dumps(result.to_dict()) + "\n")
+            sink.flush()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if out is not None:
+            sink.close()
+        if w.summary.stopped != "error" or w.summary.frames_read:
+            click.echo(w.summary.line(), err=True)
