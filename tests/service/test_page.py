@@ -1,0 +1,213 @@
+"""The web page of ``device serve`` in a real browser (the system's headless Chromium through Selenium).
+
+One walk through the field loop as a user does it: classify an upload, see it in the review queue,
+label it with a class button, retrain (accepted: head 1 -> 2), see the head history, roll back.
+Everything asserted is what the page shows. With ``EDGEXFER_SCREENSHOT=PATH`` the test also saves a
+screenshot of the page after the retrain (docs/img/service-page.png was made so).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from service_support import DEMO, Server, running_server
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (the dev extra)")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WAIT_S = 30.0
+
+# low-confidence demo images (well under the 0.99 review threshold for the demo head), by true class
+FIRST = DEMO / "music" / "a_man_singing_01.jpg"
+QUEUED = [DEMO / "tools" / "axe_peterm_.jpg", DEMO / "hardware" / "8port_switch_denco.jpg"]
+AFTER = DEMO / "beverages" / "bottled_drink.jpg"
+#: learned with their true labels before the retrain: enough for the holdout gate to accept the new head
+LEARNED_CLASSES = ("beverages", "music")
+LEARNED_PER_CLASS = 10
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"the page test needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
+                    "apt-get install chromium chromium-driver (.ci/run does so as root)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def learn(server: Server, path: Path, label: str) -> None:
+    """POST /v1/label with an uploaded image (multipart), as ``curl -F file=@IMG -F label=CLASS`` does."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"\r\n\r\n{label}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    status, doc = server.json("POST", "/v1/label", body=body,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, doc
+
+
+def test_page_field_loop(browser, served_state, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+
+    def shown(element_id: str) -> str:
+        """The text a user sees in #element_id (empty while it is hidden)."""
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    def until_text(element_id: str, expected: str) -> None:
+        try:
+            wait.until(lambda _: shown(element_id) == expected)
+        except Exception:
+            raise AssertionError(f"#{element_id} shows {shown(element_id)!r}, expected {expected!r}; "
+                                 f"#error shows {shown('error')!r}") from None
+
+    def until_true(condition, what: str) -> None:
+        try:
+            wait.until(lambda _: condition())
+        except Exception:
+            raise AssertionError(f"the page never showed {what}: it shows {browser.find_element(By.TAG_NAME, 'body').text!r}") from None
+
+    def upload(path: Path, head: str) -> str:
+        """Classify ``path`` with the page's file input; the label the page answers (by head ``head``)."""
+        before = shown("answer")
+        browser.find_element(By.ID, "upload").send_keys(str(path))
+        wait.until(lambda _: shown("answer") and shown("answer") != before)
+        until_text("answer-head", head)
+        return shown("answer-label")
+
+    # read in one script: the page redraws these lists when they change
+    def review_ids() -> list[int]:
+        return [int(i) for i in browser.execute_script(
+            "return [...document.querySelectorAll('#review .review-item')].map((e) => e.dataset.id)")]
+
+    def head_rows() -> list[str]:
+        """The head history as shown: 'VERSION STATUS ...' per row, newest first."""
+        return browser.execute_script("return [...document.querySelectorAll('#heads tbody tr')].map((r) => r.innerText)")
+
+    def active_head_row() -> str:
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('#heads tbody tr.active')].map((r) => r.dataset.version)")
+        return rows[0] if len(rows) == 1 else f"{len(rows)} active rows"
+
+    with running_server(served_state, "--review-threshold", "0.99") as server:
+        status, st = server.json("GET", "/v1/status")
+        assert status == 200
+        classes = st["head"]["classes"]
+        assert set(LEARNED_CLASSES) <= set(classes) and "tools" in classes
+
+        browser.get(server.url + "/")
+        # the status card, from GET /v1/status
+        until_text("head-version", "1")
+        assert shown("bundle-name") == st["bundle"]["name"] == "clipart8-demo"
+        assert shown("arch") == st["bundle"]["arch"]
+        assert shown("head-kind") == st["head"]["kind"]
+        assert shown("classes") == ", ".join(classes)
+        assert shown("backend") == st["backend"]
+        assert shown("inference-precision") == st["execution"]["inference_precision"]
+        assert not browser.find_element(By.ID, "token-box").is_displayed()  # loopback: no token needed
+        assert not browser.find_element(By.ID, "retrain-report").is_displayed()  # no retrain yet
+        assert not browser.find_element(By.ID, "error").is_displayed()
+
+        # classify an upload: the answer is the service's (same label as the API gives), by head 1
+        label = upload(FIRST, "1")
+        assert label in classes
+        topk = browser.find_elements(By.CSS_SELECTOR, "#answer-topk li")
+        assert len(topk) == 3 and topk[0].text.startswith(label)
+        queued = shown("answer-queued")
+        assert "queued for review as #" in queued, f"the upload was not queued: {shown('answer')!r}"
+        first_id = int(queued.rsplit("#", 1)[1])
+        _, review = server.json("GET", "/v1/review")
+        entry = next(e for e in review["entries"] if e["id"] == first_id)
+        assert entry["label"] == label and entry["head"] == 1
+        assert shown("answer-prob") == f"{100 * entry['probability']:.1f} %"
+        until_true(lambda: shown("latency-p50").endswith(" ms") and shown("latency-p99").endswith(" ms"),
+                   "the latency of the prediction")
+
+        # ... and it is in the review queue, as a thumbnail that loaded, with one button per class
+        wait.until(lambda _: first_id in review_ids())
+        item = browser.find_element(By.CSS_SELECTOR, f'#review .review-item[data-id="{first_id}"]')
+        thumb = item.find_element(By.CSS_SELECTOR, "img.thumb")
+        wait.until(lambda _: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumb))
+        buttons = [b.text for b in item.find_elements(By.CSS_SELECTOR, "button.label-btn")]
+        assert buttons == classes
+
+        # a label the service refuses: its error is shown, and the entry stays queued
+        item.find_element(By.CSS_SELECTOR, "input.new-class").send_keys("bad/name")
+        item.find_element(By.CSS_SELECTOR, "button.new-class-btn").click()
+        wait.until(lambda _: browser.find_element(By.ID, "error").is_displayed())
+        assert "/v1/label" in shown("error") and "400" in shown("error") and "class name" in shown("error")
+        assert first_id in review_ids()
+        browser.find_element(By.ID, "error-close").click()
+        assert not browser.find_element(By.ID, "error").is_displayed()
+
+        # label it with its true class by its class button: it leaves the queue and becomes a sample
+        true_class = FIRST.parent.name
+        item = browser.find_element(By.CSS_SELECTOR, f'#review .review-item[data-id="{first_id}"]')
+        item.find_element(By.CSS_SELECTOR, f'button.label-btn[data-label="{true_class}"]').click()
+        until_true(lambda: first_id not in review_ids(), f"#{first_id} gone from the queue")
+        until_true(lambda: f"{true_class} 1" in shown("samples"), f"#samples shows {true_class} 1")
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+
+        # two more uploads for the queue
+        for path in QUEUED:
+            upload(path, "1")
+        wait.until(lambda _: len(review_ids()) >= 2)
+
+        # enough labelled samples for an accepted retrain (as `curl -F file=@IMG -F label=CLASS /v1/label`)
+        for cls in LEARNED_CLASSES:
+            for path in sorted((DEMO / cls).glob("*.jpg"))[:LEARNED_PER_CLASS]:
+                learn(server, path, cls)
+        until_true(lambda: all(f"{c} {LEARNED_PER_CLASS}" in shown("samples") for c in LEARNED_CLASSES),
+                   "the learned samples")
+        until_true(lambda: shown("review-count") == str(len(review_ids())), "the review queue's size")
+
+        # retrain from the page: the report, then the new head everywhere
+        browser.find_element(By.ID, "retrain").click()
+        wait.until(lambda _: browser.find_element(By.ID, "retrain-report").is_displayed())
+        assert shown("report-accepted") == "yes", shown("retrain-report")
+        assert shown("report-version") == "2"
+        assert shown("report-gate") and shown("report-reason") and shown("report-count").isdigit()
+        until_text("head-version", "2")
+        until_text("status-head", "2")
+        until_true(lambda: len(head_rows()) == 2, "two heads in the history")
+        assert active_head_row() == "2"
+        rows = head_rows()
+        assert rows[0].split()[:2] == ["2", "active"] and rows[1].split()[0] == "1", rows
+
+        # the next answer comes from head 2
+        upload(AFTER, "2")
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+        screenshot = os.environ.get("EDGEXFER_SCREENSHOT")
+        if screenshot:
+            wait.until(lambda _: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t)
+                                     for t in browser.find_elements(By.CSS_SELECTOR, "#review img.thumb")))
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1300, height + 20)
+            saved = tmp_path / "page.png"
+            assert browser.save_screenshot(str(saved))
+            Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(saved, screenshot)
+
+        # roll back from the page: head 1 again, still two heads in the history
+        browser.find_element(By.ID, "rollback").click()
+        until_text("head-version", "1")
+        until_true(lambda: active_head_row() == "1", "head 1 active in the history")
+        rows = head_rows()
+        assert len(rows) == 2 and "active" not in rows[0] and rows[1].split()[:2] == ["1", "active"], rows
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+        assert server.alive()
