@@ -149,7 +149,7 @@ def test_page_field_loop(browser, served_state, tmp_path):
         # a label the service refuses: its error is shown, and the entry stays queued
         item.find_element(By.CSS_SELECTOR, "input.new-class").send_keys("bad/name")
         item.find_element(By.CSS_SELECTOR, "button.new-class-btn").click()
-        wait.until(lambda _: browser.find_element(By.ID, "error").is_displayed())
+        until_true(lambda: browser.find_element(By.ID, "error").is_displayed(), "the refused label's error")
         assert "/v1/label" in shown("error") and "400" in shown("error") and "class name" in shown("error")
         assert first_id in review_ids()
         browser.find_element(By.ID, "error-close").click()
@@ -196,8 +196,14 @@ def test_page_field_loop(browser, served_state, tmp_path):
         if screenshot:
             wait.until(lambda _: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t)
                                      for t in browser.find_elements(By.CSS_SELECTOR, "#review img.thumb")))
-            height = browser.execute_script("return document.documentElement.scrollHeight")
-            browser.set_window_size(1300, height + 20)
+            # the status's queue size is counted every few seconds: wait until it agrees with the list
+            until_true(lambda: shown("review-count") == str(len(review_ids())), "the review queue's size")
+            for _ in range(3):  # the whole page: the window's height less its viewport's, plus the page's
+                inner, full = browser.execute_script(
+                    "return [window.innerHeight, document.documentElement.scrollHeight]")
+                if inner >= full:
+                    break
+                browser.set_window_size(1300, browser.get_window_size()["height"] + full - inner)
             saved = tmp_path / "page.png"
             assert browser.save_screenshot(str(saved))
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
