@@ -32,7 +32,7 @@ LEARNED_PER_CLASS = 10
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+    if not all(os.access(p, os.X_OK) for p in (CHROMIUM, CHROMEDRIVER)):
         pytest.skip(f"the page test needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
                     "apt-get install chromium chromium-driver (.ci/run does so as root)")
     from selenium.webdriver.chrome.service import Service
