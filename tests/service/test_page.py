@@ -48,14 +48,16 @@ def browser():
         driver.quit()
 
 
-def learn(server: Server, path: Path, label: str) -> None:
+def learn(server: Server, path: Path, label: str, token: str | None = None) -> None:
     """POST /v1/label with an uploaded image (multipart), as ``curl -F file=@IMG -F label=CLASS`` does."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"\r\n\r\n{label}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
             "Content-Type: image/jpeg\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    status, doc = server.json("POST", "/v1/label", body=body,
-                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    status, doc = server.json("POST", "/v1/label", body=body, headers=headers)
     assert status == 200, doc
 
 
@@ -217,3 +219,49 @@ def test_page_field_loop(browser, served_state, tmp_path):
         assert len(rows) == 2 and "active" not in rows[0] and rows[1].split()[:2] == ["1", "active"], rows
         assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
         assert server.alive()
+        # no script error on the way (the refused label's 400 is the only failed request)
+        logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert [m for m in logged if "/v1/label - Failed to load resource" not in m] == [], logged
+
+
+def test_page_token(browser, served_state, tmp_path):
+    """With --token-file the page asks for the token, keeps it in localStorage and sends it on changes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+    token = uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+
+    def shown(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    with running_server(served_state, "--token-file", str(token_file)) as server:
+        for path in sorted((DEMO / "fruit").glob("*.jpg"))[:3]:  # something to retrain on, whatever ran before
+            learn(server, path, "fruit", token)
+        browser.get(server.url + "/")
+        browser.execute_script("localStorage.clear()")
+        browser.refresh()
+        wait.until(lambda _: browser.find_element(By.ID, "token-box").is_displayed())
+
+        # no token: the service's 401 is shown, nothing started
+        browser.find_element(By.ID, "retrain").click()
+        wait.until(lambda _: browser.find_element(By.ID, "error").is_displayed())
+        assert "/v1/retrain" in shown("error") and "401" in shown("error") and "token" in shown("error")
+        browser.find_element(By.ID, "error-close").click()
+
+        # the token, saved: the retrain runs and reports
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.ID, "token-save").click()
+        browser.find_element(By.ID, "retrain").click()
+        wait.until(lambda _: browser.find_element(By.ID, "retrain-report").is_displayed())
+        assert shown("report-accepted") in ("yes", "no") and shown("report-reason")
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+
+        # kept across a reload
+        browser.refresh()
+        wait.until(lambda _: browser.find_element(By.ID, "token-box").is_displayed())
+        assert browser.find_element(By.ID, "token").get_attribute("value") == token
+        browser.execute_script("localStorage.clear()")
