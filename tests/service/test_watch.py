@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,34 +231,60 @@ def test_a_live_source_that_stops_is_retried_then_an_error(video, state, monkeyp
     assert sources == {"watch:rtsp://camera.local:554/live?token=REDACTED&profile=1"}
 
 
-def test_sigterm_stops_the_cli_cleanly(video, state, monkeypatch, tmp_path):
-    """SIGTERM during a live watch: the frame in progress is written, the summary printed, exit 0."""
-    from click.testing import CliRunner
+_SIGTERM_CHILD = """
+import json, os, signal, sys
+import numpy as np
+import edgexfer.runtime.watch as watch_module
+from edgexfer.cli import main
 
-    import edgexfer.runtime.watch as watch_module
-    from edgexfer.cli import main
+frames = list(np.load(sys.argv[1])["frames"])
+opened = []
 
-    frames = decoded_frames(video[0])[:20]
 
-    def on_read(left):
-        if left == 17:  # the fourth read
+class Live:  # a live camera: the frames, then nothing; SIGTERM to this process during the fourth read
+    def __init__(self, frames):
+        self.frames = frames
+    def isOpened(self):
+        return True
+    def get(self, prop):
+        return -1.0
+    def read(self):
+        if len(self.frames) == 17:
             os.kill(os.getpid(), signal.SIGTERM)
+        return (True, np.ascontiguousarray(self.frames.pop(0)[:, :, ::-1])) if self.frames else (False, None)
+    def release(self):
+        pass
 
-    captures = []
 
-    def open_capture(cv2_module, src):  # a reopen gets no frames, so a missed signal ends in an error
-        captures.append(FakeLiveCapture(frames if not captures else [], on_read))
-        return captures[-1]
+def open_capture(cv2_module, src):  # a reopen gets no frames, so a missed signal ends in an error
+    opened.append(Live(frames if not opened else []))
+    return opened[-1]
 
-    monkeypatch.setattr(watch_module, "_open_capture", open_capture)
-    before = signal.getsignal(signal.SIGTERM)
+
+watch_module._open_capture = open_capture
+before = signal.getsignal(signal.SIGTERM)
+try:
+    main(sys.argv[2:], standalone_mode=False)
+finally:
+    print("handler restored" if signal.getsignal(signal.SIGTERM) is before else "handler NOT restored", file=sys.stderr)
+"""
+
+
+def test_sigterm_stops_the_cli_cleanly(video, state, tmp_path):
+    """SIGTERM during a live watch: the frame in progress is written, the summary printed, exit 0.
+
+    The CLI runs in a child process, as under systemd: the signal never reaches the test runner.
+    """
+    frames = tmp_path / "frames.npz"
+    np.savez(frames, frames=np.stack(decoded_frames(video[0])[:20]))
     out = tmp_path / "frames.jsonl"
-    result = CliRunner().invoke(main, ["device", "watch", "/dev/video0", "--state", str(state), "--fps", "0",
-                                       "--retries", "0", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_CHILD, str(frames), "device", "watch", "/dev/video0",
+                           "--state", str(state), "--fps", "0", "--retries", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert [json.loads(line)["frame"] for line in out.read_text().splitlines()] == [0, 1, 2, 3]
-    assert "4 frame(s) read, 4 classified" in result.output and "(stopped)" in result.output
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert "4 frame(s) read, 4 classified" in done.stderr and "(stopped)" in done.stderr
+    assert "handler restored" in done.stderr
 
 
 @pytest.mark.parametrize(("source", "shown"), [
