@@ -1,9 +1,9 @@
 """Precisions, and how each engine is told to compute in the precision its name promises.
 
 An engine's name says what it computes in; nothing is left to an engine's default. On CPUs with
-AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, and on arm64 CPUs with
-fp16 arithmetic (a Jetson's) in f16 (max feature difference 0.027 instead of 4e-6 on the demo bundle), so
-every OpenVINO compile goes through :func:`openvino_config`:
+AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, and on arm64 CPUs
+with fp16 arithmetic (a Jetson's) in f16 (the demo bundle on an emulated Cortex-A76: max feature
+difference 0.09 instead of 5e-6), so every OpenVINO compile goes through :func:`openvino_config`:
 
 ======== =============================== =====================================================
 name     weights                          arithmetic (CPU)
