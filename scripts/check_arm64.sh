@@ -286,10 +286,11 @@ core = ov.Core()
 model = core.read_model(f"{bundle}/engines/openvino/fp32/backbone.xml")
 model.reshape({0: ov.PartialShape([1, *golden["images"].shape[1:]])})  # static, as the device compiles batch 1
 compiled = core.compile_model(model, "CPU")
-features = np.concatenate([compiled([img[None]])[0] for img in golden["images"]])
-diff = float(np.abs(features - golden["features"]).max())
+# two golden images keep this probe short under emulation
+features = np.concatenate([compiled([img[None]])[0] for img in golden["images"][:2]])
+diff = float(np.abs(features - golden["features"][:2]).max())
 print(f"  OpenVINO's own default (no INFERENCE_PRECISION_HINT) on this CPU: "
-      f"{openvino_inference_precision(compiled)}, max feature diff {diff:.3g} on the fp32 IR")
+      f"{openvino_inference_precision(compiled)}, max feature diff {diff:.3g} on the fp32 IR (2 golden images)")
 PY
 }
 install_ov_fp16() { install_one openvino fp16 "$WORK/device-ov-fp16"; }
