@@ -25,9 +25,9 @@ NEW_CLASS=vehicles
 # ONNX Runtime is pinned to 1.19.2, the age of the ONNX Runtime builds made for JetPack 6, so the check also
 # covers the oldest ONNX Runtime a Jetson is likely to have. Newer arm64 wheels (1.32 was tried) die with a
 # segmentation fault while loading their extension under qemu-user 7.2 when /proc/cpuinfo is the host's
-# x86 one: qemu-user 7.2 passes the host's file through (QEMU 8.2 emulates it for aarch64), and ONNX
-# Runtime's CPU detection parses it as an arm64 one. The fake arm64 /proc/cpuinfo below (found in ROOT
-# through -L) cures that: ARM64_ORT_VERSION=1.32.0 runs the whole check too (docs/jetson.md).
+# x86 one: qemu-user 7.2 passes the host's file through (later releases emulate it for aarch64), and ONNX
+# Runtime reads it as an arm64 one when it loads. The arm64 /proc/cpuinfo below (found in ROOT through
+# -L) cures that: ARM64_ORT_VERSION=1.32.0 passes the whole check too (docs/jetson.md).
 ORT_VERSION=${ARM64_ORT_VERSION:-1.19.2}
 # OpenVINO: the host's version, so the IR the host converted is read by the same release on arm64.
 OV_VERSION=$($HOST_PY -c "import openvino; print(openvino.get_version().split('-')[0])")
