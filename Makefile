@@ -13,7 +13,7 @@ TEST_BUNDLE := build/test-bundle
 # the device side of signed updates, run without torch as a device runs it
 DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py
 
-.PHONY: demo test test-host test-device lint clean
+.PHONY: demo test test-host test-device check-arm64 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test-device: $(STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/edgexfer train data/clipart8-demo --out build/test-run --cache build/test-cache.sqlite --quiet >/dev/null
 	$(VENV)/bin/edgexfer export build/test-run --out $(TEST_BUNDLE) --quiet >/dev/null
 	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/service tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
+
+# The device side on arm64, emulated with qemu-user (scripts/check_arm64.sh, docs/jetson.md); downloads are
+# kept under build/arm64/.
+check-arm64: $(STAMP)
+	VENV=$(VENV) bash scripts/check_arm64.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgexfer converters runtime tests benchmarks

@@ -1,15 +1,17 @@
 """Precisions, and how each engine is told to compute in the precision its name promises.
 
 An engine's name says what it computes in; nothing is left to an engine's default. On CPUs with
-AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, so every OpenVINO
-compile goes through :func:`openvino_config`:
+AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, and on arm64 CPUs
+with fp16 arithmetic (a Jetson's) in f16 (the demo bundle on an emulated Cortex-A76: max feature
+difference 0.09 instead of 5e-6), so every OpenVINO compile goes through :func:`openvino_config`:
 
 ======== =============================== =====================================================
 name     weights                          arithmetic (CPU)
 ======== =============================== =====================================================
 fp32     float32                          float32 everywhere
-fp16     float16 (decompressed on load)   float32 on CPUs (x86 has no fp16 arithmetic to use);
-                                          float16 on GPUs (OpenVINO GPU, TensorRT, ORT CUDA)
+fp16     float16 (decompressed on load)   float32 on CPUs (x86 has no fp16 arithmetic to use; on
+                                          arm64 too, as the conversion validated it); float16 on
+                                          GPUs (OpenVINO GPU, TensorRT, ORT CUDA)
 bf16     float32                          bfloat16 (OpenVINO on CPUs with avx512_bf16 or amx_bf16)
 int8     int8 (quantized layers)          int8 in quantized layers, float32 in the float parts
 ======== =============================== =====================================================

@@ -60,6 +60,17 @@ def test_every_openvino_cpu_compile_states_its_precision(precision, hint):
     assert openvino_config(precision, "CPU", parse_cpuinfo(SAPPHIRE, "x86_64")) == {"INFERENCE_PRECISION_HINT": hint}
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_openvino_on_arm64_computes_in_f32_not_its_f16_default(precision):
+    # OpenVINO's CPU plugin computes in f16 by default on arm64 CPUs with fp16 arithmetic (a Jetson Orin's):
+    # every CPU compile asks for f32 (make check-arm64 sees it honoured under emulation: docs/jetson.md)
+    orin = parse_cpuinfo(ORIN, "aarch64")
+    assert orin.has("asimdhp") and not orin.bf16
+    assert openvino_config(precision, "CPU", orin) == {"INFERENCE_PRECISION_HINT": "f32"}
+    with pytest.raises(PrecisionError, match="bf16 execution"):
+        openvino_config("bf16", "CPU", orin)
+
+
 def test_openvino_gpu_computes_fp16_in_f16_and_refuses_bf16():
     assert openvino_config("fp16", "GPU") == {"INFERENCE_PRECISION_HINT": "f16"}
     assert openvino_config("fp32", "GPU.0") == {"INFERENCE_PRECISION_HINT": "f32"}
