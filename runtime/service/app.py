@@ -232,6 +232,10 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
         return JSONResponse({"name": model.name, "ready": True})
 
     async def infer(request: Request) -> Response:
+        with core.incoming():
+            return await _infer(request)
+
+    async def _infer(request: Request) -> Response:
         model_named(request.path_params["name"], request.path_params.get("version"))
         req = parse_infer_request(await body(request), request.headers.get(HEADER_LENGTH))
         unknown = sorted(set(req.inputs) - {"image", "pixels"})
@@ -278,6 +282,10 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
 
     # ------------------------------------------------------------------------------------------ v1
     async def predict(request: Request) -> Response:
+        with core.incoming():
+            return await _predict(request)
+
+    async def _predict(request: Request) -> Response:
         data, name = await upload(request)
         pixels = await decode_all([data])
         result = await core.classify(pixels)

@@ -12,18 +12,21 @@ Threads, and what each owns:
   connection each (connections belong to the thread that opened them).
 * the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` images or
   ``max_queue_delay_ms`` after the first one, as Triton's dynamic batcher does, and hands the batch
-  to the engine thread. Requests that arrive while a batch runs form the next one.
+  to the engine thread. Requests that arrive while a batch runs form the next one. It waits only for
+  requests already on their way (received, still decoding: :meth:`ServiceCore.incoming`): a lone
+  request runs at once instead of paying the queue delay.
 
 Decoding (Pillow) runs in the web framework's worker threads, in parallel, before a request joins the queue.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,8 @@ class ServiceCore:
         self._signature: tuple[int, int, int] | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task | None = None
+        #: inference requests received and not yet answered by the engine (event-loop thread only)
+        self._incoming = 0
         self.started = time.time()
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -240,6 +245,18 @@ class ServiceCore:
         """Classify one batch at once, without the batcher (``device watch``); blocks the calling thread."""
         return self._engine_thread.submit(lambda: self._classified(*self._run(pixels))).result()
 
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark an inference request as on its way (from its arrival, before decoding, to its answer).
+
+        The batcher waits for company only while more requests are on their way than it holds.
+        """
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
     async def classify(self, pixels: np.ndarray, want_features: bool = False) -> Classified:
         """Classify ``pixels`` [N, H, W, 3] through the dynamic batcher."""
         loop = asyncio.get_running_loop()
@@ -263,7 +280,7 @@ class ServiceCore:
                     nxt = queue.get_nowait()
                 else:
                     left = deadline - loop.time()
-                    if left <= 0:
+                    if left <= 0 or self._incoming <= len(items):  # nobody else is on the way
                         break
                     try:
                         nxt = await asyncio.wait_for(queue.get(), left)
