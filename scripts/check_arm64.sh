@@ -72,7 +72,9 @@ step() {
 }
 # background processes a step starts (the update's HTTP server, device serve), ended when the step ends
 BACKGROUND=()
-cleanup() { local p; for p in "${BACKGROUND[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# a background shell function is a subshell whose child is the emulated program: stop the child too
+stop_tree() { pkill -TERM -P "$1" 2>/dev/null || true; kill -TERM "$1" 2>/dev/null || true; }
+cleanup() { local p; for p in "${BACKGROUND[@]}"; do stop_tree "$p"; done; }
 
 # --- the emulated Python ------------------------------------------------------------------------------
 APT_DIR=$ARM/apt
@@ -328,7 +330,14 @@ serve() {
   url=$($HELPER serve-wait "$WORK/serve.log" "$pid" 600) || { cat "$WORK/serve.log"; return 1; }
   echo "  $url"
   $HELPER serve-predict "$url" "${UNSEEN[0]}"
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  stop_tree "$pid"; wait "$pid" 2>/dev/null || true
+  # the emulated server shuts down gracefully (uvicorn, up to 5 s, slower under emulation): wait for it
+  local left=60
+  while pgrep -f -- "--state $WORK/device --port 0" >/dev/null; do
+    left=$((left - 1))
+    if [ "$left" -le 0 ]; then echo "  FAIL: device serve still running 30 s after SIGTERM"; return 1; fi
+    sleep 0.5
+  done
   echo "  device serve stopped"
 }
 
