@@ -475,8 +475,6 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
 
 async def _form(request: Request, raw: bytes):
     """Parse a multipart body that was already read (and size-checked)."""
-    from starlette.requests import Request as _Request
-
     sent = [False]
 
     async def receive() -> dict[str, Any]:
@@ -486,7 +484,7 @@ async def _form(request: Request, raw: bytes):
         return {"type": "http.request", "body": raw, "more_body": False}
 
     try:
-        return await _Request(request.scope, receive).form(max_files=4, max_fields=16)
+        return await Request(request.scope, receive).form(max_files=4, max_fields=16)
     except Exception as exc:  # starlette raises its own MultiPartException / HTTPException
         raise ProtocolError(400, "malformed multipart upload", got=str(exc)[:80],
                             expected="multipart/form-data with a file field") from None

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -346,7 +346,3 @@ class ServiceCore:
 
     def wants_review(self, probability: float) -> bool:
         return probability < self.config.review_threshold
-
-    def run_sync(self, fn: Callable[[], T]) -> Future:
-        """Submit ``fn`` to the engine thread from a plain thread."""
-        return self._engine_thread.submit(fn)
