@@ -173,6 +173,7 @@ def fit_linear(
     tol: float = 1e-6,
     frozen_classes: Sequence[str] = (),
     matmul_dtype: str = "float64",
+    proximal: float = 0.0,
 ) -> Head:
     """Multinomial logistic regression with L2 on ``W`` (not on ``b``), solved with L-BFGS.
 
@@ -190,6 +191,10 @@ def fit_linear(
     optimiser state stay float64): about twice as fast, since those products only stream the feature
     matrix through memory, at the price of an optimum that is ~1e-3 less exact - the device's choice
     (features come out of a float16 cache anyway); the host keeps float64 for exact parity.
+
+    ``proximal`` is FedProx's ``mu``: it adds ``mu/2·||W - W_start||²`` (per unit of sample weight) for
+    the rows ``warm_start`` knows, so a device's round of fleet learning stays near the global head it
+    started from and heads trained on very different local data still average well. 0 turns it off.
     """
     X, y, names = _check_training_data(X, y, classes)
     frozen = [names.index(c) for c in frozen_classes if c in names]
@@ -206,6 +211,10 @@ def fit_linear(
     n, d = X.shape
     k = len(names)
     _check_warm_start(warm_start, "linear", d)
+    proximal = _positive("proximal", proximal, allow_zero=True)
+    if proximal and warm_start is None:
+        raise InputError("a proximal term needs a warm_start head", got=f"proximal={proximal}",
+                         expected="warm_start= the round's global head", todo="pass warm_start or proximal=0")
     w = _sample_weights(y, k, class_weight)
     total_weight = w.sum()
     rows = np.arange(n)
@@ -214,10 +223,14 @@ def fit_linear(
 
     W0 = np.zeros((k, d))
     b0 = np.zeros(k)
+    anchored = np.zeros(k, dtype=bool)
     if warm_start is not None:
         for new, old in _shared_rows(warm_start, names):
             W0[new] = warm_start.tensors["W"][old]
             b0[new] = warm_start.tensors["b"][old]
+            anchored[new] = True
+    # the proximal anchor: the start rows of the classes the warm start knows (new classes are free)
+    anchor_mask = (anchored[:, None] * proximal) if proximal else None
 
     # Backbone features are far from zero-mean (pooled ReLU outputs), which couples W and b and makes
     # L-BFGS crawl. Solving for logits = (x - mean)·Wᵀ + c with c = b + W·mean is an exact change of
@@ -242,6 +255,11 @@ def fit_linear(
         g = w[:, None] * (shifted / sums[:, None] - onehot)
         grad_W = (g.T.astype(Xc.dtype, copy=False) @ Xc).astype(np.float64, copy=False) + W / C
         grad_c = g.sum(axis=0)
+        if anchor_mask is not None:
+            # FedProx: mu/2·||W - W0||² added to the per-weight objective (after the division below)
+            diff = anchor_mask * (W - W0)
+            loss += 0.5 * total_weight * float(np.dot(diff.ravel(), (W - W0).ravel()))
+            grad_W += total_weight * diff
         if frozen:
             grad_W[frozen] = 0.0
             grad_c[frozen] = 0.0

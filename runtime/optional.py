@@ -29,6 +29,8 @@ EXTRAS: dict[str, str] = {
     "multipart": "serve",
     "prometheus_client": "serve",
     "cv2": "camera",
+    # fleet learning (device federate, fleet serve)
+    "flwr": "fleet",
 }
 
 

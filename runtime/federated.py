@@ -1,0 +1,280 @@
+"""Fleet learning of heads: what a device sends after a round, how it is checked, how heads are merged.
+
+Pure numpy, used by both sides: the device packs its round's head with :func:`pack_update`, the server
+unpacks each reply with :func:`check_update` (which names the device in every rejection) and merges
+the accepted ones with :class:`HeadFedAvg`. No network code lives here; Flower carries these arrays.
+
+What travels from a device, and nothing else: the head's tensors (float32), the class names, the
+per-class sample counts, the head kind and the backbone sha256. Never an image, a feature vector or a
+sample id.
+
+How heads merge (FedAvg weighted by samples, per class):
+
+``linear``     the row ``(W[c], b[c])`` of class ``c`` is the average of the devices' rows for ``c``,
+               weighted by their sample counts of ``c``, over **only the devices holding samples of
+               ``c``**. A device without samples of ``c`` trained with that row frozen at the global
+               value (see :func:`edgexfer.runtime.fleet_client.train_round`); averaging its copy in
+               would only drag the class back towards the old head. A class no device holds keeps the
+               global row. The bias is averaged with its row because ``W[c]`` and ``b[c]`` together are
+               the class's affine score; the devices' rows share a frame because every device starts
+               each round from the same global head.
+``prototype``  ``P[c]`` is the count-weighted mean of the devices' unit class means, normalised again
+               (each device's prototype is the normalised mean of its unit features, so this is the
+               fleet's class mean up to the per-device norms, which are not sent). ``scale`` stays.
+``mlp``        refused: the hidden units of independently trained networks are not aligned (any
+               permutation is an equally good network), so averaging them is not meaningful after
+               more than a few local steps, and the mlp trainer cannot keep the rows of classes a
+               device has no samples of. Fleets with mlp heads learn centrally.
+
+A class new to the fleet (a device learned it locally) is appended after the global classes, in name
+order, so the merged head's class order is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.heads import Head
+from edgexfer.runtime.names import HEAD_KINDS
+
+#: version tag of the reply a device sends; the server refuses any other
+UPDATE_FORMAT = "edgexfer.fleet-update/1"
+
+#: head kinds fleet learning merges (see the module docstring for why mlp is not one)
+FEDERATED_KINDS = ("linear", "prototype")
+
+# A count beyond this is not a device's sample count: it is an attempt to outweigh the fleet.
+MAX_SAMPLES_PER_CLASS = 10_000_000
+
+
+class UpdateRejected(EdgexferError):
+    """A device's reply cannot be merged (non-finite weights, wrong shape, another backbone, ...)."""
+
+
+@dataclass(frozen=True, eq=False)
+class HeadUpdate:
+    """One device's checked reply for one round."""
+
+    device: str  #: how the round report names the device (its node id or name)
+    head: Head  #: the head the device trained this round
+    counts: dict[str, int]  #: samples per class the device trained on (0 for classes it does not hold)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts.values()))
+
+
+@dataclass(frozen=True)
+class Rejection:
+    device: str
+    reason: str  #: one line: what | got | expected | what to do
+
+    def to_dict(self) -> dict[str, str]:
+        return {"device": self.device, "reason": self.reason}
+
+
+@dataclass(frozen=True, eq=False)
+class RoundResult:
+    """The merged head of one round and what went into it."""
+
+    head: Head
+    accepted: list[str]  #: devices whose heads were merged
+    empty: list[str]  #: devices that answered with no samples (nothing to merge)
+    rejected: list[Rejection]
+    counts: dict[str, int]  #: fleet samples per class over the accepted devices
+    contributors: dict[str, int] = field(default_factory=dict)  #: devices holding samples, per class
+    added_classes: list[str] = field(default_factory=list)  #: classes new to the fleet this round
+
+    def report(self) -> dict[str, Any]:
+        return {"accepted": list(self.accepted), "empty": list(self.empty),
+                "rejected": [r.to_dict() for r in self.rejected], "counts": dict(self.counts),
+                "contributors": dict(self.contributors), "added_classes": list(self.added_classes),
+                "classes": list(self.head.classes)}
+
+
+# ---------------------------------------------------------------------------------------- wire format
+
+def pack_update(head: Head, counts: Mapping[str, int], backbone_sha256: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """What a device sends: ``(arrays, config)``. Arrays are the head's tensors; config is strings only."""
+    arrays = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in head.tensors.items()}
+    config = {
+        "format": UPDATE_FORMAT,
+        "kind": head.kind,
+        "classes": json.dumps(list(head.classes)),
+        "counts": json.dumps([int(counts.get(c, 0)) for c in head.classes]),
+        "backbone_sha256": backbone_sha256,
+    }
+    return arrays, config
+
+
+def check_update(device: str, arrays: Mapping[str, Any], config: Mapping[str, Any], *, global_head: Head,
+                 backbone_sha256: str) -> HeadUpdate:
+    """Turn one device's reply into a :class:`HeadUpdate`, or raise :class:`UpdateRejected` naming the device.
+
+    The reply must be for the round's backbone and head kind, carry finite float32 tensors of the
+    global head's shapes (plus one row per class new to the fleet), and non-negative integer counts,
+    one per class. Nothing is repaired: a bad reply is refused whole.
+    """
+
+    def reject(what: str, got: object, expected: object, todo: str = "the device is dropped from this round; "
+               "check its edgexfer version and its state") -> UpdateRejected:
+        return UpdateRejected(f"update from device {device}: {what}", got=got, expected=expected, todo=todo)
+
+    if config.get("format") != UPDATE_FORMAT:
+        raise reject("unknown update format", repr(config.get("format"))[:60], repr(UPDATE_FORMAT),
+                     "update edgexfer on the device to the server's version")
+    sha = config.get("backbone_sha256")
+    if sha != backbone_sha256:
+        raise reject("head is for another backbone", f"backbone {str(sha)[:12]}…", f"backbone {backbone_sha256[:12]}…",
+                     "install the fleet's bundle on the device (edgexfer device install / flash)")
+    kind = config.get("kind")
+    if kind != global_head.kind:
+        raise reject("head is of another kind", repr(kind)[:20], repr(global_head.kind))
+    try:
+        classes = json.loads(config.get("classes", "null"))
+        counts = json.loads(config.get("counts", "null"))
+    except (TypeError, ValueError) as exc:
+        raise reject("classes or counts are not JSON", str(exc)[:80], "JSON lists") from exc
+    if (not isinstance(classes, list) or not all(isinstance(c, str) and c.strip() for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise reject("malformed class list", repr(classes)[:80], "a list of unique, non-empty class names")
+    if list(classes[:global_head.num_classes]) != list(global_head.classes):
+        raise reject("class list does not start with the round's classes", repr(classes)[:80],
+                     f"{list(global_head.classes)[:8]} then any new classes")
+    if (not isinstance(counts, list) or len(counts) != len(classes)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_SAMPLES_PER_CLASS for n in counts)):
+        raise reject("malformed sample counts", repr(counts)[:80],
+                     f"{len(classes)} integers in 0..{MAX_SAMPLES_PER_CLASS}, one per class")
+    required = HEAD_KINDS[kind]
+    if set(arrays) != set(required):
+        raise reject("wrong tensors", sorted(arrays), sorted(required))
+    expected_shapes = _expected_shapes(global_head, len(classes))
+    tensors: dict[str, np.ndarray] = {}
+    for name in required:
+        value = np.asarray(arrays[name])
+        if value.dtype != np.float32:
+            raise reject(f"tensor '{name}' is not float32", str(value.dtype), "float32")
+        if value.shape != expected_shapes[name]:
+            raise reject(f"tensor '{name}' has the wrong shape", list(value.shape), list(expected_shapes[name]),
+                         "the device runs another head or backbone; it is dropped from this round")
+        if not np.all(np.isfinite(value)):
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            raise reject(f"tensor '{name}' holds NaN or infinity", f"{bad} non-finite values", "finite weights",
+                         "the device's training diverged or it is faulty; it is dropped from this round")
+        tensors[name] = value
+    try:
+        head = Head(kind, tuple(classes), tensors, None)
+    except EdgexferError as exc:
+        raise reject(f"head is not valid ({exc.what})", exc.got, exc.expected) from exc
+    return HeadUpdate(device=device, head=head, counts=dict(zip(classes, counts)))
+
+
+def _expected_shapes(global_head: Head, n_classes: int) -> dict[str, tuple[int, ...]]:
+    d = global_head.feature_dim
+    if global_head.kind == "linear":
+        return {"W": (n_classes, d), "b": (n_classes,)}
+    if global_head.kind == "prototype":
+        return {"P": (n_classes, d), "scale": tuple(global_head.tensors["scale"].shape)}
+    h = global_head.tensors["W1"].shape[0]
+    return {"W1": (h, d), "b1": (h,), "W2": (n_classes, h), "b2": (n_classes,)}
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+
+def require_federated_kind(kind: str) -> None:
+    if kind not in FEDERATED_KINDS:
+        raise InputError("fleet learning cannot merge this head kind", got=repr(kind),
+                         expected=f"one of {list(FEDERATED_KINDS)}",
+                         todo="train a linear or prototype head for fleet learning (mlp hidden units of "
+                              "different devices do not line up)")
+
+
+class HeadFedAvg:
+    """Per-class, sample-weighted FedAvg of heads (see the module docstring for each kind).
+
+    ``min_devices`` is the least number of accepted, non-empty replies a round needs to change the
+    head; with fewer, :meth:`aggregate` returns the global head unchanged (and says so in the result).
+    """
+
+    def __init__(self, *, min_devices: int = 1) -> None:
+        if isinstance(min_devices, bool) or not isinstance(min_devices, int) or min_devices < 1:
+            raise InputError("min_devices is out of range", got=repr(min_devices), expected="an integer >= 1")
+        self.min_devices = min_devices
+
+    def aggregate(self, global_head: Head, updates: Sequence[HeadUpdate],
+                  rejected: Sequence[Rejection] = ()) -> RoundResult:
+        """Merge ``updates`` (already checked by :func:`check_update`) into a new global head."""
+        require_federated_kind(global_head.kind)
+        live = [u for u in updates if u.total > 0]
+        empty = [u.device for u in updates if u.total == 0]
+        new_classes = sorted({c for u in live for c in u.head.classes[global_head.num_classes:]
+                              if u.counts.get(c, 0) > 0})
+        classes = tuple(global_head.classes) + tuple(new_classes)
+        counts = {c: int(sum(u.counts.get(c, 0) for u in live)) for c in classes}
+        contributors = {c: int(sum(1 for u in live if u.counts.get(c, 0) > 0)) for c in classes}
+        if len(live) < self.min_devices:
+            return RoundResult(head=global_head, accepted=[u.device for u in live], empty=empty,
+                               rejected=list(rejected), counts={c: counts[c] for c in global_head.classes},
+                               contributors={c: contributors[c] for c in global_head.classes})
+        if global_head.kind == "linear":
+            head = self._linear(global_head, live, classes)
+        else:
+            head = self._prototype(global_head, live, classes)
+        return RoundResult(head=head, accepted=[u.device for u in live], empty=empty, rejected=list(rejected),
+                           counts=counts, contributors=contributors, added_classes=list(new_classes))
+
+    @staticmethod
+    def _rows(updates: Sequence[HeadUpdate], name: str, cls: str) -> tuple[list[np.ndarray], list[int]]:
+        rows, weights = [], []
+        for u in updates:
+            n = u.counts.get(cls, 0)
+            if n > 0:
+                rows.append(u.head.tensors[name][u.head.classes.index(cls)].astype(np.float64))
+                weights.append(n)
+        return rows, weights
+
+    def _linear(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
+        d = global_head.feature_dim
+        W = np.zeros((len(classes), d))
+        b = np.zeros(len(classes))
+        W[:global_head.num_classes] = global_head.tensors["W"]
+        b[:global_head.num_classes] = global_head.tensors["b"]
+        for i, cls in enumerate(classes):
+            rows, weights = self._rows(updates, "W", cls)
+            if not rows:
+                continue  # no device holds the class: the global row stays
+            w = np.asarray(weights, dtype=np.float64) / sum(weights)
+            W[i] = w @ np.stack(rows)
+            biases, _ = self._rows(updates, "b", cls)
+            b[i] = float(w @ np.asarray(biases))
+        return Head("linear", classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
+
+    def _prototype(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
+        d = global_head.feature_dim
+        P = np.zeros((len(classes), d))
+        P[:global_head.num_classes] = global_head.tensors["P"]
+        for i, cls in enumerate(classes):
+            rows, weights = self._rows(updates, "P", cls)
+            if not rows:
+                continue
+            mean = np.asarray(weights, dtype=np.float64) @ np.stack(rows)
+            norm = float(np.linalg.norm(mean))
+            if norm > 1e-12 * sum(weights):  # opposite prototypes cancelling out: keep the global row
+                P[i] = mean / norm
+        return Head("prototype", classes, {"P": P.astype(np.float32),
+                                           "scale": np.array(global_head.tensors["scale"], dtype=np.float32)})
+
+
+def update_bytes(arrays: Mapping[str, np.ndarray], config: Mapping[str, str]) -> int:
+    """Payload size of one reply (tensor bytes plus config strings), for the round report and the study."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()) + sum(len(k) + len(v) for k, v in config.items()))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
