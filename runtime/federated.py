@@ -8,23 +8,30 @@ What travels from a device, and nothing else: the head's tensors (float32), the 
 per-class sample counts, the head kind and the backbone sha256. Never an image, a feature vector or a
 sample id.
 
-How heads merge (FedAvg weighted by samples, per class):
+How heads merge:
 
-``linear``     the row ``(W[c], b[c])`` of class ``c`` is the average of the devices' rows for ``c``,
-               weighted by their sample counts of ``c``, over **only the devices holding samples of
-               ``c``**. A device without samples of ``c`` trained with that row frozen at the global
-               value (see :func:`edgexfer.runtime.fleet_client.train_round`); averaging its copy in
-               would only drag the class back towards the old head. A class no device holds keeps the
-               global row. The bias is averaged with its row because ``W[c]`` and ``b[c]`` together are
-               the class's affine score; the devices' rows share a frame because every device starts
-               each round from the same global head.
-``prototype``  ``P[c]`` is the count-weighted mean of the devices' unit class means, normalised again
+``linear``     FedProx: every device trains **every** row of the global head, warm-started from it,
+               with the proximal term ``mu/2·||(W, b) - (W, b)_global||²`` and its L2 strength scaled to
+               its share of the fleet's samples (``C·N/n``), so the average of the devices' heads
+               (weighted by their sample counts) approximates a step on the objective of the central
+               head on the union of their samples. A device's samples are the only negatives its
+               classes' rivals get: that is why rows of the classes a device does not hold are trained
+               and averaged too. Server momentum (FedAvgM) speeds the rounds up. A class **new to the
+               fleet** (learned locally on some devices) is averaged only over the devices that hold
+               samples of it, weighted by those counts, and added: the other devices have no row for it,
+               and averaging it with zeros would erase it.
+               The literal alternative - every row averaged only over the devices holding samples of its
+               class, the rows of other classes frozen during local training (``rows="holders"``) - is
+               kept as an option but measured worse on non-IID devices (clipart8, 8 devices of 2-4
+               classes: 0.48-0.57 against 0.69 central, unstable over rounds): a device never sees
+               negatives for the classes it holds from the classes it does not, so those rows grow
+               without bound on other classes' samples.
+``prototype``  ``P[c]`` is the count-weighted mean of the holders' unit class means, normalised again
                (each device's prototype is the normalised mean of its unit features, so this is the
                fleet's class mean up to the per-device norms, which are not sent). ``scale`` stays.
 ``mlp``        refused: the hidden units of independently trained networks are not aligned (any
                permutation is an equally good network), so averaging them is not meaningful after
-               more than a few local steps, and the mlp trainer cannot keep the rows of classes a
-               device has no samples of. Fleets with mlp heads learn centrally.
+               more than a few local steps. Fleets with mlp heads learn centrally.
 
 A class new to the fleet (a device learned it locally) is appended after the global classes, in name
 order, so the merged head's class order is deterministic.
@@ -32,7 +39,6 @@ order, so the merged head's class order is deterministic.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +51,9 @@ from edgexfer.runtime.names import HEAD_KINDS
 
 #: version tag of the reply a device sends; the server refuses any other
 UPDATE_FORMAT = "edgexfer.fleet-update/1"
+
+#: how rows of classes the fleet already knows are averaged (see the module docstring)
+ROW_POLICIES = ("all", "holders")
 
 #: head kinds fleet learning merges (see the module docstring for why mlp is not one)
 FEDERATED_KINDS = ("linear", "prototype")
@@ -200,12 +209,22 @@ class HeadFedAvg:
 
     ``min_devices`` is the least number of accepted, non-empty replies a round needs to change the
     head; with fewer, :meth:`aggregate` returns the global head unchanged (and says so in the result).
+    ``rows`` is ``"all"`` (FedAvg of every known row over all devices, weighted by their samples) or
+    ``"holders"`` (each row over the devices holding its class only). ``momentum`` is the server
+    momentum of linear heads (FedAvgM; 0 turns it off); the strategy keeps it between rounds.
     """
 
-    def __init__(self, *, min_devices: int = 1) -> None:
+    def __init__(self, *, min_devices: int = 1, rows: str = "all", momentum: float = 0.0) -> None:
         if isinstance(min_devices, bool) or not isinstance(min_devices, int) or min_devices < 1:
             raise InputError("min_devices is out of range", got=repr(min_devices), expected="an integer >= 1")
+        if rows not in ROW_POLICIES:
+            raise InputError("rows is unknown", got=repr(rows), expected=f"one of {list(ROW_POLICIES)}")
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise InputError("momentum is out of range", got=repr(momentum), expected="0 <= momentum < 1")
         self.min_devices = min_devices
+        self.rows = rows
+        self.momentum = float(momentum)
+        self._velocity: dict[str, np.ndarray] = {}  # class -> last step of its row (W and b)
 
     def aggregate(self, global_head: Head, updates: Sequence[HeadUpdate],
                   rejected: Sequence[Rejection] = ()) -> RoundResult:
@@ -241,18 +260,29 @@ class HeadFedAvg:
 
     def _linear(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
         d = global_head.feature_dim
+        known = global_head.num_classes
         W = np.zeros((len(classes), d))
         b = np.zeros(len(classes))
-        W[:global_head.num_classes] = global_head.tensors["W"]
-        b[:global_head.num_classes] = global_head.tensors["b"]
+        W[:known] = global_head.tensors["W"]
+        b[:known] = global_head.tensors["b"]
         for i, cls in enumerate(classes):
-            rows, weights = self._rows(updates, "W", cls)
+            if i < known and self.rows == "all":
+                # every device trained this row (its samples are the row's negatives): FedAvg by samples
+                weights = [u.total for u in updates]
+                rows = [u.head.tensors["W"][i].astype(np.float64) for u in updates]
+                biases = [float(u.head.tensors["b"][i]) for u in updates]
+            else:
+                rows, weights = self._rows(updates, "W", cls)
+                biases = [float(v) for v in self._rows(updates, "b", cls)[0]]
             if not rows:
                 continue  # no device holds the class: the global row stays
             w = np.asarray(weights, dtype=np.float64) / sum(weights)
-            W[i] = w @ np.stack(rows)
-            biases, _ = self._rows(updates, "b", cls)
-            b[i] = float(w @ np.asarray(biases))
+            row, bias = w @ np.stack(rows), float(w @ np.asarray(biases))
+            if i < known and self.momentum:
+                step = np.append(row - W[i], bias - b[i]) + self.momentum * self._velocity.get(cls, 0.0)
+                self._velocity[cls] = step
+                row, bias = W[i] + step[:-1], b[i] + step[-1]
+            W[i], b[i] = row, bias
         return Head("linear", classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
 
     def _prototype(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
@@ -274,7 +304,3 @@ class HeadFedAvg:
 def update_bytes(arrays: Mapping[str, np.ndarray], config: Mapping[str, str]) -> int:
     """Payload size of one reply (tensor bytes plus config strings), for the round report and the study."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()) + sum(len(k) + len(v) for k, v in config.items()))
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)

@@ -34,8 +34,9 @@ METRIC_KEYS = ("train_seconds", "samples", "payload_bytes")
 
 #: defaults of the local trainer; the server's round config overrides them
 DEFAULT_C = 1.0
-DEFAULT_PROXIMAL = 0.0
+DEFAULT_PROXIMAL = 1.0
 DEFAULT_MAX_ITER = 200
+DEFAULT_ROWS = "all"
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,13 +68,9 @@ def local_training_set(state_dir: str | Path) -> tuple[str, np.ndarray, list[str
 
 
 def train_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: str, C: float = DEFAULT_C,
-                proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER) -> LocalRound:
-    """Train ``global_head`` on this device's cached features; read-only on the device state.
-
-    Classes the device learned that the fleet does not know yet are appended (in name order). A device
-    with no labelled samples, or a linear head with samples of a single class (nothing to tell apart),
-    returns the global head with zero counts: the server counts it as answered, not merged.
-    """
+                proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER, rows: str = DEFAULT_ROWS,
+                fleet_samples: int = 0) -> LocalRound:
+    """Train ``global_head`` on this device's cached features; read-only on the device state."""
     started = time.perf_counter()
     require_federated_kind(global_head.kind)
     sha, X, labels = local_training_set(state_dir)
@@ -81,19 +78,37 @@ def train_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: st
         raise InputError("the device runs another backbone than the fleet round", got=f"backbone {sha[:12]}…",
                          expected=f"backbone {backbone_sha256[:12]}…",
                          todo="install the fleet's bundle on this device (edgexfer device install)")
+    head, counts, note = train_on_samples(global_head, X, labels, C=C, proximal=proximal, max_iter=max_iter,
+                                          rows=rows, fleet_samples=fleet_samples)
+    return LocalRound(head, counts, sha, round(time.perf_counter() - started, 3), note)
+
+
+def train_on_samples(global_head: Head, X: np.ndarray, labels: list[str], *, C: float = DEFAULT_C,
+                     proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER, rows: str = DEFAULT_ROWS,
+                     fleet_samples: int = 0) -> tuple[Head, dict[str, int], str]:
+    """One round's local training on features ``X`` with class names ``labels``: ``(head, counts, note)``.
+
+    Linear heads, ``rows="all"`` (see :mod:`edgexfer.runtime.federated`): every row is trained, with
+    the proximal term ``proximal`` (> 0) towards the global head, unweighted samples and the L2
+    strength scaled to this device's share of the fleet (``C·fleet_samples/n``; the server sends the
+    last round's total, 0 in the first round: ``C`` as it is). ``rows="holders"``: the rows of classes
+    without local samples stay frozen at the global values, class-balanced weights (``device retrain``'s
+    previous policy).
+
+    Classes the device learned that the fleet does not know yet are appended (in name order). With no
+    samples, or a linear head with samples of a single class (nothing to tell apart), the global head
+    comes back with zero counts and ``note`` says why: the server counts the device as answered, not merged.
+    """
+    require_federated_kind(global_head.kind)
     new = sorted(set(labels) - set(global_head.classes))
     classes = tuple(global_head.classes) + tuple(new)
     counts = {c: 0 for c in classes}
     for label in labels:
         counts[label] += 1
     present = [c for c in classes if counts[c] > 0]
-
-    def unchanged(note: str) -> LocalRound:
-        return LocalRound(global_head, {c: 0 for c in global_head.classes}, sha,
-                          round(time.perf_counter() - started, 3), note)
-
+    unchanged = {c: 0 for c in global_head.classes}
     if not labels:
-        return unchanged("no labelled samples")
+        return global_head, unchanged, "no labelled samples"
     if X.shape[1] != global_head.feature_dim:
         raise InputError("cached features do not fit the round's head", got=f"D={X.shape[1]}",
                          expected=f"D={global_head.feature_dim}", todo="recompute features (device install)")
@@ -101,19 +116,27 @@ def train_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: st
     y = np.array([index[label] for label in labels], dtype=np.int64)
     if global_head.kind == "linear":
         if len(present) < 2:
-            return unchanged(f"samples of one class only ({present[0]}): nothing to tell apart")
+            return global_head, unchanged, f"samples of one class only ({present[0]}): nothing to tell apart"
         from edgexfer.runtime.head_training import fit_linear
 
-        frozen = [c for c in global_head.classes if counts[c] == 0]
         # the device's settings of `device retrain` (float32 products, 1e-5 gradient tolerance)
-        head = fit_linear(X, y, classes, C=C, warm_start=global_head, frozen_classes=frozen, tol=1e-5,
-                          matmul_dtype="float32", max_iter=max_iter, proximal=proximal)
+        if rows == "all":
+            if not proximal > 0:
+                raise InputError("training every row needs a proximal term", got=f"proximal={proximal}",
+                                 expected="proximal > 0 (e.g. 1.0)", todo="start the fleet with --proximal > 0")
+            local_C = C * fleet_samples / len(labels) if fleet_samples > 0 else C
+            head = fit_linear(X, y, classes, C=local_C, class_weight=None, warm_start=global_head, tol=1e-5,
+                              matmul_dtype="float32", max_iter=max_iter, proximal=proximal)
+        else:
+            frozen = [c for c in global_head.classes if counts[c] == 0]
+            head = fit_linear(X, y, classes, C=C, warm_start=global_head, frozen_classes=frozen, tol=1e-5,
+                              matmul_dtype="float32", max_iter=max_iter, proximal=proximal)
     else:
         from edgexfer.runtime.head_training import fit_prototype
 
         head = fit_prototype(X, y, classes, warm_start=global_head,
                              scale=float(global_head.tensors["scale"].reshape(())))
-    return LocalRound(head, counts, sha, round(time.perf_counter() - started, 3))
+    return head, counts, ""
 
 
 # ------------------------------------------------------------------------------------------ ClientApp
@@ -129,7 +152,8 @@ def head_from_records(arrays: Any, config: Any) -> tuple[Head, dict[str, Any]]:
                          expected="the global head's tensors and config", todo="run the same edgexfer on both sides") from exc
     settings = {"backbone_sha256": str(config["backbone_sha256"]), "C": float(config.get("C", DEFAULT_C)),
                 "proximal": float(config.get("proximal", DEFAULT_PROXIMAL)),
-                "max_iter": int(config.get("max_iter", DEFAULT_MAX_ITER))}
+                "max_iter": int(config.get("max_iter", DEFAULT_MAX_ITER)),
+                "rows": str(config.get("rows", DEFAULT_ROWS)), "fleet_samples": int(config.get("fleet_samples", 0))}
     return head, settings
 
 

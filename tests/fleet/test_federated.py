@@ -43,12 +43,12 @@ def reply(head: Head, counts: dict[str, int], sha: str = SHA):
     return pack_update(head, counts, sha)
 
 
-def test_each_class_row_is_averaged_over_only_the_devices_holding_it_weighted_by_samples():
+def test_holders_policy_averages_each_row_over_only_the_devices_holding_its_class():
     a = linear(np.full((3, D), 1.0), [1.0, 1.0, 1.0])
     b = linear(np.full((3, D), 4.0), [4.0, 4.0, 4.0])
     updates = [HeadUpdate("a", a, {"cat": 10, "dog": 30, "fox": 0}),
                HeadUpdate("b", b, {"cat": 30, "dog": 0, "fox": 0})]
-    result = HeadFedAvg().aggregate(GLOBAL, updates)
+    result = HeadFedAvg(rows="holders").aggregate(GLOBAL, updates)
     W, bias = result.head.tensors["W"], result.head.tensors["b"]
     # cat: (10·1 + 30·4) / 40; dog: only device a holds it; fox: nobody, the global row stays
     np.testing.assert_allclose(W[0], 3.25)
@@ -59,6 +59,21 @@ def test_each_class_row_is_averaged_over_only_the_devices_holding_it_weighted_by
     assert result.counts == {"cat": 40, "dog": 30, "fox": 0}
     assert result.contributors == {"cat": 2, "dog": 1, "fox": 0}
     assert result.accepted == ["a", "b"] and result.added_classes == []
+
+
+def test_all_policy_is_fedavg_of_every_known_row_weighted_by_device_samples_with_server_momentum():
+    a = linear(np.full((3, D), 1.0), [1.0, 1.0, 1.0])
+    b = linear(np.full((3, D), 4.0), [4.0, 4.0, 4.0])
+    updates = [HeadUpdate("a", a, {"cat": 10, "dog": 30, "fox": 0}),  # 40 samples
+               HeadUpdate("b", b, {"cat": 20, "dog": 0, "fox": 0})]  # 20 samples
+    strategy = HeadFedAvg(rows="all", momentum=0.5)
+    first = strategy.aggregate(GLOBAL, updates).head
+    np.testing.assert_allclose(first.tensors["W"], 2.0)  # (40·1 + 20·4) / 60, fox too: both trained it
+    np.testing.assert_allclose(first.tensors["b"], 2.0)
+    # the same replies again: step 2 - 2 = 0, plus half the previous step (2)
+    second = strategy.aggregate(first, [HeadUpdate("a", linear(np.full((3, D), 2.0), [2.0] * 3), {"cat": 1, "dog": 1}),
+                                        HeadUpdate("b", linear(np.full((3, D), 2.0), [2.0] * 3), {"cat": 1})]).head
+    np.testing.assert_allclose(second.tensors["W"], 3.0)
 
 
 def test_a_class_new_to_the_fleet_is_added_after_the_global_classes_in_name_order():
