@@ -200,3 +200,8 @@ def __getattr__(name: str) -> Any:
             _APP = _build_app()
         return _APP
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
+__all__ = ["LocalRound", "SENT_KEYS", "app", "head_from_records", "local_training_set", "train_on_samples",  # noqa: F822
+           "train_round"]

@@ -252,7 +252,9 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
                              C=C, proximal=proximal, momentum=momentum, rows=rows)
     app_dir = workdir / "app"
     app_dir.mkdir()
-    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+    # the run's settings are the App's config (Flower refuses run-config keys the App does not declare)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT + "\n[tool.flwr.app.config]\n" + "".join(
+        f"{k} = {_toml_value(v)}\n" for k, v in settings.to_run_config().items()))
     started = time.perf_counter()
     link = start_superlink(address, workdir, tls_dir=tls_dir, node_auth=auth_keys is not None)
     log(f"fleet superlink listening={link.host}:{link.port} tls={'on' if tls_dir else 'off'} "
@@ -261,8 +263,7 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
         if auth_keys is not None:
             names = register_supernodes(link, auth_keys)
             log(f"fleet registered supernodes={','.join(names)}")
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in settings.to_run_config().items())
-        cmd = [flower_tool("flwr"), "run", str(app_dir), "fleet", "--run-config", overrides, "--stream"]
+        cmd = [flower_tool("flwr"), "run", str(app_dir), "fleet", "--stream"]
         lines: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
                               env=flower_env(link.flwr_home), start_new_session=True) as run:
@@ -270,8 +271,8 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
             for line in run.stdout:
                 line = line.rstrip("\n")
                 lines.append(line)
-                if "fleet " in line:
-                    log(line[line.index("fleet "):])
+                if line.startswith("fleet "):  # the ServerApp's event lines
+                    log(line)
         (workdir / "flwr-run.log").write_text("\n".join(lines) + "\n")
     finally:
         link.stop()
@@ -340,14 +341,25 @@ def federate(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: 
     home.mkdir(mode=0o700, exist_ok=True)
     cmd = supernode_command(state, server, tls_ca=tls_ca, auth_key=auth_key, runtime_port=runtime_port,
                             insecure=insecure)
-    process = subprocess.Popen(cmd, env=flower_env(home), start_new_session=True)
+    # same process group as this command: a service manager (or a test) that stops the group stops both
+    process = subprocess.Popen(cmd, env=flower_env(home))
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through `finally`, which stops the SuperNode
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        stop(process)
         return 130
     finally:
-        stop(process)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 # --------------------------------------------------------------------------------------------- keys, TLS

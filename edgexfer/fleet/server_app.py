@@ -222,3 +222,7 @@ def __getattr__(name: str) -> Any:
             _APP = _build_app()
         return _APP
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
+__all__ = ["FleetSettings", "app", "run_federation", "validation_accuracy"]  # noqa: F822 (module __getattr__)
