@@ -152,12 +152,15 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         nodes = sorted(grid.get_node_ids())
         messages = [_round_message(head, settings, sha, node, server_round, fleet_samples) for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        # which node a reply is about: an error the SuperLink writes for a node that stopped answering
+        # comes from the SuperLink itself, and only its reply-to id names the message (and the node)
+        sent = {(m.metadata.message_id or m.object_id): int(m.metadata.dst_node_id) for m in messages}
         updates: list[HeadUpdate] = []
         rejected: list[Rejection] = []
         devices: dict[str, Any] = {}
         answered = set()
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
+            node = sent.get(reply.metadata.reply_to_message_id or "", int(reply.metadata.src_node_id))
             answered.add(node)
             device = f"node-{node}"
             try:

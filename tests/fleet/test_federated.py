@@ -198,3 +198,36 @@ def test_the_proximal_term_keeps_local_training_near_the_global_head():
         free.tensors["W"].tobytes()
     with pytest.raises(InputError, match="proximal term needs a warm_start"):
         fit_linear(X, y, ("cat", "dog"), proximal=1.0)
+
+
+def test_a_stronger_proximal_term_keeps_both_weights_and_biases_nearer_the_start():
+    # the minimiser of loss + mu/2·||θ - θ0||² moves towards θ0 as mu grows (W and b alike: b is in the term)
+    rng = np.random.default_rng(1)
+    X = rng.normal(2.0, 1.0, (60, D))
+    y = rng.integers(0, 3, 60)
+    start = linear(rng.normal(0, 0.3, (3, D)), rng.normal(0, 0.3, 3))
+    far = fit_linear(X, y, CLASSES, warm_start=start, proximal=0.01, tol=1e-9)
+    near = fit_linear(X, y, CLASSES, warm_start=start, proximal=100.0, tol=1e-9)
+    for name in ("W", "b"):
+        assert np.linalg.norm(near.tensors[name] - start.tensors[name]) < 0.1 * np.linalg.norm(
+            far.tensors[name] - start.tensors[name])
+
+
+def test_local_training_of_a_round_appends_new_classes_and_reports_counts():
+    from edgexfer.runtime.fleet_client import train_on_samples
+
+    rng = np.random.default_rng(2)
+    centres = {"cat": 0, "dog": 1, "owl": 2}
+    labels = [c for c in ("cat", "dog", "owl") for _ in range(15)]
+    X = np.stack([rng.normal(0, 0.5, D) + 3 * np.eye(D)[centres[c]] for c in labels])
+    start = linear(rng.normal(0, 0.1, (3, D)), np.zeros(3))
+    head, counts, note = train_on_samples(start, X, labels)
+    assert head.classes == ("cat", "dog", "fox", "owl") and note == ""
+    assert counts == {"cat": 15, "dog": 15, "fox": 0, "owl": 15}
+    pred = np.asarray(head.classes)[head.logits(X).argmax(1)]
+    assert np.mean(pred == np.asarray(labels)) > 0.9
+    # nothing to learn from: the round's head comes back with zero counts and the reason
+    same, zero, why = train_on_samples(start, X[:5], labels[:5])
+    assert same is start and sum(zero.values()) == 0 and "one class only" in why
+    same, zero, why = train_on_samples(start, np.zeros((0, D), np.float32), [])
+    assert same is start and why == "no labelled samples"
