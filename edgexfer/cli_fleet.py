@@ -234,17 +234,21 @@ def fleet():
               help="Server momentum of linear heads (FedAvgM); 0: plain averaging.")
 @click.option("--rows", type=click.Choice(["all", "holders"]), default="all", show_default=True,
               help="Known rows averaged over all devices (all) or only the devices holding the class (holders).")
+@click.option("--dp-clip", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Differential privacy (central, fixed clipping): clip each device's step to this L2 norm; 0: off.")
+@click.option("--dp-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Noise multiplier with --dp-clip: Gaussian noise of std dp_noise*dp_clip/devices on the mean step.")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Inverse L2 strength of the devices' linear heads (as in device retrain).")
 @json_option
 def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, val_dir, round_timeout,
-                wait_timeout, proximal, momentum, rows, C, as_json):
+                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, as_json):
     """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head."""
     from edgexfer.fleet.deployment import serve
 
     r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
               auth_keys=auth_keys, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
-              momentum=momentum, rows=rows, log=lambda line: click.echo(line, err=True))
+              momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, log=lambda line: click.echo(line, err=True))
     last = r["rounds"][-1]
     acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
     emit(r, as_json, f"federated head written to {r['out']} after {len(r['rounds'])} rounds "

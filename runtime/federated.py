@@ -214,16 +214,25 @@ class HeadFedAvg:
     momentum of linear heads (FedAvgM; 0 turns it off); the strategy keeps it between rounds.
     """
 
-    def __init__(self, *, min_devices: int = 1, rows: str = "all", momentum: float = 0.0) -> None:
+    def __init__(self, *, min_devices: int = 1, rows: str = "all", momentum: float = 0.0,
+                 dp_clip: float | None = None, dp_noise: float = 0.0, seed: int | None = None) -> None:
         if isinstance(min_devices, bool) or not isinstance(min_devices, int) or min_devices < 1:
             raise InputError("min_devices is out of range", got=repr(min_devices), expected="an integer >= 1")
         if rows not in ROW_POLICIES:
             raise InputError("rows is unknown", got=repr(rows), expected=f"one of {list(ROW_POLICIES)}")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise InputError("momentum is out of range", got=repr(momentum), expected="0 <= momentum < 1")
+        if dp_clip is not None and (not isinstance(dp_clip, (int, float)) or not dp_clip > 0 or rows != "all"):
+            raise InputError("dp_clip needs a positive clipping norm and rows='all'", got=f"{dp_clip!r}, rows={rows!r}",
+                             expected="dp_clip > 0 with rows='all'")
+        if not isinstance(dp_noise, (int, float)) or dp_noise < 0 or (dp_noise and dp_clip is None):
+            raise InputError("dp_noise needs dp_clip and a multiplier >= 0", got=repr(dp_noise), expected=">= 0 with dp_clip")
         self.min_devices = min_devices
         self.rows = rows
         self.momentum = float(momentum)
+        self.dp_clip = None if dp_clip is None else float(dp_clip)
+        self.dp_noise = float(dp_noise)
+        self._rng = np.random.default_rng(seed)
         self._velocity: dict[str, np.ndarray] = {}  # class -> last step of its row (W and b)
 
     def aggregate(self, global_head: Head, updates: Sequence[HeadUpdate],
@@ -232,8 +241,10 @@ class HeadFedAvg:
         require_federated_kind(global_head.kind)
         live = [u for u in updates if u.total > 0]
         empty = [u.device for u in updates if u.total == 0]
-        new_classes = sorted({c for u in live for c in u.head.classes[global_head.num_classes:]
-                              if u.counts.get(c, 0) > 0})
+        # with differential privacy only the clipped, noised rows of known classes change: a new class's
+        # row would come from its holders alone, unclipped
+        new_classes = [] if self.dp_clip is not None else sorted(
+            {c for u in live for c in u.head.classes[global_head.num_classes:] if u.counts.get(c, 0) > 0})
         classes = tuple(global_head.classes) + tuple(new_classes)
         counts = {c: int(sum(u.counts.get(c, 0) for u in live)) for c in classes}
         contributors = {c: int(sum(1 for u in live if u.counts.get(c, 0) > 0)) for c in classes}
@@ -241,7 +252,9 @@ class HeadFedAvg:
             return RoundResult(head=global_head, accepted=[u.device for u in live], empty=empty,
                                rejected=list(rejected), counts={c: counts[c] for c in global_head.classes},
                                contributors={c: contributors[c] for c in global_head.classes})
-        if global_head.kind == "linear":
+        if global_head.kind == "linear" and self.dp_clip is not None:
+            head = self._linear_private(global_head, live)
+        elif global_head.kind == "linear":
             head = self._linear(global_head, live, classes)
         else:
             head = self._prototype(global_head, live, classes)
@@ -284,6 +297,31 @@ class HeadFedAvg:
                 row, bias = W[i] + step[:-1], b[i] + step[-1]
             W[i], b[i] = row, bias
         return Head("linear", classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
+
+    def _linear_private(self, global_head: Head, updates: Sequence[HeadUpdate]) -> Head:
+        """Central DP with fixed clipping (as Flower's ``DifferentialPrivacyServerSideFixedClipping``).
+
+        Each device's step ``(W, b) - (W, b)_global`` is clipped to L2 norm ``dp_clip``; the steps are
+        averaged **unweighted** (a device's self-reported counts must not scale its influence past the
+        clipping bound), and Gaussian noise of standard deviation ``dp_noise·dp_clip/m`` is added to
+        every coordinate (m devices). The privacy unit is a device's whole update; the counts are not
+        covered (they travel in the clear). Momentum then applies to the noised step (post-processing).
+        """
+        known = global_head.num_classes
+        W0, b0 = global_head.tensors["W"].astype(np.float64), global_head.tensors["b"].astype(np.float64)
+        steps = []
+        for u in updates:
+            step = np.concatenate([(u.head.tensors["W"][:known] - W0).ravel(), u.head.tensors["b"][:known] - b0])
+            norm = float(np.linalg.norm(step))
+            steps.append(step * min(1.0, self.dp_clip / norm) if norm > 0 else step)
+        m = len(steps)
+        mean = np.mean(steps, axis=0) + self._rng.normal(0.0, self.dp_noise * self.dp_clip / m, size=steps[0].shape)
+        if self.momentum:
+            mean = mean + self.momentum * self._velocity.get("*", 0.0)
+            self._velocity["*"] = mean
+        W = W0 + mean[: W0.size].reshape(W0.shape)
+        b = b0 + mean[W0.size:]
+        return Head("linear", global_head.classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
 
     def _prototype(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
         d = global_head.feature_dim

@@ -52,6 +52,8 @@ class FleetSettings:
     proximal: float = 1.0  #: FedProx mu of the devices' local training
     momentum: float = 0.8  #: server momentum of linear heads (FedAvgM)
     rows: str = "all"  #: "all" or "holders" (see edgexfer.runtime.federated)
+    dp_clip: float = 0.0  #: central DP: clipping norm of each device's step (0: off)
+    dp_noise: float = 0.0  #: central DP: noise multiplier (std = dp_noise·dp_clip/devices)
     max_iter: int = 200
 
     @classmethod
@@ -63,6 +65,7 @@ class FleetSettings:
                        wait_timeout=float(get("wait-timeout", 300.0)), val_features=str(get("val-features", "")),
                        C=float(get("C", 1.0)), proximal=float(get("proximal", 1.0)),
                        momentum=float(get("momentum", 0.8)), rows=str(get("rows", "all")),
+                       dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
                        max_iter=int(get("max-iter", 200)))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
@@ -72,7 +75,7 @@ class FleetSettings:
         return {"bundle": self.bundle, "out": self.out, "rounds": self.rounds, "min-devices": self.min_devices,
                 "round-timeout": self.round_timeout, "wait-timeout": self.wait_timeout,
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
-                "rows": self.rows, "max-iter": self.max_iter}
+                "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter}
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -127,7 +130,8 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
     head = bundle.head()
     require_federated_kind(head.kind)
     sha = bundle.manifest.backbone.sha256
-    strategy = HeadFedAvg(min_devices=settings.min_devices, rows=settings.rows, momentum=settings.momentum)
+    strategy = HeadFedAvg(min_devices=settings.min_devices, rows=settings.rows, momentum=settings.momentum,
+                          dp_clip=settings.dp_clip or None, dp_noise=settings.dp_noise)
     val = None
     if settings.val_features:
         with np.load(settings.val_features, allow_pickle=False) as data:

@@ -231,3 +231,18 @@ def test_local_training_of_a_round_appends_new_classes_and_reports_counts():
     assert same is start and sum(zero.values()) == 0 and "one class only" in why
     same, zero, why = train_on_samples(start, np.zeros((0, D), np.float32), [])
     assert same is start and why == "no labelled samples"
+
+
+def test_differential_privacy_clips_each_device_step_and_adds_calibrated_noise():
+    a = linear(np.full((3, D), 10.0), np.full(3, 10.0))  # a huge step: clipped to norm 1
+    b = linear(np.zeros((3, D)), np.zeros(3))
+    updates = [HeadUpdate("a", a, {"cat": 1000, "dog": 1}), HeadUpdate("b", b, {"cat": 1})]
+    quiet = HeadFedAvg(dp_clip=1.0, dp_noise=0.0).aggregate(GLOBAL, updates).head
+    step = np.concatenate([quiet.tensors["W"].ravel(), quiet.tensors["b"]])
+    # unweighted mean of the clipped steps: device a's 1,000 samples buy it no more than its clip
+    assert np.linalg.norm(step) == pytest.approx(0.5, rel=1e-5)
+    noisy = [HeadFedAvg(dp_clip=1.0, dp_noise=2.0, seed=s).aggregate(GLOBAL, updates).head for s in range(40)]
+    residual = np.stack([np.concatenate([h.tensors["W"].ravel(), h.tensors["b"]]) - step for h in noisy])
+    assert residual.std() == pytest.approx(2.0 * 1.0 / 2, rel=0.1)  # noise std = multiplier · clip / devices
+    with pytest.raises(InputError, match="dp_noise needs dp_clip"):
+        HeadFedAvg(dp_noise=1.0)
