@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 TEST_BUNDLE := build/test-bundle
-# the device side of signed updates, run without torch as a device runs it
-DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py
+# the device side of signed updates and of fleet learning (merge, local rounds), run without torch as a device runs it
+DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py
 
 .PHONY: demo test test-host test-device check-arm64 lint clean
 

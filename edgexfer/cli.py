@@ -387,13 +387,15 @@ def backbones_cmd():
 
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).
 from edgexfer.cli_bench import bench  # noqa: E402
-from edgexfer.cli_fleet import device_update, flash, heads  # noqa: E402
+from edgexfer.cli_fleet import device_federate, device_update, flash, fleet, heads  # noqa: E402
 from edgexfer.cli_serve import device_serve, device_watch  # noqa: E402
 
 main.add_command(bench)
 main.add_command(flash)
 main.add_command(heads)
+main.add_command(fleet)
 device.add_command(device_update)
+device.add_command(device_federate)
 device.add_command(device_serve)
 device.add_command(device_watch)
 

@@ -1,4 +1,4 @@
-"""Fleet commands: ``edgexfer flash``, ``edgexfer heads …`` and ``edgexfer device update``.
+"""Fleet commands: ``edgexfer flash``, ``edgexfer heads …``, ``edgexfer fleet …``, ``edgexfer device update`` and ``device federate``.
 
 Registered in :mod:`edgexfer.cli` (``main.add_command(flash)``, ``main.add_command(heads)``,
 ``device.add_command(device_update)``). Heavy modules are imported inside the commands.
@@ -201,3 +201,102 @@ def flash(bundle_dir, target, identity, remote_edgexfer, remote_python, ssh_opti
                   precision=precision, log=lambda s: click.echo(s, err=True))
     emit(r, as_json, f"flashed {r['bundle']['name']} to {target}: head {r['install']['head']} active; "
                       f"golden {r['golden']['top1_agreement']:.3f} agreement; {r['seconds']['total']:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------- fleet learning
+@click.group()
+def fleet():
+    """Fleet learning of heads with Flower: devices train together; only head weights and counts travel."""
+
+
+@fleet.command(name="serve")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True,
+              help="The bundle the devices run: its head starts the federation.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Result bundle to write (same backbone and engines, the federated head, reports/fleet.json).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--min-devices", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Devices to wait for before round 1; a round merges only if this many answered.")
+@click.option("--address", default="0.0.0.0:9092", show_default=True, help="SuperLink HOST:PORT (Fleet and Control API).")
+@click.option("--tls-dir", type=click.Path(path_type=Path), default=None,
+              help="ca.crt, server.pem, server.key (edgexfer fleet tls). Without it the link is plain HTTP: tests only.")
+@click.option("--auth-keys", type=click.Path(path_type=Path), default=None,
+              help="Directory of the devices' public keys (*.pub): SuperNode authentication on, only these join.")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
+              help="ImageFolder tree to measure each round's head on (features computed here, once).")
+@click.option("--round-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds a round waits for replies; devices that answer later are left out of that round.")
+@click.option("--wait-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds to wait for --min-devices devices before the first round.")
+@click.option("--proximal", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="FedProx mu of the devices' local training (> 0 with --rows all).")
+@click.option("--momentum", type=click.FloatRange(min=0, max=1, max_open=True), default=0.8, show_default=True,
+              help="Server momentum of linear heads (FedAvgM); 0: plain averaging.")
+@click.option("--rows", type=click.Choice(["all", "holders"]), default="all", show_default=True,
+              help="Known rows averaged over all devices (all) or only the devices holding the class (holders).")
+@click.option("--dp-clip", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Differential privacy (central, fixed clipping): clip each device's step to this L2 norm; 0: off.")
+@click.option("--dp-noise", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Noise multiplier with --dp-clip: Gaussian noise of std dp_noise*dp_clip/devices on the mean step.")
+@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Inverse L2 strength of the devices' linear heads (as in device retrain).")
+@json_option
+def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, val_dir, round_timeout,
+                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, as_json):
+    """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head."""
+    from edgexfer.fleet.deployment import serve
+
+    r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
+              auth_keys=auth_keys, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
+              momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, log=lambda line: click.echo(line, err=True))
+    last = r["rounds"][-1]
+    acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
+    emit(r, as_json, f"federated head written to {r['out']} after {len(r['rounds'])} rounds "
+                     f"({len(last['accepted'])} devices merged in the last){acc}; {r['seconds']:.1f} s")
+
+
+@fleet.command(name="tls")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Directory for ca.crt, ca.key, server.pem, server.key.")
+@click.option("--host", "hosts", multiple=True, help="Name or IP the devices use for the server (repeatable); "
+                                                     "localhost and 127.0.0.1 are always added.")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True)
+@json_option
+def fleet_tls(out_dir, hosts, days, as_json):
+    """Make a CA and the SuperLink's certificate (ECDSA P-256). Give devices ca.crt; keep ca.key offline."""
+    from edgexfer.fleet.deployment import make_tls
+
+    r = make_tls(out_dir, list(hosts), days)
+    emit(r, as_json, f"TLS files in {out_dir}: give devices {r['ca.crt']} (--tls-ca); move ca.key offline")
+
+
+@fleet.command(name="keygen")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help="Private key file (0600); KEY.pub beside it.")
+@json_option
+def fleet_keygen(out_file, as_json):
+    """Make a device's SuperNode key pair (ECDSA P-384, OpenSSH format) for --auth-keys / --auth-key."""
+    from edgexfer.fleet.deployment import make_node_key
+
+    r = make_node_key(out_file)
+    emit(r, as_json, f"key pair {r['private']} (stays on the device) and {r['public']} (to the server's --auth-keys)")
+
+
+@click.command(name="federate")
+@state_option
+@click.option("--server", required=True, help="The fleet server's SuperLink HOST:PORT.")
+@click.option("--tls-ca", type=click.Path(path_type=Path), default=None, help="The fleet's ca.crt.")
+@click.option("--auth-key", type=click.Path(path_type=Path), default=None, help="This device's private key (fleet keygen).")
+@click.option("--insecure", is_flag=True, help="Plain HTTP without --tls-ca (a test network only).")
+@click.option("--runtime-port", type=int, default=None, help="Local port of the SuperNode's runtime API (default: a free one).")
+def device_federate(state, server, tls_ca, auth_key, insecure, runtime_port):
+    """Join the fleet as a Flower SuperNode: train the rounds' heads on the cached features, send only weights.
+
+    Images and features never leave the device, and the active head does not change: a federated
+    head arrives as a signed update (edgexfer device update). Runs until stopped.
+    """
+    import sys
+
+    from edgexfer.fleet.deployment import federate
+    from edgexfer.runtime.state import default_state_dir
+
+    sys.exit(federate(state or default_state_dir(), server, tls_ca=tls_ca, auth_key=auth_key, insecure=insecure,
+                      runtime_port=runtime_port))

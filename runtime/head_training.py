@@ -173,6 +173,7 @@ def fit_linear(
     tol: float = 1e-6,
     frozen_classes: Sequence[str] = (),
     matmul_dtype: str = "float64",
+    proximal: float = 0.0,
 ) -> Head:
     """Multinomial logistic regression with L2 on ``W`` (not on ``b``), solved with L-BFGS.
 
@@ -190,6 +191,12 @@ def fit_linear(
     optimiser state stay float64): about twice as fast, since those products only stream the feature
     matrix through memory, at the price of an optimum that is ~1e-3 less exact - the device's choice
     (features come out of a float16 cache anyway); the host keeps float64 for exact parity.
+
+    ``proximal`` is FedProx's ``mu``: it adds ``mu/2·(||W - W_start||² + ||b - b_start||²)`` (per unit of
+    sample weight) for the rows ``warm_start`` knows, so a device's round of fleet learning stays near the
+    global head it started from and heads trained on very different local data still average well. With
+    it, classes of the warm start without samples in ``y`` are allowed: they are trained by the other
+    classes' samples only (pushed down), and the term keeps them bounded. 0 turns it off.
     """
     X, y, names = _check_training_data(X, y, classes)
     frozen = [names.index(c) for c in frozen_classes if c in names]
@@ -199,13 +206,19 @@ def fit_linear(
     if frozen and any(c not in warm_start.classes for c in frozen_classes):
         raise InputError("frozen_classes must be classes of the warm_start head", got=list(frozen_classes),
                          expected=f"some of {list(warm_start.classes)}")
-    _require_every_class(y, names, "fit_linear", exempt=frozen)
+    proximal = _positive("proximal", proximal, allow_zero=True)
+    anchored_names = set(warm_start.classes) if (proximal and warm_start is not None) else set()
+    _require_every_class(y, names, "fit_linear",
+                         exempt=frozen + [i for i, c in enumerate(names) if c in anchored_names])
     C = _positive("C", C)
     tol = _positive("tol", tol)
     max_iter = _count("max_iter", max_iter)
     n, d = X.shape
     k = len(names)
     _check_warm_start(warm_start, "linear", d)
+    if proximal and warm_start is None:
+        raise InputError("a proximal term needs a warm_start head", got=f"proximal={proximal}",
+                         expected="warm_start= the round's global head", todo="pass warm_start or proximal=0")
     w = _sample_weights(y, k, class_weight)
     total_weight = w.sum()
     rows = np.arange(n)
@@ -214,10 +227,14 @@ def fit_linear(
 
     W0 = np.zeros((k, d))
     b0 = np.zeros(k)
+    anchored = np.zeros(k, dtype=bool)
     if warm_start is not None:
         for new, old in _shared_rows(warm_start, names):
             W0[new] = warm_start.tensors["W"][old]
             b0[new] = warm_start.tensors["b"][old]
+            anchored[new] = True
+    # the proximal anchor: the start rows of the classes the warm start knows (new classes are free)
+    anchor_mask = (anchored[:, None] * proximal) if proximal else None
 
     # Backbone features are far from zero-mean (pooled ReLU outputs), which couples W and b and makes
     # L-BFGS crawl. Solving for logits = (x - mean)·Wᵀ + c with c = b + W·mean is an exact change of
@@ -242,6 +259,14 @@ def fit_linear(
         g = w[:, None] * (shifted / sums[:, None] - onehot)
         grad_W = (g.T.astype(Xc.dtype, copy=False) @ Xc).astype(np.float64, copy=False) + W / C
         grad_c = g.sum(axis=0)
+        if anchor_mask is not None:
+            # FedProx: mu/2·(||W - W0||² + ||b - b0||²) added to the per-weight objective (after the
+            # division below), with b = c - W·mean (the change of variables above)
+            dW = W - W0
+            db = (c - W @ mean - b0) * anchor_mask[:, 0]
+            loss += 0.5 * total_weight * float(np.sum(anchor_mask * dW * dW) + np.dot(db, c - W @ mean - b0))
+            grad_W += total_weight * (anchor_mask * dW - np.outer(db, mean))
+            grad_c += total_weight * db
         if frozen:
             grad_W[frozen] = 0.0
             grad_c[frozen] = 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
 
 from edgexfer.runtime.errors import MissingDependencyError
@@ -29,6 +30,8 @@ EXTRAS: dict[str, str] = {
     "multipart": "serve",
     "prometheus_client": "serve",
     "cv2": "camera",
+    # fleet learning (device federate, fleet serve)
+    "flwr": "fleet",
 }
 
 
@@ -46,9 +49,13 @@ def require(module: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         extra = EXTRAS.get(module.split(".")[0], "all")
+        todo = f"pip install 'edgexfer[{extra}]'"
+        if extra == "fleet" and sys.version_info < (3, 11):
+            # flwr 1.42 needs Python 3.11+; JetPack 6's Python is 3.10 (docs/fleet.md: a 3.11 venv)
+            todo = "flwr needs Python 3.11+: run it from a Python 3.11 venv (docs/fleet.md), then " + todo
         raise MissingDependencyError(
             f"{purpose} needs the Python package '{module}'",
             got=f"import failed ({exc})",
             expected=f"'{module}' importable",
-            todo=f"pip install 'edgexfer[{extra}]'",
+            todo=todo,
         ) from exc

@@ -1,0 +1,432 @@
+"""Flower's Deployment Engine, driven for edgexfer: a SuperLink and the run on the host, a SuperNode per device.
+
+``edgexfer fleet serve`` (:func:`serve`): starts ``flower-superlink`` (TLS from ``--tls-dir`` or
+``--insecure`` on loopback tests; SuperNode authentication when ``--auth-keys`` is given, registering
+every ``*.pub`` key of that directory), writes the Flower App (a ``pyproject.toml`` naming edgexfer's
+``ServerApp`` and ``ClientApp``) and submits it with ``flwr run``; the ServerApp writes the result
+bundle. ``edgexfer device federate`` (:func:`federate`): runs ``flower-supernode`` for one device state.
+
+Nothing is installed or downloaded at run time: the SuperLink runs with
+``--disable-runtime-dependency-installation`` and the SuperNodes without
+``--allow-runtime-dependency-installation``; both sides run the edgexfer that is installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgexfer.runtime.errors import EdgexferError, InputError
+
+#: TLS files a --tls-dir holds (made by `edgexfer fleet tls`, or by openssl: docs/fleet.md)
+TLS_FILES = ("ca.crt", "server.pem", "server.key")
+DEFAULT_ADDRESS = "0.0.0.0:9092"
+
+APP_PYPROJECT = """\
+# Written by edgexfer fleet serve: the Flower App of a head federation. Its code is the installed
+# edgexfer (same version on the host and the devices); nothing is installed at run time.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "edgexfer-fleet"
+version = "1.0.0"
+description = "Fleet learning of edgexfer heads"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "edgexfer"
+
+[tool.flwr.app.components]
+serverapp = "edgexfer.fleet.server_app:app"
+clientapp = "edgexfer.runtime.fleet_client:app"
+"""
+
+
+class FleetError(EdgexferError):
+    """The federation could not start or did not finish."""
+
+
+def parse_address(address: str, what: str = "--address") -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"{what} is not HOST:PORT", got=repr(address), expected="e.g. 0.0.0.0:9092 or 10.0.0.5:9092",
+                         todo=f"pass {what} HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of Flower's processes: this Python's scripts first (SuperLink and SuperNode start
+    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), and their own FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def flower_tool(name: str) -> str:
+    """Path of a Flower console script of this Python (``flower-superlink``, ``flwr``, ...)."""
+    from edgexfer.runtime.optional import require
+
+    require("flwr", "fleet learning")
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        raise FleetError(f"Flower's {name} is not installed", got="not on PATH", expected=f"{name} beside {sys.executable}",
+                         todo="pip install 'edgexfer[fleet]'")
+    return found
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None,
+                  log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path and log_path.exists() else []
+            raise FleetError("the Flower SuperLink exited at start", got=f"exit code {process.returncode}: "
+                             f"{tail[0][:200] if tail else 'no log'}", expected="a running SuperLink",
+                             todo=f"see {log_path} (port in use? bad TLS files?)")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FleetError("the Flower SuperLink did not open its port", got=f"{host}:{port} closed after {timeout:g} s",
+                     expected="a listening SuperLink", todo=f"see {log_path}")
+
+
+def check_tls_dir(tls_dir: Path) -> dict[str, Path]:
+    files = {name: tls_dir / name for name in TLS_FILES}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise InputError("the TLS directory is incomplete", got=f"{tls_dir}: no {', '.join(missing)}",
+                         expected=f"{', '.join(TLS_FILES)}", todo=f"make them with: edgexfer fleet tls --out {tls_dir}")
+    return files
+
+
+def stop(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Stop a process this module started, and its children (its own process group)."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# --------------------------------------------------------------------------------------------- host
+
+@dataclass
+class SuperLink:
+    """A running ``flower-superlink`` and how to reach its Control API."""
+
+    process: subprocess.Popen
+    host: str
+    port: int
+    workdir: Path
+    root_certificates: Path | None
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    def connection_toml(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        lines = ["[superlink]", 'default = "fleet"', "", "[superlink.fleet]", f'address = "{host}:{self.port}"']
+        if self.root_certificates is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{self.root_certificates}"')
+        return "\n".join(lines) + "\n"
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def start_superlink(address: str, workdir: Path, *, tls_dir: Path | None = None, node_auth: bool = False,
+                    timeout: float = 60.0) -> SuperLink:
+    host, port = parse_address(address)
+    workdir.mkdir(parents=True, exist_ok=True)
+    home = workdir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    cmd = [flower_tool("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation", "--database", str(workdir / "superlink.db")]
+    root = None
+    if tls_dir is None:
+        cmd.append("--insecure")
+    else:
+        files = check_tls_dir(tls_dir)
+        cmd += ["--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile", str(files["server.pem"]),
+                "--ssl-keyfile", str(files["server.key"])]
+        root = files["ca.crt"].resolve()
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    log_path = workdir / "superlink.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(home), cwd=workdir,
+                               start_new_session=True)
+    log.close()
+    link = SuperLink(process, host, port, workdir, root)
+    (home / "config.toml").write_text(link.connection_toml())
+    try:
+        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, process, log_path)
+    except BaseException:
+        link.stop()
+        raise
+    return link
+
+
+def register_supernodes(link: SuperLink, keys_dir: Path) -> list[str]:
+    """Register every ``*.pub`` key of ``keys_dir`` with the SuperLink; returns the names (file stems)."""
+    keys = sorted(keys_dir.glob("*.pub"))
+    if not keys:
+        raise InputError("no SuperNode public keys to register", got=f"no *.pub in {keys_dir}",
+                         expected="one OpenSSH ECDSA public key per device",
+                         todo=f"make them with: edgexfer fleet keygen --out {keys_dir}/DEVICE.key")
+    names = []
+    for key in keys:
+        name = key.name.removesuffix(".pub").removesuffix(".key")
+        result = subprocess.run([flower_tool("flwr"), "supernode", "register", str(key.resolve()), "fleet",
+                                 "--name", name], capture_output=True, text=True, env=flower_env(link.flwr_home),
+                                cwd=link.workdir, timeout=60)
+        if result.returncode != 0:
+            raise FleetError("a SuperNode key was not registered", got=f"{key.name}: "
+                             f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}",
+                             expected="flwr supernode register to succeed", todo="check the key (edgexfer fleet keygen)")
+        names.append(name)
+    return names
+
+
+def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: str = DEFAULT_ADDRESS,
+          tls_dir: Path | None = None, val: Path | None = None, auth_keys: Path | None = None,
+          round_timeout: float = 60.0, wait_timeout: float = 300.0, C: float = 1.0, proximal: float = 1.0,
+          momentum: float = 0.8, rows: str = "all", dp_clip: float = 0.0, dp_noise: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a whole federation; returns a summary with the result bundle's path and the round records."""
+    import json
+
+    from edgexfer.fleet.server_app import FleetSettings
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.federated import require_federated_kind
+
+    source = Bundle.open(bundle, verify=True)
+    require_federated_kind(source.manifest.head.kind)
+    out = Path(out).resolve()
+    if out.exists():
+        raise InputError("--out exists", got=str(out), expected="a new directory", todo="choose another --out")
+    if rounds < 1 or min_devices < 1:
+        raise InputError("--rounds and --min-devices must be >= 1", got=f"{rounds}, {min_devices}", expected=">= 1")
+    workdir = out.with_name(f".{out.name}.fleet")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    val_features = ""
+    if val is not None:
+        val_path = workdir / "val-features.npz"
+        count = write_val_features(source, val, val_path)
+        log(f"fleet validation images={count} data={val}")
+        val_features = str(val_path)
+    settings = FleetSettings(bundle=str(source.root.resolve()), out=str(out), rounds=rounds, min_devices=min_devices,
+                             round_timeout=round_timeout, wait_timeout=wait_timeout, val_features=val_features,
+                             C=C, proximal=proximal, momentum=momentum, rows=rows,
+                             dp_clip=dp_clip, dp_noise=dp_noise)
+    app_dir = workdir / "app"
+    app_dir.mkdir()
+    # the run's settings are the App's config (Flower refuses run-config keys the App does not declare)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT + "\n[tool.flwr.app.config]\n" + "".join(
+        f"{k} = {_toml_value(v)}\n" for k, v in settings.to_run_config().items()))
+    started = time.perf_counter()
+    link = start_superlink(address, workdir, tls_dir=tls_dir, node_auth=auth_keys is not None)
+    log(f"fleet superlink listening={link.host}:{link.port} tls={'on' if tls_dir else 'off'} "
+        f"node_auth={'on' if auth_keys else 'off'} log={workdir / 'superlink.log'}")
+    try:
+        if auth_keys is not None:
+            names = register_supernodes(link, auth_keys)
+            log(f"fleet registered supernodes={','.join(names)}")
+        cmd = [flower_tool("flwr"), "run", str(app_dir), "fleet", "--stream"]
+        lines: list[str] = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
+                              env=flower_env(link.flwr_home), start_new_session=True) as run:
+            assert run.stdout is not None
+            for line in run.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                if line.startswith("fleet "):  # the ServerApp's event lines
+                    log(line)
+        (workdir / "flwr-run.log").write_text("\n".join(lines) + "\n")
+    finally:
+        link.stop()
+    if not (out / "manifest.json").is_file():
+        failed = [line[line.index("fleet failed"):] for line in lines if "fleet failed" in line]
+        raise FleetError("the federation did not write its result", got=failed[-1][:300] if failed else
+                         f"flwr run exit code {run.returncode}", expected=f"a bundle in {out}",
+                         todo=f"see {workdir}/flwr-run.log and {workdir}/superlink.log")
+    record = json.loads((out / "reports" / "fleet.json").read_text())
+    return {"out": str(out), "seconds": round(time.perf_counter() - started, 2), "rounds": record["rounds"],
+            "start_val_accuracy": record.get("start_val_accuracy"), "workdir": str(workdir)}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_val_features(bundle: Any, data_dir: Path, path: Path) -> int:
+    """Features of an ImageFolder tree through the bundle's fp32 backbone, saved for the ServerApp."""
+    import numpy as np
+
+    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.imagefolder import scan_image_folder
+    from edgexfer.runtime.preprocess import load_image, stack
+
+    folder = scan_image_folder(data_dir)
+    spec = bundle.preprocess
+    features = []
+    with open_backend("onnxruntime", bundle.backbone_path, precision="fp32") as engine:
+        for start in range(0, len(folder.paths), 32):
+            chunk = folder.paths[start:start + 32]
+            features.append(engine.run(stack([load_image(p, spec) for p in chunk])))
+    labels = np.array([folder.classes[i] for i in folder.labels])
+    np.savez(path, features=np.concatenate(features).astype(np.float32), labels=labels)
+    return len(labels)
+
+
+# --------------------------------------------------------------------------------------------- device
+
+def supernode_command(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: Path | None = None,
+                      runtime_port: int | None = None, insecure: bool = False) -> list[str]:
+    parse_address(server, "--server")
+    if tls_ca is None and not insecure:
+        raise InputError("no TLS root certificate for the server", got="neither --tls-ca nor --insecure",
+                         expected="--tls-ca CA_FILE (the fleet's ca.crt)",
+                         todo="copy the server's ca.crt to the device and pass --tls-ca; --insecure only on a test network")
+    cmd = [flower_tool("flower-supernode"), "--superlink", server,
+           "--node-config", f'state="{Path(state).resolve()}"',
+           "--port", str(runtime_port or free_port()), "--max-wait-time", "600"]
+    cmd += ["--insecure"] if tls_ca is None else ["--root-certificates", str(Path(tls_ca).resolve())]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+    return cmd
+
+
+def federate(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: Path | None = None,
+             insecure: bool = False, runtime_port: int | None = None) -> int:
+    """Run this device's SuperNode in the foreground until it is stopped; returns its exit code."""
+    from edgexfer.runtime.state import DeviceState
+
+    state = Path(state)
+    DeviceState(state).active()  # a device with no bundle installed has nothing to federate: fail now
+    home = state / "fleet"
+    home.mkdir(mode=0o700, exist_ok=True)
+    cmd = supernode_command(state, server, tls_ca=tls_ca, auth_key=auth_key, runtime_port=runtime_port,
+                            insecure=insecure)
+    # same process group as this command: a service manager (or a test) that stops the group stops both
+    process = subprocess.Popen(cmd, env=flower_env(home))
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through `finally`, which stops the SuperNode
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# --------------------------------------------------------------------------------------------- keys, TLS
+
+def make_tls(out: Path, hosts: Sequence[str], days: int = 365) -> dict[str, str]:
+    """A CA and a server certificate for the SuperLink (ECDSA P-256), like the openssl commands of docs/fleet.md."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgexfer fleet CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for h in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    private = {"encoding": pem, "format": serialization.PrivateFormat.PKCS8,
+               "encryption_algorithm": serialization.NoEncryption()}
+    files = {"ca.crt": ca.public_bytes(pem), "ca.key": ca_key.private_bytes(**private),
+             "server.pem": cert.public_bytes(pem), "server.key": key.private_bytes(**private)}
+    for name, data in files.items():
+        path = out / name
+        path.write_bytes(data)
+        path.chmod(0o600 if name.endswith(".key") else 0o644)
+    return {name: str(out / name) for name in files}
+
+
+def make_node_key(out: Path) -> dict[str, str]:
+    """A SuperNode's authentication key pair (ECDSA P-384, OpenSSH format): ``out`` and ``out.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if out.exists():
+        raise InputError("the key file exists", got=str(out), expected="a new path", todo="choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    pub = out.with_name(out.name + ".pub")
+    pub.write_bytes(public + f" {out.stem}\n".encode())
+    return {"private": str(out), "public": str(pub)}

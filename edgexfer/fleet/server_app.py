@@ -1,0 +1,235 @@
+"""The host side of a federation: Flower's ``ServerApp`` and its rounds.
+
+:func:`run_federation` is the whole federation as a plain function of a Flower ``Grid`` (the tests may
+drive it with a stand-in): it waits for enough devices, and each round sends the global head to every
+connected device, waits at most ``round_timeout`` seconds for replies, checks each reply
+(:func:`~edgexfer.runtime.federated.check_update`), merges the good ones (:class:`HeadFedAvg`) and
+evaluates the result on the validation features. Devices that do not answer in time, answer with an
+error or send a bad head are named in the round's record; the round goes on without them. The last
+head is written as a bundle (:func:`~edgexfer.fleet.result_bundle.write_result_bundle`).
+
+Each event is one line on stdout (``flwr run --stream`` carries it to ``edgexfer fleet serve``):
+``fleet round=2/5 asked=8 merged=7 empty=0 rejected=1 silent=0 val_accuracy=0.912 seconds=3.41``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.federated import (
+    HeadFedAvg,
+    HeadUpdate,
+    Rejection,
+    UpdateRejected,
+    check_update,
+    require_federated_kind,
+)
+from edgexfer.runtime.heads import Head
+
+#: the records a device's reply may hold; anything else is refused (and named) as a protocol breach
+REPLY_RECORDS = frozenset({"head", "update", "metrics"})
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """What ``edgexfer fleet serve`` passes to the ServerApp (as Flower run config)."""
+
+    bundle: str
+    out: str
+    rounds: int = 3
+    min_devices: int = 2
+    round_timeout: float = 60.0  #: seconds a round waits for replies; late devices are left out
+    wait_timeout: float = 300.0  #: seconds to wait for ``min_devices`` devices before the first round
+    val_features: str = ""  #: .npz with ``features`` and ``labels`` (class names), or "" for none
+    C: float = 1.0
+    proximal: float = 1.0  #: FedProx mu of the devices' local training
+    momentum: float = 0.8  #: server momentum of linear heads (FedAvgM)
+    rows: str = "all"  #: "all" or "holders" (see edgexfer.runtime.federated)
+    dp_clip: float = 0.0  #: central DP: clipping norm of each device's step (0: off)
+    dp_noise: float = 0.0  #: central DP: noise multiplier (std = dp_noise·dp_clip/devices)
+    max_iter: int = 200
+
+    @classmethod
+    def from_run_config(cls, config: Any) -> FleetSettings:
+        get = dict(config).get
+        try:
+            return cls(bundle=str(get("bundle")), out=str(get("out")), rounds=int(get("rounds", 3)),
+                       min_devices=int(get("min-devices", 2)), round_timeout=float(get("round-timeout", 60.0)),
+                       wait_timeout=float(get("wait-timeout", 300.0)), val_features=str(get("val-features", "")),
+                       C=float(get("C", 1.0)), proximal=float(get("proximal", 1.0)),
+                       momentum=float(get("momentum", 0.8)), rows=str(get("rows", "all")),
+                       dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
+                       max_iter=int(get("max-iter", 200)))
+        except (TypeError, ValueError) as exc:
+            raise InputError("the federation's run config is malformed", got=str(exc)[:80],
+                             expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "out": self.out, "rounds": self.rounds, "min-devices": self.min_devices,
+                "round-timeout": self.round_timeout, "wait-timeout": self.wait_timeout,
+                "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
+                "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter}
+
+
+def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``head`` on labelled features; a label the head does not know counts as wrong."""
+    predicted = np.asarray(head.classes)[head.logits(features).argmax(axis=1)]
+    return float(np.mean(predicted == labels))
+
+
+def _round_message(head: Head, settings: FleetSettings, backbone_sha256: str, node: int, server_round: int,
+                   fleet_samples: int) -> Any:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    config = ConfigRecord({"kind": head.kind, "classes": json.dumps(list(head.classes)),
+                           "backbone_sha256": backbone_sha256, "round": server_round, "C": settings.C,
+                           "proximal": settings.proximal, "max_iter": settings.max_iter, "rows": settings.rows,
+                           "fleet_samples": fleet_samples})
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(t)) for name, t in head.tensors.items()})
+    return Message(RecordDict({"head": arrays, "config": config}), dst_node_id=node, message_type="train")
+
+
+def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str) -> tuple[HeadUpdate, dict[str, Any]]:
+    """Check one reply; raises :class:`UpdateRejected` (naming ``device``) for anything unmergeable."""
+    if reply.has_error():
+        raise UpdateRejected(f"update from device {device}: the device failed",
+                             got=str(reply.error.reason).splitlines()[0][:200] if reply.error.reason else "no reason",
+                             expected="a trained head", todo="see the device's log (edgexfer device federate)")
+    content = reply.content
+    records = set(content.keys())
+    if "error" in records:
+        reason = content["error"].get("reason", "no reason")
+        raise UpdateRejected(f"update from device {device}: the device could not train", got=str(reason)[:300],
+                             expected="a trained head", todo="fix the device (see the reason)")
+    if not records <= REPLY_RECORDS or not {"head", "update"} <= records:
+        raise UpdateRejected(f"update from device {device}: unexpected records in the reply", got=sorted(records),
+                             expected=f"exactly {sorted(REPLY_RECORDS)}", todo="the device runs another ClientApp")
+    arrays = {name: content["head"][name].numpy() for name in content["head"].keys()}
+    config = dict(content["update"])
+    metrics = dict(content["metrics"]) if "metrics" in records else {}
+    update = check_update(device, arrays, config, global_head=head, backbone_sha256=backbone_sha256)
+    received = {"records": sorted(records), "arrays": {k: list(v.shape) for k, v in arrays.items()},
+                "config_keys": sorted(config), "bytes": int(sum(v.nbytes for v in arrays.values())
+                                                            + sum(len(str(k)) + len(str(v)) for k, v in config.items()))}
+    return update, {"metrics": metrics, "received": received}
+
+
+def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``settings.rounds`` rounds on ``grid`` and write the result bundle; returns the record."""
+    from edgexfer.fleet.result_bundle import write_result_bundle
+    from edgexfer.runtime.bundle import Bundle
+
+    bundle = Bundle.open(settings.bundle, verify=True)
+    head = bundle.head()
+    require_federated_kind(head.kind)
+    sha = bundle.manifest.backbone.sha256
+    strategy = HeadFedAvg(min_devices=settings.min_devices, rows=settings.rows, momentum=settings.momentum,
+                          dp_clip=settings.dp_clip or None, dp_noise=settings.dp_noise)
+    val = None
+    if settings.val_features:
+        with np.load(settings.val_features, allow_pickle=False) as data:
+            val = (data["features"].astype(np.float32), data["labels"].astype(str))
+    start_accuracy = validation_accuracy(head, *val) if val is not None else None
+    log(f"fleet start bundle={bundle.manifest.name} kind={head.kind} classes={len(head.classes)} rounds={settings.rounds} "
+        f"min_devices={settings.min_devices} round_timeout={settings.round_timeout:g}"
+        + (f" val_accuracy={start_accuracy:.4f}" if start_accuracy is not None else ""))
+
+    deadline = time.monotonic() + settings.wait_timeout
+    while len(list(grid.get_node_ids())) < settings.min_devices:
+        if time.monotonic() > deadline:
+            raise InputError("too few devices joined the federation", got=f"{len(list(grid.get_node_ids()))} device(s)",
+                             expected=f">= {settings.min_devices} within {settings.wait_timeout:g} s",
+                             todo="start edgexfer device federate on more devices, or lower --min-devices")
+        time.sleep(0.5)
+
+    rounds: list[dict[str, Any]] = []
+    fleet_samples = 0  # the last round's total: devices scale their L2 strength to their share of it
+    for server_round in range(1, settings.rounds + 1):
+        started = time.perf_counter()
+        nodes = sorted(grid.get_node_ids())
+        messages = [_round_message(head, settings, sha, node, server_round, fleet_samples) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        # which node a reply is about: an error the SuperLink writes for a node that stopped answering
+        # comes from the SuperLink itself, and only its reply-to id names the message (and the node)
+        sent = {(m.metadata.message_id or m.object_id): int(m.metadata.dst_node_id) for m in messages}
+        updates: list[HeadUpdate] = []
+        rejected: list[Rejection] = []
+        devices: dict[str, Any] = {}
+        answered = set()
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id or "", int(reply.metadata.src_node_id))
+            answered.add(node)
+            device = f"node-{node}"
+            try:
+                update, info = _reply_to_update(reply, device, head, sha)
+            except EdgexferError as exc:
+                rejected.append(Rejection(device, exc.one_line()))
+                log(f"fleet round={server_round} rejected device={device} reason={exc.one_line()}")
+                continue
+            updates.append(update)
+            devices[device] = {"counts": update.counts, **info}
+        silent = [f"node-{n}" for n in nodes if n not in answered]
+        result = strategy.aggregate(head, updates, rejected)
+        head = result.head
+        if result.accepted:
+            fleet_samples = int(sum(result.counts.values()))
+        seconds = time.perf_counter() - started
+        accuracy = validation_accuracy(head, *val) if val is not None else None
+        record = {"round": server_round, "asked": len(nodes), **result.report(), "silent": silent,
+                  "seconds": round(seconds, 3), "val_accuracy": accuracy, "devices": devices,
+                  "merged": len(result.accepted) >= settings.min_devices}
+        rounds.append(record)
+        log(f"fleet round={server_round}/{settings.rounds} asked={len(nodes)} merged={len(result.accepted)} "
+            f"empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
+            + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"
+            + ("" if record["merged"] else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
+    record = {"rounds": rounds, "settings": settings.to_run_config(), "start_val_accuracy": start_accuracy,
+              "final_counts": rounds[-1]["counts"] if rounds else {}}
+    out = write_result_bundle(bundle, head, Path(settings.out), record)
+    log(f"fleet done out={out.root} head_version={out.manifest.head.version} classes={len(head.classes)}")
+    return record
+
+
+def _build_app() -> Any:
+    from edgexfer.runtime.optional import require
+
+    require("flwr", "fleet learning (edgexfer fleet serve)")
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = FleetSettings.from_run_config(context.run_config)
+        try:
+            run_federation(grid, settings, log=lambda line: print(line, flush=True))
+        except EdgexferError as exc:
+            print(f"fleet failed reason={exc.one_line()}", flush=True)
+            raise
+
+    return server_app
+
+
+_APP: Any = None
+
+
+def __getattr__(name: str) -> Any:
+    # Flower loads "edgexfer.fleet.server_app:app"; built on first access so that importing needs no flwr
+    global _APP
+    if name == "app":
+        if _APP is None:
+            _APP = _build_app()
+        return _APP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
+__all__ = ["FleetSettings", "app", "run_federation", "validation_accuracy"]  # noqa: F822 (module __getattr__)
