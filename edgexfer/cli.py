@@ -56,7 +56,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--backbone", default=None,
+              help="Default: efficientnet_lite0 for images, minilm_l6 for texts (edgexfer backbones lists them).")
 @click.option("--mode", type=click.Choice(list(TRAIN_MODES)), default="frozen", show_default=True,
               help="frozen: head on fixed features; partial: fine-tune the last blocks; auto: choose by k-fold "
                    "cross-validation (docs/training.md).")
@@ -87,7 +88,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, views, device,
           batch_size, C, cache, weights, folds, budget, as_json, quiet):
-    """Fine-tune on an ImageFolder tree (one folder per class)."""
+    """Fine-tune on an ImageFolder tree (one folder per class), or on texts: a folder per class of .txt files
+    (one sample per file) or a .csv/.jsonl file of text,label."""
     from edgexfer.train import TrainConfig
     from edgexfer.train import train as run_train
 
@@ -99,9 +101,10 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""
+    unit = "text" if result.metrics.get("modality") == "text" else "image"
     text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{result.metrics['head']}, "
-            f"{result.metrics['val_count']} images{chosen})\n"
-            f"backbone ran on {result.metrics['backbone_images_run']} image(s); "
+            f"{result.metrics['val_count']} {unit}s{chosen})\n"
+            f"backbone ran on {result.metrics['backbone_images_run']} {unit}(s); "
             f"{result.metrics['features_from_cache']} feature vector(s) came from the cache\n"
             f"skipped {len(result.skipped)} file(s)\nrun directory: {out}")
     emit(result.metrics, as_json, text)

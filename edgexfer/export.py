@@ -82,6 +82,11 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     """Write the bundle for ``run_dir`` into ``out`` (created; an existing bundle there is replaced)."""
     run_dir, out = Path(run_dir), Path(out)
     run = load_run(run_dir)
+    if run.get("modality") == "text":
+        from edgexfer.export_text import export_text
+
+        return export_text(run, run_dir, out, name=name, progress=progress, golden_count=GOLDEN_COUNT,
+                           exemplars_per_class=EXEMPLARS_PER_CLASS)
     pp = run["preprocess"]
     spec = PreprocessSpec(size=tuple(pp["size"]), resize=pp["resize"], fill=tuple(pp["fill"]))
     head = Head.load(run_dir / "head.safetensors", feature_dim=run["backbone"]["feature_dim"])

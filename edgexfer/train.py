@@ -41,6 +41,8 @@ from edgexfer.runtime.names import HEAD_KINDS, TRAIN_MODES
 from edgexfer.runtime.preprocess import PreprocessSpec, resize_to_spec, stack
 
 RUN_SCHEMA = "edgexfer.run/1"
+#: the backbone `train` uses when none is given, by the data's modality
+DEFAULT_BACKBONES = {"image": "efficientnet_lite0", "text": "minilm_l6"}
 _RECIPE = PartialRecipe()  # the measured partial defaults (edgexfer.finetune imports torch only when training)
 
 
@@ -57,7 +59,8 @@ def default_cache_path() -> Path:
 class TrainConfig:
     data_dir: Path
     out: Path
-    backbone: str = "efficientnet_lite0"
+    #: None: chosen by the data (efficientnet_lite0 for images, minilm_l6 for texts: edgexfer.train.DEFAULT_BACKBONES)
+    backbone: str | None = None
     mode: str = "frozen"  #: "frozen", "partial" or "auto" (cross-validated choice, see edgexfer.selection)
     head: str = "linear"
     epochs: int | None = None  #: default: 200 for a frozen mlp head; partial: PartialRecipe().epochs (15 for 'all')
@@ -131,10 +134,30 @@ def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
         raise InputError("--views", got=cfg.views, expected="0 or more")
 
 
+def data_modality(data_dir: Path) -> str:
+    """"text" for a folder of .txt class folders or a .csv/.jsonl file, else "image" (an ImageFolder tree)."""
+    from edgexfer.runtime.textdata import is_text_dataset
+
+    return "text" if is_text_dataset(data_dir) else "image"
+
+
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one training job and write the run directory; see the module docstring."""
+    """Run one training job and write the run directory; see the module docstring.
+
+    Text data (:func:`data_modality`) trains a text backbone with the same recipes (:mod:`edgexfer.train_text`).
+    """
+    modality = data_modality(Path(cfg.data_dir))
+    cfg.backbone = cfg.backbone or DEFAULT_BACKBONES[modality]
     bb = get_config(cfg.backbone)
+    if bb.modality != modality:
+        raise InputError(f"backbone {bb.name} reads {bb.modality}s", got=f"{modality} data in {cfg.data_dir}",
+                         expected=f"a {modality} backbone", todo=f"pass --backbone {DEFAULT_BACKBONES[modality]} "
+                                                                  "or leave --backbone out")
     _validate(cfg, bb)
+    if modality == "text":
+        from edgexfer.train_text import train_text
+
+        return train_text(cfg, bb)
     started = time.time()
     spec = PreprocessSpec(size=bb.input_size, resize=cfg.resize)
     folder, images, labels, shas, paths, skipped = load_dataset(cfg.data_dir, spec, progress=cfg.progress)
