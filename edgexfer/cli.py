@@ -18,7 +18,9 @@ from edgexfer.cli_options import (
     json_option,
     precision_option,
     quiet_option,
+    split_inputs,
     state_option,
+    text_option,
 )
 from edgexfer.runtime.backends.registry import BACKENDS
 from edgexfer.runtime.errors import EdgexferError
@@ -156,16 +158,21 @@ def convert(bundle_dir, to, precision, calib, calib_size, val_size, max_drop, in
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True)
+@click.argument("files", nargs=-1)
+@text_option
 @host_engine_options
 @click.option("--top-k", type=int, default=3, show_default=True)
 @json_option
-def predict(bundle_dir, images, backend, precision, top_k, as_json):
-    """Label images with a bundle. Unreadable images are reported; the others still get labels."""
+def predict(bundle_dir, files, texts, backend, precision, top_k, as_json):
+    """Label images (image bundle) or text files (text bundle, one sample per file; or --text, or - for stdin
+    lines). Unreadable inputs are reported; the others still get labels."""
     from edgexfer.runtime.predictor import Prediction, Predictor
 
+    paths, literal, sources = split_inputs(files, texts)
     with Predictor.from_bundle(bundle_dir, backend=backend, precision=precision) as predictor:
-        results = predictor.predict(list(images), top_k=top_k)
+        results = predictor.predict(paths, top_k=top_k) if paths else []
+        if literal:
+            results += predictor.predict_texts(literal, top_k=top_k, sources=sources)
         execution = predictor.details["execution"]
     lines = []
     for r in results:
@@ -246,18 +253,22 @@ def _engine_builders() -> dict:
 
 
 @device.command(name="predict")
-@click.argument("images", nargs=-1, required=True)
+@click.argument("files", nargs=-1)
+@text_option
 @state_option
 @device_engine_options
 @click.option("--top-k", type=int, default=3, show_default=True)
 @json_option
-def device_predict(images, state, backend, precision, top_k, as_json):
-    """Label images with the active bundle and head."""
+def device_predict(files, texts, state, backend, precision, top_k, as_json):
+    """Label images or text files (as the active bundle reads), --text texts, or - (one text per stdin line)."""
     from edgexfer.runtime.device import Device
     from edgexfer.runtime.predictor import Prediction
 
+    paths, literal, sources = split_inputs(files, texts)
     with Device(state, backend=backend, precision=precision) as dev:
-        results = dev.predict(list(images), top_k=top_k)
+        results = dev.predict(paths, top_k=top_k) if paths else []
+        if literal:
+            results += dev.predict_texts(literal, top_k=top_k, sources=sources)
         head = dev.state.active().head
         execution = dev.engine().execution  # what really ran: arithmetic and ISA
     lines = [f"{r.source}: {r.label} ({r.probability:.2f}) [head {head}, {r.backend}/{r.precision}]"
@@ -269,19 +280,22 @@ def device_predict(images, state, backend, precision, top_k, as_json):
 
 
 @device.command(name="learn")
-@click.argument("images", nargs=-1, required=True)
-@click.option("--label", required=True, help="Class name of these images (a new name adds a class).")
+@click.argument("files", nargs=-1)
+@text_option
+@click.option("--label", required=True, help="Class name of these samples (a new name adds a class).")
 @click.option("--augment", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Also store this many augmented views (mild crops, flips) of each image; one backbone pass each.")
 @state_option
 @device_engine_options
 @json_option
-def device_learn(images, label, augment, state, backend, precision, as_json):
-    """Store labelled samples and their features in the cache (the backbone runs only for new ones)."""
+def device_learn(files, texts, label, augment, state, backend, precision, as_json):
+    """Store labelled samples (image or text files, --text texts, - for stdin lines) and their features in the
+    cache (the backbone runs only for new ones)."""
     from edgexfer.runtime.device import Device
 
+    paths, literal, _sources = split_inputs(files, texts)
     with Device(state, backend=backend, precision=precision) as dev:
-        report = dev.learn(list(images), label, augment=augment)
+        report = dev.learn(paths, label, augment=augment, texts=literal)
     text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
             f"backbone ran {report.backbone_runs} time(s))")
     if augment:

@@ -41,3 +41,29 @@ def device_engine_options(f: Callable) -> Callable:
 def emit(obj: Any, as_json: bool, text: str) -> None:
     """One JSON object on stdout with ``--json``, else the human text."""
     click.echo(json.dumps(obj, indent=2) if as_json else text)
+
+
+text_option = click.option("--text", "texts", multiple=True,
+                           help="A text to classify (text bundles; repeat for more). FILE '-' reads one text per "
+                                "stdin line.")
+
+
+def split_inputs(items: tuple[str, ...], texts: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+    """Command-line inputs as (files, literal texts, the texts' sources).
+
+    ``-`` among the files stands for stdin, one text per line (blank lines skipped); ``--text`` values are
+    texts. Nothing given at all is a usage error.
+    """
+    import sys
+
+    files = [item for item in items if item != "-"]
+    literal = list(texts)
+    sources = [f"text[{i}]" for i in range(len(texts))]
+    if "-" in items:
+        for number, line in enumerate(sys.stdin.read().splitlines(), start=1):
+            if line.strip():
+                literal.append(line)
+                sources.append(f"stdin:line {number}")
+    if not files and not literal:
+        raise click.UsageError("nothing to do: give files, --text TEXT, or - (one text per stdin line)")
+    return files, literal, sources

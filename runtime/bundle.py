@@ -9,8 +9,9 @@ import numpy as np
 
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import file_sha256
-from edgexfer.runtime.manifest import Manifest, check_relative_path
+from edgexfer.runtime.manifest import Manifest, TextInputSpec, check_relative_path
 from edgexfer.runtime.preprocess import PreprocessSpec
+from edgexfer.runtime.text import TextSpec
 
 MANIFEST = "manifest.json"
 
@@ -74,9 +75,27 @@ class Bundle:
         return self.root / "head.safetensors"
 
     @property
-    def preprocess(self) -> PreprocessSpec:
+    def modality(self) -> str:
+        """What the backbone reads: "image" or "text" (the manifest's ``backbone.modality``)."""
+        return self.manifest.backbone.modality
+
+    @property
+    def preprocess(self) -> PreprocessSpec | TextSpec:
+        """The preprocessing of the bundle's modality; its ``key()`` keys the feature cache."""
         inp = self.manifest.backbone.input
+        if isinstance(inp, TextInputSpec):
+            return TextSpec(inp.tokenizer_sha256, inp.max_length)
         return PreprocessSpec(size=tuple(inp.size), resize=inp.resize, fill=tuple(inp.fill))
+
+    def tokenizer(self):
+        """The text bundle's :class:`~edgexfer.runtime.text.TextTokenizer` (its sha256 checked against the manifest)."""
+        from edgexfer.runtime.text import TextTokenizer
+
+        inp = self.manifest.backbone.input
+        if not isinstance(inp, TextInputSpec):
+            raise BundleError("this bundle reads images, not texts", got=f"{self.root} (modality image)",
+                              expected="a text bundle", todo="pass image files to an image bundle")
+        return TextTokenizer.from_file(self.root / inp.tokenizer, inp.max_length, sha256=inp.tokenizer_sha256)
 
     def head(self):
         from edgexfer.runtime.heads import Head

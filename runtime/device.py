@@ -33,7 +33,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
 from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
-from edgexfer.runtime.features import cached_features
+from edgexfer.runtime.features import cached_features, text_batches
 from edgexfer.runtime.fsutil import PRIVATE_FILE, write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
@@ -51,6 +51,7 @@ from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.preprocess import decode_image, resize_to_spec
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
+from edgexfer.runtime.text import check_text, decode_text, text_sha256
 from edgexfer.runtime.timing import StepTimer
 
 #: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
@@ -95,6 +96,16 @@ def _engine_versions() -> dict[str, str]:
     return out
 
 
+def _stored_text(data: bytes | None) -> str | None:
+    """The text of a cached text sample's stored bytes; None for what is not UTF-8 text (an image)."""
+    if data is None:
+        return None
+    try:
+        return check_text(data.decode("utf-8"))
+    except (UnicodeDecodeError, EdgexferError):
+        return None
+
+
 def _source_sha(bundle: Bundle, path: Path | None) -> str:
     """The manifest's sha256 of a bundle file (what a device engine is built from); "" for none."""
     if path is None:
@@ -123,6 +134,35 @@ def _decode_all(items: Sequence[ImageInput],
             errors.append({"source": name, "error": str(exc)})
             continue
         decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
+    return decoded, errors
+
+
+def _read_texts(items: Sequence[ImageInput], literal: Sequence[str]) -> tuple[dict[str, tuple[bytes, str, str]],
+                                                                         list[dict[str, str]]]:
+    """Texts ``learn`` was given (text files or their bytes, and literal texts): ``{sha256: (utf-8, name, text)}``
+    (first copy of each) and the errors. A text's sha256 is that of its normalised UTF-8 bytes."""
+    errors: list[dict[str, str]] = []
+    decoded: dict[str, tuple[bytes, str, str]] = {}
+    given = [(str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]", item, True)
+             for i, item in enumerate(items)] + [(f"text[{i}]", text, False) for i, text in enumerate(literal)]
+    for name, item, is_file in given:
+        try:
+            if not is_file:
+                text = check_text(item, name)
+            elif isinstance(item, (str, os.PathLike)):
+                text = decode_text(Path(item).read_bytes(), name)
+            elif isinstance(item, (bytes, bytearray)):
+                text = decode_text(bytes(item), name)
+            else:
+                raise InputError("learn takes text files, their bytes, or texts", got=type(item).__name__,
+                                 expected="a path, bytes or a str")
+        except OSError as exc:
+            errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
+            continue
+        except EdgexferError as exc:
+            errors.append({"source": name, "error": str(exc)})
+            continue
+        decoded.setdefault(text_sha256(text), (text.encode("utf-8"), name, text))
     return decoded, errors
 
 
@@ -375,8 +415,16 @@ class Device:
         backbone = bundle.manifest.backbone.sha256
         with self.cache() as cache:
             shas = [s for s in cache.samples_without_features(backbone, spec.key()) if cache.image(s) is not None]
+            if bundle.modality == "text":
+                # a text sample's stored bytes are its UTF-8 text; image samples (another modality) are not texts
+                texts = {s: _stored_text(cache.image(s)) for s in shas}
+                shas = [s for s in shas if texts[s] is not None]
             if not shas:  # nothing to do: the engine is not even opened
                 return 0
+            if bundle.modality == "text":
+                _, report = cached_features(self.engine(bundle), cache, backbone, spec, shas, progress=False,
+                                            **text_batches(bundle.tokenizer(), [texts[s] for s in shas]))
+                return report.requested - report.from_cache
             _, report = cached_features(
                 self.engine(bundle), cache, backbone, spec, shas,
                 lambda i: resize_to_spec(decode_image(cache.image(shas[i]), fill=spec.fill), spec), progress=False)
@@ -391,9 +439,19 @@ class Device:
         predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details))
         return predictor.predict(items, top_k=top_k)
 
+    def predict_texts(self, texts: Sequence[str], top_k: int = 3,
+                      sources: Sequence[str] | None = None) -> list[Prediction | SampleError]:
+        """Literal texts, with the active text bundle and head (``device predict --text``, stdin lines)."""
+        active = self.state.active()
+        bundle = self.state.bundle(active.bundle)
+        _, head = self.active_head(active)
+        engine = self.engine(bundle)
+        predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details))
+        return predictor.predict_texts(texts, top_k=top_k, sources=sources)
+
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Sequence[ImageInput], label: str, source: str = "device", *,
-              augment: int = DEFAULT_AUGMENT) -> LearnReport:
+              augment: int = DEFAULT_AUGMENT, texts: Sequence[str] = ()) -> LearnReport:
         """Store labelled samples with their features; bad inputs are reported, good ones still learned.
 
         The backbone runs only for samples the cache has no features of, and each sample is confirmed
@@ -408,6 +466,11 @@ class Device:
             raise InputError("augment", got=repr(augment), expected=f"an integer 0..{MAX_AUGMENT} (views per image)",
                              todo="pass e.g. --augment 4, or 0 for none")
         bundle = self.bundle()
+        if bundle.modality == "text":
+            return self._learn_texts(bundle, items, texts, label, source, augment)
+        if texts:
+            raise InputError("texts given to an image bundle", got=f"{len(texts)} text(s)",
+                             expected="image files", todo="learn texts with a text bundle installed")
         spec = bundle.preprocess
         decoded, errors = _decode_all(items, spec.fill)
         shas = list(decoded)
@@ -426,6 +489,22 @@ class Device:
         return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
                            backbone_runs=report.extracted + view_runs, errors=errors, augment=augment,
                            views_added=views_added)
+
+    def _learn_texts(self, bundle: Bundle, items: Sequence[ImageInput], texts: Sequence[str], label: str,
+                     source: str, augment: int) -> LearnReport:
+        if augment:
+            raise InputError("augment with a text bundle", got=f"--augment {augment}",
+                             expected="0: augmented views are crops and flips of images", todo="leave --augment out")
+        decoded, errors = _read_texts(items, texts)
+        shas = list(decoded)
+        records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
+        with self.cache() as cache:
+            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, bundle.preprocess,
+                                        shas, records=records, progress=False,
+                                        **text_batches(bundle.tokenizer(), [decoded[s][2] for s in shas]))
+            crash_point("learn-committed")
+        return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
+                           backbone_runs=report.extracted, errors=errors)
 
     @staticmethod
     def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, spec: Any, shas: list[str],

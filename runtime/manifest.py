@@ -12,7 +12,7 @@ from typing import Any
 
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import write_atomic
-from edgexfer.runtime.names import HEAD_KINDS, RESIZE_POLICIES
+from edgexfer.runtime.names import HEAD_KINDS, MODALITIES, RESIZE_POLICIES
 from edgexfer.runtime.precision import PRECISIONS
 
 SCHEMA = "edgexfer.bundle/1"
@@ -96,20 +96,46 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class TextInputSpec:
+    """A text backbone's input: token ids and attention mask (int64 [N, L]) from the bundle's tokenizer."""
+
+    tokenizer: str = "tokenizer.json"  #: bundle path of the tokenizer file (listed in ``files``)
+    tokenizer_sha256: str = ""  #: its sha256: part of the feature cache's preprocessing key
+    max_length: int = 256  #: tokens per text at most, [CLS] and [SEP] included; longer texts are truncated
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> TextInputSpec:
+        f = _Fields(obj, where)
+        spec = cls(
+            tokenizer=check_relative_path(f.take("tokenizer", str, check=bool, expect="a bundle path"), f"{where}.tokenizer"),
+            tokenizer_sha256=f.take("tokenizer_sha256", str, check=_is_sha, expect="64 hex digits"),
+            max_length=f.take("max_length", int, check=lambda v: 3 <= v <= 512, expect="an integer 3..512 (tokens)"),
+        )
+        f.done()
+        return spec
+
+
+@dataclass(frozen=True)
 class BackboneInfo:
     arch: str
     sha256: str
     feature_dim: int
-    input: InputSpec
+    input: InputSpec | TextInputSpec
+    #: "image" or "text" (names.MODALITIES); a manifest without the field is an image bundle's
+    modality: str = "image"
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> BackboneInfo:
         f = _Fields(obj, where)
+        arch = f.take("arch", str, check=bool, expect="a backbone name")
+        modality = f.take("modality", str, "image", check=lambda v: v in MODALITIES, expect=" or ".join(MODALITIES))
+        spec = TextInputSpec if modality == "text" else InputSpec
         info = cls(
-            arch=f.take("arch", str, check=bool, expect="a backbone name"),
+            arch=arch,
             sha256=f.take("sha256", str, check=_is_sha, expect="64 hex digits"),
             feature_dim=f.take("feature_dim", int, check=lambda v: v > 0, expect="a positive integer"),
-            input=InputSpec.parse(f.take("input", dict), f"{where}.input"),
+            input=spec.parse(f.take("input", dict), f"{where}.input"),
+            modality=modality,
         )
         f.done()
         return info
@@ -219,6 +245,14 @@ class Manifest:
             raise BundleError("manifest.head.backbone_sha256", got=manifest.head.backbone_sha256[:16] + "…",
                               expected=f"the backbone's sha256 {manifest.backbone.sha256[:16]}…",
                               todo="a head is bound to one backbone: re-export the bundle")
+        if manifest.backbone.modality == "text":
+            spec = manifest.backbone.input
+            entry = manifest.files.get(spec.tokenizer)
+            if entry is None or entry.sha256 != spec.tokenizer_sha256:
+                raise BundleError("manifest.backbone.input.tokenizer",
+                                  got=f"{spec.tokenizer} " + ("not in manifest.files" if entry is None else "with another sha256"),
+                                  expected="the tokenizer file listed in manifest.files with tokenizer_sha256",
+                                  todo="re-export the bundle")
         for entry in manifest.engines:
             for p in entry.files:
                 if p not in manifest.files:
@@ -227,6 +261,10 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["backbone"]["modality"] == "image":
+            # an image manifest stays what it was before text bundles existed: devices running an older
+            # edgexfer (whose strict parser refuses unknown fields) keep reading new image bundles
+            del d["backbone"]["modality"]
         out = {"schema": d.pop("schema")}
         out.update(d)
         return json.loads(json.dumps(out))  # tuples -> lists

@@ -19,6 +19,10 @@ HEAD_KINDS: dict[str, tuple[str, ...]] = {
 HEAD_POLICIES: tuple[str, ...] = ("auto", "fewshot", "frozen")
 DEFAULT_HEAD_POLICY = "auto"
 
+#: what a backbone reads (manifest ``backbone.modality``): images (runtime/preprocess.py) or texts
+#: (runtime/text.py); a manifest without the field is an image bundle's
+MODALITIES: tuple[str, ...] = ("image", "text")
+
 #: how an image is fitted to the backbone's input (runtime/preprocess.py)
 RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")
 

@@ -32,6 +32,8 @@ EXTRAS: dict[str, str] = {
     "cv2": "camera",
     # fleet learning (device federate, fleet serve)
     "flwr": "fleet",
+    # the text modality's tokenizer (runtime/text.py)
+    "tokenizers": "text",
 }
 
 

@@ -51,6 +51,7 @@ from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.compare import Output, compare, tolerance_for
 from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.fsutil import PRIVATE_FILE, file_sha256, private_dir, write_atomic
+from edgexfer.runtime.golden import golden_inputs
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import ALPHA, MIN_HOLDOUT_SAMPLES, LocalSplit, correct, mcnemar_worse
 from edgexfer.runtime.manifest import check_relative_path
@@ -306,7 +307,7 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
 
     with Device(state.root, backend=backend, precision=precision) as dev:
         engine = dev.engine(bundle)
-        feats = engine.run(golden["images"])
+        feats = engine.run(golden_inputs(bundle, golden))
         ran = {"backend": engine.name, "precision": engine.precision}
     on_engine = compare([Output("logits", expected, new.logits(feats), classes=True)], tolerance_for(ran["precision"]),
                         where=f"{ran['backend']}/{ran['precision']} engine and new head on the golden images")

