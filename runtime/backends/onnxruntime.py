@@ -9,7 +9,7 @@ from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
 
-_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
+_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 class OnnxRuntimeBackend(EngineRunner):
@@ -42,14 +42,21 @@ class OnnxRuntimeBackend(EngineRunner):
         except Exception as exc:  # onnxruntime raises its own exception types for bad models
             raise BundleError("ONNX Runtime cannot load the model", got=f"{self.model_path.name}: {str(exc)[:200]}",
                               expected="a valid ONNX model", todo="re-export the bundle") from None
-        inp = self.session.get_inputs()[0]
-        self._input = TensorSpec(inp.name, tuple(d if isinstance(d, int) else None for d in inp.shape),
-                                 _TYPES.get(inp.type, inp.type))
+        # one input (image: uint8 pixels) or several (text: int64 input_ids and attention_mask)
+        self._inputs = tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
+                                        _TYPES.get(i.type, i.type)) for i in self.session.get_inputs())
+        self._input = self._inputs[0]
         self._output = self.session.get_outputs()[0].name
         self.details = {"providers": self.session.get_providers(), "onnxruntime": ort.__version__}
 
     def input_spec(self) -> TensorSpec:
         return self._input
 
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self._output], {self._input.name: batch})[0]
+
+    def run_feed_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self._output], feed)[0]

