@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.converters.calibration import LabelledImages
+from edgexfer.converters.calibration import EngineInputs, LabelledImages, inputs_digest, single_feeds, take
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.bundle import Bundle
@@ -99,15 +99,24 @@ class QdqRunner(EngineRunner):
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             self.inference_precision = "f32 (Q/DQ simulated)"
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self._input = TensorSpec(inp.name, tuple(d if isinstance(d, int) else None for d in inp.shape), "uint8")
+        # images: one uint8 input; texts: int64 input_ids and attention_mask
+        types = {"tensor(uint8)": "uint8", "tensor(int64)": "int64"}
+        self._inputs = tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
+                                        types.get(i.type, i.type)) for i in self.session.get_inputs())
+        self._input = self._inputs[0]
         self.details = {"onnxruntime": ort.__version__, "graph_optimizations": "all" if optimized else "off"}
 
     def input_spec(self) -> TensorSpec:
         return self._input
 
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input.name: batch})[0]
+
+    def run_feed_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feed)[0]
 
     def close(self) -> None:
         self.session = None
@@ -191,7 +200,7 @@ class Quantizer:
     ``quantizer(excluded, target)`` writes a QDQ model keeping the ``excluded`` nodes in float.
     """
 
-    def __init__(self, float_model: Path, workdir: Path, recipe: QdqRecipe, pixels: np.ndarray):
+    def __init__(self, float_model: Path, workdir: Path, recipe: QdqRecipe, pixels: EngineInputs):
         self.q = require("onnxruntime.quantization", "int8 quantization for ONNX Runtime")
         workdir.mkdir(parents=True, exist_ok=True)
         # quantize_static writes '<model>-inferred.onnx' beside its input: work on a copy, never in the bundle
@@ -201,12 +210,12 @@ class Quantizer:
         self.recipe = recipe
         self.pixels = pixels
         # MinMax ranges depend on the model and the images only (not on the recipe): calibrate once per process
-        self.key = (file_sha256(float_model), hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
+        self.key = (file_sha256(float_model), inputs_digest(pixels))
         if self.key in _CALIBRATIONS:
             self.cache.write_bytes(_CALIBRATIONS[self.key])
 
     def _reader(self):
-        items = iter([{"image": self.pixels[i:i + 1]} for i in range(len(self.pixels))])
+        items = iter(single_feeds(self.pixels))
 
         class Reader(self.q.CalibrationDataReader):
             def get_next(self):
@@ -235,7 +244,8 @@ def rank_layers(quantize: Quantizer, qdq_model: Path, bundle: Bundle,
     amplifies an early layer's error, so the first layers are always candidates too. Each candidate's
     damage is ``1 - mean cosine`` of the features when it is the *only* int8 layer.
     """
-    ranking = layer_sensitivity(quantize.source, qdq_model, calib.pixels[:SENSITIVITY_IMAGES], quantize.recipe)
+    ranking = layer_sensitivity(quantize.source, qdq_model, take(calib.pixels, slice(0, SENSITIVITY_IMAGES)),
+                                quantize.recipe)
     shortlist = list(dict.fromkeys(_first_quantized(ranking, quantize.source, FIRST_LAYERS)
                                    + [r["node"] for r in ranking[:TOP_LOCAL]]))
     probe = calib.subset(min(len(calib), PROBE_IMAGES))
@@ -267,7 +277,7 @@ def _short(fig: dict[str, Any]) -> dict[str, Any]:
     return {k: round(fig[k], 4) for k in keys if k in fig}
 
 
-def layer_sensitivity(float_path: Path, qdq_path: Path, pixels: np.ndarray, recipe: QdqRecipe) -> list[dict[str, Any]]:
+def layer_sensitivity(float_path: Path, qdq_path: Path, pixels: EngineInputs, recipe: QdqRecipe) -> list[dict[str, Any]]:
     """Each quantized weighted layer's own SQNR (worst first), measured with the recipe's runtime.
 
     One model is built from the float model plus, for every quantized layer of the QDQ model, a copy
@@ -358,8 +368,8 @@ def layer_sensitivity(float_path: Path, qdq_path: Path, pixels: np.ndarray, reci
     names = [t for _, out, compare in branches for t in (out, compare)]
     signal = np.zeros(len(branches))
     noise = np.zeros(len(branches))
-    for i in range(len(pixels)):
-        values = dict(zip(names, session.run(names, {fm.graph.input[0].name: pixels[i:i + 1]})))
+    for feed in single_feeds(pixels, fm.graph.input[0].name):
+        values = dict(zip(names, session.run(names, feed)))
         for k, (_, out, compare) in enumerate(branches):
             a, b = values[compare].astype(np.float64), values[out].astype(np.float64)
             signal[k] += float(np.sum(a * a))
