@@ -249,7 +249,6 @@ def _speed(runner, bundle: Bundle, measure: bool) -> dict[str, Any]:
     if not measure:
         return {}
     from edgexfer.runtime.backends.registry import open_backend
-
     from edgexfer.runtime.golden import golden_inputs
 
     images = golden_inputs(bundle, bundle.golden())  # images, or the golden texts' token ids
