@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 TEST_BUNDLE := build/test-bundle
+# the text bundle of the device tests: minilm_l6 on the text demo set (data/fortunes-demo)
+TEST_TEXT_BUNDLE := build/test-text-bundle
 # the device side of signed updates and of fleet learning (merge, local rounds), run without torch as a device runs it
-DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py
+DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py tests/fleet/test_text_updates.py
 
 .PHONY: demo test test-host test-device check-arm64 lint clean
 
@@ -44,12 +46,14 @@ test: test-host test-device
 test-host: $(STAMP)
 	$(call run_pytest,$(PY),tests)
 
-# The runtime tests again, in the torch-free device venv, against a bundle the host venv builds.
+# The runtime tests again, in the torch-free device venv, against an image and a text bundle the host venv builds.
 test-device: $(STAMP) $(DEVICE_STAMP)
-	rm -rf build/test-run $(TEST_BUNDLE)
+	rm -rf build/test-run $(TEST_BUNDLE) build/test-text-run $(TEST_TEXT_BUNDLE)
 	$(VENV)/bin/edgexfer train data/clipart8-demo --out build/test-run --cache build/test-cache.sqlite --quiet >/dev/null
 	$(VENV)/bin/edgexfer export build/test-run --out $(TEST_BUNDLE) --quiet >/dev/null
-	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/service tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
+	$(VENV)/bin/edgexfer train data/fortunes-demo --out build/test-text-run --cache build/test-cache.sqlite --quiet >/dev/null
+	$(VENV)/bin/edgexfer export build/test-text-run --out $(TEST_TEXT_BUNDLE) --quiet >/dev/null
+	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) EDGEXFER_TEST_TEXT_BUNDLE=$(CURDIR)/$(TEST_TEXT_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/service tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
 
 # The device side on arm64, emulated with qemu-user (scripts/check_arm64.sh, docs/jetson.md); downloads are
 # kept under build/arm64/.

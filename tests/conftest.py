@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "clipart8-demo"
+#: the text demo set (4 topics, 15 texts each) and a fifth topic the text bundle never saw (20 texts)
+TEXT_DEMO_DATA = REPO / "data" / "fortunes-demo"
+NEW_TOPIC = REPO / "data" / "fortunes-love"
 
 
 def shared_clipart8() -> Path:
@@ -87,6 +90,43 @@ def device_bundle(request) -> Path:
     if not has_module("torch"):
         pytest.skip("no EDGEXFER_TEST_BUNDLE and no torch to build one")
     return request.getfixturevalue("demo_bundle").bundle
+
+
+@pytest.fixture(scope="session")
+def text_demo_data() -> Path:
+    return TEXT_DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A frozen/linear minilm_l6 run on the text demo set (4 topics), with its own feature cache (~15 s)."""
+    pytest.importorskip("torch")
+    from edgexfer.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("text-demo")
+    cfg = TrainConfig(data_dir=TEXT_DEMO_DATA, out=root / "run", cache=root / "features.sqlite", progress=False)
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory, text_run) -> Path:
+    """The text demo run exported as a bundle (built once per session; serve, fleet and demo tests can use it)."""
+    from edgexfer.export import export
+
+    out = tmp_path_factory.mktemp("text-bundle") / "bundle"
+    return export(text_run.run_dir, out, progress=False).bundle
+
+
+@pytest.fixture(scope="session")
+def device_text_bundle(request) -> Path:
+    """A text bundle for device tests: $EDGEXFER_TEST_TEXT_BUNDLE (made by the host venv, for the torch-free
+    device venv), else the text demo bundle built here with torch."""
+    env = os.environ.get("EDGEXFER_TEST_TEXT_BUNDLE")
+    if env:
+        return Path(env)
+    if not has_module("torch"):
+        pytest.skip("no EDGEXFER_TEST_TEXT_BUNDLE and no torch to build one")
+    return request.getfixturevalue("text_bundle")
 
 
 @pytest.fixture(scope="session")
