@@ -24,6 +24,7 @@ from edgexfer.runtime.compare import (
 )
 from edgexfer.runtime.golden import golden_inputs
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.text import TokenBatch
 
 FeatureFn = Callable[[EngineInputs], np.ndarray]
 
@@ -32,6 +33,11 @@ def run_batched(run: FeatureFn, pixels: EngineInputs, batch: int = 16) -> np.nda
     """Features of every row of ``pixels`` (images, or a TokenBatch of texts), ``batch`` rows per call."""
     if len(pixels) == 0:
         return np.zeros((0, 0), np.float32)
+    if isinstance(pixels, TokenBatch):
+        # texts of similar length share a batch (a batch is padded to its longest text), in their order after
+        order = np.argsort(pixels.attention_mask.sum(axis=1), kind="stable")
+        out = np.concatenate([run(take(pixels, order[s:s + batch])) for s in range(0, len(order), batch)])
+        return out[np.argsort(order, kind="stable")]
     return np.concatenate([run(take(pixels, slice(s, s + batch))) for s in range(0, len(pixels), batch)])
 
 
