@@ -82,19 +82,24 @@ def paired_head_overhead(engine: EngineRunner, predictor: Predictor, pixels: np.
     }
 
 
-def interleaved_engines(runners: Mapping[str, EngineRunner], pixels: np.ndarray, rounds: int) -> dict[str, Any]:
+def interleaved_engines(runners: Mapping[str, EngineRunner], pixels: np.ndarray, rounds: int,
+                        sample: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Every engine called once per round on the same sample, round after round, in a rotating order.
+
+    ``sample(i)`` is the batch-1 input of round ``i`` (default: image ``i`` of ``pixels``; a text bundle
+    passes one row of its token samples).
 
     Separate LoadGen tests run one after the other, so a load change on a shared machine can favour one
     engine; here each round gives every engine the same conditions, and the medians compare them fairly.
     """
     names = list(runners)
+    sample = sample or (lambda i: pixels[i % len(pixels)][None])
     times: dict[str, list[float]] = {name: [] for name in names}
     for name in names:
         for _ in range(WARMUP_CALLS):
-            runners[name].run(pixels[:1])
+            runners[name].run(sample(0))
     for r in range(max(4, rounds)):
-        x = pixels[r % len(pixels)][None]
+        x = sample(r)
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
             start = time.perf_counter()

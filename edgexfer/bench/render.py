@@ -11,6 +11,7 @@ import numpy as np
 from edgexfer.bench.environment import cpu_line
 from edgexfer.bench.plan import LAYERS, OFFLINE_LAYER, TORCH_BACKEND
 from edgexfer.bench.report import find_rows
+from edgexfer.bench.text import render_text_table
 from edgexfer.runtime.optional import require
 
 
@@ -47,14 +48,16 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"LoadGen: min duration {s['min_duration_s']} s, min queries {s['min_queries']}"
              f"{' (MLPerf minimums)' if s['mlperf_minimums'] else ' (short defaults, not MLPerf-grade)'}, "
              f"seed {s['seed']}, {s['warmup_calls']} warm-up calls before each test.", ""]
-    lines += ["## Backends side by side", "",
-              "SingleStream latency of the classifier (engine + head, batch 1), ms; best Offline throughput.", "",
-              "| backend | precision | computes in | p50 | p90 | p99 | throughput (samples/s) | at batch |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    text_table = render_text_table(report)  # a text bundle's headline: latency and throughput per sequence length
+    lines += text_table or [
+        "## Backends side by side", "",
+        "SingleStream latency of the classifier (engine + head, batch 1), ms; best Offline throughput.", "",
+        "| backend | precision | computes in | p50 | p90 | p99 | throughput (samples/s) | at batch |",
+        "|---|---|---|---:|---:|---:|---:|---:|"]
     pairs = list(dict.fromkeys((e["backend"], e["precision"]) for e in report["engines"]))
     computes = {(e["backend"], e["precision"]): (e.get("execution") or {}).get("inference_precision", "–")
                 for e in report["engines"]}
-    for backend, precision in pairs:
+    for backend, precision in [] if text_table else pairs:
         ss = find_rows(results, scenario="single-stream", backend=backend, precision=precision, layer="engine_head")
         off = find_rows(results, scenario="offline", backend=backend, precision=precision)
         top = max(off, key=lambda r: r.get("throughput_sps") or 0) if off else None
@@ -64,7 +67,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{top['batch'] if top else '–'} |")
     for sk in report.get("skipped", []):
         reason = str(sk["reason"]).replace("|", "\\|")  # one-line errors separate their parts with |
-        lines.append(f"| {sk['backend']} | {sk['precision']} | not measured: {reason} | | | | | |")
+        lines.append(f"- {sk['backend']}/{sk['precision']}: not measured: {reason}" if text_table else
+                     f"| {sk['backend']} | {sk['precision']} | not measured: {reason} | | | | | |")
     summ = report.get("summary", {})
     lines += [""]
     if "speedup_vs_pytorch_eager" in summ:
@@ -75,8 +79,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     side = report.get("side_by_side")
     if side:
-        lines += ["## Engines interleaved (engine layer, batch 1)", "",
-                  f"Each of {side['rounds']} rounds calls every engine once on the same image, in rotating order, so "
+        tokens = f", {side['sequence_length']} tokens" if side.get("sequence_length") else ""
+        lines += [f"## Engines interleaved (engine layer, batch 1{tokens})", "",
+                  f"Each of {side['rounds']} rounds calls every engine once on the same sample, in rotating order, so "
                   "load changes on the machine hit all engines alike. ms.", "",
                   "| engine | p50 | p90 | p50 relative to the fastest |", "|---|---:|---:|---:|"]
         fastest = min(side["p50_ms"].values())
@@ -92,7 +97,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "| backend | precision | layer | p50 | p90 | p95 | p99 | max | mean | std | queries | LoadGen |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in ss_rows:
-            lines.append(f"| {r['backend']} | {r['precision']} | {r['layer']} | {_ms(r.get('p50_ms'))} | "
+            layer = r["layer"] + (f", {r['sequence_length']} tokens" if r.get("sequence_length") else "")
+            lines.append(f"| {r['backend']} | {r['precision']} | {layer} | {_ms(r.get('p50_ms'))} | "
                          f"{_ms(r.get('p90_ms'))} | {_ms(r.get('p95_ms'))} | {_ms(r.get('p99_ms'))} | "
                          f"{_ms(r.get('max_ms'))} | {_ms(r.get('mean_ms'))} | {_ms(r.get('std_ms'))} | "
                          f"{r['count']} | {r.get('validity')} |")
@@ -113,7 +119,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{h['head_only_p50_ms'] * 1e3:.1f} µs |")
         lines.append("")
     off_rows = find_rows(results, scenario="offline")
-    if off_rows:
+    if off_rows and not text_table:  # a text bundle's throughput is in its headline table, per length
         batches = sorted({r["batch"] for r in off_rows})
         lines += [f"## Offline throughput (samples/s, layer {OFFLINE_LAYER}) by batch size", "",
                   "| backend | precision | " + " | ".join(f"b={x}" for x in batches) + " |",
@@ -174,8 +180,9 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
             for r in find_rows(ss, layer=layer):
                 lat = np.sort(np.asarray(r["latencies_ms"]))
                 if lat.size:
+                    tokens = f" L={r['sequence_length']}" if r.get("sequence_length") else ""
                     ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post",
-                            label=f"{r['backend']}/{r['precision']} (p50 {r['p50_ms']:.1f} ms)")
+                            label=f"{r['backend']}/{r['precision']}{tokens} (p50 {r['p50_ms']:.1f} ms)")
             ax.set_title(f"SingleStream latency CDF: {layer}")
             ax.set_xlabel("latency per query (ms)")
             ax.set_ylabel("fraction of queries")
@@ -189,17 +196,20 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     off = find_rows(report["results"], scenario="offline")
     if off:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for backend, precision in dict.fromkeys((r["backend"], r["precision"]) for r in off):
-            rows = sorted(find_rows(off, backend=backend, precision=precision), key=lambda r: r["batch"])
+        for backend, precision, length in dict.fromkeys((r["backend"], r["precision"], r.get("sequence_length"))
+                                                        for r in off):
+            rows = sorted(find_rows(off, backend=backend, precision=precision, sequence_length=length),
+                          key=lambda r: r["batch"])
             ax.plot([r["batch"] for r in rows], [r["throughput_sps"] or 0 for r in rows], marker="o",
-                    label=f"{backend}/{precision}")
+                    label=f"{backend}/{precision}" + (f" L={length}" if length else ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["batch"] for r in off}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("batch size")
         ax.set_ylabel("samples / s (LoadGen Offline)")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"Offline throughput ({OFFLINE_LAYER}) vs batch size")
+        layer = "engine" if off[0].get("sequence_length") else OFFLINE_LAYER
+        ax.set_title(f"Offline throughput ({layer}) vs batch size")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

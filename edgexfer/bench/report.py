@@ -39,8 +39,10 @@ class BundleInfo(Record):
 class SampleInfo(Record):
     count: int
     source: str  #: the golden images, or the --images folder and seed
-    mean_encoded_bytes: int
-    pixels_shape: list[int]  #: [H, W, 3]
+    mean_encoded_bytes: int  #: text bundles: mean UTF-8 bytes of the texts the token samples were cut from
+    pixels_shape: list[int]  #: [H, W, 3]; text bundles: [] (see sequence_lengths)
+    #: text bundles: the token counts every sample set has, one set per length (left out for images)
+    sequence_lengths: list[int] | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +133,8 @@ class _Result(Record):
     precision: str
     layer: str
     batch: int
+    #: text bundles: tokens per sample of this row (left out for images)
+    sequence_length: int | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +198,8 @@ class SideBySide(Record):
     batch: int
     p50_ms: dict[str, float]  #: "backend/precision" -> ms
     p90_ms: dict[str, float]
+    #: text bundles: tokens per sample of the interleaved calls (left out for images)
+    sequence_length: int | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,6 +263,9 @@ def find_rows(results: list[dict[str, Any]], **want: Any) -> list[dict[str, Any]
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The figures a person looks for first: best engine, its ratio to PyTorch eager, the head's overhead."""
     results = report["results"]
+    # a text report's summary speaks of its middle sequence length (128 tokens), the side-by-side one
+    length = (report.get("side_by_side") or {}).get("sequence_length")
+    results = [r for r in results if r.get("sequence_length") in (None, length)]
     engines = [r for r in find_rows(results, scenario="single-stream", layer="engine") if r["backend"] != TORCH_BACKEND]
     torch_rows = find_rows(results, scenario="single-stream", layer="engine", backend=TORCH_BACKEND)
     summary: dict[str, Any] = {}
@@ -291,7 +300,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 #: what identifies a result row across two reports
-_ROW_KEY: tuple[str, ...] = ("scenario", "backend", "precision", "layer", "batch")
+_ROW_KEY: tuple[str, ...] = ("scenario", "backend", "precision", "layer", "batch", "sequence_length")
 #: the metrics --compare puts side by side
 _COMPARED: tuple[str, ...] = ("p50_ms", "p90_ms", "p99_ms", "throughput_sps")
 

@@ -36,6 +36,7 @@ from edgexfer.bench.plan import (
     OFFLINE_LAYER,
     SCENARIOS,
     SEED,
+    TORCH_BACKEND,
     WARMUP_CALLS,
     EngineTarget,
     parse_batches,
@@ -61,6 +62,15 @@ from edgexfer.bench.report import (
 )
 from edgexfer.bench.runners import open_target, threads_used
 from edgexfer.bench.samples import SampleSet, load_samples
+from edgexfer.bench.text import (
+    TEXT_LAYERS,
+    TokenSamples,
+    bench_text_target,
+    first_row,
+    load_token_samples,
+    sequence_lengths,
+    side_by_side_length,
+)
 from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import InputError
@@ -102,8 +112,21 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     out.mkdir(parents=True, exist_ok=True)
 
     bundle = Bundle.open(bundle_dir)
-    targets, skipped = plan_targets(bundle, backends_l, precisions_l, torch_reference)
-    samples = load_samples(bundle, images)
+    text = bundle.modality == "text"
+    if text:
+        # a text bundle: the engine layer per sequence length (edgexfer.bench.text)
+        if images is not None:
+            raise InputError("--images with a text bundle", got=str(images), expected="no --images",
+                             todo="leave --images out: the samples are the bundle's golden texts")
+        if layers_l != list(LAYERS) and layers_l != list(TEXT_LAYERS):
+            raise InputError("--layer with a text bundle", got=",".join(layers_l), expected="engine (or all)",
+                             todo="leave --layer out: a text bench measures the engine per sequence length")
+        layers_l = list(TEXT_LAYERS)
+        if TORCH_BACKEND in backends_l:
+            raise InputError("--backend pytorch-eager with a text bundle", got=TORCH_BACKEND,
+                             expected="an engine backend", todo="the PyTorch eager twin is built for image backbones")
+    targets, skipped = plan_targets(bundle, backends_l, precisions_l, False if text else torch_reference)
+    samples = load_token_samples(bundle, sequence_lengths(bundle)) if text else load_samples(bundle, images)
     head = bundle.head()
     environment = capture_environment(threads)
     created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # when the measurements start
@@ -113,9 +136,10 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
                         batches=batches_l, min_duration_s=float(min_duration_s), min_queries=int(min_queries),
                         threads=threads, mlperf_minimums=bool(mlperf), warmup_calls=WARMUP_CALLS, seed=SEED,
                         offline_layer=OFFLINE_LAYER, samples=samples.describe())
+    lengths = len(samples.by_length) if text else 1
     run = _Run(bundle, head, samples, settings, out, progress,
-               steps=len(targets) * (("single-stream" in scenarios_l) * len(layers_l)
-                                     + ("offline" in scenarios_l) * len(batches_l)))
+               steps=len(targets) * lengths * (("single-stream" in scenarios_l) * len(layers_l)
+                                               + ("offline" in scenarios_l) * len(batches_l)))
     engines: list[EngineRecord] = []
     results: list[SingleStreamResult | OfflineResult] = []
     overheads: list[HeadOverhead] = []
@@ -131,7 +155,14 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     side = None
     if len(targets) > 1 and "single-stream" in scenarios_l:
         _say(progress, f"side by side: {len(targets)} engines, {max(int(min_queries), 16)} interleaved rounds")
-        side = SideBySide(**_side_by_side(targets, bundle, threads, samples.pixels, max(int(min_queries), 16)))
+        if text:
+            length = side_by_side_length(samples)
+            rows = samples.by_length[length]
+            side = SideBySide(**_side_by_side(targets, bundle, threads, None, max(int(min_queries), 16),
+                                              lambda i: rows.rows(slice(i % len(rows), i % len(rows) + 1))),
+                              sequence_length=length)
+        else:
+            side = SideBySide(**_side_by_side(targets, bundle, threads, samples.pixels, max(int(min_queries), 16)))
         gc.collect()
     m = bundle.manifest
     report = Report(
@@ -164,7 +195,7 @@ class _Run:
 
     bundle: Bundle
     head: Head
-    samples: SampleSet
+    samples: SampleSet | TokenSamples
     settings: Settings
     out: Path
     progress: bool
@@ -182,20 +213,24 @@ class _Run:
 
 def _bench_target(target: EngineTarget, run: _Run) -> tuple[EngineRecord, list, HeadOverhead | None]:
     """Open one engine, time its setup, then run every scenario x layer (x batch) on it through LoadGen."""
-    samples, n, settings = run.samples, len(run.samples.encoded), run.settings
+    samples, settings = run.samples, run.settings
+    text = isinstance(samples, TokenSamples)
     _say(run.progress, f"opening {target.label}")
     runner = open_target(target, run.bundle, settings.threads)
     results: list[SingleStreamResult | OfflineResult] = []
     overhead = None
     try:
         start = time.perf_counter()
-        runner.run(samples.pixels[:1])
+        runner.run(first_row(samples) if text else samples.pixels[:1])
         first_s = time.perf_counter() - start
         engine_record = EngineRecord(
             backend=target.backend, precision=target.precision,
             model=str(target.model.relative_to(run.bundle.root)) if target.model else None,
             load_seconds=runner.stats.load_seconds, first_inference_ms=first_s * 1e3, threads=threads_used(runner),
             execution=Execution(**_jsonable(runner.execution)), details=_jsonable(runner.details))
+        if text:
+            return engine_record, bench_text_target(target, runner, samples, run, _single_stream_result), None
+        n = len(samples.encoded)
         predictor = Predictor(run.bundle, runner, run.head, target.backend, target.precision,
                               batch_size=max(settings.batches))
         work = {
@@ -234,11 +269,13 @@ def _bench_target(target: EngineTarget, run: _Run) -> tuple[EngineRecord, list, 
     return engine_record, results, overhead
 
 
-def _single_stream_result(target: EngineTarget, layer: str, measured: dict[str, Any]) -> SingleStreamResult:
+def _single_stream_result(target: EngineTarget, layer: str, measured: dict[str, Any],
+                          sequence_length: int | None = None) -> SingleStreamResult:
     stats = latency_stats(measured["latencies_s"])
     lg = measured["loadgen"]
     return SingleStreamResult(
-        backend=target.backend, precision=target.precision, layer=layer, batch=1, **loadgen_latency_ms(lg),
+        backend=target.backend, precision=target.precision, layer=layer, batch=1, sequence_length=sequence_length,
+        **loadgen_latency_ms(lg),
         count=int(lg.get("result_query_count") or stats["count"]), std_ms=stats["std_ms"],
         throughput_sps=lg.get("result_qps_with_loadgen_overhead"), validity=lg.get("result_validity"),
         invalid_reason=lg.get("result_invalid_reason"), early_stopping=lg.get("early_stopping_result"),
@@ -253,13 +290,13 @@ def _classified(results: list, samples: SampleSet, index: int) -> list:
     return results
 
 
-def _side_by_side(targets: list[EngineTarget], bundle: Bundle, threads: int | None, pixels: np.ndarray,
-                  rounds: int) -> dict[str, Any]:
+def _side_by_side(targets: list[EngineTarget], bundle: Bundle, threads: int | None, pixels: np.ndarray | None,
+                  rounds: int, sample=None) -> dict[str, Any]:
     runners: dict[str, EngineRunner] = {}
     try:
         for target in targets:
             runners[target.label] = open_target(target, bundle, threads)
-        return interleaved_engines(runners, pixels, rounds)
+        return interleaved_engines(runners, pixels, rounds, sample)
     finally:
         for runner in runners.values():
             runner.close()
