@@ -9,6 +9,12 @@ inference time.
 The tree is split once, seeded and stratified by class: ``calib_size`` images calibrate the
 quantizer (and steer the int8 sensitivity search); the rest are held out and used only to validate
 the finished engine, so the figures a user reads were not used to tune the engine.
+
+A text bundle takes text data instead (a folder of ``.txt`` files per class, or a CSV/JSONL file of
+``text,label``, read by :mod:`edgexfer.runtime.textdata`), split the same way and tokenized by the
+bundle's own tokenizer (:mod:`edgexfer.runtime.text`): the engine inputs are then one
+:class:`~edgexfer.runtime.text.TokenBatch`, padded to its longest text; :func:`take` gives rows of
+either kind, each text batch trimmed to its own longest text.
 """
 from __future__ import annotations
 
@@ -23,26 +29,54 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.imagefolder import class_files, class_folders
 from edgexfer.runtime.preprocess import load_image
+from edgexfer.runtime.text import TokenBatch
+
+#: what an engine reads: uint8 pixels [N, H, W, 3], or the token ids and mask of N texts
+EngineInputs = np.ndarray | TokenBatch
 
 #: at least this share of the images (and at least MIN_HOLDOUT images) is always held out
 MIN_HOLDOUT_FRACTION = 0.2
 MIN_HOLDOUT = 8
 
 
+def take(inputs: EngineInputs, index: slice | np.ndarray | list[int]) -> EngineInputs:
+    """Some rows of engine inputs: pixel rows, or texts' token rows trimmed to their own longest text."""
+    return inputs.rows(index) if isinstance(inputs, TokenBatch) else inputs[index]
+
+
+def inputs_digest(inputs: EngineInputs) -> str:
+    """sha256 naming exactly these engine inputs (keys of in-process caches)."""
+    if isinstance(inputs, TokenBatch):
+        h = hashlib.sha256(b"tokens")
+        for array in (inputs.input_ids, inputs.attention_mask):
+            h.update(repr(array.shape).encode())
+            h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return h.hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(inputs).tobytes()).hexdigest()
+
+
+def single_feeds(inputs: EngineInputs, image_input: str = "image") -> list[dict[str, np.ndarray]]:
+    """One feed (input name -> array) per row: what calibration readers hand to the model, one sample each."""
+    if isinstance(inputs, TokenBatch):
+        return [inputs.rows(slice(i, i + 1)).feed() for i in range(len(inputs))]
+    return [{image_input: inputs[i:i + 1]} for i in range(len(inputs))]
+
+
 @dataclass(frozen=True)
 class LabelledImages:
-    """Preprocessed ``uint8[N, H, W, 3]`` pixels with their class index in the head's class list."""
+    """Engine inputs with their class index in the head's class list: preprocessed ``uint8[N, H, W, 3]``
+    pixels, or (text bundles) the :class:`~edgexfer.runtime.text.TokenBatch` of N texts."""
 
-    pixels: np.ndarray
+    pixels: EngineInputs
     labels: np.ndarray
-    paths: tuple[str, ...]
+    paths: tuple[str, ...]  #: files (texts: their source, e.g. ``file.csv:line 3``)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, count: int) -> LabelledImages:
         """The first ``count`` images (the split already interleaves classes, so this stays balanced)."""
-        return LabelledImages(self.pixels[:count], self.labels[:count], self.paths[:count])
+        return LabelledImages(take(self.pixels, slice(0, count)), self.labels[:count], self.paths[:count])
 
 
 @dataclass(frozen=True)
@@ -92,6 +126,8 @@ def load_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, 
                          todo="use e.g. 300")
     if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
         raise InputError("validation size", got=repr(val_size), expected="a positive number of images or None")
+    if bundle.modality == "text":
+        return load_text_calibration(bundle, calib_dir, calib_size, val_size=val_size, seed=seed)
     classes = bundle.manifest.head.classes
     files, ignored = scan_calibration_files(calib_dir, classes)
     by_digest: dict[str, tuple[Path, set[int]]] = {}
@@ -140,6 +176,49 @@ def load_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, 
         [unique[i][2] for i in hold_idx], [int(unique[i][1]) for i in hold_idx], spec.key(),
     )).encode()).hexdigest()
     return CalibrationSplit(calibration, holdout, fingerprint, tuple(ignored), tuple(problems))
+
+
+def load_text_calibration(bundle: Bundle, calib: str | Path, calib_size: int, *, val_size: int | None = None,
+                          seed: int = 0) -> CalibrationSplit:
+    """:func:`load_calibration` for a text bundle: labelled texts (folder of .txt, CSV or JSONL), split the
+    same way (seeded, interleaved by class, at least 20 % held out), tokenized by the bundle's tokenizer."""
+    from edgexfer.runtime.textdata import read_text_dataset
+
+    classes = bundle.manifest.head.classes
+    data = read_text_dataset(calib)  # duplicates and label conflicts already removed, bad samples reported
+    known = [name for name in data.classes if name in classes]
+    if not known:
+        raise DataError("no class of the calibration texts is a class of the bundle's head",
+                        got=", ".join(data.classes), expected=f"classes named like {', '.join(classes)}",
+                        todo="pass --calib with the texts the head was trained for")
+    samples = sorted((s for s in data.samples if data.classes[s.label] in classes), key=lambda s: s.sha256)
+    labels = np.array([classes.index(data.classes[s.label]) for s in samples], dtype=np.int64)
+    order = _interleaved_order(labels, seed)
+    total = len(order)
+    holdout_min = max(MIN_HOLDOUT, math.ceil(MIN_HOLDOUT_FRACTION * total))
+    n_calib = min(calib_size, total - holdout_min)
+    if n_calib < 1:
+        raise DataError("too few calibration texts", got=f"{total} usable text(s) in {calib}",
+                        expected=f"more than {holdout_min} (some are always held out for validation)",
+                        todo="add labelled texts")
+    calib_idx = order[:n_calib]
+    hold_idx = order[n_calib:][_interleaved_order(labels[order[n_calib:]], seed + 1)]
+    if val_size is not None:
+        hold_idx = hold_idx[:val_size]
+    tokenizer = bundle.tokenizer()
+
+    def read(indices: np.ndarray) -> LabelledImages:
+        texts = [samples[i].text for i in indices]
+        tokens = tokenizer.encode(texts) if texts else TokenBatch(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), 0)
+        return LabelledImages(tokens, labels[indices], tuple(samples[i].source for i in indices))
+
+    calibration, holdout = read(calib_idx), read(hold_idx)
+    fingerprint = hashlib.sha256(repr((
+        [samples[i].sha256 for i in calib_idx], [int(labels[i]) for i in calib_idx],
+        [samples[i].sha256 for i in hold_idx], [int(labels[i]) for i in hold_idx], tokenizer.key(),
+    )).encode()).hexdigest()
+    ignored = tuple(name for name in data.classes if name not in classes)
+    return CalibrationSplit(calibration, holdout, fingerprint, ignored, tuple(data.skipped))
 
 
 def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.converters.calibration import CalibrationSplit, load_calibration
+from edgexfer.converters.calibration import CalibrationSplit, load_calibration, take
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.engine_table import write_engine_table
 from edgexfer.converters.validate import raise_if_failed, validate_engine
@@ -249,8 +249,9 @@ def _speed(runner, bundle: Bundle, measure: bool) -> dict[str, Any]:
     if not measure:
         return {}
     from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.golden import golden_inputs
 
-    images = bundle.golden()["images"]
+    images = golden_inputs(bundle, bundle.golden())  # images, or the golden texts' token ids
     out = _timings(runner.run, images)
     # the reference is timed at the same moment, so a busy machine shows in both figures
     with open_backend("onnxruntime", bundle.backbone_path) as reference:
@@ -259,9 +260,9 @@ def _speed(runner, bundle: Bundle, measure: bool) -> dict[str, Any]:
             "machine": "this converting machine's CPU (see info.cpu); not the target device"}
 
 
-def _timings(run, images: np.ndarray, seconds: float = 0.5) -> dict[str, float]:
-    one = images[:1]
-    eight = np.concatenate([images] * (8 // len(images) + 1))[:8]
+def _timings(run, images, seconds: float = 0.5) -> dict[str, float]:
+    one = take(images, slice(0, 1))
+    eight = take(images, np.arange(8) % len(images))
     run(one)
     run(eight)
     laps = []

@@ -10,6 +10,11 @@ target CPU has an int8 dot product: without VNNI, u8*s8 products saturate int16 
 target is ``int8_target``, never the converting CPU by accident). If the result misses the
 tolerance on the labelled calibration images, NNCF's accuracy-controlled quantization runs with the
 same options and reverts the most harmful layers to float until the accuracy drop holds.
+
+A text bundle's backbone (a transformer) is quantized with NNCF's transformer model type (its
+patterns keep LayerNorm, Softmax and the GELU arithmetic in float and quantize the matrix products),
+calibrated on labelled texts tokenized by the bundle's tokenizer; when post-training quantization
+misses the tolerance, accuracy control runs directly (the ignored-scope search ranks convolutions).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.converters.calibration import CalibrationSplit
+from edgexfer.converters.calibration import CalibrationSplit, single_feeds
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
 from edgexfer.runtime.backends.registry import open_backend
@@ -30,6 +35,7 @@ from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import ValidationError
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.precision import openvino_config
+from edgexfer.runtime.text import TokenBatch
 
 #: cosine margin the search aims for on calibration images, so held-out images still meet the tolerance
 SEARCH_COSINE_MARGIN = 0.01
@@ -76,23 +82,33 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
     )
 
     calib = split.calibration
+    text = isinstance(calib.pixels, TokenBatch)
     cpu = cpu_features()
     # Without VNNI, int8 convolutions multiply u8 by s8 in pairs that saturate int16; 7-bit weights avoid
     # it. The engine runs on the devices, so their CPUs decide, not this one.
     overflow = OverflowFix.ENABLE if overflow_fix_needed(int8_target) else OverflowFix.FIRST_LAYER
     options = {"preset": nncf.QuantizationPreset.PERFORMANCE, "fast_bias_correction": True,
                "subset_size": len(calib)}
+    shown = {"preset": "performance", "fast_bias_correction": True, "overflow_fix": overflow.value}
+    if text:
+        # NNCF's transformer patterns; its preset for them (mixed: asymmetric activations, which suit the
+        # GELU's and the attention's one-sided ranges) replaces the symmetric one of convolutional backbones
+        options.update(model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
+        shown.update(model_type="transformer", preset="mixed")
     advanced = AdvancedQuantizationParameters(overflow_fix=overflow)
-    dataset = nncf.Dataset([calib.pixels[i:i + 1] for i in range(len(calib))])
+    # one sample per item: image pixels [1, H, W, 3], or a text's {input_ids, attention_mask} [1, L]
+    samples = single_feeds(calib.pixels) if text else [calib.pixels[i:i + 1] for i in range(len(calib))]
+    dataset = nncf.Dataset(samples)
     info: dict[str, Any] = {"nncf": nncf.__version__, "cpu": cpu.to_dict(), "int8_target": int8_target,
-                            "calibration_images": len(calib),
-                            "options": {"preset": "performance", "fast_bias_correction": True,
-                                        "overflow_fix": overflow.value}}
+                            "calibration_images": len(calib), "options": shown}
     core = ov.Core()
     head = bundle.head()
 
-    def features_of(compiled) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda pixels: np.array(compiled(pixels)[0], dtype=np.float32)
+    def features_of(compiled) -> Callable[[Any], np.ndarray]:
+        def run(batch):
+            return np.array(compiled(batch.feed() if isinstance(batch, TokenBatch) else batch)[0], dtype=np.float32)
+
+        return run
 
     def evaluate(candidate) -> dict[str, Any]:
         # the search judges the engine as devices will run it: float parts in f32, whatever this CPU's default
@@ -109,7 +125,7 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
     figures = evaluate(quantized)
     info["search"] = [{"method": "nncf.quantize", "ignored_scope": [], **_short(figures)}]
     ignored: list[str] = []
-    if not meets(figures, tolerance, SEARCH_COSINE_MARGIN):
+    if not text and not meets(figures, tolerance, SEARCH_COSINE_MARGIN):
         # Rank layers by their own quantization error (engine-neutral: int8 Q/DQ evaluated in float),
         # then keep the worst in float through NNCF's ignored scope while that improves the result.
         _say(progress, f"mean cosine {figures['mean_cosine']:.4f}, accuracy drop "
@@ -130,8 +146,7 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
     if not meets(figures, tolerance, SEARCH_COSINE_MARGIN):
         _say(progress, "NNCF accuracy-controlled quantization (reverts the most harmful layers to float)")
         count = min(len(calib), AC_VALIDATION_IMAGES)
-        validation = nncf.Dataset([(calib.pixels[i:i + 1], int(calib.labels[i])) for i in range(count)],
-                                  lambda item: item[0])
+        validation = nncf.Dataset([(samples[i], int(calib.labels[i])) for i in range(count)], lambda item: item[0])
 
         def accuracy(compiled, items) -> tuple[float, None]:
             hits = [int(np.argmax(head.logits(np.array(compiled(px)[0], dtype=np.float32))[0]) == label)

@@ -7,6 +7,12 @@ Everything lands in ``engines/tensorrt/<precision>/``:
   (the exported graph transposes its uint8 input before casting it; TensorRT wants the Cast first).
 * ``trt_lint.json``: the static lint of that model (:mod:`edgexfer.converters.trt_lint`).
 * ``build_engine.sh``: the exact ``trtexec`` call (shapes, precision flags, timing cache, output).
+
+Optimisation profiles (:func:`profile_shapes`): an image backbone has one dynamic dimension, the batch
+(``BATCH_PROFILE``); a text backbone two, the batch and the sequence length of both ``input_ids``
+and ``attention_mask`` (``SEQUENCE_PROFILE``, up to the manifest's ``max_length``; both in
+:mod:`edgexfer.runtime.engine_store`). TensorRT builds
+kernels for the ``opt`` shape and accepts any shape between ``min`` and ``max``.
 * with TensorRT: ``backbone.plan``, ``engine_key.json`` (what the plan is valid for) and
   ``timing.cache``. The runtime backend refuses a plan whose key does not match the device.
 """
@@ -23,26 +29,41 @@ from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance
-from edgexfer.runtime.engine_store import EngineKey, tensorrt_key
+from edgexfer.runtime.engine_store import (
+    BATCH_PROFILE,
+    EngineKey,
+    tensorrt_key,
+    tensorrt_profile_id,
+    tensorrt_profiles,
+)
 from edgexfer.runtime.errors import BundleError, DataError
 from edgexfer.runtime.optional import is_installed, require
 
-#: optimisation profile of the batch dimension: (min, opt, max)
-BATCH_PROFILE = (1, 8, 32)
+#: name -> ((min shape), (opt shape), (max shape)) of every dynamic network input
+Profiles = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def profile_shapes(bundle: Bundle) -> Profiles:
+    """The optimisation profile of every input of the bundle's backbone (see the module docstring; the
+    shapes live in :mod:`edgexfer.runtime.engine_store`, whose keys name them)."""
+    return tensorrt_profiles(bundle.manifest.backbone)
+
+
 #: builder workspace limit
 WORKSPACE_MIB = 1024
 
 
 def engine_store_key(tensorrt_version: str, gpu_name: str, compute_capability: str, precision: str,
-                     backbone_sha256: str) -> str:
-    """The name a TensorRT plan is stored under: a plan is only valid for exactly these five things.
+                     backbone_sha256: str, profile: str = "") -> str:
+    """The name a TensorRT plan is stored under: a plan is only valid for exactly these five things
+    (and, for a text backbone, the shape ``profile`` it accepts: :func:`tensorrt_profile_id`).
 
     A plan built by another TensorRT version, for another GPU (name or compute capability), another
     precision or another backbone must never be loaded, so each part changes the key. The same key
     names the device's cache entry (``state/engines/<key>/``, :mod:`edgexfer.runtime.engine_store`).
     """
     return EngineKey("tensorrt", tensorrt_version, f"{gpu_name} sm{compute_capability}", precision,
-                     backbone_sha256).key
+                     backbone_sha256, profile=profile).key
 
 
 def build_device_engine(bundle: Bundle, precision: str, out_dir: Path) -> dict[str, Any]:
@@ -59,15 +80,15 @@ def build_device_engine(bundle: Bundle, precision: str, out_dir: Path) -> dict[s
                           todo=f"run `edgexfer convert BUNDLE --to tensorrt --precision {precision}` on the host "
                                "and flash the bundle again")
     trt = require("tensorrt", "building a TensorRT engine")
-    build_plan(trt, kit, out_dir / "backbone.plan", precision, tuple(bundle.manifest.backbone.input.size),
-               out_dir / "timing.cache")
+    build_plan(trt, kit, out_dir / "backbone.plan", precision, profile_shapes(bundle), out_dir / "timing.cache")
     return {"model": str(kit.relative_to(bundle.root)), "tensorrt": trt.__version__}
 
 
 def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
                      tolerance: Tolerance, workdir: Path, *, progress: bool = True) -> EngineBuild:
     onnx = require("onnx", "preparing a model for TensorRT")
-    source_lint = lint_model(onnx.load(str(bundle.backbone_path)))
+    profiles = profile_shapes(bundle)
+    source_lint = lint_model(onnx.load(str(bundle.backbone_path)), profiles=profiles, precision=precision)
     model = onnx.load(str(bundle.backbone_path))
     rewrites = cast_before_transpose(model)
     onnx.checker.check_model(model)
@@ -87,17 +108,19 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
     else:
         model_path = out_dir / "backbone.onnx"
         onnx.save(model, str(model_path))
-    lint = lint_model(onnx.load(str(model_path)))
+    lint = lint_model(onnx.load(str(model_path)), profiles=profiles, precision=precision)
     (out_dir / "trt_lint.json").write_text(json.dumps(lint, indent=2) + "\n")
     info["lint"] = {"tensorrt": lint["tensorrt"], "errors": lint["errors"], "warnings": lint["warnings"]}
-    inp = bundle.manifest.backbone.input
     script = out_dir / "build_engine.sh"
-    script.write_text(build_script(model_path.name, precision, tuple(inp.size)))
+    script.write_text(build_script(model_path.name, precision, profiles))
     script.chmod(0o755)
     files = [model_path, out_dir / "trt_lint.json", script]
     info["batch_profile"] = dict(zip(("min", "opt", "max"), BATCH_PROFILE))
+    info["profiles"] = {name: dict(zip(("min", "opt", "max"), (list(s) for s in shapes)))
+                        for name, shapes in profiles.items()}
 
-    key = tensorrt_key(precision, bundle.manifest.backbone.sha256) if is_installed("tensorrt") else None
+    key = (tensorrt_key(precision, bundle.manifest.backbone.sha256, profile=tensorrt_profile_id(bundle.manifest.backbone))
+           if is_installed("tensorrt") else None)
     if key is None:
         info["engine"] = ("not built: TensorRT or a CUDA GPU is absent here; run build_engine.sh, or "
                           f"`edgexfer convert BUNDLE --to tensorrt --precision {precision}` on the device")
@@ -108,7 +131,7 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
                            register=False)
     trt = require("tensorrt", "building a TensorRT engine")
     plan = out_dir / "backbone.plan"
-    build_plan(trt, model_path, plan, precision, tuple(inp.size), out_dir / "timing.cache")
+    build_plan(trt, model_path, plan, precision, profiles, out_dir / "timing.cache")
     (out_dir / "engine_key.json").write_text(json.dumps(key.record(), indent=2) + "\n")
     gpu = dict(key.extra)
     info.update({"tensorrt": trt.__version__, "gpu": {"name": gpu["gpu"], "compute_capability": gpu["sm"]},
@@ -120,8 +143,26 @@ def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: Calib
                        validated_with=f"edgexfer.runtime.backends.tensorrt on {gpu['gpu']}")
 
 
-def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, size: tuple[int, int], timing_cache: Path) -> None:
+def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, profiles: Profiles, timing_cache: Path) -> None:
     """Build a serialized engine with the TensorRT Python API (explicit batch, one profile, timing cache)."""
+    config, network, builder, _parser = builder_config(trt, onnx_path, precision, profiles)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BundleError("TensorRT could not build the engine", got=f"{onnx_path.name} at {precision}",
+                          expected="a serialized engine", todo="read the TensorRT log above")
+    plan_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def builder_config(trt, onnx_path: Path, precision: str, profiles: Profiles):
+    """The parsed network and the builder config of :func:`build_plan`: precision flags and one
+    optimisation profile holding every dynamic input (``profiles``; an input it lacks is an error).
+
+    Returns ``(config, network, builder, parser)``: the parser owns the network's weights, so it must
+    outlive the build.
+    """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -142,27 +183,27 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, precision: str, size: tupl
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the Q/DQ nodes
-    h, w = size
     profile = builder.create_optimization_profile()
-    name = network.get_input(0).name
-    lo, opt, hi = BATCH_PROFILE
-    profile.set_shape(name, (lo, h, w, 3), (opt, h, w, 3), (hi, h, w, 3))
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    missing = [n for n in names if n not in profiles]
+    if missing:
+        raise BundleError("no optimisation profile for a network input", got=", ".join(missing),
+                          expected=f"a profile for each of {', '.join(names)}",
+                          todo="report this as a bug with the backbone name")
+    for name in names:
+        profile.set_shape(name, *profiles[name])
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BundleError("TensorRT could not build the engine", got=f"{onnx_path.name} at {precision}",
-                          expected="a serialized engine", todo="read the TensorRT log above")
-    plan_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return config, network, builder, parser
 
 
-def trtexec_command(model_name: str, precision: str, size: tuple[int, int]) -> list[str]:
-    h, w = size
-    lo, opt, hi = BATCH_PROFILE
+def trtexec_command(model_name: str, precision: str, profiles: Profiles) -> list[str]:
+    """The ``trtexec`` call of the build kit: one ``--minShapes/--optShapes/--maxShapes`` entry per input."""
+
+    def shapes(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in dims[which])}" for name, dims in profiles.items())
+
     cmd = ["trtexec", f"--onnx={model_name}", "--saveEngine=backbone.plan",
-           f"--minShapes=image:{lo}x{h}x{w}x3", f"--optShapes=image:{opt}x{h}x{w}x3", f"--maxShapes=image:{hi}x{h}x{w}x3",
+           f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}",
            f"--memPoolSize=workspace:{WORKSPACE_MIB}", "--timingCacheFile=timing.cache",
            "--noTF32"]  # fp32 layers in fp32, not TF32 (Ampere/Orin default)
     if precision == "fp16":
@@ -172,8 +213,8 @@ def trtexec_command(model_name: str, precision: str, size: tuple[int, int]) -> l
     return cmd
 
 
-def build_script(model_name: str, precision: str, size: tuple[int, int]) -> str:
-    cmd = trtexec_command(model_name, precision, size)
+def build_script(model_name: str, precision: str, profiles: Profiles) -> str:
+    cmd = trtexec_command(model_name, precision, profiles)
     shown = " \\\n  ".join(shlex.quote(c) for c in cmd[1:])
     return f"""#!/usr/bin/env bash
 # Build the TensorRT {precision} engine of this bundle on the target device (Jetson: JetPack's TensorRT).

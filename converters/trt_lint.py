@@ -2,8 +2,17 @@
 
 Runs anywhere (no TensorRT needed): op types against the supported-operator table kept as data in
 ``converters/data/trt_supported_ops.json`` (transcribed from onnx-tensorrt's docs/operators.md, with
-the commit), the opset, dynamic dimensions, and data types (INT64 or double initializers, UINT8
-tensors used anywhere but as a network input consumed by Cast). Every problem names its node.
+the commit), the opset, dynamic dimensions against the optimisation profiles, and data types (INT64 or
+double initializers, INT64 network inputs on TensorRT 8, UINT8 tensors used anywhere but as a network
+input consumed by Cast). Every problem names its node.
+
+Transformers (text backbones) add checks of their own, for fp16 engines:
+
+* a LayerNorm written out as ReduceMean/Sub/Pow/Sqrt/Div (exports before opset 17): TensorRT warns that
+  such a layernorm after self-attention overflows in FP16 and can fuse only the LayerNormalization op of
+  opset 17 (its INormalizationLayer, which keeps the statistics in FP32);
+* float constants beyond the float16 range (an attention mask bias of float32's minimum, as BERT exports
+  write it): they become -inf in fp16, and ``0 * -inf`` is NaN.
 """
 from __future__ import annotations
 
@@ -37,8 +46,17 @@ def target_table(version: str | None = None) -> dict[str, Any]:
     return data["targets"][version]
 
 
-def lint_model(model, target: str | None = None) -> dict[str, Any]:
+#: largest finite float16
+FP16_MAX = 65504.0
+
+
+def lint_model(model, target: str | None = None, *, profiles: dict[str, Any] | None = None,
+               precision: str | None = None) -> dict[str, Any]:
     """Problems of ``model`` (an ``onnx.ModelProto``) for TensorRT ``target``; see module docstring.
+
+    ``profiles`` (input name -> (min, opt, max) shapes, :func:`edgexfer.converters.to_tensorrt.profile_shapes`)
+    says which dynamic dimensions a profile covers; without it only the batch (first) dimension counts as
+    covered. ``precision`` enables the fp16 checks.
 
     Each problem: ``{"severity": "error"|"warning"|"info", "check": ..., "node": ..., "op_type": ..., "message": ...}``.
     """
@@ -91,17 +109,39 @@ def lint_model(model, target: str | None = None) -> dict[str, Any]:
         add("info", "restriction", names[0], op_type,
             f"{ops[op_type]['restrictions']} ({len(names)} node(s) of this type; not checked)")
 
-    # Dynamic dimensions: only the batch (first) dimension of inputs may be dynamic; it gets a profile.
+    # Dynamic dimensions: each needs a min/opt/max range in the optimisation profile (the batch always has one).
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
+        is_input = value in graph.input
         for axis, dim in enumerate(dims):
             if not dim.HasField("dim_value"):
-                severity = "info" if axis == 0 else "warning"
                 label = dim.dim_param or "?"
-                add(severity, "dynamic_dim", value.name, "graph input" if value in graph.input else "graph output",
+                if is_input:
+                    covered = axis == 0 if profiles is None else value.name in profiles
+                else:  # an output's shape follows from the inputs' shapes
+                    covered = axis == 0 or profiles is not None
+                what = "min/opt/max batch" if axis == 0 else f"min/opt/max of '{label}'"
+                add("info" if covered else "warning", "dynamic_dim", value.name,
+                    "graph input" if is_input else "graph output",
                     f"dimension {axis} is dynamic ('{label}')" + (
-                        ": covered by the optimisation profile (min/opt/max batch)" if axis == 0 else
+                        f": covered by the optimisation profile ({what})" if covered else
                         ": needs its own optimisation profile range"))
+
+    # INT64 network inputs (a transformer's token ids and mask): TensorRT 10 binds them as INT64; TensorRT 8
+    # has no INT64 tensors and the parser makes them INT32 inputs (exact for token ids < 2^31 and a 0/1 mask;
+    # the runtime backend casts what it feeds)
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == _INT64:
+            if "INT64" in table["data_types"]:
+                add("info", "dtype", value.name, "graph input",
+                    f"INT64 input: bound as INT64 by TensorRT {table['tensorrt']}")
+            else:
+                add("warning", "dtype", value.name, "graph input",
+                    f"INT64 input: TensorRT {table['tensorrt']} has no INT64 tensors and makes it an INT32 input "
+                    "(exact for token ids and masks; edgexfer's tensorrt backend casts what it feeds)")
+
+    if precision == "fp16":
+        _fp16_transformer_checks(graph, numpy_helper, add)
 
     for init in graph.initializer:
         if init.data_type == _INT64:
@@ -129,6 +169,32 @@ def lint_model(model, target: str | None = None) -> dict[str, Any]:
             "table_source": table["source"], "errors": errors,
             "warnings": sum(p["severity"] == "warning" for p in problems),
             "problems": problems, "onnx": onnx.__version__}
+
+
+def _fp16_transformer_checks(graph, numpy_helper, add) -> None:
+    """fp16 hazards of transformers: a LayerNorm written out in elementary ops, and constants fp16 cannot hold."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    for node in graph.node:
+        # (x - mean)^2 -> ReduceMean: the variance of a decomposed LayerNorm
+        if node.op_type == "Pow" and any(c.op_type == "ReduceMean" for c in consumers.get(node.output[0], [])):
+            add("warning", "fp16_layernorm", node.name or "<unnamed Pow>", node.op_type,
+                "LayerNorm written out as ReduceMean/Pow/Sqrt: in FP16 its variance overflows after self-attention; "
+                "export with opset >= 17 (LayerNormalization, which TensorRT 8.6+ runs with FP32 statistics) "
+                "or build with these layers in FP32 (--layerPrecisions, --precisionConstraints=obey)")
+    constants = [(i.name, numpy_helper.to_array(i)) for i in graph.initializer]
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants.append((node.output[0], numpy_helper.to_array(attr.t)))
+    for name, value in constants:
+        if value.dtype.kind == "f" and value.size and float(abs(value).max()) > FP16_MAX:
+            add("warning", "fp16_range", name, "constant",
+                f"holds {float(abs(value).max()):.3g}, beyond float16's {FP16_MAX:g}: it becomes inf in an fp16 "
+                "engine (an attention mask bias of float32's minimum turns 0 * -inf into NaN); use -1e4")
 
 
 def cast_before_transpose(model) -> list[dict[str, str]]:

@@ -1,20 +1,19 @@
 """Validation after every conversion: the new engine against the fp32 ONNX Runtime reference.
 
 Both run on the bundle's golden images and on held-out labelled images (from ``--calib``, never used
-to calibrate or tune the engine). Features and head logits are compared (max abs difference,
+to calibrate or tune the engine); for a text bundle, its golden texts and held-out labelled texts. Features and head logits are compared (max abs difference,
 cosine similarity, top-1 agreement) and the head's accuracy is measured before and after, all by
 :mod:`edgexfer.runtime.compare` with the tolerance of the precision that ran. Every failure is
 collected first, then one :class:`ComparisonError` lists them, one line per output.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from edgexfer.converters.calibration import LabelledImages
+from edgexfer.converters.calibration import EngineInputs, LabelledImages, inputs_digest, take
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import (
     ComparisonError,
@@ -23,23 +22,31 @@ from edgexfer.runtime.compare import (
     feature_outputs,
     flat_figures,
 )
+from edgexfer.runtime.golden import golden_inputs
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.text import TokenBatch
 
-FeatureFn = Callable[[np.ndarray], np.ndarray]
+FeatureFn = Callable[[EngineInputs], np.ndarray]
 
 
-def run_batched(run: FeatureFn, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
+def run_batched(run: FeatureFn, pixels: EngineInputs, batch: int = 16) -> np.ndarray:
+    """Features of every row of ``pixels`` (images, or a TokenBatch of texts), ``batch`` rows per call."""
     if len(pixels) == 0:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate([run(pixels[s:s + batch]) for s in range(0, len(pixels), batch)])
+    if isinstance(pixels, TokenBatch):
+        # texts of similar length share a batch (a batch is padded to its longest text), in their order after
+        order = np.argsort(pixels.attention_mask.sum(axis=1), kind="stable")
+        out = np.concatenate([run(take(pixels, order[s:s + batch])) for s in range(0, len(order), batch)])
+        return out[np.argsort(order, kind="stable")]
+    return np.concatenate([run(take(pixels, slice(s, s + batch))) for s in range(0, len(pixels), batch)])
 
 
 _REFERENCE_FEATURES: dict[tuple[str, str], np.ndarray] = {}
 
 
-def reference_features(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
+def reference_features(bundle: Bundle, pixels: EngineInputs) -> np.ndarray:
     """fp32 ONNX Runtime features of the bundle's own backbone (kept in memory per process)."""
-    key = (bundle.manifest.backbone.sha256, hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
+    key = (bundle.manifest.backbone.sha256, inputs_digest(pixels))
     if key not in _REFERENCE_FEATURES:
         from edgexfer.runtime.backends.registry import open_backend
 
@@ -63,7 +70,7 @@ def validate_engine(features: FeatureFn, bundle: Bundle, tolerance: Tolerance,
     """
     head = bundle.head()
     golden = bundle.golden()
-    images = golden["images"]
+    images = golden_inputs(bundle, golden)  # images, or the golden texts' token ids (checked against a re-tokenization)
     ref = reference_features(bundle, images)
     result = compare(feature_outputs(ref, run_batched(features, images), head.logits), tolerance, "golden")
     report: dict[str, Any] = {

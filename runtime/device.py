@@ -31,7 +31,13 @@ from edgexfer.runtime.backends.registry import (
 )
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
-from edgexfer.runtime.engine_store import EngineKey, EngineStore, openvino_key, tensorrt_key
+from edgexfer.runtime.engine_store import (
+    EngineKey,
+    EngineStore,
+    openvino_key,
+    tensorrt_key,
+    tensorrt_profile_id,
+)
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
 from edgexfer.runtime.features import cached_features, text_batches
 from edgexfer.runtime.fsutil import PRIVATE_FILE, write_atomic
@@ -264,7 +270,8 @@ class Device:
         """The cache key of ``name``'s engine on this device (None: the backend builds nothing here)."""
         sha = bundle.manifest.backbone.sha256
         if name == "tensorrt":
-            return tensorrt_key(self.precision, sha, _source_sha(bundle, bundle.tensorrt_kit(self.precision)))
+            return tensorrt_key(self.precision, sha, _source_sha(bundle, bundle.tensorrt_kit(self.precision)),
+                                tensorrt_profile_id(bundle.manifest.backbone))
         if name == "openvino" and has_recorded_engine(bundle, name, self.precision):
             return openvino_key(self.precision, sha, _source_sha(bundle, bundle.engine_file(name, self.precision)))
         return None

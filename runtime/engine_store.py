@@ -41,16 +41,20 @@ KEY_FILE = "engine_key.json"
 
 
 def engine_store_key(backend: str, engine_version: str, device: str, precision: str, backbone_sha256: str,
-                     source_sha256: str = "") -> str:
+                     source_sha256: str = "", profile: str = "") -> str:
     """Directory name of an engine: readable prefix plus a digest over all parts.
 
     ``source_sha256`` is the file the engine is built from (a TensorRT kit model, an OpenVINO IR): a bundle
     converted again (another int8 calibration, say) keeps its backbone but needs a new engine.
+    ``profile`` names the input shapes a TensorRT plan accepts (:func:`tensorrt_profile_id`): a text bundle
+    whose ``max_length`` changes keeps its backbone but needs a plan with a longer sequence range.
     """
     parts = {"backend": str(backend), "engine_version": str(engine_version), "device": str(device),
              "precision": str(precision), "backbone_sha256": str(backbone_sha256)}
     if source_sha256:
         parts["source_sha256"] = str(source_sha256)
+    if profile:
+        parts["profile"] = str(profile)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     readable = "-".join(re.sub(r"[^A-Za-z0-9.]+", "", p)[:16] or "x"
                         for p in (parts["backend"], parts["engine_version"], _short_device(parts["device"]),
@@ -105,16 +109,50 @@ class EngineKey:
     backbone_sha256: str
     extra: tuple[tuple[str, str], ...] = ()  #: backend-specific fields also written to engine_key.json
     source_sha256: str = ""  #: sha256 of the file the engine is built from, when known
+    profile: str = ""  #: the input shapes a TensorRT plan accepts (text bundles), see tensorrt_profile_id
 
     @property
     def key(self) -> str:
         return engine_store_key(self.backend, self.engine_version, self.device, self.precision, self.backbone_sha256,
-                                self.source_sha256)
+                                self.source_sha256, self.profile)
 
     def record(self) -> dict[str, Any]:
-        return {"key": self.key, "backend": self.backend, "engine_version": self.engine_version, "device": self.device,
-                "precision": self.precision, "backbone_sha256": self.backbone_sha256,
-                "source_sha256": self.source_sha256, **dict(self.extra)}
+        out = {"key": self.key, "backend": self.backend, "engine_version": self.engine_version, "device": self.device,
+               "precision": self.precision, "backbone_sha256": self.backbone_sha256,
+               "source_sha256": self.source_sha256, **dict(self.extra)}
+        if self.profile:
+            out["profile"] = self.profile
+        return out
+
+
+#: TensorRT optimisation profile of the batch dimension: (min, opt, max)
+BATCH_PROFILE = (1, 8, 32)
+#: TensorRT optimisation profile of a text backbone's sequence length in tokens: (min, opt, max); max is
+#: the manifest's max_length (longer texts are truncated before they reach the engine), opt a typical length
+SEQUENCE_PROFILE = (1, 128, 256)
+
+
+def tensorrt_profiles(backbone) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Input name -> (min, opt, max) shapes of the one optimisation profile a TensorRT plan of ``backbone``
+    (a manifest's ``backbone``) is built with: the batch of an image, the batch and sequence length of
+    both inputs of a text backbone (up to its ``max_length``)."""
+    lo, opt, hi = BATCH_PROFILE
+    if backbone.modality == "text":
+        longest = int(backbone.input.max_length)
+        s_lo, s_opt, _ = SEQUENCE_PROFILE
+        shapes = ((lo, s_lo), (opt, min(s_opt, longest)), (hi, longest))
+        return {name: shapes for name in ("input_ids", "attention_mask")}
+    h, w = backbone.input.size
+    return {"image": ((lo, h, w, 3), (opt, h, w, 3), (hi, h, w, 3))}
+
+
+def tensorrt_profile_id(backbone) -> str:
+    """The profile as a key part: empty for image backbones (their shapes follow from the backbone, and
+    existing keys stay valid), the shapes of every input for text backbones."""
+    if backbone.modality != "text":
+        return ""
+    return json.dumps({name: [list(s) for s in shapes] for name, shapes in tensorrt_profiles(backbone).items()},
+                      sort_keys=True, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,7 +168,7 @@ def _tensorrt_device() -> tuple[str, dict[str, str]] | None:
     return (version, gpu) if gpu is not None else None
 
 
-def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "") -> EngineKey | None:
+def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "", profile: str = "") -> EngineKey | None:
     """The TensorRT target of this device, or None without TensorRT or a CUDA GPU."""
     found = _tensorrt_device()
     if found is None:
@@ -139,7 +177,7 @@ def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "") 
     device = f"{gpu['name']} sm{gpu['compute_capability']}"
     # the TensorRT backend checks "tensorrt" and "sm" of engine_key.json before it deserializes a plan
     extra = (("tensorrt", version), ("gpu", gpu["name"]), ("sm", gpu["compute_capability"]))
-    return EngineKey("tensorrt", version, device, precision, backbone_sha256, extra, source_sha256)
+    return EngineKey("tensorrt", version, device, precision, backbone_sha256, extra, source_sha256, profile)
 
 
 def openvino_key(precision: str, backbone_sha256: str, source_sha256: str = "", device: str = "CPU") -> EngineKey | None:

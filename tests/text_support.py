@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the text demo set shipped in the repository (4 topics x 15 fortunes)
+TEXT_DEMO = REPO / "data" / "fortunes-demo"
 
 
 def fortunes7() -> Path:

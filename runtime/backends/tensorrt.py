@@ -1,5 +1,9 @@
 """TensorRT backend: a serialized plan (``backbone.plan``) run on a CUDA GPU through TensorRT's Python API.
 
+An image plan has one input (uint8 pixels); a text plan two, ``input_ids`` and ``attention_mask``, int64
+as the bundle contract says. TensorRT 8 has no INT64 tensors and builds them as INT32 inputs: the
+backend still takes int64 arrays and casts them (token ids and a 0/1 mask fit exactly).
+
 CUDA memory is handled through the CUDA runtime library with ctypes, so neither torch nor pycuda is
 needed. A plan is only valid for the TensorRT version and GPU it was built for: ``engine_key.json``
 beside it (written by ``edgexfer convert``) is checked before the plan is deserialized.
@@ -79,30 +83,49 @@ class TensorRtBackend(EngineRunner):
                               expected="a plan from this TensorRT version", todo="rebuild the engine on this device")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self._in = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._out = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        shape = tuple(None if d < 0 else int(d) for d in self.engine.get_tensor_shape(self._in))
-        self._input = TensorSpec(self._in, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(self._in))).name)
+        #: what the plan binds per input (int32 where TensorRT 8 made an int64 input int32)
+        self._bound = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in inputs}
+        self._inputs = tuple(
+            TensorSpec(n, tuple(None if d < 0 else int(d) for d in self.engine.get_tensor_shape(n)),
+                       "int64" if self._bound[n] == np.int32 else self._bound[n].name)
+            for n in inputs)
+        self._input = self._inputs[0]
+        self._in = self._input.name
         self.details = {"tensorrt": trt.__version__, "sm": here["sm"], "engine_key": key.get("key")}
+        if any(dtype == np.int32 for dtype in self._bound.values()):
+            self.details["int64_inputs_bound_as"] = "int32"
 
     def input_spec(self) -> TensorSpec:
         return self._input
 
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
-        self.context.set_input_shape(self._in, batch.shape)
+        return self.run_feed_impl({self._in: batch})
+
+    def run_feed_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        arrays = {n: np.ascontiguousarray(a, dtype=self._bound[n]) for n, a in feed.items()}
+        for name, array in arrays.items():
+            self.context.set_input_shape(name, array.shape)
         out = np.empty(tuple(self.context.get_tensor_shape(self._out)), dtype=np.float32)
-        d_in, d_out = self.cuda.malloc(batch.nbytes), self.cuda.malloc(out.nbytes)
+        device: dict[str, ctypes.c_void_p] = {}
         try:
-            self.cuda.copy(d_in, batch.ctypes.data_as(ctypes.c_void_p), batch.nbytes, _H2D)
-            self.context.set_tensor_address(self._in, d_in.value)
-            self.context.set_tensor_address(self._out, d_out.value)
+            for name, array in arrays.items():
+                device[name] = self.cuda.malloc(array.nbytes)
+                self.cuda.copy(device[name], array.ctypes.data_as(ctypes.c_void_p), array.nbytes, _H2D)
+                self.context.set_tensor_address(name, device[name].value)
+            device[self._out] = self.cuda.malloc(out.nbytes)
+            self.context.set_tensor_address(self._out, device[self._out].value)
             if not self.context.execute_async_v3(self.cuda.stream.value):
                 raise BundleError("TensorRT inference failed", got=self.model_path.name, expected="a successful run")
             self.cuda.check(self.cuda.lib.cudaStreamSynchronize(self.cuda.stream), "cudaStreamSynchronize")
-            self.cuda.copy(out.ctypes.data_as(ctypes.c_void_p), d_out, out.nbytes, _D2H)
+            self.cuda.copy(out.ctypes.data_as(ctypes.c_void_p), device[self._out], out.nbytes, _D2H)
         finally:
-            self.cuda.lib.cudaFree(d_in)
-            self.cuda.lib.cudaFree(d_out)
+            for ptr in device.values():
+                self.cuda.lib.cudaFree(ptr)
         return out
 
     def close(self) -> None:
