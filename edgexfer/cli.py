@@ -298,9 +298,9 @@ def device_learn(files, texts, label, augment, state, backend, precision, as_jso
     cache (the backbone runs only for new ones)."""
     from edgexfer.runtime.device import Device
 
-    paths, literal, _sources = split_inputs(files, texts)
+    paths, literal, sources = split_inputs(files, texts)
     with Device(state, backend=backend, precision=precision) as dev:
-        report = dev.learn(paths, label, augment=augment, texts=literal)
+        report = dev.learn(paths, label, augment=augment, texts=literal, text_sources=sources)
     text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
             f"backbone ran {report.backbone_runs} time(s))")
     if augment:
