@@ -123,7 +123,7 @@ def export(run_dir, out, name, as_json, quiet):
     result = run_export(run_dir, out, name=name, progress=not quiet)
     p = result.parity
     text = (f"bundle written to {result.bundle}\n"
-            f"ONNX Runtime vs PyTorch on {p['count']} validation images: max |diff| {p['max_abs_diff']:.2e}, "
+            f"ONNX Runtime vs PyTorch on {p['count']} validation {p.get('samples', 'images')}: max |diff| {p['max_abs_diff']:.2e}, "
             f"mean cosine {p['mean_cosine']:.6f}, top-1 agreement {p['top1_agreement']:.1%}")
     emit({"bundle": str(result.bundle), "parity": p}, as_json, text)
 
@@ -206,6 +206,8 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
         text += f"\n\nskipped {len(report['skipped'])} unreadable file(s)"
     if report["ignored_classes"]:
         text += f"\nignored folders unknown to the head: {', '.join(report['ignored_classes'])}"
+    if report.get("truncated"):
+        text += f"\n{report['truncated']} text(s) longer than the bundle's max_length were truncated"
     emit(report, as_json, text)
 
 
@@ -240,7 +242,7 @@ def device_install(bundle_dir, state, backend, precision, as_json):
     emit(result, as_json,
           f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head {result['head']}\n"
           f"engine   {e['backend']}/{e['precision']} {how}: {e['source']} ({e['seconds']:.2f} s)\n"
-          f"golden   {g['images']} images, max feature diff {g['max_abs_feature_diff']:.2g}, "
+          f"golden   {g['images']} {'texts' if g.get('modality') == 'text' else 'images'}, max feature diff {g['max_abs_feature_diff']:.2g}, "
           f"top-1 agreement {g['top1_agreement']:.3f}\n"
           f"cache    recomputed {result['recomputed_features']} feature(s)")
 
@@ -296,9 +298,9 @@ def device_learn(files, texts, label, augment, state, backend, precision, as_jso
     cache (the backbone runs only for new ones)."""
     from edgexfer.runtime.device import Device
 
-    paths, literal, _sources = split_inputs(files, texts)
+    paths, literal, sources = split_inputs(files, texts)
     with Device(state, backend=backend, precision=precision) as dev:
-        report = dev.learn(paths, label, augment=augment, texts=literal)
+        report = dev.learn(paths, label, augment=augment, texts=literal, text_sources=sources)
     text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
             f"backbone ran {report.backbone_runs} time(s))")
     if augment:

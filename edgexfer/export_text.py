@@ -76,7 +76,7 @@ def export_text(run: dict[str, Any], run_dir: Path, out: Path, *, name: str | No
     ref = _features_torch(_torch_text_backbone(run, run_dir), tokenizer, texts)
     onnx_feats = _features_ort(run_dir / "backbone.onnx", tokenizer, texts)
     result = compare(feature_outputs(ref, onnx_feats, head.logits), tolerance_for("fp32"), "validation")
-    report = {"count": int(len(ref)), **flat_figures(result), "tolerance": result.tolerance.to_dict()}
+    report = {"count": int(len(ref)), "samples": "texts", **flat_figures(result), "tolerance": result.tolerance.to_dict()}
     report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
     report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
     result.raise_if_failed("backbone.onnx does not match PyTorch", todo="report this as a bug; the bundle was not written")

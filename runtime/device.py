@@ -143,14 +143,14 @@ def _decode_all(items: Sequence[ImageInput],
     return decoded, errors
 
 
-def _read_texts(items: Sequence[ImageInput], literal: Sequence[str]) -> tuple[dict[str, tuple[bytes, str, str]],
-                                                                         list[dict[str, str]]]:
+def _read_texts(items: Sequence[ImageInput], literal: Sequence[str],
+                sources: Sequence[str] | None = None) -> tuple[dict[str, tuple[bytes, str, str]], list[dict[str, str]]]:
     """Texts ``learn`` was given (text files or their bytes, and literal texts): ``{sha256: (utf-8, name, text)}``
     (first copy of each) and the errors. A text's sha256 is that of its normalised UTF-8 bytes."""
     errors: list[dict[str, str]] = []
     decoded: dict[str, tuple[bytes, str, str]] = {}
     given = [(str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]", item, True)
-             for i, item in enumerate(items)] + [(f"text[{i}]", text, False) for i, text in enumerate(literal)]
+             for i, item in enumerate(items)] + [(sources[i] if sources else f"text[{i}]", text, False) for i, text in enumerate(literal)]
     for name, item, is_file in given:
         try:
             if not is_file:
@@ -458,7 +458,8 @@ class Device:
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Sequence[ImageInput], label: str, source: str = "device", *,
-              augment: int = DEFAULT_AUGMENT, texts: Sequence[str] = ()) -> LearnReport:
+              augment: int = DEFAULT_AUGMENT, texts: Sequence[str] = (),
+              text_sources: Sequence[str] | None = None) -> LearnReport:
         """Store labelled samples with their features; bad inputs are reported, good ones still learned.
 
         The backbone runs only for samples the cache has no features of, and each sample is confirmed
@@ -466,6 +467,11 @@ class Device:
         ``augment=K`` also stores K augmented views of each sample (mild crops and flips,
         :data:`AUGMENT_SETTINGS`, seeded by the sample's sha256: the same views every time), one
         backbone pass each, under :func:`view_key`; ``retrain`` trains on the views of training samples.
+
+        With a text bundle ``items`` are text files (or their bytes), one sample each, and ``texts`` are
+        literal texts, named ``text_sources[i]`` in the report (default ``text[i]``); the cache keeps a text
+        sample's normalised UTF-8 text, so a new backbone can recompute its features. ``augment`` is
+        refused for text.
         """
         if not isinstance(label, str) or not label.strip() or label != label.strip() or "/" in label:
             raise InputError("label", got=repr(label), expected="a non-empty class name without '/' or outer spaces")
@@ -474,7 +480,7 @@ class Device:
                              todo="pass e.g. --augment 4, or 0 for none")
         bundle = self.bundle()
         if bundle.modality == "text":
-            return self._learn_texts(bundle, items, texts, label, source, augment)
+            return self._learn_texts(bundle, items, texts, label, source, augment, text_sources)
         if texts:
             raise InputError("texts given to an image bundle", got=f"{len(texts)} text(s)",
                              expected="image files", todo="learn texts with a text bundle installed")
@@ -498,11 +504,11 @@ class Device:
                            views_added=views_added)
 
     def _learn_texts(self, bundle: Bundle, items: Sequence[ImageInput], texts: Sequence[str], label: str,
-                     source: str, augment: int) -> LearnReport:
+                     source: str, augment: int, text_sources: Sequence[str] | None) -> LearnReport:
         if augment:
             raise InputError("augment with a text bundle", got=f"--augment {augment}",
                              expected="0: augmented views are crops and flips of images", todo="leave --augment out")
-        decoded, errors = _read_texts(items, texts)
+        decoded, errors = _read_texts(items, texts, text_sources)
         shas = list(decoded)
         records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
         with self.cache() as cache:

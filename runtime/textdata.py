@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgexfer.runtime.errors import DataError, InputError
-from edgexfer.runtime.imagefolder import class_folders
+from edgexfer.runtime.imagefolder import IMAGE_EXTENSIONS, class_folders
 from edgexfer.runtime.text import check_text, decode_text, text_sha256
 
 __all__ = [
@@ -85,19 +85,22 @@ class TextDataset:
 
 
 def is_text_dataset(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` looks like text data: a .csv/.jsonl file, or class folders holding .txt files only."""
+    """Whether ``path`` is text data: a .csv/.jsonl file, or class folders with .txt files and no image file.
+
+    An image tree with a stray notes.txt in a class folder stays an image tree.
+    """
     path = Path(path)
     if path.is_file():
         return path.suffix.lower() in TABLE_EXTENSIONS
     if not path.is_dir():
         return False
+    texts = 0
     for name in class_folders(path):
-        texts, others = _class_files(path / name)
-        if texts:
-            return True
-        if others:
+        found, others = _class_files(path / name)
+        if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in others):
             return False
-    return False
+        texts += len(found)
+    return texts > 0
 
 
 def read_text_dataset(path: str | os.PathLike[str]) -> TextDataset:

@@ -113,6 +113,8 @@ def test_a_folder_of_texts_is_read_with_bad_files_reported_and_skipped(tmp_path)
     assert reasons["notes.md"] == "not a .txt file"
     assert len(set(ds.shas)) == len(ds.samples) and ds.shas[0] == text_sha256(ds.texts[0])
     assert is_text_dataset(root)
+    (root / "pets" / "photo.JPG").write_bytes(b"")  # an image in a class folder: an image tree with stray notes
+    assert not is_text_dataset(root)
 
 
 def test_a_duplicate_within_one_class_is_one_sample(tmp_path):

@@ -110,6 +110,14 @@ def test_texts_given_to_an_image_bundle_are_refused_in_one_line(tmp_path, device
             dev.learn([], "new", texts=["a text"])
 
 
+def test_device_learn_reads_stdin_lines_and_names_a_bad_one_by_its_line(state):
+    proc = _cli("device", "learn", "--label", "love", "-", "--state", str(state), "--json",
+                stdin=LOVE[0].read_text().replace("\n", " ") + "\n\n" + "bad \x00 line\n")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["added"] == 1 and [e["source"] for e in report["errors"]] == ["stdin:line 3"]
+
+
 def test_learn_stores_each_text_once_with_its_text_and_reports_bad_ones(state, tmp_path):
     first, second = LOVE[0], LOVE[1]
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00broken")

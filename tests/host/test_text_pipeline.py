@@ -85,6 +85,17 @@ def test_partial_fine_tunes_the_last_layers_and_exports_a_bundle_that_matches_to
     assert parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
     assert Bundle.open(tmp_path / "bundle").manifest.backbone.sha256 == file_sha256(tmp_path / "run" / "backbone.onnx")
 
+    # a device that learned texts with the frozen bundle recomputes their features for the tuned backbone
+    from edgexfer.runtime.device import Device
+
+    export(frozen.run_dir, tmp_path / "frozen-bundle", progress=False)
+    with Device(tmp_path / "state") as dev:
+        dev.install(tmp_path / "frozen-bundle")
+        assert dev.learn([], "science", texts=["Atoms and molecules.", "The theory of relativity."]).added == 2
+        installed = dev.install(tmp_path / "bundle")
+        assert installed["recomputed_features"] == 2
+        assert dev.predict_texts(["Electrons orbit the nucleus of an atom."])[0].label in run["classes"]
+
 
 def test_auto_cross_validates_frozen_heads_and_the_partial_candidate(tmp_path):
     data = _tiny(tmp_path / "data", per_class=8)
