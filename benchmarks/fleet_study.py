@@ -139,10 +139,16 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(rounds, [r["accuracy"] for r in run["rounds"]], marker="o", ms=3, color=colour,
                 label=f"{run['devices']} devices, federated")
         ax.axhline(run["central_accuracy"], color=colour, ls="--", lw=1, label=f"{run['devices']} devices, central")
+        for holders in results.get("holders", []):
+            if holders["devices"] == run["devices"]:
+                acc = holders["accuracy_per_round"]
+                ax.plot(range(1, len(acc) + 1), acc, ls=":", color=colour,
+                        label=f"{run['devices']} devices, per-class rule (--rows holders)")
     ax.set_xlabel("round")
     ax.set_ylabel(f"held-out accuracy ({results['runs'][0]['held_out']} images)")
     env = results["environment"]
-    ax.set_title(f"Fleet learning of a linear head, clipart8, 2-4 classes per device\n"
+    start = results["settings"].get("start", "bundle")
+    ax.set_title(f"Fleet learning of a linear head from a {start} head, clipart8, 2-4 classes per device\n"
                  f"{env['cpu_model']}; {' '.join(env['isa_flags'][:8])}; {env['date']}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -331,13 +331,73 @@ def supernode_command(state: Path, server: str, *, tls_ca: Path | None = None, a
     return cmd
 
 
+#: Flower 1.42 signs every fleet request with the device's wall clock; the SuperLink refuses (HTTP 401,
+#: and the SuperNode then stops) a timestamp more than 5 s ahead of its own clock or 305 s behind it
+CLOCK_AHEAD_LIMIT_S = 5.0
+CLOCK_BEHIND_LIMIT_S = 305.0
+
+
+def server_clock_offset(server: str, *, insecure: bool, timeout: float = 5.0) -> float | None:
+    """This device's wall clock minus the fleet server's, in seconds; None when the server does not answer.
+
+    Read from the HTTP ``Date`` header of any answer of the SuperLink's fleet API (1 s resolution,
+    truncated, so the figure errs towards "ahead" by up to a second plus the round trip). Only a header is
+    read, so the server certificate is not verified here: with a clock far enough off, verification
+    itself would fail, and the point is to name the clock.
+    """
+    import email.utils
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = None
+    if not insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    url = f"{'http' if insecure else 'https'}://{server}/"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
+            date = answer.headers.get("Date")
+    except urllib.error.HTTPError as answer:  # a 404 carries the Date header too
+        date = answer.headers.get("Date")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    if not date:
+        return None
+    try:
+        server_time = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return time.time() - server_time
+
+
+def check_clock(server: str, *, insecure: bool) -> None:
+    """Fail in one line when this device's clock is too far off for Flower to accept its requests."""
+    offset = server_clock_offset(server, insecure=insecure)
+    if offset is None:
+        return  # not reachable yet: the SuperNode retries, and the clock is checked again if it stops
+    if offset - 1.0 > CLOCK_AHEAD_LIMIT_S or offset < -CLOCK_BEHIND_LIMIT_S:
+        where = f"{offset:.0f} s ahead of" if offset > 0 else f"{-offset:.0f} s behind"
+        raise InputError(
+            "this device's clock is off from the fleet server's: Flower refuses its signed requests",
+            got=f"the device clock {where} the server {server}",
+            expected=f"at most {CLOCK_AHEAD_LIMIT_S:.0f} s ahead and {CLOCK_BEHIND_LIMIT_S:.0f} s behind",
+            todo="sync the clock (timedatectl set-ntp true, or chronyc makestep) and start device federate again")
+
+
 def federate(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: Path | None = None,
              insecure: bool = False, runtime_port: int | None = None) -> int:
-    """Run this device's SuperNode in the foreground until it is stopped; returns its exit code."""
+    """Run this device's SuperNode in the foreground until it is stopped; returns its exit code.
+
+    The device's clock is checked against the server's first (and again when the SuperNode stops by
+    itself): a wrong clock is a one-line error, not a SuperNode that stops without saying why.
+    """
     from edgexfer.runtime.state import DeviceState
 
     state = Path(state)
     DeviceState(state).active()  # a device with no bundle installed has nothing to federate: fail now
+    check_clock(server, insecure=insecure)
     home = state / "fleet"
     home.mkdir(mode=0o700, exist_ok=True)
     cmd = supernode_command(state, server, tls_ca=tls_ca, auth_key=auth_key, runtime_port=runtime_port,
@@ -350,7 +410,9 @@ def federate(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: 
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        return process.wait()
+        code = process.wait()
+        check_clock(server, insecure=insecure)  # it stopped by itself: a clock that went wrong is the usual cause
+        return code
     except KeyboardInterrupt:
         return 130
     finally:

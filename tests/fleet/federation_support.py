@@ -73,6 +73,10 @@ def make_fleet(bundle: Path, clipart8: Path, root: Path, n_devices: int, seed: i
     return Fleet(states, val_dir, [{c: len(v) for c, v in sorted(p.items())} for p in parts])
 
 
+#: a sitecustomize that sets a wrong wall clock in the processes that have it on PYTHONPATH
+WRONG_CLOCK = Path(__file__).resolve().parent / "wrong_clock"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,11 +102,16 @@ class Deployment:
             edgexfer_cmd("fleet", "serve", "--address", f"127.0.0.1:{self.port}", "--json", *args),
             stdout=subprocess.PIPE, stderr=open(self.server_log, "wb"), start_new_session=True, text=True)
 
-    def join(self, state: Path, *args: str) -> subprocess.Popen:
+    def join(self, state: Path, *args: str, clock_offset_s: float | None = None) -> subprocess.Popen:
+        """Start ``device federate``; with ``clock_offset_s`` the device's wall clock (and its ClientApp
+        processes') is that many seconds off (``wrong_clock/sitecustomize.py`` says how)."""
         log = open(self.root / f"node-{len(self.nodes)}.log", "wb")
-        node = subprocess.Popen(edgexfer_cmd("device", "federate", "--state", str(state), "--server",
-                                             f"127.0.0.1:{self.port}", *args),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = edgexfer_cmd("device", "federate", "--state", str(state), "--server", f"127.0.0.1:{self.port}", *args)
+        env = None
+        if clock_offset_s is not None:
+            path = os.pathsep.join(filter(None, [str(WRONG_CLOCK), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONPATH": path, "EDGEXFER_TEST_CLOCK_OFFSET_S": str(clock_offset_s)}
+        node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.nodes.append(node)
         return node
 

@@ -6,11 +6,16 @@ ServerApp) and one ``edgexfer device federate`` (a SuperNode) per device state m
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
 import pytest
-from federation_support import Deployment, accuracy, make_fleet
+from federation_support import WRONG_CLOCK, Deployment, accuracy, make_fleet
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.heads import Head
@@ -168,8 +173,6 @@ def _zero_head_bundle(device_bundle, out, reseal):
     The demo bundle's own head was trained on the demo images, a subset of clipart8 with every class, and
     is already as good as the central head on this split (0.671 = 0.671): starting from it tests nothing.
     """
-    import shutil
-
     shutil.copytree(device_bundle, out)
     head = Bundle.open(out).head()
     zero = Head("linear", head.classes, {k: np.zeros_like(v) for k, v in head.tensors.items()})
@@ -228,17 +231,30 @@ def test_eight_supernodes_learn_a_head_within_two_points_of_central_training(fle
         report["rounds"][-1]["val_accuracy"], abs=1e-9)
 
 
-def test_a_device_killed_mid_round_does_not_stall_the_federation(fleet8, device_bundle, tmp_path):
+def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_federation(fleet8, device_bundle, tmp_path):
+    # the fourth device's wall clock is 3 hours ahead (a Jetson without an RTC battery, before NTP answers):
+    # Flower refuses its signed requests, so it must say so in one line and the others must go on
+    offset = 3 * 3600.0
+    env = {**os.environ, "PYTHONPATH": str(WRONG_CLOCK), "EDGEXFER_TEST_CLOCK_OFFSET_S": str(offset)}
+    skewed = subprocess.run([sys.executable, "-c", "import time, datetime; print(time.time(), "
+                             "datetime.datetime.now(datetime.timezone.utc).timestamp())"],
+                            capture_output=True, text=True, check=True, env=env)
+    assert all(float(t) - time.time() > offset - 60 for t in skewed.stdout.split())  # the clock really is off
     deployment = Deployment(tmp_path)
     try:
         deployment.serve("--bundle", str(device_bundle), "--out", str(tmp_path / "out"), "--rounds", "3",
                          "--min-devices", "3", "--round-timeout", "25", "--wait-timeout", "120")
         nodes = [deployment.join(state, "--insecure") for state in fleet8.states[:3]]
+        deployment.wait_for_log("fleet superlink listening", timeout=120)
+        late = deployment.join(fleet8.states[3], "--insecure", clock_offset_s=offset)
+        assert late.wait(120) != 0
         deployment.wait_for_log("fleet round=1/3", timeout=180)
         Deployment.kill(nodes[2])  # gone without a word, while round 2 is under way
         code, out = deployment.result(timeout=240)
     finally:
         deployment.close()
+    late_log = (tmp_path / "node-3.log").read_text(errors="replace")
+    assert "this device's clock is off from the fleet server's" in late_log and "s ahead of the server" in late_log
     assert code == 0, deployment.server_log.read_text()[-3000:]
     rounds = json.loads(out)["rounds"]
     assert len(rounds[0]["accepted"]) == 3
