@@ -253,6 +253,10 @@ class Watch:
             core = ServiceCore(self.state, ServiceConfig(backend=self.backend, precision=self.precision,
                                                          review_threshold=self.review_threshold, top_k=self.top_k))
             model = core.open()
+            if model.modality != "image":
+                raise InputError("device watch classifies video frames", got=f"the active bundle {model.name} reads "
+                                 f"{model.modality}", expected="an image bundle",
+                                 todo="serve texts with device serve (input 'text'), or install an image bundle")
             log.info("watching %s with %s head %s (%s)", summary.source, model.name, model.head_version, model.backend)
             period_ms = 1000.0 / self.fps if self.fps > 0 else 0.0
             next_due = 0.0

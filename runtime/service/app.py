@@ -7,7 +7,7 @@ Routes (docs/service.md has examples of each):
 ``GET /v2``, ``/v2/health/live|ready``      Open Inference Protocol server metadata and health
 ``GET /v2/models/{name}[/versions/{v}]``    model metadata; ``.../ready`` its readiness
 ``POST /v2/models/{name}[/versions/{v}]/infer``  inference, JSON or binary tensor data (protocol.py)
-``POST /v1/predict``                        raw image bytes or a multipart upload -> ``device predict --json``'s JSON
+``POST /v1/predict``                        raw image bytes (or UTF-8 text) or a multipart upload -> ``device predict --json``'s JSON
 ``GET /metrics``                            Prometheus text format
 ``GET /v1/status``, ``/v1/heads``           the device, as ``device status`` / ``device heads`` say it
 ``GET /v1/review``, ``/v1/review/{id}/image``  the review queue and its images
@@ -19,6 +19,11 @@ Routes (docs/service.md has examples of each):
 Errors are JSON ``{"error": "what | got | expected | what to do"}`` with a 4xx status (5xx only for a
 fault of the service itself), and no error stops the server. Nothing here opens a file by a name a
 request gave: images come in the body, queue entries by integer id, the page from fixed package data.
+
+The active bundle's modality decides what a sample is. A text bundle takes UTF-8 text where an image
+bundle takes encoded images: the v2 input ``text`` (BYTES, one element per text) instead of ``image``
+and ``pixels``, a raw ``/v1/predict`` or ``/v1/label`` body (or an uploaded ``.txt`` file) holding one
+text, review entries holding the text.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from edgexfer.runtime.service.protocol import (
     parse_infer_request,
 )
 from edgexfer.runtime.state import StateError
+from edgexfer.runtime.text import text_sha256
 
 log = logging.getLogger("edgexfer.serve")
 
@@ -155,30 +161,47 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
                                 expected=f"at most {limit:,} bytes", todo="send smaller or fewer images")
         return b"".join(chunks)
 
-    async def decode_all(images: list[bytes]) -> np.ndarray:
-        if not images:
-            raise ProtocolError(400, "no image in the request", got="0 images", expected="at least one")
-        if len(images) > cfg.max_images:
-            raise ProtocolError(413, "too many images in one request", got=len(images),
-                                expected=f"at most {cfg.max_images}", todo="split the request")
-        arrays = []
-        for i, data in enumerate(images):
-            try:
-                arrays.append(await asyncio.to_thread(core.decode, data))
-            except InputError as exc:
-                raise ProtocolError(400, f"image {i}: {exc.what}", got=exc.got, expected=exc.expected,
-                                    todo=exc.todo) from None
-        return np.stack(arrays)
+    def kind() -> str:
+        """What one sample is for the active bundle: "image" or "text"."""
+        return core.model.modality
 
-    async def record(result: Classified, images: list[bytes] | None, source: str) -> list[int | None]:
-        """Count predictions; queue the low-confidence ones that came as encoded images."""
+    async def decode_all(items: list[bytes]) -> Any:
+        """Encoded images -> pixels [N, H, W, 3]; or, for a text bundle, UTF-8 bytes -> a list of texts."""
+        what = kind()
+        if not items:
+            raise ProtocolError(400, f"no {what} in the request", got=f"0 {what}s", expected="at least one")
+        if len(items) > cfg.max_images:
+            raise ProtocolError(413, f"too many {what}s in one request", got=len(items),
+                                expected=f"at most {cfg.max_images}", todo="split the request")
+        samples = []
+        for i, data in enumerate(items):
+            try:
+                if what == "text":
+                    samples.append(await asyncio.to_thread(core.decode_text, data, str(i)))
+                else:
+                    samples.append(await asyncio.to_thread(core.decode, data))
+            except InputError as exc:
+                what_ = exc.what if what == "text" else f"image {i}: {exc.what}"
+                raise ProtocolError(400, what_, got=exc.got, expected=exc.expected, todo=exc.todo) from None
+        return samples if what == "text" else np.stack(samples)
+
+    async def record(result: Classified, images: list[bytes] | None, source: str,
+                     texts: list[str] | None = None) -> list[int | None]:
+        """Count predictions; queue the low-confidence ones that came as encoded images or as texts."""
         queued: list[int | None] = []
         for i, row in enumerate(result.top(cfg.top_k)):
             label, p = row[0]
             low = core.wants_review(p)
             core.metrics.prediction(label, low)
             entry = None
-            if low and images is not None:
+            if low and texts is not None:
+                text = texts[i]
+                entry = await core.review(lambda q, text=text, row=row: q.add(
+                    sha256=text_sha256(text), image=text.encode("utf-8"), media_type="text/plain; charset=utf-8",
+                    label=row[0][0], probability=row[0][1],
+                    top_k=[{"label": lbl, "probability": round(pp, 6)} for lbl, pp in row],
+                    head=result.head_version, source=source))
+            elif low and images is not None:
                 data = images[i]
                 entry = await core.review(lambda q, data=data, row=row: q.add(
                     sha256=FeatureCache.content_sha256(data), image=data, media_type=_media_type(data),
@@ -215,16 +238,20 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
     async def model_metadata(request: Request) -> Response:
         model = model_named(request.path_params["name"], request.path_params.get("version"))
         spec = model.bundle.preprocess
+        if model.modality == "text":
+            inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        else:
+            inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                      {"name": "pixels", "datatype": "UINT8", "shape": [-1, spec.height, spec.width, 3]}]
         return JSONResponse({
             "name": model.name, "versions": [str(model.head_version)],
             "platform": f"edgexfer_{model.backend}",
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "pixels", "datatype": "UINT8", "shape": [-1, spec.height, spec.width, 3]}],
+            "inputs": inputs,
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                         {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(model.classes)]},
                         {"name": "features", "datatype": "FP32",
                          "shape": [-1, model.bundle.manifest.backbone.feature_dim]}],
-            "parameters": {"classes": model.classes, "head_version": model.head_version,
+            "parameters": {"classes": model.classes, "head_version": model.head_version, "modality": model.modality,
                            "precision": cfg.precision}})
 
     async def model_ready(request: Request) -> Response:
@@ -238,17 +265,25 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
     async def _infer(request: Request) -> Response:
         model_named(request.path_params["name"], request.path_params.get("version"))
         req = parse_infer_request(await body(request), request.headers.get(HEADER_LENGTH))
-        unknown = sorted(set(req.inputs) - {"image", "pixels"})
+        text = kind() == "text"
+        unknown = sorted(set(req.inputs) - ({"text"} if text else {"image", "pixels"}))
         if unknown or len(req.inputs) != 1:
             raise ProtocolError(400, "inference inputs", got=sorted(req.inputs),
-                                expected="exactly one of 'image' (BYTES) or 'pixels' (UINT8 [N,H,W,3])")
+                                expected="the input 'text' (BYTES, UTF-8) of this text model" if text else
+                                "exactly one of 'image' (BYTES) or 'pixels' (UINT8 [N,H,W,3])")
         wanted = list(req.outputs) or ["label", "probabilities"]
         bad = [n for n in wanted if n not in ("label", "probabilities", "features")]
         if bad:
             raise ProtocolError(400, "requested outputs", got=bad, expected="label, probabilities, features")
         tensor = next(iter(req.inputs.values()))
         images: list[bytes] | None = None
-        if tensor.name == "image":
+        texts: list[str] | None = None
+        if tensor.name == "text":
+            if tensor.datatype != "BYTES":
+                raise ProtocolError(400, "input 'text' datatype", got=tensor.datatype, expected="BYTES (UTF-8 text)")
+            texts = await decode_all(list(tensor.data))
+            pixels = texts
+        elif tensor.name == "image":
             if tensor.datatype != "BYTES":
                 raise ProtocolError(400, "input 'image' datatype", got=tensor.datatype, expected="BYTES")
             images = list(tensor.data)
@@ -266,7 +301,7 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
             except InputError as exc:
                 raise ProtocolError(400, exc.what, got=exc.got, expected=exc.expected, todo=exc.todo) from None
         result = await core.classify(pixels, want_features="features" in wanted)
-        await record(result, images, "serve:v2")
+        await record(result, images, "serve:v2", texts)
         n = len(result.probabilities)
         labels = [result.classes[int(j)].encode() for j in np.argmax(result.probabilities, axis=1)]
         made = {"label": Tensor("label", "BYTES", [n], labels),
@@ -287,9 +322,10 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
 
     async def _predict(request: Request) -> Response:
         data, name = await upload(request)
-        pixels = await decode_all([data])
-        result = await core.classify(pixels)
-        queued = await record(result, [data], f"serve:{name}")
+        samples = await decode_all([data])
+        result = await core.classify(samples)
+        text = isinstance(samples, list)
+        queued = await record(result, None if text else [data], f"serve:{name}", samples if text else None)
         top = result.top(cfg.top_k)[0]
         pred = Prediction(name, top[0][0], top[0][1], top, result.backend, result.precision)
         return JSONResponse({"head": result.head_version, "execution": result.execution,
@@ -297,7 +333,7 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
                             headers={"X-Edgexfer-Head": str(result.head_version)})
 
     async def upload(request: Request) -> tuple[bytes, str]:
-        """(image bytes, name) from a raw body or the first file of a multipart form."""
+        """(sample bytes, name) from a raw body or the first file of a multipart form."""
         raw = await body(request)
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
@@ -336,7 +372,8 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
             raise ProtocolError(400, "label", got=repr(name)[:40], expected="a class name")
         report = await core.learn([data], name, source)
         if report.errors:
-            raise ProtocolError(400, "cannot learn this image", got=report.errors[0]["error"], expected="an image")
+            raise ProtocolError(400, f"cannot learn this {kind()}", got=report.errors[0]["error"],
+                                expected=f"an {kind()}" if kind() == "image" else "UTF-8 text")
         if entry_id is not None:
             await core.review(lambda q: q.remove(entry_id))
         counts_at[0] = 0.0
@@ -388,7 +425,8 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
             retrain_state = dict(jobs.retrain)
         return JSONResponse({
             "model": model.name, "bundle": {"name": model.name, "backbone_sha256": model.backbone,
-                                            "arch": model.bundle.manifest.backbone.arch},
+                                            "arch": model.bundle.manifest.backbone.arch,
+                                            "modality": model.modality},
             "head": {"version": model.head_version, "kind": record_.kind, "classes": model.classes,
                      "source": record_.source, "metrics": _scalars(record_.metrics)},
             "backend": model.backend, "precision": cfg.precision, "execution": model.execution,

@@ -10,13 +10,17 @@ Threads, and what each owns:
   cannot be read, the previous head keeps serving and the error is logged.
 * the **database thread** (one): the review queue and the per-class sample counts, one SQLite
   connection each (connections belong to the thread that opened them).
-* the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` images or
+* the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` samples or
   ``max_queue_delay_ms`` after the first one, as Triton's dynamic batcher does, and hands the batch
   to the engine thread. Requests that arrive while a batch runs form the next one. It waits only for
   requests already on their way (received, still decoding: :meth:`ServiceCore.incoming`): a lone
   request runs at once instead of paying the queue delay.
 
 Decoding (Pillow) runs in the web framework's worker threads, in parallel, before a request joins the queue.
+
+The bundle's modality decides what a sample is: uint8 pixels ``[H, W, 3]`` for an image bundle, a
+``str`` for a text bundle (UTF-8 checked and normalised by :func:`edgexfer.runtime.text.decode_text`;
+tokenized in the engine thread, a batch padded to its longest text).
 """
 from __future__ import annotations
 
@@ -38,23 +42,32 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.device import Device, LearnReport
 from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.features import text_features
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS, check_array, decode_image, resize_to_spec
 from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
 from edgexfer.runtime.service.metrics import ServiceMetrics
+from edgexfer.runtime.text import decode_text
 
 log = logging.getLogger("edgexfer.serve")
 T = TypeVar("T")
 
-#: images one engine call takes at most (as Predictor); bigger batches run in chunks
+#: samples one engine call takes at most (as Predictor); bigger batches run in chunks
 ENGINE_CHUNK = 16
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Requests' samples as one batch, in order: arrays stacked, texts listed."""
+    if isinstance(parts[0], list):
+        return [text for part in parts for text in part]
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     backend: str = "auto"
     precision: str = "fp32"
-    #: dynamic batching: the most images in one engine call (1: no batching)
+    #: dynamic batching: the most samples (images or texts) in one engine call (1: no batching)
     max_batch: int = 8
     #: how long the first request of a batch waits for others
     max_queue_delay_ms: float = 2.0
@@ -63,7 +76,7 @@ class ServiceConfig:
     review_capacity: int = DEFAULT_REVIEW_CAPACITY
     max_body_bytes: int = 32 << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
-    #: images in one request at most
+    #: samples (images or texts) in one request at most
     max_images: int = 64
     top_k: int = 3
 
@@ -89,6 +102,11 @@ class ActiveModel:
     head_version: int
     backend: str  #: the engine's backend name
     execution: dict[str, Any]  #: what the engine computes in (edgexfer.runtime.precision.execution_record)
+    tokenizer: Any = None  #: a text bundle's TextTokenizer (None for images)
+
+    @property
+    def modality(self) -> str:
+        return self.bundle.modality
 
     @property
     def name(self) -> str:
@@ -101,7 +119,7 @@ class ActiveModel:
 
 @dataclass(frozen=True)
 class Classified:
-    """The answer for one request's images: rows in input order, and the head that produced them."""
+    """The answer for one request's samples: rows in input order, and the head that produced them."""
 
     probabilities: np.ndarray  #: float32 [N, C]
     features: np.ndarray  #: float32 [N, D]
@@ -121,7 +139,7 @@ class Classified:
 
 @dataclass
 class _Pending:
-    pixels: np.ndarray
+    samples: Any  #: pixels [N, H, W, 3] or a list of N texts
     future: asyncio.Future
     want_features: bool
 
@@ -191,8 +209,12 @@ class ServiceCore:
                 engine = self.device.engine(bundle)  # reopened only if the bundle changed
                 if model is not None:
                     log.info("active head %s -> %s", model.head_version, active.head)
+                tokenizer = None
+                if bundle.modality == "text":  # read and checked once per bundle
+                    same = model is not None and model.backbone == active.bundle
+                    tokenizer = model.tokenizer if same else bundle.tokenizer()
                 self._model = ActiveModel(bundle, active.bundle, head, active.head, engine.name,
-                                          dict(engine.execution))
+                                          dict(engine.execution), tokenizer)
                 self.metrics.set_model(self._model, engine.name, self.config.precision, engine.execution)
             self._signature = signature
         except EdgexferError as exc:
@@ -216,6 +238,13 @@ class ServiceCore:
         self.metrics.stage("decode", time.perf_counter() - started)
         return pixels
 
+    def decode_text(self, data: bytes, source: str = "text") -> str:
+        """UTF-8 bytes -> one normalised text; :class:`InputError` for bytes that are not UTF-8 or hold no text."""
+        started = time.perf_counter()
+        text = decode_text(data, source)
+        self.metrics.stage("decode", time.perf_counter() - started)
+        return text
+
     def check_pixels(self, arr: np.ndarray) -> np.ndarray:
         spec = self.model.bundle.preprocess
         if arr.ndim != 4 or arr.shape[1:] != (spec.height, spec.width, 3):
@@ -224,12 +253,21 @@ class ServiceCore:
         return np.stack([check_array(a, spec) for a in arr]) if len(arr) else arr
 
     # ---------------------------------------------------------------------------- classification
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
+    def _run(self, batch: Any) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
         """One engine call (in chunks) and the head, with the head of this moment. Engine thread only."""
         model = self._current()
         engine = self.device.engine(model.bundle)
+        if isinstance(batch, list) != (model.modality == "text"):
+            # the bundle changed modality between decoding and this batch (another bundle installed)
+            raise InputError("samples of another modality", got="texts" if isinstance(batch, list) else "images",
+                             expected=f"{model.modality}s for the active bundle {model.name}",
+                             todo="send the request again")
         started = time.perf_counter()
-        features = np.concatenate([engine.run(batch[s:s + ENGINE_CHUNK]) for s in range(0, len(batch), ENGINE_CHUNK)])
+        if model.modality == "text":
+            features, _ = text_features(engine, model.tokenizer, batch, batch_size=ENGINE_CHUNK)
+        else:
+            features = np.concatenate([engine.run(batch[s:s + ENGINE_CHUNK])
+                                       for s in range(0, len(batch), ENGINE_CHUNK)])
         mid = time.perf_counter()
         probabilities = model.head.probabilities(features).astype(np.float32)
         self.metrics.stage("engine", mid - started)
@@ -257,14 +295,14 @@ class ServiceCore:
         finally:
             self._incoming -= 1
 
-    async def classify(self, pixels: np.ndarray, want_features: bool = False) -> Classified:
-        """Classify ``pixels`` [N, H, W, 3] through the dynamic batcher."""
+    async def classify(self, samples: Any, want_features: bool = False) -> Classified:
+        """Classify ``samples`` (pixels [N, H, W, 3], or a list of texts) through the dynamic batcher."""
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._batcher = loop.create_task(self._batch_loop())
         future: asyncio.Future = loop.create_future()
-        await self._queue.put(_Pending(pixels, future, want_features))
+        await self._queue.put(_Pending(samples, future, want_features))
         return await future
 
     async def _batch_loop(self) -> None:
@@ -273,7 +311,7 @@ class ServiceCore:
         loop = asyncio.get_running_loop()
         while True:
             first = await queue.get()
-            items, count = [first], len(first.pixels)
+            items, count = [first], len(first.samples)
             deadline = loop.time() + self.config.max_queue_delay_ms / 1000
             while count < self.config.max_batch:
                 if not queue.empty():
@@ -286,14 +324,14 @@ class ServiceCore:
                         nxt = await asyncio.wait_for(queue.get(), left)
                     except asyncio.TimeoutError:
                         break
-                if count + len(nxt.pixels) > self.config.max_batch:
+                if count + len(nxt.samples) > self.config.max_batch or type(nxt.samples) is not type(first.samples):
                     # it waits for the next batch, at its head
                     await self._run_batch(loop, items)
-                    items, count = [nxt], len(nxt.pixels)
+                    items, count, first = [nxt], len(nxt.samples), nxt
                     deadline = loop.time() + self.config.max_queue_delay_ms / 1000
                     continue
                 items.append(nxt)
-                count += len(nxt.pixels)
+                count += len(nxt.samples)
             await self._run_batch(loop, items)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
@@ -302,7 +340,7 @@ class ServiceCore:
             return
         try:
             probs, feats, model, engine = await loop.run_in_executor(
-                self._engine_thread, self._run, np.concatenate([it.pixels for it in live]))
+                self._engine_thread, self._run, _concat([it.samples for it in live]))
         except Exception as exc:  # every waiting request gets the error; the loop goes on
             for it in live:
                 if not it.future.done():
@@ -310,7 +348,7 @@ class ServiceCore:
             return
         start = 0
         for it in live:
-            n = len(it.pixels)
+            n = len(it.samples)
             if not it.future.done():
                 it.future.set_result(self._classified(probs[start:start + n], feats[start:start + n], model, engine))
             start += n

@@ -4,7 +4,8 @@ Pure functions over bytes and numpy; no web framework here. Two encodings are un
 OpenVINO Model Server implement them:
 
 * JSON: ``{"id", "parameters", "inputs": [{"name", "datatype", "shape", "data"}], "outputs": [...]}``.
-  ``BYTES`` elements in JSON are base64 strings (an image file is binary).
+  ``BYTES`` elements in JSON are base64 strings (an image file is binary), except those of the input
+  ``text`` (text bundles), which are the UTF-8 strings themselves, as Triton and tritonclient send them.
 * Triton's binary tensor data extension: the header ``Inference-Header-Content-Length: L`` says the
   first ``L`` bytes of the body are the JSON; each input whose ``parameters.binary_data_size`` is set
   takes that many bytes of what follows, in input order. Raw little-endian values; ``BYTES`` elements
@@ -29,6 +30,8 @@ import numpy as np
 from edgexfer.runtime.errors import EdgexferError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: BYTES inputs whose JSON elements are plain strings, not base64
+PLAIN_TEXT_INPUTS = ("text",)
 #: protocol datatypes this service takes or gives, with their numpy dtypes (BYTES: object)
 DTYPES: dict[str, Any] = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
 
@@ -103,7 +106,11 @@ def _json_data(raw: object, datatype: str, count: int, name: str) -> Any:
         out = []
         for i, item in enumerate(flat):
             if not isinstance(item, str):
-                raise _bad(f"input '{name}' element {i}", got=type(item).__name__, expected="a base64 string")
+                raise _bad(f"input '{name}' element {i}", got=type(item).__name__,
+                           expected="a string" if name in PLAIN_TEXT_INPUTS else "a base64 string")
+            if name in PLAIN_TEXT_INPUTS:
+                out.append(item.encode("utf-8", "surrogatepass"))  # a lone surrogate fails the UTF-8 check later
+                continue
             try:
                 out.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
