@@ -294,22 +294,36 @@ def _toml_value(value: Any) -> str:
 
 
 def write_val_features(bundle: Any, data_dir: Path, path: Path) -> int:
-    """Features of an ImageFolder tree through the bundle's fp32 backbone, saved for the ServerApp."""
+    """Features of labelled validation data through the bundle's fp32 backbone, saved for the ServerApp.
+
+    An image bundle reads an ImageFolder tree; a text bundle a folder per class of .txt files or a
+    .csv/.jsonl file of text,label (tokenized by the bundle's tokenizer).
+    """
     import numpy as np
 
     from edgexfer.runtime.backends.registry import open_backend
-    from edgexfer.runtime.imagefolder import scan_image_folder
-    from edgexfer.runtime.preprocess import load_image, stack
 
-    folder = scan_image_folder(data_dir)
-    spec = bundle.preprocess
-    features = []
     with open_backend("onnxruntime", bundle.backbone_path, precision="fp32") as engine:
-        for start in range(0, len(folder.paths), 32):
-            chunk = folder.paths[start:start + 32]
-            features.append(engine.run(stack([load_image(p, spec) for p in chunk])))
-    labels = np.array([folder.classes[i] for i in folder.labels])
-    np.savez(path, features=np.concatenate(features).astype(np.float32), labels=labels)
+        if bundle.modality == "text":
+            from edgexfer.runtime.features import text_features
+            from edgexfer.runtime.textdata import read_text_dataset
+
+            data = read_text_dataset(data_dir)
+            features, _ = text_features(engine, bundle.tokenizer(), data.texts)
+            labels = np.array([data.classes[i] for i in data.labels])
+        else:
+            from edgexfer.runtime.imagefolder import scan_image_folder
+            from edgexfer.runtime.preprocess import load_image, stack
+
+            folder = scan_image_folder(data_dir)
+            spec = bundle.preprocess
+            chunks = []
+            for start in range(0, len(folder.paths), 32):
+                chunk = folder.paths[start:start + 32]
+                chunks.append(engine.run(stack([load_image(p, spec) for p in chunk])))
+            features = np.concatenate(chunks)
+            labels = np.array([folder.classes[i] for i in folder.labels])
+    np.savez(path, features=features.astype(np.float32), labels=labels)
     return len(labels)
 
 
