@@ -145,4 +145,23 @@ echo "   the federated head ships like any head: signed, published, verified and
 edgexfer heads publish "$OUT/bundle-fleet" --repo "$OUT/heads-repo" --keys "$OUT/keys" --group all
 edgexfer device update --state "$OUT/device" --dir "$OUT/heads-repo" || true
 
+say "15. Text takes the same path: a frozen MiniLM sentence encoder (all-MiniLM-L6-v2) and a linear head (docs/text.md)"
+TEXT_DATA=data/fortunes-demo
+echo "   data: $TEXT_DATA (60 short texts from Debian's fortunes, 4 topics: $(ls "$TEXT_DATA" | grep -v '\.md$' | tr '\n' ' '))"
+edgexfer train "$TEXT_DATA" --out "$OUT/text-run" --cache "$OUT/text-features.sqlite" --quiet
+edgexfer export "$OUT/text-run" --out "$OUT/text-bundle" --name fortunes-demo > /dev/null
+echo "   bundle: $OUT/text-bundle (backbone.onnx takes input_ids + attention_mask; tokenizer.json ships with it)"
+edgexfer device install "$OUT/text-bundle" --state "$OUT/text-device" > /dev/null
+mapfile -t LOVE < <(ls data/fortunes-love/*.txt | sort)
+edgexfer device predict "${LOVE[@]:10:10}" --state "$OUT/text-device" > "$OUT/text-before.txt"
+echo "   the device has never heard of 'love': of 10 unseen love texts it calls $(grep -c ': love (' "$OUT/text-before.txt" || true) 'love'"
+echo "   taught 'love' from 10 other texts, the head retrained on the device (no torch there):"
+edgexfer device learn --label love "${LOVE[@]:0:10}" --state "$OUT/text-device" | sed 's/^/   /'
+edgexfer device retrain --state "$OUT/text-device" | sed 's/^/   /'
+edgexfer device predict "${LOVE[@]:10:10}" --state "$OUT/text-device" > "$OUT/text-after.txt"
+echo "   asked again about the same 10 unseen love texts: $(grep -c ': love (' "$OUT/text-after.txt") called 'love'"
+sed 's/^/   /' "$OUT/text-after.txt"
+echo "   and a literal text:"
+edgexfer device predict --text "My cat sleeps on the keyboard all day." --state "$OUT/text-device" | sed 's/^/   /'
+
 say "Done. Host run: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle; device state: $OUT/device"
