@@ -72,10 +72,11 @@ class ConvertResult:
         if not self.registered:
             lines.append("  no engine here (TensorRT absent): device build kit in engines/tensorrt/"
                          f"{self.precision}/ (build_engine.sh, trt_lint.json)")
+        samples = r.get("samples", "images")
         for name in ("golden", "holdout"):
             f = v.get(name)
             if f:
-                text = (f"  {name:8s} {f['images']:4d} images: max |diff| {f['max_abs_diff']:.2e}, mean cosine "
+                text = (f"  {name:8s} {f['images']:4d} {samples}: max |diff| {f['max_abs_diff']:.2e}, mean cosine "
                         f"{f['mean_cosine']:.5f}, top-1 agreement {f['top1_agreement']:.1%}")
                 if "accuracy" in f:
                     text += f", accuracy {f['accuracy_reference']:.3f} -> {f['accuracy']:.3f}"
@@ -112,8 +113,10 @@ def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Pat
         raise InputError("--int8-target", got=repr(int8_target), expected=" or ".join(INT8_TARGETS))
     bundle = Bundle.open(bundle_dir)
     if precision == "int8" and calib is None:
-        raise DataError("int8 needs calibration images", got="no --calib",
-                        expected="an ImageFolder tree with folders named like the bundle's classes",
+        what = ("labelled texts (a folder of .txt per class, or a CSV/JSONL of text,label)"
+                if bundle.modality == "text" else "an ImageFolder tree")
+        raise DataError(f"int8 needs calibration {'texts' if bundle.modality == 'text' else 'images'}",
+                        got="no --calib", expected=f"{what} with classes named like the bundle's",
                         todo="pass --calib DATA_DIR (the bundle does not keep its training data)")
     split = load_calibration(bundle, calib, calib_size, val_size=val_size, seed=seed) if calib is not None else None
     tools = {name: _version(name) for name in _TOOLS[to]}
@@ -174,6 +177,7 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         "runner": details, "execution": details.get("execution"), "validation": validation, "speed": speed, "load_seconds": round(load_seconds, 3),
         "convert_seconds": round(convert_seconds, 1), "kept_in_float": build.info.get("kept_in_float"),
         "calibration": split.describe() if split else None, "info": build.info,
+        "samples": "texts" if bundle.modality == "text" else "images",  # what the "images" counts count
     }
     old = None
     if target.exists():

@@ -25,6 +25,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
     manifest = manifest or Bundle.open(root).manifest
     ref_size = manifest.files["backbone.onnx"].bytes
     rows: list[dict[str, Any]] = []
+    samples = "texts" if manifest.backbone.modality == "text" else "images"
     for rel in sorted(k for k in manifest.files if k.startswith("reports/convert-") and k.endswith(".json")):
         report = json.loads((root / rel).read_text())
         v = report["validation"]
@@ -35,7 +36,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
             "status": "engine" if report["registered"] else "device build kit (no TensorRT here)",
             "size_bytes": sum(manifest.files[f].bytes for f in report["files"]
                               if f.endswith(_MODEL_SUFFIXES) and f in manifest.files),
-            "validated_on": f"{'held-out' if v.get('holdout') else 'golden'} ({figures['images']} images)",
+            "validated_on": f"{'held-out' if v.get('holdout') else 'golden'} ({figures['images']} {samples})",
             "max_abs_diff": figures["max_abs_diff"], "mean_cosine": figures["mean_cosine"],
             "top1_agreement": figures["top1_agreement"],
             "accuracy_reference": figures.get("accuracy_reference"), "accuracy": figures.get("accuracy"),
