@@ -134,9 +134,10 @@ def export(run_dir, out, name, as_json, quiet):
 @precision_option
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree, folders named like the head's classes: calibration and held-out "
-                   "validation images (the bundle does not keep its training data). Required for int8.")
+                   "validation images (the bundle does not keep its training data); for a text bundle, labelled "
+                   "texts (a folder of .txt per class, or a CSV/JSONL of text,label). Required for int8.")
 @click.option("--calib-size", type=int, default=300, show_default=True,
-              help="Images that calibrate int8; the others are held out for validation.")
+              help="Images (texts) that calibrate int8; the others are held out for validation.")
 @click.option("--val-size", type=int, default=None, help="At most this many held-out images (default: all).")
 @click.option("--max-drop", type=float, default=0.01, show_default=True,
               help="Largest accepted int8/bf16 accuracy drop on held-out images (0.01 = 1 point).")

@@ -80,6 +80,28 @@ def test_openvino_fp32_and_fp16_of_a_text_bundle_meet_the_image_tolerances(text_
     assert {(e["backend"], e["precision"]) for e in manifest["engines"]} >= {("openvino", "fp32"), ("openvino", "fp16")}
 
 
+def test_openvino_text_engine_runs_any_batch_and_length_like_onnxruntime(text_conversion_bundle):
+    """The OpenVINO fp32 engine of a text bundle: dynamic batch and sequence, a feed of both int64 arrays."""
+    from edgexfer.converters import convert
+    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.errors import InputError
+
+    convert(text_conversion_bundle, "openvino", "fp32", progress=False)  # reused when already converted
+    bundle = Bundle.open(text_conversion_bundle)
+    texts = [str(t) for t in bundle.golden()["texts"]]
+    tokens = bundle.tokenizer().encode([texts[0], " ".join(texts * 3)])  # 2 rows, one padded, >= 100 tokens
+    assert tokens.input_ids.shape[1] >= 100
+    with open_backend("openvino", bundle.engine_file("openvino", "fp32")) as ov, \
+            open_backend("onnxruntime", bundle.backbone_path) as ort:
+        assert ov.details["inference_precision"] == "f32"
+        for rows in ([0], [1], [0, 1], [1, 0, 1]):
+            batch = tokens.rows(rows)
+            np.testing.assert_allclose(ov.run(batch), ort.run(batch), atol=1e-4)
+        with pytest.raises(InputError, match="a feed of input_ids and attention_mask"):
+            ov.run(tokens.input_ids)
+
+
 def test_openvino_bf16_of_a_text_bundle_where_the_cpu_computes_bf16(text_conversion_bundle):
     from edgexfer.converters import convert
     from edgexfer.runtime.cpu import cpu_features
