@@ -186,7 +186,9 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
             if meets(best, tolerance, SEARCH_COSINE_MARGIN):
                 break
         shutil.copyfile(workdir / "best.onnx", candidate)
-    if not meets(best, tolerance):
+    # judged on calibration images: a drop of one of them is accepted, as during the search (a 96-image
+    # search set makes one image 1.04 points); the held-out validation that follows applies the tolerance
+    if not meets(best, tolerance, one_sample=True):
         raise ValidationError(
             f"int8 ({recipe.name} QDQ) cannot meet the tolerance on the calibration images",
             [f"- features (calibration, {len(search)} images): mean cosine = {best['mean_cosine']:.4f} "

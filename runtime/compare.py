@@ -188,12 +188,15 @@ def flat_figures(comparison: Comparison) -> dict[str, Any]:
     return out
 
 
-def meets(fig: dict[str, Any], tol: Tolerance, margin: float = 0.0) -> bool:
+def meets(fig: dict[str, Any], tol: Tolerance, margin: float = 0.0, *, one_sample: bool | None = None) -> bool:
     """True when one output's figures satisfy ``tol`` (with ``margin``: for searches on calibration images).
 
     On a search's small image sets one image is worth more than the accuracy tolerance, so a search
-    accepts a drop of one image; held-out validation decides.
+    accepts a drop of one image (``one_sample``, default: whenever there is a margin); held-out
+    validation decides.
     """
-    if margin and tol.max_accuracy_drop is not None and fig.get("images"):
+    if one_sample is None:
+        one_sample = bool(margin)
+    if one_sample and tol.max_accuracy_drop is not None and fig.get("images"):
         tol = replace(tol, max_accuracy_drop=max(tol.max_accuracy_drop, 1.0 / fig["images"]))
     return not problems(fig, tol, margin)
