@@ -44,7 +44,7 @@ endef
 test: test-host test-device
 
 test-host: $(STAMP)
-	$(call run_pytest,$(PY),tests)
+	$(call run_pytest,$(PY),--durations=20 tests)
 
 # The runtime tests again, in the torch-free device venv, against an image and a text bundle the host venv builds.
 test-device: $(STAMP) $(DEVICE_STAMP)
