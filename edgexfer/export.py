@@ -138,6 +138,15 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
         files=files,
         tools={**run.get("tools", {}), "opset": OPSET},
     )
+    seal(manifest, staging, out)
+    return ExportResult(out, report)
+
+
+def seal(manifest: Manifest, staging: Path, out: Path) -> None:
+    """Write ``manifest`` into the staged bundle, verify it, and put it at ``out`` (image and text exports).
+
+    An existing bundle at ``out`` is replaced; a directory there that is not a bundle is refused.
+    """
     manifest.write(staging / "manifest.json")
     Bundle.open(staging)  # verify what we wrote before it replaces anything
     if out.exists():
@@ -147,7 +156,6 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
                               expected="a new path or an existing bundle", todo="choose another --out")
         shutil.rmtree(out)
     staging.rename(out)
-    return ExportResult(out, report)
 
 
 def _golden_order(labels: np.ndarray, count: int) -> np.ndarray:

@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgexfer.onnx_export import OPSET
-from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import compare, feature_outputs, flat_figures, tolerance_for
-from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.features import text_features
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
@@ -63,7 +61,7 @@ def _features_ort(path: Path, tokenizer: TextTokenizer, texts: list[str]) -> np.
 def export_text(run: dict[str, Any], run_dir: Path, out: Path, *, name: str | None, progress: bool,
                 golden_count: int, exemplars_per_class: int):
     """Write the bundle of a text run (called by :func:`edgexfer.export.export`)."""
-    from edgexfer.export import ExportResult, _golden_order
+    from edgexfer.export import ExportResult, _golden_order, seal
 
     pp = run["preprocess"]
     tokenizer = TextTokenizer.from_file(run_dir / pp["tokenizer"], pp["max_length"], sha256=pp["tokenizer_sha256"])
@@ -112,15 +110,7 @@ def export_text(run: dict[str, Any], run_dir: Path, out: Path, *, name: str | No
         files=files,
         tools={**run.get("tools", {}), "opset": OPSET},
     )
-    manifest.write(staging / "manifest.json")
-    Bundle.open(staging)  # verify what we wrote before it replaces anything
-    if out.exists():
-        if not (out / "manifest.json").is_file():
-            shutil.rmtree(staging)
-            raise BundleError("refusing to replace a directory that is not a bundle", got=str(out),
-                              expected="a new path or an existing bundle", todo="choose another --out")
-        shutil.rmtree(out)
-    staging.rename(out)
+    seal(manifest, staging, out)
     return ExportResult(out, report)
 
 

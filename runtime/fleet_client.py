@@ -25,6 +25,7 @@ import numpy as np
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.federated import pack_update, require_federated_kind, update_bytes
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.optional import lazy_attribute
 
 #: message type of a round's training request (Flower's "train" message type)
 TRAIN = "train"
@@ -189,17 +190,8 @@ def _build_app() -> Any:
     return client_app
 
 
-_APP: Any = None
-
-
-def __getattr__(name: str) -> Any:
-    # Flower loads "edgexfer.runtime.fleet_client:app"; building it here keeps flwr out of plain imports
-    global _APP
-    if name == "app":
-        if _APP is None:
-            _APP = _build_app()
-        return _APP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Flower loads "edgexfer.runtime.fleet_client:app": built on first access, so that importing this module needs no flwr
+__getattr__ = lazy_attribute(__name__, "app", _build_app)
 
 
 # "app" is listed for Flower's static check of the App's components (it looks for the name in the module)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from edgexfer.runtime.errors import MissingDependencyError
 
@@ -61,3 +63,20 @@ def require(module: str, purpose: str) -> ModuleType:
             expected=f"'{module}' importable",
             todo=todo,
         ) from exc
+
+
+def lazy_attribute(module: str, name: str, build: Callable[[], Any]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds ``name`` on first access (once), so importing needs no optional package.
+
+    Flower loads ``module:app`` by attribute; the ServerApp and the ClientApp are built from flwr only then.
+    """
+    built: list[Any] = []
+
+    def getattr_(attr: str) -> Any:
+        if attr == name:
+            if not built:
+                built.append(build())
+            return built[0]
+        raise AttributeError(f"module {module!r} has no attribute {attr!r}")
+
+    return getattr_

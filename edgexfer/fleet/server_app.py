@@ -32,6 +32,7 @@ from edgexfer.runtime.federated import (
     require_federated_kind,
 )
 from edgexfer.runtime.heads import Head
+from edgexfer.runtime.optional import lazy_attribute
 
 #: the records a device's reply may hold; anything else is refused (and named) as a protocol breach
 REPLY_RECORDS = frozenset({"head", "update", "metrics"})
@@ -218,17 +219,8 @@ def _build_app() -> Any:
     return server_app
 
 
-_APP: Any = None
-
-
-def __getattr__(name: str) -> Any:
-    # Flower loads "edgexfer.fleet.server_app:app"; built on first access so that importing needs no flwr
-    global _APP
-    if name == "app":
-        if _APP is None:
-            _APP = _build_app()
-        return _APP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Flower loads "edgexfer.fleet.server_app:app": built on first access, so that importing this module needs no flwr
+__getattr__ = lazy_attribute(__name__, "app", _build_app)
 
 
 # "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
