@@ -4,7 +4,8 @@
     golden FILE LABEL [--max-diff X] [--ran P]
                                           print the golden check of a ``device install --json``; fail when the
                                           feature difference is over X or the engine did not compute in P
-    predict FILE                          print a ``device predict --json`` result
+    predict FILE [LABEL N]                print a ``device predict --json`` result; fail when fewer than N
+                                          answers are LABEL
     serve-wait LOG PID SECONDS            wait for ``device serve``'s "listening on URL" line, print URL
     serve-predict URL IMAGE               POST IMAGE's bytes to URL/v1/predict, print and check the answer
     free-port                             a free TCP port on loopback
@@ -27,7 +28,7 @@ except ImportError:  # a 3.10 host
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the extras a device installs (the Makefile's device venv: onnxruntime, updates, serve, camera) plus openvino
-DEVICE_EXTRAS = ("onnxruntime", "openvino", "updates", "serve", "camera")
+DEVICE_EXTRAS = ("onnxruntime", "openvino", "updates", "serve", "camera", "text")
 
 
 def _name(requirement: str) -> str:
@@ -55,7 +56,8 @@ def golden(path: str, label: str, max_diff: float | None, ran: str | None) -> in
     ex = g.get("execution") or {}
     diff = float(g["max_abs_feature_diff"])
     tolerance = ", ".join(f"{k} {v:g}" for k, v in g["tolerance"].items())
-    print(f"  golden {label}: computed in {ex.get('inference_precision')}, {g['images']} images, "
+    unit = "texts" if g.get("modality") == "text" else "images"
+    print(f"  golden {label}: computed in {ex.get('inference_precision')}, {g['images']} {unit}, "
           f"max feature diff {diff:.3g}, mean cosine {g['mean_cosine']:.6f}, top-1 agreement {g['top1_agreement']:.3f} "
           f"(install tolerance: {tolerance}); isa {ex.get('isa')}; engine {engine['source']}"
           f"{' built' if engine.get('built') else ''}, install {report.get('seconds', 0):.1f} s")
@@ -68,7 +70,8 @@ def golden(path: str, label: str, max_diff: float | None, ran: str | None) -> in
     return 0
 
 
-def predict(path: str) -> int:
+def predict(path: str, label: str | None = None, at_least: int = 0) -> int:
+    """Print a ``device predict --json``; fail when fewer than ``at_least`` answers are ``label``."""
     report = json.loads(Path(path).read_text())
     rows = report.get("results") or []
     ex = report.get("execution") or {}
@@ -78,6 +81,12 @@ def predict(path: str) -> int:
     if not rows:
         print("  FAIL: no predictions in the output", file=sys.stderr)
         return 1
+    if label is not None:
+        hits = sum(row["label"] == label for row in rows)
+        print(f"  {hits} of {len(rows)} answered '{label}'")
+        if hits < at_least:
+            print(f"  FAIL: fewer than {at_least} answered '{label}'", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -129,7 +138,7 @@ def main(argv: list[str]) -> int:
         max_diff = float(opts["--max-diff"]) if "--max-diff" in opts else None
         return golden(path, label, max_diff, opts.get("--ran"))
     if cmd == "predict":
-        return predict(args[0])
+        return predict(args[0], *(args[1:2]), *(int(a) for a in args[2:3]))
     if cmd == "serve-wait":
         return serve_wait(args[0], int(args[1]), float(args[2]))
     if cmd == "serve-predict":

@@ -8,7 +8,8 @@
 # (pure Python) with --no-deps. The host venv builds the demo bundle and its OpenVINO engines; the emulated
 # Python then runs the device side on it, which must never need torch:
 #   device install (ONNX Runtime; OpenVINO fp32, fp16, int8) with its golden check, learn, retrain, predict,
-#   a signed head update from a TUF repository on loopback, and device serve answering one request.
+#   a signed head update from a TUF repository on loopback, device serve answering one request, and a text
+#   bundle (MiniLM, tokenizers): install with its golden check, a topic learned from 10 texts, predict.
 # Everything downloaded is kept under build/arm64/; a second run downloads nothing. It prints versions and
 # timings and fails naming the step that broke. ARM64_FRESH_BUNDLE=1 rebuilds the host bundle.
 set -euo pipefail
@@ -207,7 +208,7 @@ versions() {
 import importlib.metadata as md, importlib.util, platform, sys
 print(f"emulated: Python {platform.python_version()} on {platform.machine()}, {platform.libc_ver()[0]} {platform.libc_ver()[1]}")
 names = ["edgexfer", "numpy", "scipy", "pillow", "onnxruntime", "openvino", "tuf", "securesystemslib",
-         "starlette", "uvicorn", "python-multipart", "prometheus-client", "opencv-python-headless"]
+         "starlette", "uvicorn", "python-multipart", "prometheus-client", "opencv-python-headless", "tokenizers"]
 print("emulated packages: " + ", ".join(f"{n} {md.version(n)}" for n in names))
 assert platform.machine() == "aarch64", platform.machine()
 # the device side never needs torch, and none must leak in from the host
@@ -228,7 +229,7 @@ host_key() {
   # what the bundle depends on: this tree's sources and data (as they are, committed or not), the host
   # venv's packages
   { git ls-files -z --cached --others --exclude-standard -- edgexfer converters runtime pyproject.toml \
-      constraints.txt "$DATA" | while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
+      constraints.txt "$DATA" data/fortunes-demo | while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
       | xargs -0 sha256sum
     "$VENV/bin/pip" freeze --disable-pip-version-check 2>/dev/null | grep -v '^-e'; } | sha256sum | cut -c1-12
 }
@@ -260,6 +261,9 @@ host_bundle() {
   nice -n 19 "$HOST_EDGEXFER" heads init --repo "$HOST/heads-repo" --keys "$HOST/keys" --root-key "$HOST/offline/root.key"
   nice -n 19 "$HOST_EDGEXFER" heads publish "$HOST/run-v2" --bundle "$HOST/bundle" --repo "$HOST/heads-repo" \
     --keys "$HOST/keys" --group all
+  # a text bundle (MiniLM, 4 topics of the text demo): the device side needs tokenizers on arm64
+  nice -n 19 "$HOST_EDGEXFER" train data/fortunes-demo --out "$HOST/text-run" --cache "$ARM/t.sqlite" --quiet
+  nice -n 19 "$HOST_EDGEXFER" export "$HOST/text-run" --out "$HOST/text-bundle" --name fortunes-arm64 --quiet
   echo "$key" > "$HOST/.complete"
 }
 
@@ -341,6 +345,20 @@ serve() {
   echo "  device serve stopped"
 }
 
+# text: tokenizers (Rust) and the MiniLM engine on arm64; install's golden check re-tokenizes the golden
+# texts and compares features with the x86 reference; a topic learned from 10 texts
+text() {
+  arm_edgexfer device install "$HOST/text-bundle" --state "$WORK/text-device" --backend onnxruntime --precision fp32 \
+    --json > "$WORK/install-text.json"
+  $HELPER golden "$WORK/install-text.json" "text onnxruntime/fp32" --max-diff 1e-4 --ran f32
+  local love; mapfile -t love < <(ls data/fortunes-love/*.txt | sort)
+  arm_edgexfer device learn --label love "${love[@]:0:10}" --state "$WORK/text-device" --backend onnxruntime
+  arm_edgexfer device retrain --state "$WORK/text-device"
+  arm_edgexfer device predict "${love[@]:10:10}" --state "$WORK/text-device" --backend onnxruntime --json \
+    > "$WORK/predict-text.json"
+  $HELPER predict "$WORK/predict-text.json" love 7
+}
+
 step arm64-python arm64_python
 step arm64-wheels arm64_wheels
 step project project
@@ -356,6 +374,7 @@ step retrain retrain
 step predict predict
 step update update
 step serve serve
+step text text
 CURRENT=""
 printf '\n\033[1m== check-arm64 passed\033[0m\n'
 printf '%s\n' "${TIMINGS[@]}"
