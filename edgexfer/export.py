@@ -101,17 +101,8 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
         print(f"checking backbone.onnx against PyTorch on {len(val)} validation images", file=sys.stderr, flush=True)
     ref = _features_torch(_torch_backbone(run, run_dir), pixels)
     onnx_feats = _features_ort(run_dir / "backbone.onnx", pixels)
-    # both are fp32: the export must meet the fp32 tolerance, on features and logits alike
-    result = compare(feature_outputs(ref, onnx_feats, head.logits), tolerance_for("fp32"), "validation")
-    report = {"count": int(len(ref)), **flat_figures(result), "tolerance": result.tolerance.to_dict()}
-    report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
-    report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
-    result.raise_if_failed("backbone.onnx does not match PyTorch", todo="report this as a bug; the bundle was not written")
-
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "reports").mkdir(parents=True)
+    report = parity_report(ref, onnx_feats, head, labels)
+    staging = new_staging(out)
     shutil.copy2(run_dir / "backbone.onnx", staging / "backbone.onnx")
     shutil.copy2(run_dir / "head.safetensors", staging / "head.safetensors")
     # golden images: a few of every class, with the reference (ONNX Runtime fp32) outputs
@@ -140,6 +131,29 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     )
     seal(manifest, staging, out)
     return ExportResult(out, report)
+
+
+def parity_report(ref: np.ndarray, onnx_feats: np.ndarray, head: Any, labels: np.ndarray,
+                  **extra: Any) -> dict[str, Any]:
+    """backbone.onnx against PyTorch on the validation samples (image and text exports); raises when it fails.
+
+    Both are fp32: the export must meet the fp32 tolerance, on features and logits alike.
+    """
+    result = compare(feature_outputs(ref, onnx_feats, head.logits), tolerance_for("fp32"), "validation")
+    report = {"count": int(len(ref)), **extra, **flat_figures(result), "tolerance": result.tolerance.to_dict()}
+    report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
+    report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
+    result.raise_if_failed("backbone.onnx does not match PyTorch", todo="report this as a bug; the bundle was not written")
+    return report
+
+
+def new_staging(out: Path) -> Path:
+    """An empty ``.<out>.partial`` directory beside ``out`` (with ``reports/``), where a bundle is assembled."""
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "reports").mkdir(parents=True)
+    return staging
 
 
 def seal(manifest: Manifest, staging: Path, out: Path) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from edgexfer.onnx_export import OPSET
-from edgexfer.runtime.compare import compare, feature_outputs, flat_figures, tolerance_for
 from edgexfer.runtime.features import text_features
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
@@ -61,7 +60,7 @@ def _features_ort(path: Path, tokenizer: TextTokenizer, texts: list[str]) -> np.
 def export_text(run: dict[str, Any], run_dir: Path, out: Path, *, name: str | None, progress: bool,
                 golden_count: int, exemplars_per_class: int):
     """Write the bundle of a text run (called by :func:`edgexfer.export.export`)."""
-    from edgexfer.export import ExportResult, _golden_order, seal
+    from edgexfer.export import ExportResult, _golden_order, new_staging, parity_report, seal
 
     pp = run["preprocess"]
     tokenizer = TextTokenizer.from_file(run_dir / pp["tokenizer"], pp["max_length"], sha256=pp["tokenizer_sha256"])
@@ -73,16 +72,8 @@ def export_text(run: dict[str, Any], run_dir: Path, out: Path, *, name: str | No
         print(f"checking backbone.onnx against PyTorch on {len(val)} validation texts", file=sys.stderr, flush=True)
     ref = _features_torch(_torch_text_backbone(run, run_dir), tokenizer, texts)
     onnx_feats = _features_ort(run_dir / "backbone.onnx", tokenizer, texts)
-    result = compare(feature_outputs(ref, onnx_feats, head.logits), tolerance_for("fp32"), "validation")
-    report = {"count": int(len(ref)), "samples": "texts", **flat_figures(result), "tolerance": result.tolerance.to_dict()}
-    report["val_accuracy_onnx"] = float(np.mean(head.logits(onnx_feats).argmax(1) == labels))
-    report["val_accuracy_torch"] = float(np.mean(head.logits(ref).argmax(1) == labels))
-    result.raise_if_failed("backbone.onnx does not match PyTorch", todo="report this as a bug; the bundle was not written")
-
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "reports").mkdir(parents=True)
+    report = parity_report(ref, onnx_feats, head, labels, samples="texts")
+    staging = new_staging(out)
     for rel in ("backbone.onnx", "head.safetensors", "tokenizer.json"):
         shutil.copy2(run_dir / rel, staging / rel)
     order = _golden_order(labels, golden_count)
