@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import tolerance_for
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError, InputError
-from edgexfer.runtime.fsutil import file_sha256, write_atomic
+from edgexfer.runtime.fsutil import StagedDir, file_sha256, write_atomic
 from edgexfer.runtime.manifest import EngineEntry, FileEntry
 from edgexfer.runtime.precision import check_precision
 
@@ -134,15 +133,12 @@ def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | No
            key: str, report_rel: str, max_drop: float, progress: bool, int8_target: str) -> ConvertResult:
     tolerance = tolerance_for(precision, max_drop)
     root = bundle.root
-    staging = root / f".convert-{to}-{precision}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # staged under the name conversions have always used; the next run removes what a killed one left
+    with StagedDir(root / "engines" / to / precision, staging=root / f".convert-{to}-{precision}.partial") as staged:
         with tempfile.TemporaryDirectory(prefix="edgexfer-convert-") as work:
             _say(progress, f"converting {root} to {to} {precision}")
             start = time.perf_counter()
-            build = _converter(to)(bundle, staging, precision, split, tolerance, Path(work), progress=progress,
+            build = _converter(to)(bundle, staged.path, precision, split, tolerance, Path(work), progress=progress,
                                    int8_target=int8_target)
             convert_seconds = time.perf_counter() - start
             _say(progress, "validating against the fp32 ONNX Runtime reference")
@@ -155,19 +151,15 @@ def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | No
                 details = dict(runner.details)
                 execution = runner.execution
         raise_if_failed(validation, f"{to} {precision} engine")
-        return _record(bundle, to, precision, build, staging, split, tools, key, report_rel, validation, speed,
+        return _record(bundle, to, precision, build, staged, split, tools, key, report_rel, validation, speed,
                        {**details, "execution": execution}, load_seconds, convert_seconds)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
-def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging: Path,
+def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staged: StagedDir,
             split: CalibrationSplit | None, tools: dict[str, str], key: str, report_rel: str,
             validation: dict[str, Any], speed: dict[str, Any], details: dict[str, Any], load_seconds: float,
             convert_seconds: float) -> ConvertResult:
     root = bundle.root
-    target = root / "engines" / to / precision
     rel_files = [f"engines/{to}/{precision}/{p.name}" for p in build.files]
     report = {
         "schema": "edgexfer.convert-report/1", "backend": to, "precision": precision,
@@ -179,15 +171,8 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         "calibration": split.describe() if split else None, "info": build.info,
         "samples": "texts" if bundle.modality == "text" else "images",  # what the "images" counts count
     }
-    old = None
-    if target.exists():
-        old = target.with_name(f".{precision}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(target)
-    try:
+    # the previous engine is kept until the manifest records the new one, and put back if that fails
+    with staged.swap():
         write_atomic(root / report_rel, (json.dumps(report, indent=2) + "\n").encode())
         manifest = bundle.manifest
         prefix = f"engines/{to}/{precision}/"
@@ -208,15 +193,6 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         for rel in write_engine_table(root, updated):
             files[rel] = FileEntry(sha256=file_sha256(root / rel), bytes=(root / rel).stat().st_size)
         dataclasses.replace(updated, files=files).write(root / "manifest.json")
-    except BaseException:
-        # put the previous engine back; the manifest was not replaced
-        if target.exists():
-            shutil.rmtree(target)
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
     Bundle.open(root)  # verify what was recorded
     return ConvertResult(root, to, precision, tuple(rel_files), report, False, build.register)
 

@@ -20,7 +20,7 @@ from edgexfer.onnx_export import OPSET
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import compare, feature_outputs, flat_figures, tolerance_for
 from edgexfer.runtime.errors import BundleError, InputError
-from edgexfer.runtime.fsutil import file_sha256, write_atomic
+from edgexfer.runtime.fsutil import StagedDir, file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import BackboneInfo, FileEntry, HeadInfo, InputSpec, Manifest
 from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
@@ -161,15 +161,14 @@ def seal(manifest: Manifest, staging: Path, out: Path) -> None:
 
     An existing bundle at ``out`` is replaced; a directory there that is not a bundle is refused.
     """
+    staged = StagedDir(out, staging=staging, replace=True)
     manifest.write(staging / "manifest.json")
     Bundle.open(staging)  # verify what we wrote before it replaces anything
-    if out.exists():
-        if not (out / "manifest.json").is_file():
-            shutil.rmtree(staging)
-            raise BundleError("refusing to replace a directory that is not a bundle", got=str(out),
-                              expected="a new path or an existing bundle", todo="choose another --out")
-        shutil.rmtree(out)
-    staging.rename(out)
+    if out.exists() and not (out / "manifest.json").is_file():
+        staged.discard()
+        raise BundleError("refusing to replace a directory that is not a bundle", got=str(out),
+                          expected="a new path or an existing bundle", todo="choose another --out")
+    staged.commit()
 
 
 def _golden_order(labels: np.ndarray, count: int) -> np.ndarray:

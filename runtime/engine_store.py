@@ -12,7 +12,7 @@ entry is never loaded by an engine it was not built for.
   compile: later loads import the blob instead of compiling again (on Intel GPUs that is seconds).
 
 An entry is complete when its ``engine_key.json`` exists: it is built in ``.tmp-<key>-<pid>``, the key file
-is written last, the tree is fsynced and renamed into place. A process killed mid-build leaves only a
+is written last, the tree is fsynced and renamed into place (:class:`fsutil.StagedDir`). A process killed mid-build leaves only a
 ``.tmp-`` directory, which the next writer under the state lock removes (``DeviceState`` sweeps it).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
-from edgexfer.runtime.fsutil import fsync_dir, fsync_tree, make_private, private_dir
+from edgexfer.runtime.fsutil import StagedDir, make_private, private_dir
 from edgexfer.runtime.state import crash_point
 
 KEY_FILE = "engine_key.json"
@@ -219,11 +219,11 @@ class EngineStore:
         if entry is not None:
             return entry, {"built": False, "seconds": 0.0}
         private_dir(self.root)
-        tmp = self.root / f".tmp-{target.key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        private_dir(tmp)
-        started = time.perf_counter()
-        try:
+        final = self.path(target.key)
+        # replace: an entry with a bad key file is rebuilt; .tmp-<key>-<pid>: swept after a crash
+        with StagedDir(final, name=f".tmp-{target.key}-{os.getpid()}", private=True, replace=True) as staged:
+            tmp = staged.path
+            started = time.perf_counter()
             info = dict(builder(tmp) or {})
             if not any(tmp.iterdir()):
                 raise BundleError(f"the {target.backend} engine build wrote nothing", got=f"empty {tmp.name}",
@@ -233,15 +233,7 @@ class EngineStore:
                       "build_seconds": seconds, **{k: v for k, v in info.items() if isinstance(v, (str, int, float))}}
             (tmp / KEY_FILE).write_text(json.dumps(record, indent=2) + "\n")
             make_private(tmp)  # what the engine's builder wrote, with its own modes
-            fsync_tree(tmp)
             crash_point("engine-built")
-            final = self.path(target.key)
-            shutil.rmtree(final, ignore_errors=True)  # an entry with a bad key file
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final, {"built": True, "seconds": seconds, **info}
 
     def entries(self) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Small file-system helpers every part of edgexfer shares: atomic writes, fsync, file digests.
+"""Small file-system helpers every part of edgexfer shares: atomic writes, staged directories, fsync, digests.
 
 A bundle, a device state and an update all rely on one rule: a reader sees the old file or the new one,
 never half of one, and what was renamed into place survives a power cut (fsync of the file, then of the
@@ -6,9 +6,13 @@ directory that holds the name).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 #: modes of a device's state (docs/architecture.md, "Device state directory"): the images and labels a
@@ -93,3 +97,92 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class StagedDir:
+    """A directory built beside its ``target``, then put in its place by one rename.
+
+    Bundles, heads, engines and conversion results are all written this way, so that a reader (or a
+    process started after a crash) sees the old directory or the complete new one, never half of one::
+
+        with StagedDir(target) as staged:
+            ...write files under staged.path, verify them...
+        # here target is the new directory: fsynced, renamed into place, the rename made durable
+
+    Leaving the block with an exception removes the staging directory and leaves ``target`` as it was.
+    A process killed inside the block leaves the staging directory, under its ``.tmp-`` or given name,
+    for whoever owns the parent to sweep (``DeviceState`` does, under its lock).
+
+    ``name``: the staging directory's name beside ``target`` (default ``.tmp-<random>``); ``staging``: a
+    path elsewhere on the same file system instead. ``private``: created as :data:`PRIVATE_DIR`.
+    ``replace``: an existing ``target`` is removed just before the rename (not atomic: for targets that
+    are rebuilt from their inputs); without it the rename fails on a non-empty ``target``, and
+    :meth:`swap` keeps the old one until the new one is recorded.
+    """
+
+    def __init__(self, target: str | Path, *, name: str | None = None, staging: str | Path | None = None,
+                 private: bool = False, replace: bool = False):
+        self.target = Path(target)
+        if staging is not None:
+            self.path = Path(staging)
+        else:
+            self.path = self.target.with_name(name or f".tmp-{uuid.uuid4().hex}")
+        self.private = private
+        self.replace = replace
+        self.committed = False
+
+    def __enter__(self) -> StagedDir:
+        if self.path.exists():
+            shutil.rmtree(self.path)  # what an interrupted run left under the same name
+        if self.private:
+            private_dir(self.path)
+        else:
+            self.path.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.committed:
+            self.commit()
+        self.discard()  # after a failure (or a failed commit): nothing of the staging directory stays
+
+    def commit(self) -> Path:
+        """fsync the staged tree, rename it to ``target`` (removing an old one with ``replace``), fsync the parent."""
+        fsync_tree(self.path)
+        if self.replace and (self.target.exists() or self.target.is_symlink()):
+            if self.target.is_dir() and not self.target.is_symlink():
+                shutil.rmtree(self.target)
+            else:
+                self.target.unlink()
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.path, self.target)
+        fsync_dir(self.target.parent)
+        self.committed = True
+        return self.target
+
+    @contextlib.contextmanager
+    def swap(self) -> Iterator[Path]:
+        """Commit, keeping the old ``target`` as ``.<name>.old`` beside it until the block succeeds.
+
+        For a directory that something else lists (an engine a manifest records): the block records the
+        new one; if it raises, the new directory is removed and the old one put back.
+        """
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            self.target.rename(old)
+        try:
+            yield self.commit()
+        except BaseException:
+            if self.target.exists():
+                shutil.rmtree(self.target)
+            if old is not None:
+                old.rename(self.target)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+
+    def discard(self) -> None:
+        """Remove the staging directory (nothing if it was committed)."""
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -11,8 +11,8 @@ state/
 ```
 
 Invariant: after a crash at any point exactly one complete (bundle, head) pair is active. New bundles
-and heads are written under a temporary name, fsynced and renamed into place; only then does
-``active.json`` change, itself replaced atomically (temp file, fsync, rename, fsync directory).
+and heads are written under a temporary name, fsynced and renamed into place (:class:`fsutil.StagedDir`);
+only then does ``active.json`` change, itself replaced atomically (temp file, fsync, rename, fsync directory).
 Writers (install, retrain, rollback, update) hold an exclusive lock on ``state/lock``.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.fsutil import (
     PRIVATE_FILE,
+    StagedDir,
     file_sha256,
     fsync_dir,
-    fsync_tree,
     make_private,
     private_dir,
     write_atomic,
@@ -219,17 +219,13 @@ class DeviceState:
         if dest.is_dir():
             return Bundle.open(dest, verify=True), False
         private_dir(self.bundles_dir)
-        tmp = self.bundles_dir / f".tmp-{uuid.uuid4().hex}"
-        files = ["manifest.json", *src.manifest.files]
-        for rel in files:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src.root / rel, tmp / rel)
-        make_private(tmp)
-        crash_point("bundle-copied")
-        Bundle.open(tmp, verify=True)  # what landed on this disk, not what was read
-        fsync_tree(tmp)
-        os.rename(tmp, dest)
-        fsync_dir(self.bundles_dir)
+        with StagedDir(dest, private=True) as staged:  # .tmp-<random>: swept by the next writer after a crash
+            for rel in ["manifest.json", *src.manifest.files]:
+                (staged.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.root / rel, staged.path / rel)
+            make_private(staged.path)
+            crash_point("bundle-copied")
+            Bundle.open(staged.path, verify=True)  # what landed on this disk, not what was read
         crash_point("bundle-renamed")
         return Bundle.open(dest), True
 
@@ -306,22 +302,19 @@ class DeviceState:
         elif version in existing:
             raise StateError("head version exists already", got=version, expected="a new version number")
         private_dir(self.heads_dir)
-        tmp = private_dir(self.heads_dir / f".tmp-{uuid.uuid4().hex}")
-        if source_file is not None:
-            shutil.copyfile(source_file, tmp / "head.safetensors")
-            with open(tmp / "head.safetensors", "rb+") as fh:
-                os.fsync(fh.fileno())
-        else:
-            head.save(tmp / "head.safetensors")
-        record = HeadRecord(version=version, kind=head.kind, classes=list(head.classes), backbone_sha256=backbone_sha256,
-                            sha256=file_sha256(tmp / "head.safetensors"),
-                            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            parent=parent, status=status, source=source, metrics=dict(metrics or {}))
-        write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode(), mode=PRIVATE_FILE)
-        os.chmod(tmp / "head.safetensors", PRIVATE_FILE)
-        crash_point("head-written")
-        os.rename(tmp, self.heads_dir / str(version))
-        fsync_dir(self.heads_dir)
+        with StagedDir(self.heads_dir / str(version), private=True) as staged:  # .tmp-<random>, like bundles
+            tmp = staged.path
+            if source_file is not None:
+                shutil.copyfile(source_file, tmp / "head.safetensors")
+            else:
+                head.save(tmp / "head.safetensors")
+            record = HeadRecord(version=version, kind=head.kind, classes=list(head.classes),
+                                backbone_sha256=backbone_sha256, sha256=file_sha256(tmp / "head.safetensors"),
+                                created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                parent=parent, status=status, source=source, metrics=dict(metrics or {}))
+            write_atomic(tmp / "head.json", (json.dumps(asdict(record), indent=2) + "\n").encode(), mode=PRIVATE_FILE)
+            os.chmod(tmp / "head.safetensors", PRIVATE_FILE)
+            crash_point("head-written")
         crash_point("head-renamed")
         return record
 

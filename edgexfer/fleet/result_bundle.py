@@ -19,7 +19,7 @@ import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import BundleError
-from edgexfer.runtime.fsutil import file_sha256, write_atomic
+from edgexfer.runtime.fsutil import StagedDir, file_sha256, write_atomic
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.manifest import FileEntry, HeadInfo
 
@@ -37,10 +37,15 @@ def write_result_bundle(source: Bundle, head: Head, out: str | Path, record: dic
     if head.feature_dim != source.manifest.backbone.feature_dim:
         raise BundleError("the federated head does not fit the bundle's backbone", got=f"D={head.feature_dim}",
                           expected=f"D={source.manifest.backbone.feature_dim}")
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(source.root, staging, symlinks=False)
+    with StagedDir(out, name=f".{out.name}.partial") as staged:
+        _write_result(source, head, staged.path, record)
+        Bundle.open(staged.path)  # verify what was written before it becomes the result
+    return Bundle.open(out)
+
+
+def _write_result(source: Bundle, head: Head, staging: Path, record: dict[str, Any]) -> None:
+    """The result bundle's files and manifest, written into ``staging``."""
+    shutil.copytree(source.root, staging, symlinks=False, dirs_exist_ok=True)
     (staging / "reports").mkdir(exist_ok=True)
     head.save(staging / "head.safetensors")
     golden = source.golden()
@@ -63,9 +68,6 @@ def write_result_bundle(source: Bundle, head: Head, out: str | Path, record: dic
         files=files,
     )
     manifest.write(staging / "manifest.json")
-    Bundle.open(staging)  # verify what was written before it becomes the result
-    staging.rename(out)
-    return Bundle.open(out)
 
 
 def numeric_summary(record: dict[str, Any]) -> dict[str, float]:
