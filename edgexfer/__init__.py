@@ -1,4 +1,4 @@
-"""edgexfer: transfer-learned image classifiers for edge devices that keep learning in the field.
+"""edgexfer: transfer-learned image and text classifiers for edge devices that keep learning in the field.
 
 This module stays light (no torch, no engines): it is imported before ``edgexfer.runtime`` on devices.
 """

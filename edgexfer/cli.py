@@ -48,7 +48,7 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Transfer-learned image classifiers for edge devices."""
+    """Transfer-learned image and text classifiers for edge devices."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -215,7 +215,8 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
 # --------------------------------------------------------------------------------------------- device
 @main.group()
 def device():
-    """The device side: install, predict, learn, retrain, status, heads, rollback, serve (no torch needed)."""
+    """The device side: install, predict, learn, retrain, status, heads, rollback, update, federate, serve, watch
+    (no torch needed)."""
     import os
 
     # What a device command creates is its owner's alone: state folders 0700, files 0600, also the

@@ -37,8 +37,18 @@ CALIB=../shared/datasets/clipart8; CALIB_SIZE=300
 MAX_DROP=0.02
 if [ ! -d "$CALIB" ]; then CALIB="$OUT/host-data"; CALIB_SIZE=120; fi
 echo "   calibration and held-out validation images: $CALIB (folders the head does not know are ignored)"
-echo "   INT8 keeps the layers that hurt accuracy most in float; on this kind of CPU (AVX2, no VNNI) it is"
-echo "   not faster than FP32 - its gain is size. On a Jetson, TensorRT INT8 is where it pays."
+# what INT8 buys depends on this CPU's ISA (edgexfer.runtime.cpu reads it, as conversion and the engine store do)
+python - <<'PY'
+from edgexfer.runtime.cpu import cpu_features
+
+cpu = cpu_features()
+if cpu.int8_dot:
+    gain = "it has an int8 dot product (VNNI/AMX/SDOT), so INT8 is smaller and usually faster than FP32"
+else:
+    gain = "it has no int8 dot product (VNNI), so INT8 is not faster than FP32 - its gain is size"
+print(f"   INT8 keeps the layers that hurt accuracy most in float. This CPU is {cpu.describe()}:")
+print(f"   {gain}. On a Jetson, TensorRT INT8 is where it pays.")
+PY
 edgexfer convert "$OUT/bundle" --to openvino --precision fp32 --quiet > "$OUT/convert-openvino-fp32.txt"; grep -m1 "engine\|reused" "$OUT/convert-openvino-fp32.txt"
 edgexfer convert "$OUT/bundle" --to openvino --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --max-drop "$MAX_DROP" --quiet > "$OUT/convert-openvino-int8.txt"; grep -m1 "engine\|reused" "$OUT/convert-openvino-int8.txt"
 edgexfer convert "$OUT/bundle" --to onnxruntime --precision int8 --calib "$CALIB" --calib-size "$CALIB_SIZE" --max-drop "$MAX_DROP" --quiet > "$OUT/convert-onnxruntime-int8.txt"; grep -m1 "engine\|reused" "$OUT/convert-onnxruntime-int8.txt"
