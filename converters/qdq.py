@@ -322,6 +322,8 @@ def _short(fig: dict[str, Any]) -> dict[str, Any]:
     return {k: round(fig[k], 4) for k in keys if k in fig}
 
 
+# long: one walk over the QDQ graph builds every layer's measuring branch from the maps it shares (producers,
+# consumers, initializers, the float tensors); split up, each step would take all of them
 def layer_sensitivity(float_path: Path, qdq_path: Path, pixels: EngineInputs, recipe: QdqRecipe) -> list[dict[str, Any]]:
     """Each quantized weighted layer's own SQNR (worst first), measured with the recipe's runtime.
 

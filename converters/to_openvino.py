@@ -72,6 +72,8 @@ def overflow_fix_needed(int8_target: str) -> bool:
     return True  # "any": every x86-64 CPU, AVX2-only ones included
 
 
+# long: the int8 search in its order (plain NNCF, then layers kept in float, then accuracy control), sharing
+# one dataset, one evaluator and the record of every try; docs/converters.md describes the same steps
 def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tolerance, progress: bool,
               int8_target: str):
     nncf = require("nncf", "int8 quantization for OpenVINO")

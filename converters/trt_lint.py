@@ -50,6 +50,8 @@ def target_table(version: str | None = None) -> dict[str, Any]:
 FP16_MAX = 65504.0
 
 
+# long: a list of independent checks over the same graph, each a short commented block that adds its
+# problems; read in one place they are the checklist the module docstring describes
 def lint_model(model, target: str | None = None, *, profiles: dict[str, Any] | None = None,
                precision: str | None = None) -> dict[str, Any]:
     """Problems of ``model`` (an ``onnx.ModelProto``) for TensorRT ``target``; see module docstring.
