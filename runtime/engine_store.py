@@ -12,8 +12,9 @@ entry is never loaded by an engine it was not built for.
   compile: later loads import the blob instead of compiling again (on Intel GPUs that is seconds).
 
 An entry is complete when its ``engine_key.json`` exists: it is built in ``.tmp-<key>-<pid>``, the key file
-is written last, the tree is fsynced and renamed into place (:class:`fsutil.StagedDir`). A process killed mid-build leaves only a
-``.tmp-`` directory, which the next writer under the state lock removes (``DeviceState`` sweeps it).
+is written last, the tree is fsynced and renamed into place (:class:`fsutil.StagedDir`). A process killed
+mid-build leaves only a ``.tmp-`` directory, which the next writer under the state lock removes
+(``DeviceState`` sweeps it).
 """
 from __future__ import annotations
 

@@ -141,9 +141,11 @@ class StagedDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self.committed:
-            self.commit()
-        self.discard()  # after a failure (or a failed commit): nothing of the staging directory stays
+        try:
+            if exc_type is None and not self.committed:
+                self.commit()
+        finally:
+            self.discard()  # after a failure (or a failed commit): nothing of the staging directory stays
 
     def commit(self) -> Path:
         """fsync the staged tree, rename it to ``target`` (removing an old one with ``replace``), fsync the parent."""
