@@ -41,6 +41,7 @@ from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.manifest import EngineEntry, FileEntry
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.precision import check_precision
 
 BACKENDS = tuple(BACKEND_REGISTRY)
@@ -113,10 +114,9 @@ def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Pat
         raise InputError("--int8-target", got=repr(int8_target), expected=" or ".join(INT8_TARGETS))
     bundle = Bundle.open(bundle_dir)
     if precision == "int8" and calib is None:
-        what = ("labelled texts (a folder of .txt per class, or a CSV/JSONL of text,label)"
-                if bundle.modality == "text" else "an ImageFolder tree")
-        raise DataError(f"int8 needs calibration {'texts' if bundle.modality == 'text' else 'images'}",
-                        got="no --calib", expected=f"{what} with classes named like the bundle's",
+        modality = modality_of(bundle)
+        raise DataError(f"int8 needs calibration {modality.plural}",
+                        got="no --calib", expected=f"{modality.dataset_help} with classes named like the bundle's",
                         todo="pass --calib DATA_DIR (the bundle does not keep its training data)")
     split = load_calibration(bundle, calib, calib_size, val_size=val_size, seed=seed) if calib is not None else None
     # the packages whose versions decide what the conversion produces (part of the reuse key)
@@ -178,7 +178,7 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         "runner": details, "execution": details.get("execution"), "validation": validation, "speed": speed, "load_seconds": round(load_seconds, 3),
         "convert_seconds": round(convert_seconds, 1), "kept_in_float": build.info.get("kept_in_float"),
         "calibration": split.describe() if split else None, "info": build.info,
-        "samples": "texts" if bundle.modality == "text" else "images",  # what the "images" counts count
+        "samples": modality_of(bundle).plural,  # what the "images" counts count
     }
     old = None
     if target.exists():

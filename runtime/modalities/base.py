@@ -62,6 +62,15 @@ class Modality:
     streams: ClassVar[bool] = False
     #: the samples per engine call when a caller does not choose
     batch_size: ClassVar[int] = 16
+    #: what a labelled data set of this modality looks like, for messages (``--calib``, ``--val``)
+    dataset_help: ClassVar[str] = "a labelled data set"
+    #: the converters' calibration reader, ``"module:function"`` (bundle, data, calib_size, *, val_size, seed)
+    #: -> CalibrationSplit; "" where int8 calibration is not supported. Named, never imported by the runtime.
+    calibration_loader: ClassVar[str] = ""
+    #: the converters' int8 quantization scope, ``"module:function"`` (float model path) -> (keyword arguments
+    #: of the quantizer: which operators and nodes to quantize, the weighted layers left in float); "" for the
+    #: quantizer's defaults
+    quantization_scope: ClassVar[str] = ""
 
     def __init__(self, backbone: Any, root: Path | None = None):
         #: the manifest's ``backbone`` (arch, sha256, feature_dim, input)

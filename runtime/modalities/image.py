@@ -34,6 +34,8 @@ class ImageModality(Modality):
     augmentable = True
     streams = True
     batch_size = 16
+    dataset_help = "an ImageFolder tree"
+    calibration_loader = "edgexfer.converters.calibration:load_image_calibration"
 
     def __init__(self, backbone: Any, root=None):
         super().__init__(backbone, root)

@@ -31,6 +31,9 @@ class TextModality(Modality):
     takes_literals = True
     #: texts per engine call: a batch is padded to its longest text, so texts are batched by length
     batch_size = 32
+    dataset_help = "labelled texts (a folder of .txt per class, or a CSV/JSONL of text,label)"
+    calibration_loader = "edgexfer.converters.calibration:load_text_calibration"
+    quantization_scope = "edgexfer.converters.qdq:transformer_scope"
 
     def __init__(self, backbone: Any, root: Path | None = None):
         super().__init__(backbone, root)
