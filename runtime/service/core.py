@@ -2,8 +2,8 @@
 
 Threads, and what each owns:
 
-* the **engine thread** (one): the :class:`~edgexfer.runtime.device.Device`, its engine, and the
-  active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
+* the **engine thread** (one): the server's one :class:`~edgexfer.runtime.device.Device`'s engine,
+  and the active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
   callers. Before each batch it stats ``active.json`` (one ``stat``); when another process (``device
   retrain``, ``update``, ``rollback``) replaced it, the new head (or bundle) is loaded before the batch
   runs. A batch runs with one head, and every result names that head's version. If the new state
@@ -40,13 +40,14 @@ import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
-from edgexfer.runtime.device import Device, LearnReport
+from edgexfer.runtime.device import Device, LearnReport, RetrainReport
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.features import text_features
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS, check_array, decode_image, resize_to_spec
 from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
 from edgexfer.runtime.service.metrics import ServiceMetrics
+from edgexfer.runtime.state import ActiveState
 from edgexfer.runtime.text import decode_text
 
 log = logging.getLogger("edgexfer.serve")
@@ -360,6 +361,20 @@ class ServiceCore:
 
     async def learn(self, items: Sequence[bytes], label: str, source: str) -> LearnReport:
         return await self.in_engine_thread(lambda: self.device.learn(list(items), label, source=source))
+
+    # ---------------------------------------------------------------------------- the device's state
+    # Retrain, rollback and heads work on the state directory and the feature cache (under the state's
+    # lock where they write) and never touch the engine, so they run outside the engine thread and
+    # batches go on meanwhile; the engine thread sees the new head at its next batch (``_current``).
+    def retrain(self, **options: Any) -> RetrainReport:
+        """``device retrain`` in the calling thread (the server's background retrain job)."""
+        return self.device.retrain(**options)
+
+    async def rollback(self) -> ActiveState:
+        return await asyncio.to_thread(self.device.rollback)
+
+    async def heads(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.device.heads)
 
     # ---------------------------------------------------------------------------- database thread
     def _db(self, name: str) -> Any:
