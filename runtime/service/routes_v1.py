@@ -21,7 +21,7 @@ from edgexfer.runtime.service.endpoint import (
     route,
 )
 from edgexfer.runtime.service.protocol import ProtocolError
-from edgexfer.runtime.service.samples import decode_all, kind, record
+from edgexfer.runtime.service.samples import decode_all, record
 
 
 async def predict(request: Request) -> Response:
@@ -32,10 +32,10 @@ async def predict(request: Request) -> Response:
 
 async def _predict(request: Request, core: ServiceCore) -> Response:
     data, name = await read_upload(request)
-    samples = await decode_all(core, [data])
-    result = await core.classify(samples)
-    text = isinstance(samples, list)
-    queued = await record(core, result, None if text else [data], f"serve:{name}", samples if text else None)
+    modality = core.model.input_modality
+    values = await decode_all(core, modality, [data])
+    result = await core.classify(values, modality)
+    queued = await record(core, modality, result, [data], values, f"serve:{name}")
     top = result.top(core.config.top_k)[0]
     pred = Prediction(name, top[0][0], top[0][1], top, result.backend, result.precision)
     return JSONResponse({"head": result.head_version, "execution": result.execution,
@@ -70,9 +70,9 @@ async def label(request: Request) -> Response:
         raise ProtocolError(400, "label", got=repr(name)[:40], expected="a class name")
     report = await core.learn([data], name, source)
     if report.errors:
-        what = kind(core)
-        raise ProtocolError(400, f"cannot learn this {what}", got=report.errors[0]["error"],
-                            expected=f"an {what}" if what == "image" else "UTF-8 text")
+        modality = core.model.input_modality
+        raise ProtocolError(400, f"cannot learn this {modality.noun}", got=report.errors[0]["error"],
+                            expected=modality.service_input().sample)
     if entry_id is not None:
         await core.review(lambda q: q.remove(entry_id))
     request.app.state.counts.expire()

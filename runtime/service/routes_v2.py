@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.service.core import ActiveModel, ServiceCore
 from edgexfer.runtime.service.endpoint import read_body, route
 from edgexfer.runtime.service.protocol import (
@@ -22,7 +23,7 @@ from edgexfer.runtime.service.protocol import (
     encode_infer_response,
     parse_infer_request,
 )
-from edgexfer.runtime.service.samples import decode_all, kind, record
+from edgexfer.runtime.service.samples import decode_all, record
 
 INFER = "/v2/models/{name}/infer"
 OUTPUTS = ("label", "probabilities", "features")
@@ -62,12 +63,7 @@ async def ready(request: Request) -> Response:
 
 async def model_metadata(request: Request) -> Response:
     model = _path_model(request)
-    spec = model.bundle.preprocess
-    if model.modality == "text":
-        inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-    else:
-        inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                  {"name": "pixels", "datatype": "UINT8", "shape": [-1, spec.height, spec.width, 3]}]
+    inputs = [dict(i) for i in model.input_modality.service_input().inputs]
     return JSONResponse({
         "name": model.name, "versions": [str(model.head_version)],
         "platform": f"edgexfer_{model.backend}",
@@ -92,46 +88,27 @@ async def infer(request: Request) -> Response:
 
 
 async def _infer(request: Request, core: ServiceCore) -> Response:
-    cfg = core.config
     _path_model(request)
+    modality = core.model.input_modality  # the one this request's samples are decoded and run with
     req = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
-    text = kind(core) == "text"
-    unknown = sorted(set(req.inputs) - ({"text"} if text else {"image", "pixels"}))
-    if unknown or len(req.inputs) != 1:
-        raise ProtocolError(400, "inference inputs", got=sorted(req.inputs),
-                            expected="the input 'text' (BYTES, UTF-8) of this text model" if text else
-                            "exactly one of 'image' (BYTES) or 'pixels' (UINT8 [N,H,W,3])")
+    described = modality.service_input()
+    if set(req.inputs) - {i["name"] for i in described.inputs} or len(req.inputs) != 1:
+        raise ProtocolError(400, "inference inputs", got=sorted(req.inputs), expected=described.expected)
     wanted = list(req.outputs) or ["label", "probabilities"]
     bad = [n for n in wanted if n not in OUTPUTS]
     if bad:
         raise ProtocolError(400, "requested outputs", got=bad, expected="label, probabilities, features")
     tensor = next(iter(req.inputs.values()))
-    images: list[bytes] | None = None
-    texts: list[str] | None = None
-    if tensor.name == "text":
+    items: list[bytes] | None = None
+    if tensor.name == described.inputs[0]["name"]:  # encoded samples, one per element
         if tensor.datatype != "BYTES":
-            raise ProtocolError(400, "input 'text' datatype", got=tensor.datatype, expected="BYTES (UTF-8 text)")
-        texts = await decode_all(core, list(tensor.data))
-        pixels = texts
-    elif tensor.name == "image":
-        if tensor.datatype != "BYTES":
-            raise ProtocolError(400, "input 'image' datatype", got=tensor.datatype, expected="BYTES")
-        images = list(tensor.data)
-        pixels = await decode_all(core, images)
+            raise ProtocolError(400, f"input '{tensor.name}' datatype", got=tensor.datatype, expected=described.datatype)
+        items = list(tensor.data)
+        values = await decode_all(core, modality, items)
     else:
-        if tensor.datatype != "UINT8":
-            raise ProtocolError(400, "input 'pixels' datatype", got=tensor.datatype, expected="UINT8")
-        if len(tensor.shape) == 4 and tensor.shape[0] > cfg.max_images:
-            raise ProtocolError(413, "too many images in one request", got=tensor.shape[0],
-                                expected=f"at most {cfg.max_images}")
-        if len(tensor.shape) == 4 and tensor.shape[0] == 0:
-            raise ProtocolError(400, "no image in the request", got="0 images", expected="at least one")
-        try:
-            pixels = core.check_pixels(np.asarray(tensor.data))
-        except InputError as exc:
-            raise ProtocolError(400, exc.what, got=exc.got, expected=exc.expected, todo=exc.todo) from None
-    result = await core.classify(pixels, want_features="features" in wanted)
-    await record(core, result, images, "serve:v2", texts)
+        values = _batch_tensor(core, modality, tensor, described.inputs)
+    result = await core.classify(values, modality, want_features="features" in wanted)
+    await record(core, modality, result, items, values, "serve:v2")
     n = len(result.probabilities)
     labels = [result.classes[int(j)].encode() for j in np.argmax(result.probabilities, axis=1)]
     made = {"label": Tensor("label", "BYTES", [n], labels),
@@ -144,6 +121,24 @@ async def _infer(request: Request, core: ServiceCore) -> Response:
     headers["X-Edgexfer-Head"] = str(result.head_version)
     return Response(content, media_type="application/json" if HEADER_LENGTH not in headers
                     else "application/octet-stream", headers=headers)
+
+
+def _batch_tensor(core: ServiceCore, modality: Modality, tensor: Tensor, inputs: tuple[dict, ...]) -> np.ndarray:
+    """Sample values sent as one tensor (an image model's ``pixels``), checked by the modality."""
+    (spec,) = [i for i in inputs if i["name"] == tensor.name]
+    if tensor.datatype != spec["datatype"]:
+        raise ProtocolError(400, f"input '{tensor.name}' datatype", got=tensor.datatype, expected=spec["datatype"])
+    rank = len(spec["shape"])
+    if len(tensor.shape) == rank and tensor.shape[0] > core.config.max_images:
+        raise ProtocolError(413, f"too many {modality.plural} in one request", got=tensor.shape[0],
+                            expected=f"at most {core.config.max_images}")
+    if len(tensor.shape) == rank and tensor.shape[0] == 0:
+        raise ProtocolError(400, f"no {modality.noun} in the request", got=f"0 {modality.plural}",
+                            expected="at least one")
+    try:
+        return modality.check_batch(np.asarray(tensor.data))
+    except InputError as exc:
+        raise ProtocolError(400, exc.what, got=exc.got, expected=exc.expected, todo=exc.todo) from None
 
 
 def routes() -> list[Route]:
