@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgexfer.runtime.augment import AUGMENT_SETTINGS, DEFAULT_AUGMENT, MAX_AUGMENT, view_key
 from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.backends.registry import available_backends, backend_spec, choose_backend, open_backend
 from edgexfer.runtime.bundle import Bundle
@@ -28,18 +29,9 @@ from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, Sam
 from edgexfer.runtime.engine_store import EngineKey, EngineStore
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.features import cached_features
-from edgexfer.runtime.fsutil import PRIVATE_FILE, write_atomic
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.holdout import (
-    DEFAULT_HOLDOUT,
-    DEFAULT_SEED,
-    DEFAULT_TOLERANCE,
-    MIN_SPLIT_SAMPLES,
-    LeaveOneOut,
-    LocalSplit,
-    retrain_gate,
-)
+from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, DEFAULT_TOLERANCE
 from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.modalities.base import LazyValues, Modality, Sample, source_name
 from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
@@ -47,34 +39,13 @@ from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, Sample
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer
 
+if TYPE_CHECKING:  # retrain loads the trainers when it runs: predicting never needs them
+    from edgexfer.runtime.retrain import RetrainReport
+
 #: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
 #: never imports the converters).
 EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
-
-#: the mild :class:`~edgexfer.runtime.augment.Augmenter` settings of ``learn(augment=K)``: flips and crops
-#: of at least 70% of the image with a near-square aspect, no colour jitter (colour carries class
-#: information in clip art)
-AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
-                                    "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
-#: names AUGMENT_SETTINGS in the views' cache key: change it with the settings, so old views are not reused
-AUGMENT_TAG = "aug1"
-#: views per image ``learn`` makes by default. Measured on clipart8 (benchmarks/fewshot_curves.py): 4 views
-#: gain under one point at 3-5 shots per class and nothing from 10 on, for 5x the backbone work: off
-DEFAULT_AUGMENT = 0
-#: the most views per image
-MAX_AUGMENT = 16
-
-
-def view_key(preprocess_key: str, view: int) -> str:
-    """The feature-cache key of a sample's augmented view ``view``: the sample's own row, another key.
-
-    Views are features of their sample (same sha256) under this key, so the train/holdout split, which
-    is drawn over samples, keeps a sample and its views on one side, and deleting a sample (capacity,
-    cascade) deletes its views. ``FeatureCache.labelled`` reads one exact key, so views never pass
-    for samples.
-    """
-    return f"{preprocess_key}|view{view}|{AUGMENT_TAG}"
 
 
 def _engine_versions() -> dict[str, str]:
@@ -113,36 +84,6 @@ class LearnReport:
     errors: list[dict[str, str]] = field(default_factory=list)
     augment: int = 0  #: augmented views asked for per image
     views_added: int = 0  #: views computed now (views cached already are not recomputed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class RetrainReport:
-    accepted: bool
-    version: int
-    active_head: int
-    kind: str
-    classes: list[str]
-    holdout_count: int
-    holdout_accuracy_new: float | None
-    holdout_accuracy_old: float | None
-    tolerance: float
-    train_count: int
-    exemplar_count: int
-    frozen_classes: list[str]  #: classes whose rows are the active head's (frozen; fewshot: restored, one common scale)
-    temperature: float | None
-    seconds: float
-    reason: str
-    policy: str = "fewshot"  #: the linear head policy used (edgexfer.runtime.fewshot), or the head kind
-    requested_policy: str = "auto"  #: the policy asked for ("auto" picks fewshot or frozen)
-    #: how the candidate was judged: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
-    gate: str = "holdout"
-    loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
-    few_shot_classes: list[str] = field(default_factory=list)  #: classes not split (too few local samples)
-    min_split_samples: int = MIN_SPLIT_SAMPLES  #: below this many local samples a class is not split
-    view_count: int = 0  #: augmented views of training samples trained on (``learn --augment``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -412,139 +353,15 @@ class Device:
         keep the active head's values); ``"auto"`` (default) is fewshot while the device-only classes have
         a median of fewer than :data:`~edgexfer.runtime.fewshot.FEWSHOT_MAX_SAMPLES` training samples. Classes with fewer than
         :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their
-        samples train, and the gate judges them by leave-one-out.
+        samples train, and the gate judges them by leave-one-out. The steps are
+        :func:`edgexfer.runtime.retrain.retrain_head`'s.
         """
-        from edgexfer.runtime.fewshot import (
-            POLICIES,
-            choose_policy,
-            fit_fewshot,
-            frozen_rows,
-            leave_one_out_correct,
-        )
-        from edgexfer.runtime.head_training import HeadTrainer
+        from edgexfer.runtime.retrain import RetrainSettings, retrain_head
 
-        if policy not in POLICIES:
-            raise InputError("retrain policy", got=repr(policy), expected=f"one of {list(POLICIES)}",
-                             todo="use 'auto' (the default), 'fewshot' or 'frozen' (the previous policy)")
+        settings = RetrainSettings(kind=kind, tolerance=tolerance, holdout=holdout, seed=seed, C=C, policy=policy)
         started = time.perf_counter()
         with self.state.locked():
-            active, old_head = self.active_head()
-            bundle = self.state.bundle(active.bundle)
-            kind = kind or old_head.kind
-            with self.cache() as cache:
-                shas, features, labels = cache.labelled(active.bundle, bundle.preprocess.key())
-            if len(labels) == 0:
-                raise InputError("nothing to retrain on", got="no labelled samples for the installed backbone",
-                                 expected="samples added with `edgexfer device learn`", todo="learn some samples first")
-            # the split the update health check uses too (same class order, fraction and seed)
-            split = LocalSplit.of(shas, features, labels, old_head.classes, holdout, seed)
-            classes = split.classes
-            ex = bundle.exemplars()
-            X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
-            # augmented views of the training samples only (learn --augment): a held-out sample's views
-            # never train, and leave-one-out drops a sample with its views (same group)
-            train_shas = [shas[i] for i in split.train]
-            view_rows, view_groups = [], []
-            with self.cache() as cache:
-                for view in range(MAX_AUGMENT):
-                    found = cache.get_features(active.bundle, view_key(bundle.preprocess.key(), view), train_shas)
-                    if not found:
-                        break
-                    for j, sha in enumerate(train_shas):
-                        if sha in found:
-                            view_rows.append(found[sha])
-                            view_groups.append(j)
-            view_groups_arr = np.array(view_groups, dtype=np.int64)
-            X_views = np.stack(view_rows).astype(np.float32) if view_rows else np.zeros((0, features.shape[1]), np.float32)
-            X_train = np.concatenate([X_ex, features[split.train], X_views])
-            y_train = np.concatenate([y_ex, split.targets[split.train], split.targets[split.train][view_groups_arr]])
-            # one group per exemplar, per local sample, and a sample's views in its sample's group
-            groups = np.concatenate([-1 - np.arange(len(y_ex)), np.arange(len(split.train)), view_groups_arr])
-            warm = old_head if (old_head.kind == kind) else None
-            frozen: list[str] = []
-            exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
-            device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
-            train_labels = [split.labels[i] for i in split.train]
-            requested = policy
-            policy = choose_policy(policy, [train_labels.count(c) for c in device_only])
-            if kind == "linear" and policy == "fewshot":
-                # classes without local samples keep the active head's rows (rescaled): see fit_fewshot
-                frozen = frozen_rows(warm, classes, labels)
-
-                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-                    # leave-one-out refits start from the candidate: the rows to keep still come from
-                    # the active head
-                    return fit_fewshot(X, y, classes, device_only=device_only, keep=frozen, C=C,
-                                       warm_start=start, keep_from=warm)
-            else:
-                params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
-                if kind == "linear":
-                    # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
-                    # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
-                    params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
-                    if warm is not None:
-                        # the previous policy: classes without local samples keep the active head's row
-                        frozen = frozen_rows(warm, classes, labels)
-                        params["frozen_classes"] = frozen
-                trainer = HeadTrainer(kind, **params)
-
-                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-                    return trainer.fit(X, y, classes, warm_start=start)
-            candidate = fit(X_train, y_train, warm)
-            # few-shot classes have no holdout: their local samples are judged by leave-one-out refits
-            few_shot = split.few_shot_classes
-            loo = None
-            is_few = np.array([label in set(few_shot) for label in train_labels], dtype=bool)
-            few_shot_trained = sorted(train_shas[j] for j in np.flatnonzero(is_few))
-            if few_shot and kind == "linear":
-                local_rows = len(y_ex) + np.arange(len(split.train))
-                # A fair comparison needs samples the active head never trained on either: a retrained
-                # head records the few-shot samples it trained on; one from before that record may have
-                # trained on any of them. Bundle and published heads never saw a local sample.
-                record = self.state.head_record(active.head)
-                if record.source == "retrain":
-                    seen = set(record.metrics.get("few_shot_trained", train_shas))
-                else:
-                    seen = set()
-                fair = np.array([train_shas[j] not in seen for j in range(len(train_shas))], dtype=bool)
-                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few & fair], candidate,
-                                                   seed=seed, groups=groups)
-                if len(judged):
-                    loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
-                                      candidate_correct=ok)
-            gate = retrain_gate(candidate, old_head, split, tolerance, loo=loo)
-            metrics = {k: v for k, v in {"holdout_accuracy": gate.accuracy_new,
-                                         "holdout_accuracy_previous": gate.accuracy_active,
-                                         "holdout_count": gate.holdout_count, "train_count": len(y_train)}.items()
-                       if v is not None}
-            metrics["holdout_digest"] = split.digest
-            metrics["gate"] = gate.method
-            metrics["loo_count"] = gate.loo_count
-            metrics["policy"] = policy if kind == "linear" else kind
-            # the few-shot samples this head trained on: the next retrain's leave-one-out leaves them out
-            metrics["few_shot_trained"] = few_shot_trained
-            # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
-            record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
-                                         status="candidate" if gate.accepted else "rejected", source="retrain",
-                                         metrics=metrics)
-            if gate.accepted:
-                self.state.activate_head(record.version)
-                self.state.set_head_status(record.version, "accepted")
-            report = RetrainReport(
-                accepted=gate.accepted, version=record.version,
-                active_head=record.version if gate.accepted else active.head, kind=kind, classes=classes,
-                holdout_count=gate.holdout_count, holdout_accuracy_new=gate.accuracy_new,
-                holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
-                exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
-                seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
-                policy=policy if kind == "linear" else kind, requested_policy=requested, gate=gate.method,
-                loo_count=gate.loo_count,
-                view_count=int(len(X_views)),
-                few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
-            write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
-                         mode=PRIVATE_FILE)
-            crash_point("retrain-done")
-        return report
+            return retrain_head(self.state, self.cache, settings, started=started)
 
     def rollback(self) -> ActiveState:
         with self.state.locked():
