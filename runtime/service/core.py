@@ -34,13 +34,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
-from edgexfer.runtime.device import Device, LearnReport, RetrainReport
+from edgexfer.runtime.device import Device, LearnReport
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.modalities import modality_of
@@ -49,7 +49,10 @@ from edgexfer.runtime.predictor import classify_values
 from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS
 from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
 from edgexfer.runtime.service.metrics import ServiceMetrics
-from edgexfer.runtime.state import ActiveState
+
+if TYPE_CHECKING:
+    from edgexfer.runtime.retrain import RetrainReport
+    from edgexfer.runtime.state import ActiveState
 
 log = logging.getLogger("edgexfer.serve")
 T = TypeVar("T")
