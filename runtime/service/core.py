@@ -102,8 +102,7 @@ class ActiveModel:
     head_version: int
     backend: str  #: the engine's backend name
     execution: dict[str, Any]  #: what the engine computes in (edgexfer.runtime.precision.execution_record)
-    #: the bundle's modality: decodes, feeds and describes its samples (kept while the backbone is the
-    #: same, so a text bundle's tokenizer is read and checked once)
+    #: the bundle's modality: decodes, feeds and describes its samples
     input_modality: Modality
 
     @property
@@ -213,7 +212,8 @@ class ServiceCore:
                 engine = self.device.engine(bundle)  # reopened only if the bundle changed
                 if model is not None:
                     log.info("active head %s -> %s", model.head_version, active.head)
-                same = model is not None and model.backbone == active.bundle
+                # the same backbone and input: its modality goes on (a tokenizer is read and checked once)
+                same = model is not None and model.bundle.manifest.backbone == bundle.manifest.backbone
                 modality = model.input_modality if same else modality_of(bundle)
                 self._model = ActiveModel(bundle, active.bundle, head, active.head, engine.name,
                                           dict(engine.execution), modality)
@@ -232,13 +232,12 @@ class ServiceCore:
         return await self.in_engine_thread(self._current)
 
     # ---------------------------------------------------------------------------- decoding (any thread)
-    def decode(self, data: bytes, source: str, modality: Modality | None = None) -> Any:
+    def decode(self, data: bytes, source: str, modality: Modality) -> Any:
         """Bytes sent for one sample -> its value (:meth:`Modality.decode`; images bounded by ``max_pixels``).
 
-        ``modality``: the one the request started with (default: the active one). Raises
-        :class:`InputError` for a bad, oversized or undecodable sample.
+        ``modality``: the active one when the request arrived. Raises :class:`InputError` for a bad,
+        oversized or undecodable sample.
         """
-        modality = modality or self.model.input_modality
         started = time.perf_counter()
         value = modality.decode(data, source, max_pixels=self.config.max_pixels)
         self.metrics.stage("decode", time.perf_counter() - started)
