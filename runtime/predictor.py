@@ -7,6 +7,7 @@ the modality has them (``--text``, stdin lines).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.modalities import modality_of
-from edgexfer.runtime.modalities.base import Sample, source_name
+from edgexfer.runtime.modalities.base import Modality, Sample, source_name
 from edgexfer.runtime.text import TextTokenizer
 
 ImageInput = bytes | str | os.PathLike | np.ndarray
@@ -129,7 +130,8 @@ class Predictor:
             except EdgexferError as exc:
                 results[i] = SampleError(source, str(exc), type(exc).__name__)
         if good:
-            self._label(self.head.probabilities(self.features(values)), good, [s for s, _ in items], results, top_k)
+            probs, _ = classify_values(modality_of(self.bundle), self.engine, self.head, values, self.batch_size)
+            self._label(probs, good, [s for s, _ in items], results, top_k)
         return results  # type: ignore[return-value]
 
     def _label(self, probs: np.ndarray, good: list[int], sources: list[str], results: list, top_k: int) -> None:
@@ -147,6 +149,23 @@ class Predictor:
         """Class probabilities for an already preprocessed uint8 batch."""
         if pixels.ndim != 4:
             raise InputError("pixels", got=f"shape {pixels.shape}", expected="[N, H, W, 3]")
-        return self.head.probabilities(self.features(pixels))
+        return classify_values(modality_of(self.bundle), self.engine, self.head, pixels, self.batch_size)[0]
 
 
+def classify_values(modality: Modality, engine: EngineRunner, head: Head, values: Any,
+                    batch_size: int | None = None,
+                    timed: Callable[[str, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The engine-plus-head step of :class:`Predictor` and of ``device serve``/``watch`` (the service's core).
+
+    Features of sample values (``modality.features``: ``batch_size`` samples per engine call, None: the
+    modality's own), then the head's class probabilities. Returns (probabilities float32 ``[N, C]``,
+    features float32 ``[N, D]``). ``timed(stage, seconds)`` hears how long the "engine" and the "head" took.
+    """
+    started = time.perf_counter()
+    features = modality.features(engine, values, batch_size)
+    mid = time.perf_counter()
+    probabilities = head.probabilities(features)
+    if timed is not None:
+        timed("engine", mid - started)
+        timed("head", time.perf_counter() - mid)
+    return probabilities.astype(np.float32, copy=False), features.astype(np.float32, copy=False)

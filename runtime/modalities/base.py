@@ -8,6 +8,7 @@ features again.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,20 @@ class Sample:
     data: bytes | None  #: what the cache keeps (None: an array given in memory, never stored)
     value: Any  #: what the feed is made of (pixels, a text)
     source: str  #: its name in reports (a path, ``bytes[i]``, ``text[i]``)
+
+
+@dataclass(frozen=True)
+class ServiceInput:
+    """How ``device serve`` (:mod:`edgexfer.runtime.service`) takes a modality's samples, and says so in messages."""
+
+    #: the Open Inference Protocol inputs (model metadata): the first, named after the noun, takes encoded
+    #: samples as BYTES; any other takes a batch of sample values as one tensor, checked by ``check_batch``
+    inputs: tuple[dict[str, Any], ...]
+    expected: str  #: the input(s) an inference request must have
+    datatype: str  #: the first input's datatype ("BYTES (UTF-8 text)")
+    sample: str  #: one sample sent in a request body ("an image", "UTF-8 text")
+    numbered: bool = True  #: a decoding error names the sample's index ("image 3: ...")
+    media_type: str | None = None  #: what the review queue serves a sample as; None: sniffed from its bytes
 
 
 class LazyValues(Sequence):
@@ -117,6 +132,17 @@ class Modality:
     def describe(self, value: Any) -> str:
         """A short description of a sample value for logs and the review queue."""
         return self.noun
+
+    # --- the service (device serve) ---------------------------------------------------------------
+    def service_input(self) -> ServiceInput:
+        """The service's inputs: by default one BYTES input named after the noun, a file per element."""
+        return ServiceInput(({"name": self.noun, "datatype": "BYTES", "shape": [-1]},),
+                            expected=f"the input '{self.noun}' (BYTES)", datatype="BYTES", sample=f"a {self.noun} file")
+
+    def sample_of(self, data: bytes, value: Any, source: str) -> Sample:
+        """The :class:`Sample` of a value :meth:`decode` made of ``data`` (the review queue keeps it): by
+        default identified and kept as the bytes sent."""
+        return Sample(hashlib.sha256(data).hexdigest(), data, value, source)
 
     # --- the engine's feed ------------------------------------------------------------------------
     def feed(self, values: Sequence[Any]) -> Any:  # pragma: no cover - abstract

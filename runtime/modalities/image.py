@@ -14,7 +14,7 @@ import numpy as np
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.manifest import InputSpec
-from edgexfer.runtime.modalities.base import Modality, Sample
+from edgexfer.runtime.modalities.base import Modality, Sample, ServiceInput
 from edgexfer.runtime.preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessSpec,
@@ -74,6 +74,14 @@ class ImageModality(Modality):
 
     def golden_feed(self, golden: dict[str, np.ndarray]) -> np.ndarray:
         return golden["images"]
+
+    def service_input(self) -> ServiceInput:
+        # encoded files, or pixels already resized to the backbone's input
+        h, w = self._spec.height, self._spec.width
+        return ServiceInput(({"name": "image", "datatype": "BYTES", "shape": [-1]},
+                             {"name": "pixels", "datatype": "UINT8", "shape": [-1, h, w, 3]}),
+                            expected="exactly one of 'image' (BYTES) or 'pixels' (UINT8 [N,H,W,3])",
+                            datatype="BYTES", sample="an image")
 
     def check_batch(self, pixels: np.ndarray) -> np.ndarray:
         """A batch of pixels sent as a tensor (the service's ``pixels`` input): each row checked."""

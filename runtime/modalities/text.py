@@ -15,7 +15,7 @@ import numpy as np
 
 from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, ValidationError
 from edgexfer.runtime.manifest import TextInputSpec
-from edgexfer.runtime.modalities.base import Modality, Sample
+from edgexfer.runtime.modalities.base import Modality, Sample, ServiceInput
 from edgexfer.runtime.text import TextSpec, TextTokenizer, TokenBatch, check_text, decode_text, text_sha256
 
 #: TensorRT optimisation profile of the sequence length in tokens: (min, opt, max); max is the manifest's
@@ -89,6 +89,16 @@ class TextModality(Modality):
 
     def decode(self, data: bytes, source: str, max_pixels: int | None = None) -> str:
         return decode_text(data, source)
+
+    def service_input(self) -> ServiceInput:
+        # one input; its JSON elements are the UTF-8 strings themselves (protocol.PLAIN_TEXT_INPUTS)
+        return ServiceInput(({"name": "text", "datatype": "BYTES", "shape": [-1]},),
+                            expected="the input 'text' (BYTES, UTF-8) of this text model",
+                            datatype="BYTES (UTF-8 text)", sample="UTF-8 text", numbered=False,
+                            media_type="text/plain; charset=utf-8")
+
+    def sample_of(self, data: bytes, value: str, source: str) -> Sample:
+        return self._sample(value, source)  # the normalised text, as read() keeps it
 
     def stored_value(self, data: bytes) -> str | None:
         # another modality's sample (an image kept before a text bundle was installed) is not a text
