@@ -42,6 +42,15 @@ class ServiceInput:
     sample: str  #: one sample sent in a request body ("an image", "UTF-8 text")
     numbered: bool = True  #: a decoding error names the sample's index ("image 3: ...")
     media_type: str | None = None  #: what the review queue serves a sample as; None: sniffed from its bytes
+    #: the page's form (``/v1/status`` ``bundle.form``): its title, the upload's ``accept``, whether samples
+    #: are typed in (literals), and how a sample is drawn ("image": a thumbnail; "text": its text)
+    title: str = "Classify a sample"
+    accept: str = ""
+    literal: bool = False
+    shown_as: str = "text"
+
+    def page_form(self) -> dict[str, Any]:
+        return {"title": self.title, "accept": self.accept, "literal": self.literal, "shown_as": self.shown_as}
 
 
 class LazyValues(Sequence):
@@ -137,7 +146,8 @@ class Modality:
     def service_input(self) -> ServiceInput:
         """The service's inputs: by default one BYTES input named after the noun, a file per element."""
         return ServiceInput(({"name": self.noun, "datatype": "BYTES", "shape": [-1]},),
-                            expected=f"the input '{self.noun}' (BYTES)", datatype="BYTES", sample=f"a {self.noun} file")
+                            expected=f"the input '{self.noun}' (BYTES)", datatype="BYTES", sample=f"a {self.noun} file",
+                            title=f"Classify a {self.noun}")
 
     def sample_of(self, data: bytes, value: Any, source: str) -> Sample:
         """The :class:`Sample` of a value :meth:`decode` made of ``data`` (the review queue keeps it): by

@@ -81,7 +81,8 @@ class ImageModality(Modality):
         return ServiceInput(({"name": "image", "datatype": "BYTES", "shape": [-1]},
                              {"name": "pixels", "datatype": "UINT8", "shape": [-1, h, w, 3]}),
                             expected="exactly one of 'image' (BYTES) or 'pixels' (UINT8 [N,H,W,3])",
-                            datatype="BYTES", sample="an image")
+                            datatype="BYTES", sample="an image", title="Classify an image", accept="image/*",
+                            shown_as="image")
 
     def check_batch(self, pixels: np.ndarray) -> np.ndarray:
         """A batch of pixels sent as a tensor (the service's ``pixels`` input): each row checked."""

@@ -95,7 +95,8 @@ class TextModality(Modality):
         return ServiceInput(({"name": "text", "datatype": "BYTES", "shape": [-1]},),
                             expected="the input 'text' (BYTES, UTF-8) of this text model",
                             datatype="BYTES (UTF-8 text)", sample="UTF-8 text", numbered=False,
-                            media_type="text/plain; charset=utf-8")
+                            media_type="text/plain; charset=utf-8", title="Classify a text",
+                            accept=".txt,text/plain", literal=True, shown_as="text")
 
     def sample_of(self, data: bytes, value: str, source: str) -> Sample:
         return self._sample(value, source)  # the normalised text, as read() keeps it

@@ -70,7 +70,8 @@ async def status(request: Request) -> Response:
     return JSONResponse({
         "model": model.name, "bundle": {"name": model.name, "backbone_sha256": model.backbone,
                                         "arch": model.bundle.manifest.backbone.arch,
-                                        "modality": model.modality},
+                                        "modality": model.modality,
+                                        "form": model.input_modality.service_input().page_form()},
         "head": {"version": model.head_version, "kind": record_.kind, "classes": model.classes,
                  "source": record_.source, "metrics": _scalars(record_.metrics)},
         "backend": model.backend, "precision": cfg.precision, "execution": model.execution,
