@@ -160,6 +160,9 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- linear
+# long: one numerical recipe read top to bottom (checks, class weights, warm start and frozen rows, the
+# objective and its gradient as one closure over the same arrays, L-BFGS, the head); split, the closure's
+# shared arrays would have to travel through every piece
 @_one_blas_thread
 def fit_linear(
     X: np.ndarray,
@@ -285,6 +288,8 @@ def fit_linear(
 
 
 # ------------------------------------------------------------------------------------- mlp
+# long: the forward pass, backward pass and AdamW step of one minibatch share a dozen arrays; as one loop
+# the seeded order of random draws (shuffle, dropout) is visible, and with it the bit-identical output
 @_one_blas_thread
 def fit_mlp(
     X: np.ndarray,

@@ -234,6 +234,9 @@ class Watch:
         return cap
 
     # ------------------------------------------------------------------------------ the loop
+    # long: opening the source and the core, the frame loop (pick by timestamp or wall clock, classify,
+    # queue for review) and the one cleanup in `finally` belong to one try block: a generator's cleanup
+    # must see every resource it opened, whichever frame it stopped at
     def __iter__(self) -> Iterator[FrameResult]:
         from edgexfer.runtime.service.core import ServiceConfig, ServiceCore
 

@@ -24,12 +24,9 @@ LONG_COMMENT = re.compile(r"#\s*long:\s*\S")
 KNOWN_OVER_LIMIT = {
     "edgexfer/train.py",  # 628 lines: one trainer for every modality (point 3)
     "edgexfer/train.py::_train_partial_full",  # 149 (point 3)
-    "runtime/head_training.py::fit_linear",  # 121: its owner (point 6, retrain) marks or splits it
-    "runtime/head_training.py::fit_mlp",  # 97 (point 6)
     "edgexfer/finetune.py::ViewCache.fit",  # 157: the partial recipe, being made one for every modality (point 3)
     "edgexfer/bench/render.py::render_markdown",  # 126: not yet looked at
     "edgexfer/bench/run.py::run_bench",  # 103: not yet looked at
-    "runtime/watch.py::Watch.__iter__",  # 91: not yet looked at
 }
 
 
