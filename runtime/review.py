@@ -1,9 +1,10 @@
 """The review queue: low-confidence inputs kept for a person to label (``device serve``, ``device watch``).
 
-Each entry is the encoded image as it arrived, what the active head said about it (label, probability,
+Each entry is the sample as it arrived (an encoded image, a UTF-8 text: what its modality keeps), what the
+active head said about it (label, probability,
 top-k, head version), where it came from and when. The queue lives in the device's SQLite file
 (``STATE/features.sqlite``, table ``review``) and is bounded: adding beyond ``capacity`` drops the
-oldest entries. The same image (same sha256) is queued once. Labelling an entry hands its bytes to
+oldest entries. The same sample (same sha256) is queued once. Labelling an entry hands its bytes to
 :meth:`edgexfer.runtime.device.Device.learn` and removes it; nothing trains on an unlabelled entry.
 
 Like :class:`~edgexfer.runtime.cache.FeatureCache`, one instance holds one SQLite connection and
@@ -62,15 +63,16 @@ class ReviewQueue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, *, sha256: str, image: bytes, media_type: str, label: str, probability: float,
+    def add(self, *, sha256: str, data: bytes, media_type: str, label: str, probability: float,
             top_k: list[dict[str, Any]], head: int, source: str) -> int | None:
-        """Queue one input; returns its id, or ``None`` if that image is queued already."""
+        """Queue one sample (its bytes as the modality keeps them: an image file, a UTF-8 text); returns its id,
+        or ``None`` if that sample is queued already. (The table's column is still named ``image``.)"""
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._db.write("review add") as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO review (sha256, image, media_type, label, probability, top_k, head, source, "
                 "created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sha256, image, media_type, label, float(probability), json.dumps(top_k), int(head), source, created))
+                (sha256, data, media_type, label, float(probability), json.dumps(top_k), int(head), source, created))
             new_id = int(cur.lastrowid) if cur.rowcount else None
             # bounded: the oldest entries go first
             conn.execute("DELETE FROM review WHERE id NOT IN (SELECT id FROM review ORDER BY id DESC LIMIT ?)",
@@ -78,7 +80,7 @@ class ReviewQueue:
         return new_id
 
     def entries(self, limit: int = 100) -> list[ReviewEntry]:
-        """The newest ``limit`` entries, newest first, without their image bytes."""
+        """The newest ``limit`` entries, newest first, without their sample bytes."""
         with self._db.read("review list") as conn:
             rows = conn.execute(
                 "SELECT id, sha256, media_type, label, probability, top_k, head, source, created_utc FROM review "
@@ -90,9 +92,9 @@ class ReviewQueue:
         with self._db.read("review count") as conn:
             return int(conn.execute("SELECT COUNT(*) FROM review").fetchone()[0])
 
-    def image(self, entry_id: int) -> tuple[bytes, str] | None:
-        """The image bytes and media type of an entry; ``None`` if there is no such entry."""
-        with self._db.read("review image") as conn:
+    def sample(self, entry_id: int) -> tuple[bytes, str] | None:
+        """The sample's bytes and media type of an entry; ``None`` if there is no such entry."""
+        with self._db.read("review sample") as conn:
             row = conn.execute("SELECT image, media_type FROM review WHERE id = ?", (int(entry_id),)).fetchone()
         return None if row is None else (bytes(row[0]), str(row[1]))
 

@@ -348,7 +348,7 @@ class Watch:
             if ok:
                 data = encoded.tobytes()
                 review_id = core.review_sync(lambda q: q.add(
-                    sha256=FeatureCache.content_sha256(data), image=data, media_type="image/jpeg", label=label,
+                    sha256=FeatureCache.content_sha256(data), data=data, media_type="image/jpeg", label=label,
                     probability=probability, top_k=top_k, head=result.head_version, source=self.review_source))
             else:
                 log.warning("frame %d could not be encoded as JPEG; not queued", index)

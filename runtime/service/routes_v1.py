@@ -61,7 +61,7 @@ async def label(request: Request) -> Response:
         if isinstance(entry_id, bool) or not isinstance(entry_id, int):
             raise ProtocolError(400, "review entry id", got=repr(entry_id)[:40],
                                 expected='{"id": <integer from GET /v1/review>, "label": "<class>"}')
-        found = await core.review(lambda q: q.image(entry_id))
+        found = await core.review(lambda q: q.sample(entry_id))
         if found is None:
             raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review",
                                 todo="the entry was labelled already or dropped (the queue is bounded)")
@@ -88,7 +88,7 @@ async def review_list(request: Request) -> Response:
 async def review_image(request: Request) -> Response:
     core: ServiceCore = request.app.state.core
     entry_id = request.path_params["id"]
-    found = await core.review(lambda q: q.image(entry_id))
+    found = await core.review(lambda q: q.sample(entry_id))
     if found is None:
         raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review")
     return Response(found[0], media_type=found[1], headers={"Cache-Control": "max-age=3600"})

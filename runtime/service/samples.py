@@ -48,7 +48,7 @@ async def record(core: ServiceCore, modality: Modality, result: Classified, item
         if low and items is not None:
             sample = modality.sample_of(items[i], values[i], source)
             entry = await core.review(lambda q, sample=sample, row=row: q.add(
-                sha256=sample.sha256, image=sample.data, media_type=media or media_type(sample.data),
+                sha256=sample.sha256, data=sample.data, media_type=media or media_type(sample.data),
                 label=row[0][0], probability=row[0][1],
                 top_k=[{"label": lbl, "probability": round(pp, 6)} for lbl, pp in row],
                 head=result.head_version, source=source))

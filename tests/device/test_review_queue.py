@@ -14,7 +14,7 @@ from edgexfer.runtime.review import ReviewQueue
 
 
 def _add(queue: ReviewQueue, data: bytes, label: str = "cat", p: float = 0.3) -> int | None:
-    return queue.add(sha256=hashlib.sha256(data).hexdigest(), image=data, media_type="image/png", label=label,
+    return queue.add(sha256=hashlib.sha256(data).hexdigest(), data=data, media_type="image/png", label=label,
                      probability=p, top_k=[{"label": label, "probability": p}], head=1, source="test")
 
 
@@ -24,7 +24,7 @@ def test_queue_is_bounded_newest_first_and_keeps_one_entry_per_image(tmp_path: P
         assert _add(queue, b"image 4") is None  # the same image again: not queued twice
         assert queue.count() == 3
         assert [e.id for e in queue.entries()] == ids[:1:-1]  # the two oldest were dropped
-        assert queue.image(ids[0]) is None and queue.image(ids[4]) == (b"image 4", "image/png")
+        assert queue.sample(ids[0]) is None and queue.sample(ids[4]) == (b"image 4", "image/png")
         assert queue.entries()[0].top_k == [{"label": "cat", "probability": 0.3}]
         assert queue.remove(ids[4]) and not queue.remove(ids[4])
         assert queue.count() == 2

@@ -142,7 +142,7 @@ def test_low_confidence_frames_go_to_the_review_queue_and_the_head_follows_the_d
             e = entries[r.review_id]
             assert (e.label, e.head, e.source, e.media_type) == (r.label, r.head, f"watch:{video[0]}", "image/jpeg")
             assert e.probability == pytest.approx(r.probability) and e.top_k == r.top_k
-            data, _ = queue.image(r.review_id)
+            data, _ = queue.sample(r.review_id)
             assert data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).size == SIZE
 
 
