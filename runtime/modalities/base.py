@@ -42,6 +42,8 @@ class ServiceInput:
     sample: str  #: one sample sent in a request body ("an image", "UTF-8 text")
     numbered: bool = True  #: a decoding error names the sample's index ("image 3: ...")
     media_type: str | None = None  #: what the review queue serves a sample as; None: sniffed from its bytes
+    #: BYTES inputs whose JSON elements are the strings themselves, not base64 (texts, as Triton's clients send them)
+    json_strings: tuple[str, ...] = ()
     #: the page's form (``/v1/status`` ``bundle.form``): its title, the upload's ``accept``, whether samples
     #: are typed in (literals), and how a sample is drawn ("image": a thumbnail; "text": its text)
     title: str = "Classify a sample"

@@ -91,12 +91,12 @@ class TextModality(Modality):
         return decode_text(data, source)
 
     def service_input(self) -> ServiceInput:
-        # one input; its JSON elements are the UTF-8 strings themselves (protocol.PLAIN_TEXT_INPUTS)
+        # one input; its JSON elements are the UTF-8 strings themselves
         return ServiceInput(({"name": "text", "datatype": "BYTES", "shape": [-1]},),
                             expected="the input 'text' (BYTES, UTF-8) of this text model",
                             datatype="BYTES (UTF-8 text)", sample="UTF-8 text", numbered=False,
                             media_type="text/plain; charset=utf-8", title="Classify a text",
-                            accept=".txt,text/plain", literal=True, shown_as="text")
+                            accept=".txt,text/plain", literal=True, shown_as="text", json_strings=("text",))
 
     def sample_of(self, data: bytes, value: str, source: str) -> Sample:
         return self._sample(value, source)  # the normalised text, as read() keeps it

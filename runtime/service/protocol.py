@@ -21,7 +21,7 @@ import base64
 import binascii
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,6 @@ import numpy as np
 from edgexfer.runtime.errors import EdgexferError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-#: BYTES inputs whose JSON elements are plain strings, not base64
-PLAIN_TEXT_INPUTS = ("text",)
 #: protocol datatypes this service takes or gives, with their numpy dtypes (BYTES: object)
 DTYPES: dict[str, Any] = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
 
@@ -96,7 +94,8 @@ def _split_bytes(blob: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
-def _json_data(raw: object, datatype: str, count: int, name: str) -> Any:
+def _json_data(raw: object, datatype: str, count: int, name: str, plain: bool = False) -> Any:
+    """A JSON tensor's elements; BYTES elements are base64, or the strings themselves where ``plain``."""
     if not isinstance(raw, list):
         raise _bad(f"input '{name}' data", got=type(raw).__name__, expected="a list (or binary_data_size)")
     flat = _flatten(raw)
@@ -107,8 +106,8 @@ def _json_data(raw: object, datatype: str, count: int, name: str) -> Any:
         for i, item in enumerate(flat):
             if not isinstance(item, str):
                 raise _bad(f"input '{name}' element {i}", got=type(item).__name__,
-                           expected="a string" if name in PLAIN_TEXT_INPUTS else "a base64 string")
-            if name in PLAIN_TEXT_INPUTS:
+                           expected="a string" if plain else "a base64 string")
+            if plain:
                 out.append(item.encode("utf-8", "surrogatepass"))  # a lone surrogate fails the UTF-8 check later
                 continue
             try:
@@ -140,8 +139,13 @@ def _flatten(raw: list) -> list:
     return out
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Decode an inference request; raises :class:`ProtocolError` (400) on anything malformed."""
+def parse_infer_request(body: bytes, header_length: str | None,
+                        plain_strings: Collection[str] = ()) -> InferRequest:
+    """Decode an inference request; raises :class:`ProtocolError` (400) on anything malformed.
+
+    ``plain_strings`` names the BYTES inputs whose JSON elements are the strings themselves (a text
+    modality's, as Triton's clients send them) rather than base64.
+    """
     if header_length is not None:
         try:
             n = int(header_length)
@@ -192,7 +196,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                                expected=f"{count * itemsize} bytes for shape {shape} of {datatype}")
                 data = np.frombuffer(blob, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).astype(DTYPES[datatype])
         elif "data" in spec:
-            data = _json_data(spec["data"], datatype, count, name)
+            data = _json_data(spec["data"], datatype, count, name, name in plain_strings)
         else:
             raise _bad(f"input '{name}' has no data", got="neither data nor parameters.binary_data_size",
                        expected="one of them")

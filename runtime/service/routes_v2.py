@@ -90,8 +90,8 @@ async def infer(request: Request) -> Response:
 async def _infer(request: Request, core: ServiceCore) -> Response:
     _path_model(request)
     modality = core.model.input_modality  # the one this request's samples are decoded and run with
-    req = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH))
     described = modality.service_input()
+    req = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH), described.json_strings)
     if set(req.inputs) - {i["name"] for i in described.inputs} or len(req.inputs) != 1:
         raise ProtocolError(400, "inference inputs", got=sorted(req.inputs), expected=described.expected)
     wanted = list(req.outputs) or ["label", "probabilities"]
