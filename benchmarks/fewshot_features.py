@@ -27,10 +27,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "build" / "fewshot"))
     args = ap.parse_args()
     from edgexfer.export import export
-    from edgexfer.runtime.augment import Augmenter
+    from edgexfer.runtime.augment import AUGMENT_SETTINGS, Augmenter
     from edgexfer.runtime.backends.registry import open_backend
     from edgexfer.runtime.bundle import Bundle
-    from edgexfer.runtime.device import AUGMENT_SETTINGS
     from edgexfer.runtime.preprocess import decode_image, resize_to_spec, stack
     from edgexfer.train import TrainConfig, train
 

@@ -19,6 +19,7 @@ either kind, each text batch trimmed to its own longest text.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.imagefolder import class_files, class_folders
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.preprocess import load_image
 from edgexfer.runtime.text import TokenBatch
 
@@ -126,8 +128,18 @@ def load_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, 
                          todo="use e.g. 300")
     if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1):
         raise InputError("validation size", got=repr(val_size), expected="a positive number of images or None")
-    if bundle.modality == "text":
-        return load_text_calibration(bundle, calib_dir, calib_size, val_size=val_size, seed=seed)
+    modality = modality_of(bundle)
+    if not modality.calibration_loader:
+        raise DataError(f"int8 calibration of {modality.plural}", got=f"a {modality.name} bundle",
+                        expected="a modality with a calibration reader", todo="convert to fp32 or fp16")
+    module, _, name = modality.calibration_loader.partition(":")
+    loader = getattr(importlib.import_module(module), name)
+    return loader(bundle, calib_dir, calib_size, val_size=val_size, seed=seed)
+
+
+def load_image_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, val_size: int | None = None,
+                           seed: int = 0) -> CalibrationSplit:
+    """:func:`load_calibration` for an image bundle: an ImageFolder tree, read, deduplicated, split, resized."""
     classes = bundle.manifest.head.classes
     files, ignored = scan_calibration_files(calib_dir, classes)
     by_digest: dict[str, tuple[Path, set[int]]] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import shutil
@@ -21,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,14 @@ from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.engine_table import write_engine_table
 from edgexfer.converters.validate import raise_if_failed, validate_engine
 from edgexfer.runtime.backends.registry import BACKENDS as BACKEND_REGISTRY
+from edgexfer.runtime.backends.registry import backend_spec
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import tolerance_for
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.fsutil import file_sha256, write_atomic
 from edgexfer.runtime.manifest import EngineEntry, FileEntry
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.precision import check_precision
 
 BACKENDS = tuple(BACKEND_REGISTRY)
@@ -47,9 +51,6 @@ RECIPE_VERSION = "2"
 #: what an int8 engine is quantized for: ``any`` x86-64 CPU (the overflow fix on: correct without VNNI
 #: too) or ``native``, this converting CPU's ISA (no fix where it has VNNI: use only when every device has it)
 INT8_TARGETS = ("any", "native")
-#: packages whose versions decide what a conversion produces (part of the reuse key)
-_TOOLS = {"openvino": ("openvino", "nncf", "onnx"), "onnxruntime": ("onnxruntime", "onnx"),
-          "tensorrt": ("tensorrt", "onnxruntime", "onnx")}
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,13 @@ def convert(bundle_dir: str | Path, to: str, precision: str, *, calib: str | Pat
         raise InputError("--int8-target", got=repr(int8_target), expected=" or ".join(INT8_TARGETS))
     bundle = Bundle.open(bundle_dir)
     if precision == "int8" and calib is None:
-        what = ("labelled texts (a folder of .txt per class, or a CSV/JSONL of text,label)"
-                if bundle.modality == "text" else "an ImageFolder tree")
-        raise DataError(f"int8 needs calibration {'texts' if bundle.modality == 'text' else 'images'}",
-                        got="no --calib", expected=f"{what} with classes named like the bundle's",
+        modality = modality_of(bundle)
+        raise DataError(f"int8 needs calibration {modality.plural}",
+                        got="no --calib", expected=f"{modality.dataset_help} with classes named like the bundle's",
                         todo="pass --calib DATA_DIR (the bundle does not keep its training data)")
     split = load_calibration(bundle, calib, calib_size, val_size=val_size, seed=seed) if calib is not None else None
-    tools = {name: _version(name) for name in _TOOLS[to]}
+    # the packages whose versions decide what the conversion produces (part of the reuse key)
+    tools = {name: _version(name) for name in backend_spec(to).tools}
     key = _inputs_key(bundle, to, precision, split, calib_size, val_size, seed, max_drop, tools, int8_target)
     report_rel = f"reports/convert-{to}-{precision}.json"
     if not force:
@@ -142,8 +143,8 @@ def _build(bundle: Bundle, to: str, precision: str, split: CalibrationSplit | No
         with tempfile.TemporaryDirectory(prefix="edgexfer-convert-") as work:
             _say(progress, f"converting {root} to {to} {precision}")
             start = time.perf_counter()
-            build = _converter(to)(bundle, staging, precision, split, tolerance, Path(work), progress=progress,
-                                   int8_target=int8_target)
+            build = _resolve(backend_spec(to).converter)(bundle, staging, precision, split, tolerance, Path(work),
+                                                        progress=progress, int8_target=int8_target)
             convert_seconds = time.perf_counter() - start
             _say(progress, "validating against the fp32 ONNX Runtime reference")
             opened = time.perf_counter()
@@ -177,7 +178,7 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
         "runner": details, "execution": details.get("execution"), "validation": validation, "speed": speed, "load_seconds": round(load_seconds, 3),
         "convert_seconds": round(convert_seconds, 1), "kept_in_float": build.info.get("kept_in_float"),
         "calibration": split.describe() if split else None, "info": build.info,
-        "samples": "texts" if bundle.modality == "text" else "images",  # what the "images" counts count
+        "samples": modality_of(bundle).plural,  # what the "images" counts count
     }
     old = None
     if target.exists():
@@ -221,19 +222,21 @@ def _record(bundle: Bundle, to: str, precision: str, build: EngineBuild, staging
     return ConvertResult(root, to, precision, tuple(rel_files), report, False, build.register)
 
 
-def _converter(to: str):
-    if to == "openvino":
-        from edgexfer.converters.to_openvino import convert_openvino
+def _resolve(target: str) -> Callable[..., Any]:
+    """A backend spec's ``"module:function"`` (its converter, its device engine builder)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-        return lambda bundle, out, precision, split, tol, work, progress, int8_target: convert_openvino(
-            bundle, out, precision, split, tol, progress=progress, int8_target=int8_target)
-    if to == "onnxruntime":
-        from edgexfer.converters.to_onnxruntime import convert_onnxruntime
 
-        return lambda *args, int8_target, **kw: convert_onnxruntime(*args, **kw)
-    from edgexfer.converters.to_tensorrt import convert_tensorrt
-
-    return lambda *args, int8_target, **kw: convert_tensorrt(*args, **kw)
+def device_builders() -> dict[str, Callable[[Bundle, str, Path], dict[str, Any]]]:
+    """The engine builders of every backend that builds its engine on the device (``edgexfer device install``
+    passes them to :class:`~edgexfer.runtime.device.Device`; the runtime never imports the converters)."""
+    builders = {}
+    for name in BACKEND_REGISTRY:
+        target = backend_spec(name).device_builder
+        if target:
+            builders[name] = (lambda bundle, precision, out, target=target: _resolve(target)(bundle, precision, out))
+    return builders
 
 
 def _validation_summary(validation: dict[str, Any]) -> dict[str, Any]:

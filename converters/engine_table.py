@@ -12,6 +12,7 @@ from typing import Any
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.manifest import Manifest
+from edgexfer.runtime.modalities import modality_named
 from edgexfer.runtime.precision import PRECISIONS
 
 TABLE_JSON = "reports/engines.json"
@@ -25,7 +26,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
     manifest = manifest or Bundle.open(root).manifest
     ref_size = manifest.files["backbone.onnx"].bytes
     rows: list[dict[str, Any]] = []
-    samples = "texts" if manifest.backbone.modality == "text" else "images"
+    samples = modality_named(manifest.backbone.modality).plural
     for rel in sorted(k for k in manifest.files if k.startswith("reports/convert-") and k.endswith(".json")):
         report = json.loads((root / rel).read_text())
         v = report["validation"]

@@ -31,6 +31,7 @@ int8 kernels run on the GPU, not here).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import sys
@@ -48,6 +49,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.errors import ValidationError
 from edgexfer.runtime.fsutil import file_sha256
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.optional import require
 
 #: layers whose weights are quantized; the search keeps these in float
@@ -145,9 +147,11 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
     Raises :class:`ValidationError` when the trial budget is spent without meeting the tolerance.
     """
     scope: dict[str, Any] = {}
-    if bundle.modality == "text":
-        nodes, after_gelu = transformer_quantizable(float_model)
-        scope = {"op_types": ["MatMul", "Gemm"], "nodes": nodes}
+    after_gelu: list[str] = []
+    target = modality_of(bundle).quantization_scope
+    if target:  # which operators and nodes the modality's backbones quantize (a transformer's matrix products)
+        module, _, name = target.partition(":")
+        scope, after_gelu = getattr(importlib.import_module(module), name)(float_model)
     quantize = Quantizer(float_model, workdir, recipe, calib.pixels, **scope)
     head = bundle.head()
     ref = reference_features(bundle, calib.pixels)
@@ -254,6 +258,13 @@ class Quantizer:
             op_types_to_quantize=self.op_types,
             calibration_cache_path=str(self.cache))
         _CALIBRATIONS.setdefault(self.key, self.cache.read_bytes())
+
+
+def transformer_scope(float_model: Path) -> tuple[dict[str, Any], list[str]]:
+    """The quantizer's scope for a transformer (a text backbone): its weighted matrix products, less those
+    that read a GELU's output (:func:`transformer_quantizable`), and those left in float."""
+    nodes, after_gelu = transformer_quantizable(float_model)
+    return {"op_types": ["MatMul", "Gemm"], "nodes": nodes}, after_gelu
 
 
 def transformer_quantizable(float_model: Path) -> tuple[list[str], list[str]]:

@@ -22,7 +22,10 @@ from edgexfer.runtime.optional import require
 
 
 def convert_onnxruntime(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
-                        tolerance: Tolerance, workdir: Path, *, progress: bool = True) -> EngineBuild:
+                        tolerance: Tolerance, workdir: Path, *, progress: bool = True,
+                        int8_target: str = "any") -> EngineBuild:
+    # int8_target (the CPUs an int8 engine must be correct on) is OpenVINO's overflow fix: ONNX Runtime's
+    # QDQ kernels are correct on every x86-64 CPU, so the argument of the common signature is not used
     ort = require("onnxruntime", "converting for ONNX Runtime")
     target = out_dir / "backbone.onnx"
     info: dict[str, Any] = {"onnxruntime": ort.__version__}

@@ -46,7 +46,8 @@ AC_VALIDATION_IMAGES = 150
 
 
 def convert_openvino(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
-                     tolerance: Tolerance, *, progress: bool = True, int8_target: str = "any") -> EngineBuild:
+                     tolerance: Tolerance, workdir: Path | None = None, *, progress: bool = True,
+                     int8_target: str = "any") -> EngineBuild:
     ov = require("openvino", "converting to OpenVINO")
     xml = out_dir / "backbone.xml"
     model = ov.convert_model(str(bundle.backbone_path))

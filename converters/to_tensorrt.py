@@ -27,6 +27,7 @@ from edgexfer.converters.calibration import CalibrationSplit
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
+from edgexfer.runtime.backends.tensorrt import TensorRtSpec
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance
 from edgexfer.runtime.engine_store import (
@@ -73,7 +74,7 @@ def build_device_engine(bundle: Bundle, precision: str, out_dir: Path) -> dict[s
     calls it only when ``state/engines/<key>/`` has no plan for this TensorRT, GPU, precision and backbone.
     Needs TensorRT only (no onnx): the kit's model already has the rewrites TensorRT needs.
     """
-    kit = bundle.tensorrt_kit(precision)
+    kit = TensorRtSpec.kit(bundle, precision)
     if kit is None:
         raise BundleError("the bundle has no TensorRT kit for this precision", got=f"no engines/tensorrt/{precision}/",
                           expected="the kit written by `edgexfer convert --to tensorrt`",
@@ -85,7 +86,9 @@ def build_device_engine(bundle: Bundle, precision: str, out_dir: Path) -> dict[s
 
 
 def convert_tensorrt(bundle: Bundle, out_dir: Path, precision: str, split: CalibrationSplit | None,
-                     tolerance: Tolerance, workdir: Path, *, progress: bool = True) -> EngineBuild:
+                     tolerance: Tolerance, workdir: Path, *, progress: bool = True,
+                     int8_target: str = "any") -> EngineBuild:
+    # int8_target is OpenVINO's CPU overflow fix; a TensorRT plan computes on the GPU: not used here
     onnx = require("onnx", "preparing a model for TensorRT")
     profiles = profile_shapes(bundle)
     source_lint = lint_model(onnx.load(str(bundle.backbone_path)), profiles=profiles, precision=precision)

@@ -252,12 +252,9 @@ def device_install(bundle_dir, state, backend, precision, as_json):
 
 def _engine_builders() -> dict:
     """Engine builders the runtime may call on this device (the runtime never imports the converters)."""
-    def tensorrt(bundle, precision, out_dir):
-        from edgexfer.converters.to_tensorrt import build_device_engine
+    from edgexfer.converters.conversion import device_builders
 
-        return build_device_engine(bundle, precision, out_dir)
-
-    return {"tensorrt": tensorrt}
+    return device_builders()
 
 
 @device.command(name="predict")

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from edgexfer.runtime.backends.registry import BACKENDS, DEVICE_DEFAULT, HOST_DEFAULT
+from edgexfer.runtime.backends.registry import BACKENDS, DEVICE_DEFAULT, HOST_DEFAULT, auto_order
 from edgexfer.runtime.precision import PRECISIONS
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -35,7 +35,7 @@ def device_engine_options(f: Callable) -> Callable:
     f = precision_option(f)
     return click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default=DEVICE_DEFAULT,
                         show_default=True,
-                        help="auto: the first of tensorrt, openvino, onnxruntime installed with an engine.")(f)
+                        help=f"auto: the first of {', '.join(auto_order())} installed with an engine.")(f)
 
 
 def emit(obj: Any, as_json: bool, text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import KW_ONLY, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -16,10 +17,34 @@ from PIL import Image, ImageEnhance
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.preprocess import PreprocessSpec, content_box, resize_to_spec
 
-__all__ = ["Augmenter"]
+__all__ = ["AUGMENT_SETTINGS", "AUGMENT_TAG", "DEFAULT_AUGMENT", "MAX_AUGMENT", "Augmenter", "view_key"]
 
 # Attempts at drawing a crop that fits inside the image before the whole image is used instead.
 _CROP_TRIES = 10
+
+# ------------------------------------------------------------------ the device's views (learn --augment)
+#: the mild :class:`Augmenter` settings of ``Device.learn(augment=K)``: flips and crops of at least 70% of
+#: the image with a near-square aspect, no colour jitter (colour carries class information in clip art)
+AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
+                                    "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
+#: names AUGMENT_SETTINGS in the views' cache key: change it with the settings, so old views are not reused
+AUGMENT_TAG = "aug1"
+#: views per image ``learn`` makes by default. Measured on clipart8 (benchmarks/fewshot_curves.py): 4 views
+#: gain under one point at 3-5 shots per class and nothing from 10 on, for 5x the backbone work: off
+DEFAULT_AUGMENT = 0
+#: the most views per image (``learn`` makes at most this many; ``retrain`` looks for no more)
+MAX_AUGMENT = 16
+
+
+def view_key(preprocess_key: str, view: int) -> str:
+    """The feature-cache key of a sample's augmented view ``view``: the sample's own row, another key.
+
+    Views are features of their sample (same sha256) under this key, so the train/holdout split, which
+    is drawn over samples, keeps a sample and its views on one side, and deleting a sample (capacity,
+    cascade) deletes its views. ``FeatureCache.labelled`` reads one exact key, so views never pass
+    for samples.
+    """
+    return f"{preprocess_key}|view{view}|{AUGMENT_TAG}"
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
 """Open a bundle directory: parse the manifest strictly and verify every file before parsing any."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import file_sha256
-from edgexfer.runtime.manifest import Manifest, TextInputSpec, check_relative_path
-from edgexfer.runtime.preprocess import PreprocessSpec
-from edgexfer.runtime.text import TextSpec
+from edgexfer.runtime.manifest import Manifest, check_relative_path
+from edgexfer.runtime.modalities import modality_named
+
+if TYPE_CHECKING:
+    from edgexfer.runtime.modalities.base import Modality
 
 MANIFEST = "manifest.json"
 
@@ -76,26 +80,27 @@ class Bundle:
 
     @property
     def modality(self) -> str:
-        """What the backbone reads: "image" or "text" (the manifest's ``backbone.modality``)."""
+        """The name of what the backbone reads (the manifest's ``backbone.modality``), for records."""
         return self.manifest.backbone.modality
 
+    @functools.cached_property
+    def input_modality(self) -> Modality:
+        """The bundle's :class:`~edgexfer.runtime.modalities.base.Modality`, made once (use ``modality_of``)."""
+        return modality_named(self.manifest.backbone.modality)(self.manifest.backbone, self.root)
+
     @property
-    def preprocess(self) -> PreprocessSpec | TextSpec:
+    def preprocess(self) -> Any:
         """The preprocessing of the bundle's modality; its ``key()`` keys the feature cache."""
-        inp = self.manifest.backbone.input
-        if isinstance(inp, TextInputSpec):
-            return TextSpec(inp.tokenizer_sha256, inp.max_length)
-        return PreprocessSpec(size=tuple(inp.size), resize=inp.resize, fill=tuple(inp.fill))
+        return self.input_modality.preprocess
 
     def tokenizer(self):
         """The text bundle's :class:`~edgexfer.runtime.text.TextTokenizer` (its sha256 checked against the manifest)."""
-        from edgexfer.runtime.text import TextTokenizer
-
-        inp = self.manifest.backbone.input
-        if not isinstance(inp, TextInputSpec):
-            raise BundleError("this bundle reads images, not texts", got=f"{self.root} (modality image)",
-                              expected="a text bundle", todo="pass image files to an image bundle")
-        return TextTokenizer.from_file(self.root / inp.tokenizer, inp.max_length, sha256=inp.tokenizer_sha256)
+        tokenizer = getattr(self.input_modality, "tokenizer", None)
+        if tokenizer is None:
+            raise BundleError(f"this bundle reads {self.input_modality.plural}, not texts",
+                              got=f"{self.root} (modality {self.modality})",
+                              expected="a text bundle", todo=f"pass {self.input_modality.noun} files to this bundle")
+        return tokenizer
 
     def head(self):
         from edgexfer.runtime.heads import Head
@@ -115,31 +120,17 @@ class Bundle:
         with np.load(self.root / "exemplars.npz", allow_pickle=False) as data:
             return data["features"].astype(np.float32), data["labels"].astype(np.int64)
 
-    def tensorrt_kit(self, precision: str) -> Path | None:
-        """The ONNX model of the TensorRT device build kit for ``precision``, if the bundle has one.
-
-        ``edgexfer convert --to tensorrt`` writes the kit on a machine without TensorRT; the device
-        builds its plan from it (``edgexfer device install``).
-        """
-        for name in ("backbone.qdq.onnx", "backbone.onnx"):
-            rel = f"engines/tensorrt/{precision}/{name}"
-            if rel in self.manifest.files:
-                return self.root / rel
-        return None
-
     def engine_file(self, backend: str, precision: str) -> Path:
-        """The engine file for (backend, precision); fp32 ONNX Runtime is the bundle's own backbone."""
-        for entry in self.manifest.engines:
-            if entry.backend == backend and entry.precision == precision:
-                model = [f for f in entry.files if f.endswith((".onnx", ".xml", ".plan", ".engine"))]
-                if model:
-                    return self.root / model[0]
-        if backend == "onnxruntime" and precision == "fp32":
-            # no offline-optimised engine recorded: the bundle's own backbone is the fp32 ORT model
-            return self.backbone_path
-        have = sorted({"onnxruntime/fp32"} | {f"{e.backend}/{e.precision}" for e in self.manifest.engines})
+        """The engine file for (backend, precision), as the backend's spec finds it in the bundle."""
+        from edgexfer.runtime.backends.registry import BACKENDS, backend_spec
+
+        model = backend_spec(backend).bundle_model(self, precision)
+        if model is not None:
+            return model
+        have = sorted(f"{name}/{p}" for name in BACKENDS for p in backend_spec(name).precisions
+                      if backend_spec(name).bundle_model(self, p) is not None)
         raise BundleError("no engine in the bundle for this backend and precision", got=f"{backend}/{precision}",
-                          expected=f"one of {', '.join(have)}",
+                          expected=f"one of {', '.join(have) or 'none'}",
                           todo=f"run `edgexfer convert {self.root} --to {backend} --precision {precision}`")
 
 

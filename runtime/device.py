@@ -13,163 +13,66 @@ the update health check uses too: with the default seed and fraction both hold o
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgexfer.runtime.augment import AUGMENT_SETTINGS, DEFAULT_AUGMENT, MAX_AUGMENT, view_key
 from edgexfer.runtime.backends.base import EngineRunner
-from edgexfer.runtime.backends.registry import (
-    available_backends,
-    choose_backend,
-    has_recorded_engine,
-    open_backend,
-)
+from edgexfer.runtime.backends.registry import available_backends, backend_spec, choose_backend, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
-from edgexfer.runtime.engine_store import (
-    EngineKey,
-    EngineStore,
-    openvino_key,
-    tensorrt_key,
-    tensorrt_profile_id,
-)
-from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, MissingDependencyError
-from edgexfer.runtime.features import cached_features, text_batches
-from edgexfer.runtime.fsutil import PRIVATE_FILE, write_atomic
+from edgexfer.runtime.engine_store import EngineKey, EngineStore
+from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.holdout import (
-    DEFAULT_HOLDOUT,
-    DEFAULT_SEED,
-    DEFAULT_TOLERANCE,
-    MIN_SPLIT_SAMPLES,
-    LeaveOneOut,
-    LocalSplit,
-    retrain_gate,
-)
+from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, DEFAULT_TOLERANCE
+from edgexfer.runtime.modalities import modality_of
+from edgexfer.runtime.modalities.base import LazyValues, Modality, Sample, source_name
 from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
-from edgexfer.runtime.optional import require
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
-from edgexfer.runtime.preprocess import decode_image, resize_to_spec
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
-from edgexfer.runtime.text import check_text, decode_text, text_sha256
 from edgexfer.runtime.timing import StepTimer
+
+if TYPE_CHECKING:  # retrain loads the trainers when it runs: predicting never needs them
+    from edgexfer.runtime.retrain import RetrainReport
 
 #: builds a TensorRT plan of ``bundle`` at ``precision`` into an empty directory; returns what it did.
 #: ``edgexfer device install`` passes :func:`edgexfer.converters.to_tensorrt.build_device_engine` (the runtime
 #: never imports the converters).
 EngineBuilder = Callable[[Bundle, str, Path], dict[str, Any]]
 
-#: the mild :class:`~edgexfer.runtime.augment.Augmenter` settings of ``learn(augment=K)``: flips and crops
-#: of at least 70% of the image with a near-square aspect, no colour jitter (colour carries class
-#: information in clip art)
-AUGMENT_SETTINGS: dict[str, Any] = {"scale": (0.7, 1.0), "ratio": (0.9, 1.1), "hflip": 0.5,
-                                    "brightness": 0.0, "contrast": 0.0, "saturation": 0.0}
-#: names AUGMENT_SETTINGS in the views' cache key: change it with the settings, so old views are not reused
-AUGMENT_TAG = "aug1"
-#: views per image ``learn`` makes by default. Measured on clipart8 (benchmarks/fewshot_curves.py): 4 views
-#: gain under one point at 3-5 shots per class and nothing from 10 on, for 5x the backbone work: off
-DEFAULT_AUGMENT = 0
-#: the most views per image
-MAX_AUGMENT = 16
-
-
-def view_key(preprocess_key: str, view: int) -> str:
-    """The feature-cache key of a sample's augmented view ``view``: the sample's own row, another key.
-
-    Views are features of their sample (same sha256) under this key, so the train/holdout split, which
-    is drawn over samples, keeps a sample and its views on one side, and deleting a sample (capacity,
-    cascade) deletes its views. ``FeatureCache.labelled`` reads one exact key, so views never pass
-    for samples.
-    """
-    return f"{preprocess_key}|view{view}|{AUGMENT_TAG}"
-
 
 def _engine_versions() -> dict[str, str]:
     """Versions of the engines installed here that build device engines (entries for others are stale)."""
-    out = {}
-    installed = available_backends()
-    for name, make_key in (("tensorrt", tensorrt_key), ("openvino", openvino_key)):
-        if name in installed:
-            key = make_key("fp32", "")
-            if key is not None:
-                out[name] = key.engine_version
-    return out
+    versions = {name: backend_spec(name).installed_version() for name in available_backends()}
+    return {name: version for name, version in versions.items() if version is not None}
 
 
-def _stored_text(data: bytes | None) -> str | None:
-    """The text of a cached text sample's stored bytes; None for what is not UTF-8 text (an image)."""
-    if data is None:
-        return None
-    try:
-        return check_text(data.decode("utf-8"))
-    except (UnicodeDecodeError, EdgexferError):
-        return None
-
-
-def _source_sha(bundle: Bundle, path: Path | None) -> str:
-    """The manifest's sha256 of a bundle file (what a device engine is built from); "" for none."""
-    if path is None:
-        return ""
-    entry = bundle.manifest.files.get(path.relative_to(bundle.root).as_posix())
-    return entry.sha256 if entry is not None else ""
-
-
-def _decode_all(items: Sequence[ImageInput],
-                fill: tuple[int, int, int]) -> tuple[dict[str, tuple[bytes, str, Any]], list[dict[str, str]]]:
-    """Decode what ``learn`` was given: ``{sha256: (bytes, name, image)}`` (first copy of each) and the errors."""
+def _read_samples(modality: Modality, items: Sequence[ImageInput], literal: Sequence[str],
+                  sources: Sequence[str] | None = None) -> tuple[dict[str, Sample], list[dict[str, str]]]:
+    """What ``learn`` was given (files or their bytes, and literal samples), read by the bundle's modality:
+    ``{sha256: sample}`` (the first copy of each) and the errors, one per bad input."""
     errors: list[dict[str, str]] = []
-    decoded: dict[str, tuple[bytes, str, Any]] = {}
-    for i, item in enumerate(items):
-        name = str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]"
+    samples: dict[str, Sample] = {}
+    given = [(source_name(item, i), item, modality.read) for i, item in enumerate(items)]
+    given += [(sources[i] if sources else f"text[{i}]", text, modality.literal) for i, text in enumerate(literal)]
+    for name, item, read in given:
         try:
-            data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
-            if not isinstance(data, (bytes, bytearray)):
-                raise InputError("learn takes image files or encoded image bytes", got=type(item).__name__,
+            sample = read(item, name)
+            if sample.data is None:  # an array in memory: nothing the cache could keep to recompute it
+                raise InputError(f"learn takes {modality.noun} files or their bytes", got=type(item).__name__,
                                  expected="a path or bytes")
-            img = decode_image(bytes(data), fill=fill)
-        except OSError as exc:
-            errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
-            continue
         except EdgexferError as exc:
             errors.append({"source": name, "error": str(exc)})
             continue
-        decoded.setdefault(FeatureCache.content_sha256(bytes(data)), (bytes(data), name, img))
-    return decoded, errors
-
-
-def _read_texts(items: Sequence[ImageInput], literal: Sequence[str],
-                sources: Sequence[str] | None = None) -> tuple[dict[str, tuple[bytes, str, str]], list[dict[str, str]]]:
-    """Texts ``learn`` was given (text files or their bytes, and literal texts): ``{sha256: (utf-8, name, text)}``
-    (first copy of each) and the errors. A text's sha256 is that of its normalised UTF-8 bytes."""
-    errors: list[dict[str, str]] = []
-    decoded: dict[str, tuple[bytes, str, str]] = {}
-    given = [(str(item) if isinstance(item, (str, os.PathLike)) else f"bytes[{i}]", item, True)
-             for i, item in enumerate(items)] + [(sources[i] if sources else f"text[{i}]", text, False) for i, text in enumerate(literal)]
-    for name, item, is_file in given:
-        try:
-            if not is_file:
-                text = check_text(item, name)
-            elif isinstance(item, (str, os.PathLike)):
-                text = decode_text(Path(item).read_bytes(), name)
-            elif isinstance(item, (bytes, bytearray)):
-                text = decode_text(bytes(item), name)
-            else:
-                raise InputError("learn takes text files, their bytes, or texts", got=type(item).__name__,
-                                 expected="a path, bytes or a str")
-        except OSError as exc:
-            errors.append({"source": name, "error": f"cannot read file | got {exc.strerror}"})
-            continue
-        except EdgexferError as exc:
-            errors.append({"source": name, "error": str(exc)})
-            continue
-        decoded.setdefault(text_sha256(text), (text.encode("utf-8"), name, text))
-    return decoded, errors
+        samples.setdefault(sample.sha256, sample)
+    return samples, errors
 
 
 @dataclass(frozen=True)
@@ -181,36 +84,6 @@ class LearnReport:
     errors: list[dict[str, str]] = field(default_factory=list)
     augment: int = 0  #: augmented views asked for per image
     views_added: int = 0  #: views computed now (views cached already are not recomputed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class RetrainReport:
-    accepted: bool
-    version: int
-    active_head: int
-    kind: str
-    classes: list[str]
-    holdout_count: int
-    holdout_accuracy_new: float | None
-    holdout_accuracy_old: float | None
-    tolerance: float
-    train_count: int
-    exemplar_count: int
-    frozen_classes: list[str]  #: classes whose rows are the active head's (frozen; fewshot: restored, one common scale)
-    temperature: float | None
-    seconds: float
-    reason: str
-    policy: str = "fewshot"  #: the linear head policy used (edgexfer.runtime.fewshot), or the head kind
-    requested_policy: str = "auto"  #: the policy asked for ("auto" picks fewshot or frozen)
-    #: how the candidate was judged: "holdout", "leave-one-out", "holdout+leave-one-out" or "none"
-    gate: str = "holdout"
-    loo_count: int = 0  #: few-shot samples judged by leave-one-out refits
-    few_shot_classes: list[str] = field(default_factory=list)  #: classes not split (too few local samples)
-    min_split_samples: int = MIN_SPLIT_SAMPLES  #: below this many local samples a class is not split
-    view_count: int = 0  #: augmented views of training samples trained on (``learn --augment``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,94 +141,32 @@ class Device:
     # ---------------------------------------------------------------------------- engines on the device
     def engine_key(self, bundle: Bundle, name: str) -> EngineKey | None:
         """The cache key of ``name``'s engine on this device (None: the backend builds nothing here)."""
-        sha = bundle.manifest.backbone.sha256
-        if name == "tensorrt":
-            return tensorrt_key(self.precision, sha, _source_sha(bundle, bundle.tensorrt_kit(self.precision)),
-                                tensorrt_profile_id(bundle.manifest.backbone))
-        if name == "openvino" and has_recorded_engine(bundle, name, self.precision):
-            return openvino_key(self.precision, sha, _source_sha(bundle, bundle.engine_file(name, self.precision)))
-        return None
+        return backend_spec(name).engine_key(self, bundle, self.precision)
 
     def choose_backend(self, bundle: Bundle) -> str:
-        """Like :func:`choose_backend`, counting TensorRT when this device has built or can build its engine."""
-        def has_engine(name: str) -> bool:
-            if name == "tensorrt":
-                key = self.engine_key(bundle, name)
-                if key is None:  # TensorRT without a CUDA GPU
-                    return False
-                return (self.engines.lookup(key) is not None or bundle.tensorrt_kit(self.precision) is not None
-                        or has_recorded_engine(bundle, name, self.precision))
-            return has_recorded_engine(bundle, name, self.precision)
-
-        return choose_backend(bundle, self.backend_choice, self.precision, has_engine)
-
-    def _tensorrt_key(self, bundle: Bundle) -> EngineKey:
-        key = self.engine_key(bundle, "tensorrt")
-        if key is None:
-            require("tensorrt", "the tensorrt backend")  # names the extra when TensorRT is missing
-            raise MissingDependencyError("the tensorrt backend needs a CUDA GPU", got="no GPU found through libcuda",
-                                         expected="an NVIDIA GPU with its driver (JetPack on Jetson)",
-                                         todo="pick --backend openvino or onnxruntime on this device")
-        return key
+        """Like :func:`choose_backend`, counting the engines this device has built or can build."""
+        return choose_backend(bundle, self.backend_choice, self.precision,
+                              lambda name: backend_spec(name).has_engine(self, bundle, self.precision))
 
     def _locate(self, bundle: Bundle, name: str) -> tuple[Path, dict[str, Any], str]:
         """Model file, backend options and where the engine comes from; builds nothing."""
-        if name == "tensorrt":
-            key = self._tensorrt_key(bundle)
-            entry = self.engines.lookup(key)
-            if entry is not None and (entry / "backbone.plan").is_file():
-                return entry / "backbone.plan", {}, f"engines/{key.key}"
-            if has_recorded_engine(bundle, name, self.precision):  # built by `edgexfer convert` on this device
-                model = bundle.engine_file(name, self.precision)
-                return model, {}, f"bundle:{model.relative_to(bundle.root)}"
-            raise BundleError("no TensorRT engine built on this device", got=f"no {self.engines.path(key.key)}",
-                              expected=f"a {self.precision} plan for {key.device}, TensorRT {key.engine_version}",
-                              todo=f"run `edgexfer device install {bundle.root} --state {self.state.root} "
-                                   f"--backend tensorrt --precision {self.precision}` (it builds the engine)")
-        model = bundle.engine_file(name, self.precision)
-        source = f"bundle:{model.relative_to(bundle.root)}"
-        key = self.engine_key(bundle, name)
-        entry = self.engines.lookup(key) if key is not None else None
-        if name == "openvino" and entry is not None:
-            return model, {"cache_dir": entry}, f"{source} compiled in engines/{key.key}"
-        return model, {}, source
+        return backend_spec(name).locate(self, bundle, self.precision)
 
     def prepare_engine(self, bundle: Bundle) -> dict[str, Any]:
         """Build or pick the engine of ``bundle`` on this device, keyed so it is rebuilt only when something changed.
 
-        * TensorRT: the plan is built from the bundle's TensorRT kit by the ``tensorrt`` engine builder
-          into ``engines/<key>/`` (TensorRT version, GPU and SM, precision, backbone sha256).
-        * OpenVINO: the IR is compiled once into OpenVINO's model cache in ``engines/<key>/``.
-        * ONNX Runtime: the bundle's model is used as it is.
+        The backend's spec does the work (:mod:`edgexfer.runtime.backends`): TensorRT builds its plan from
+        the bundle's kit into ``engines/<key>/`` with the engine builder given for it; OpenVINO compiles its
+        IR once into its model cache in ``engines/<key>/``; ONNX Runtime uses the bundle's model as it is.
 
         Call under the state lock. Returns backend, precision, key, whether it was built, and the source.
         """
         started = time.perf_counter()
         name = self.choose_backend(bundle)
-        key: EngineKey | None = None
-        done: dict[str, Any] = {"built": False}
-        if name == "tensorrt":
-            key = self._tensorrt_key(bundle)
-            kit = bundle.tensorrt_kit(self.precision)
-            if self.engines.lookup(key) is None and kit is not None:
-                builder = self.engine_builders.get("tensorrt")
-                if builder is None:
-                    raise BundleError("no TensorRT engine builder given", got="Device(engine_builders=None)",
-                                      expected="the converters' builder",
-                                      todo="use `edgexfer device install`, which passes it")
-                _, done = self.engines.build(key, lambda out: builder(bundle, self.precision, out))
-        elif name == "openvino":
-            key = self.engine_key(bundle, name)
-            if key is not None:
-                model = bundle.engine_file(name, self.precision)
-
-                def compile_into(out: Path) -> dict[str, Any]:
-                    with open_backend(name, model, precision=self.precision, cache_dir=out) as runner:
-                        return {"compile_seconds": round(runner.stats.load_seconds, 3)}
-
-                _, done = self.engines.build(key, compile_into)
+        spec = backend_spec(name)
+        key, done = spec.prepare(self, bundle, self.precision)
         crash_point("engine-ready")
-        model, _options, source = self._locate(bundle, name)
+        model, _options, source = spec.locate(self, bundle, self.precision)
         return {"backend": name, "precision": self.precision, "key": key.key if key else None,
                 "built": bool(done.get("built")), "source": source, "model": model.name,
                 "seconds": round(time.perf_counter() - started, 3),
@@ -416,25 +227,22 @@ class Device:
                 "seconds": timer.total()}
 
     def recompute_features(self) -> int:
-        """Features for the active backbone of every stored sample that lacks them (images kept)."""
+        """Features for the active backbone of every stored sample that lacks them (samples kept).
+
+        Stored samples the bundle's modality does not read (another modality's, kept before this bundle
+        was installed) are left as they are; the others are decoded only as the engine needs them.
+        """
         bundle = self.bundle()
-        spec = bundle.preprocess
+        modality = modality_of(bundle)
         backbone = bundle.manifest.backbone.sha256
         with self.cache() as cache:
-            shas = [s for s in cache.samples_without_features(backbone, spec.key()) if cache.image(s) is not None]
-            if bundle.modality == "text":
-                # a text sample's stored bytes are its UTF-8 text; image samples (another modality) are not texts
-                texts = {s: _stored_text(cache.image(s)) for s in shas}
-                shas = [s for s in shas if texts[s] is not None]
+            shas = [s for s in cache.samples_without_features(backbone, modality.preprocess.key())
+                    if (data := cache.image(s)) is not None and modality.accepts_stored(data)]
             if not shas:  # nothing to do: the engine is not even opened
                 return 0
-            if bundle.modality == "text":
-                _, report = cached_features(self.engine(bundle), cache, backbone, spec, shas, progress=False,
-                                            **text_batches(bundle.tokenizer(), [texts[s] for s in shas]))
-                return report.requested - report.from_cache
-            _, report = cached_features(
-                self.engine(bundle), cache, backbone, spec, shas,
-                lambda i: resize_to_spec(decode_image(cache.image(shas[i]), fill=spec.fill), spec), progress=False)
+            values = LazyValues(len(shas), lambda i: modality.stored_value(cache.image(shas[i])))
+            _, report = cached_features(self.engine(bundle), cache, backbone, modality.preprocess, shas,
+                                        progress=False, **modality.cached_args(values))
         return report.requested - report.from_cache
 
     # ---------------------------------------------------------------------------- predict
@@ -479,49 +287,33 @@ class Device:
             raise InputError("augment", got=repr(augment), expected=f"an integer 0..{MAX_AUGMENT} (views per image)",
                              todo="pass e.g. --augment 4, or 0 for none")
         bundle = self.bundle()
-        if bundle.modality == "text":
-            return self._learn_texts(bundle, items, texts, label, source, augment, text_sources)
-        if texts:
-            raise InputError("texts given to an image bundle", got=f"{len(texts)} text(s)",
-                             expected="image files", todo="learn texts with a text bundle installed")
-        spec = bundle.preprocess
-        decoded, errors = _decode_all(items, spec.fill)
-        shas = list(decoded)
-        records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
+        modality = modality_of(bundle)
+        if augment and not modality.augmentable:
+            raise InputError(f"augment with a {modality.name} bundle", got=f"--augment {augment}",
+                             expected="0: augmented views are crops and flips of images", todo="leave --augment out")
+        if texts and not modality.takes_literals:
+            raise InputError(f"texts given to an {modality.name} bundle", got=f"{len(texts)} text(s)",
+                             expected=f"{modality.noun} files", todo="learn texts with a text bundle installed")
+        samples, errors = _read_samples(modality, items, texts, text_sources)
+        shas = list(samples)
+        records = [SampleRecord(s, label, f"{source}:{samples[s].source}", samples[s].data) for s in shas]
         backbone = bundle.manifest.backbone.sha256
         views_added = view_runs = 0
         with self.cache() as cache:
             engine = self.engine(bundle)
-            _, report = cached_features(engine, cache, backbone, spec, shas,
-                                        lambda i: resize_to_spec(decoded[shas[i]][2], spec), records=records,
-                                        progress=False)
+            _, report = cached_features(engine, cache, backbone, modality.preprocess, shas, records=records,
+                                        progress=False, **modality.cached_args([samples[s].value for s in shas]))
             crash_point("learn-committed")
             if augment:
                 kept = [s for s in shas if s not in set(report.dropped)]
-                views_added, view_runs = self._add_views(cache, engine, backbone, spec, kept, decoded, augment)
+                views_added, view_runs = self._add_views(cache, engine, backbone, modality, kept, samples, augment)
         return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
                            backbone_runs=report.extracted + view_runs, errors=errors, augment=augment,
                            views_added=views_added)
 
-    def _learn_texts(self, bundle: Bundle, items: Sequence[ImageInput], texts: Sequence[str], label: str,
-                     source: str, augment: int, text_sources: Sequence[str] | None) -> LearnReport:
-        if augment:
-            raise InputError("augment with a text bundle", got=f"--augment {augment}",
-                             expected="0: augmented views are crops and flips of images", todo="leave --augment out")
-        decoded, errors = _read_texts(items, texts, text_sources)
-        shas = list(decoded)
-        records = [SampleRecord(s, label, f"{source}:{decoded[s][1]}", decoded[s][0]) for s in shas]
-        with self.cache() as cache:
-            _, report = cached_features(self.engine(bundle), cache, bundle.manifest.backbone.sha256, bundle.preprocess,
-                                        shas, records=records, progress=False,
-                                        **text_batches(bundle.tokenizer(), [decoded[s][2] for s in shas]))
-            crash_point("learn-committed")
-        return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
-                           backbone_runs=report.extracted, errors=errors)
-
     @staticmethod
-    def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, spec: Any, shas: list[str],
-                   decoded: Mapping[str, tuple[bytes, str, Any]], augment: int) -> tuple[int, int]:
+    def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, modality: Modality, shas: list[str],
+                   samples: Mapping[str, Sample], augment: int) -> tuple[int, int]:
         """Store the missing views ``0..augment-1`` of ``shas``; returns (views stored, backbone runs).
 
         Each view key is committed on its own, after its sample: a crash in between leaves samples with
@@ -531,14 +323,16 @@ class Device:
         from edgexfer.runtime.augment import Augmenter
         from edgexfer.runtime.preprocess import stack
 
+        spec = modality.preprocess
         augmenter = Augmenter(spec, **AUGMENT_SETTINGS)
+        decoded = {s: modality.decoded(samples[s].data) for s in shas}  # full size: views crop before resizing
         added = runs = 0
         for view in range(augment):
             key = view_key(spec.key(), view)
             todo = cache.missing(backbone, key, shas)
             for start in range(0, len(todo), 16):
                 chunk = todo[start:start + 16]
-                pixels = [augmenter(decoded[s][2], np.random.default_rng([int(s[:16], 16), view])) for s in chunk]
+                pixels = [augmenter(decoded[s], np.random.default_rng([int(s[:16], 16), view])) for s in chunk]
                 before = engine.stats.images
                 cache.put_features(backbone, key, dict(zip(chunk, engine.run(stack(pixels)))))
                 runs += engine.stats.images - before
@@ -559,139 +353,15 @@ class Device:
         keep the active head's values); ``"auto"`` (default) is fewshot while the device-only classes have
         a median of fewer than :data:`~edgexfer.runtime.fewshot.FEWSHOT_MAX_SAMPLES` training samples. Classes with fewer than
         :data:`~edgexfer.runtime.holdout.MIN_SPLIT_SAMPLES` local samples are not split: all their
-        samples train, and the gate judges them by leave-one-out.
+        samples train, and the gate judges them by leave-one-out. The steps are
+        :func:`edgexfer.runtime.retrain.retrain_head`'s.
         """
-        from edgexfer.runtime.fewshot import (
-            POLICIES,
-            choose_policy,
-            fit_fewshot,
-            frozen_rows,
-            leave_one_out_correct,
-        )
-        from edgexfer.runtime.head_training import HeadTrainer
+        from edgexfer.runtime.retrain import RetrainSettings, retrain_head
 
-        if policy not in POLICIES:
-            raise InputError("retrain policy", got=repr(policy), expected=f"one of {list(POLICIES)}",
-                             todo="use 'auto' (the default), 'fewshot' or 'frozen' (the previous policy)")
+        settings = RetrainSettings(kind=kind, tolerance=tolerance, holdout=holdout, seed=seed, C=C, policy=policy)
         started = time.perf_counter()
         with self.state.locked():
-            active, old_head = self.active_head()
-            bundle = self.state.bundle(active.bundle)
-            kind = kind or old_head.kind
-            with self.cache() as cache:
-                shas, features, labels = cache.labelled(active.bundle, bundle.preprocess.key())
-            if len(labels) == 0:
-                raise InputError("nothing to retrain on", got="no labelled samples for the installed backbone",
-                                 expected="samples added with `edgexfer device learn`", todo="learn some samples first")
-            # the split the update health check uses too (same class order, fraction and seed)
-            split = LocalSplit.of(shas, features, labels, old_head.classes, holdout, seed)
-            classes = split.classes
-            ex = bundle.exemplars()
-            X_ex, y_ex = (ex if ex is not None else (np.zeros((0, features.shape[1]), np.float32), np.zeros(0, np.int64)))
-            # augmented views of the training samples only (learn --augment): a held-out sample's views
-            # never train, and leave-one-out drops a sample with its views (same group)
-            train_shas = [shas[i] for i in split.train]
-            view_rows, view_groups = [], []
-            with self.cache() as cache:
-                for view in range(MAX_AUGMENT):
-                    found = cache.get_features(active.bundle, view_key(bundle.preprocess.key(), view), train_shas)
-                    if not found:
-                        break
-                    for j, sha in enumerate(train_shas):
-                        if sha in found:
-                            view_rows.append(found[sha])
-                            view_groups.append(j)
-            view_groups_arr = np.array(view_groups, dtype=np.int64)
-            X_views = np.stack(view_rows).astype(np.float32) if view_rows else np.zeros((0, features.shape[1]), np.float32)
-            X_train = np.concatenate([X_ex, features[split.train], X_views])
-            y_train = np.concatenate([y_ex, split.targets[split.train], split.targets[split.train][view_groups_arr]])
-            # one group per exemplar, per local sample, and a sample's views in its sample's group
-            groups = np.concatenate([-1 - np.arange(len(y_ex)), np.arange(len(split.train)), view_groups_arr])
-            warm = old_head if (old_head.kind == kind) else None
-            frozen: list[str] = []
-            exemplar_classes = {old_head.classes[i] for i in np.unique(y_ex)} if len(y_ex) else set()
-            device_only = [c for c in classes if c not in exemplar_classes] if exemplar_classes else []
-            train_labels = [split.labels[i] for i in split.train]
-            requested = policy
-            policy = choose_policy(policy, [train_labels.count(c) for c in device_only])
-            if kind == "linear" and policy == "fewshot":
-                # classes without local samples keep the active head's rows (rescaled): see fit_fewshot
-                frozen = frozen_rows(warm, classes, labels)
-
-                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-                    # leave-one-out refits start from the candidate: the rows to keep still come from
-                    # the active head
-                    return fit_fewshot(X, y, classes, device_only=device_only, keep=frozen, C=C,
-                                       warm_start=start, keep_from=warm)
-            else:
-                params: dict[str, Any] = {"seed": seed} if kind == "mlp" else {}
-                if kind == "linear":
-                    # float32 products and a 1e-5 gradient tolerance: ~2.5x faster than the host's exact
-                    # settings, with weights within ~1e-3 of them (measured on 1,000 x 1,280 features)
-                    params = {"C": C, "tol": 1e-5, "matmul_dtype": "float32"}
-                    if warm is not None:
-                        # the previous policy: classes without local samples keep the active head's row
-                        frozen = frozen_rows(warm, classes, labels)
-                        params["frozen_classes"] = frozen
-                trainer = HeadTrainer(kind, **params)
-
-                def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-                    return trainer.fit(X, y, classes, warm_start=start)
-            candidate = fit(X_train, y_train, warm)
-            # few-shot classes have no holdout: their local samples are judged by leave-one-out refits
-            few_shot = split.few_shot_classes
-            loo = None
-            is_few = np.array([label in set(few_shot) for label in train_labels], dtype=bool)
-            few_shot_trained = sorted(train_shas[j] for j in np.flatnonzero(is_few))
-            if few_shot and kind == "linear":
-                local_rows = len(y_ex) + np.arange(len(split.train))
-                # A fair comparison needs samples the active head never trained on either: a retrained
-                # head records the few-shot samples it trained on; one from before that record may have
-                # trained on any of them. Bundle and published heads never saw a local sample.
-                record = self.state.head_record(active.head)
-                if record.source == "retrain":
-                    seen = set(record.metrics.get("few_shot_trained", train_shas))
-                else:
-                    seen = set()
-                fair = np.array([train_shas[j] not in seen for j in range(len(train_shas))], dtype=bool)
-                judged, ok = leave_one_out_correct(fit, X_train, y_train, local_rows[is_few & fair], candidate,
-                                                   seed=seed, groups=groups)
-                if len(judged):
-                    loo = LeaveOneOut(features=X_train[judged], labels=[classes[int(c)] for c in y_train[judged]],
-                                      candidate_correct=ok)
-            gate = retrain_gate(candidate, old_head, split, tolerance, loo=loo)
-            metrics = {k: v for k, v in {"holdout_accuracy": gate.accuracy_new,
-                                         "holdout_accuracy_previous": gate.accuracy_active,
-                                         "holdout_count": gate.holdout_count, "train_count": len(y_train)}.items()
-                       if v is not None}
-            metrics["holdout_digest"] = split.digest
-            metrics["gate"] = gate.method
-            metrics["loo_count"] = gate.loo_count
-            metrics["policy"] = policy if kind == "linear" else kind
-            # the few-shot samples this head trained on: the next retrain's leave-one-out leaves them out
-            metrics["few_shot_trained"] = few_shot_trained
-            # "candidate" until the switch is done: a crash in between leaves a candidate that never ran
-            record = self.state.add_head(gate.head, backbone_sha256=active.bundle, parent=active.head,
-                                         status="candidate" if gate.accepted else "rejected", source="retrain",
-                                         metrics=metrics)
-            if gate.accepted:
-                self.state.activate_head(record.version)
-                self.state.set_head_status(record.version, "accepted")
-            report = RetrainReport(
-                accepted=gate.accepted, version=record.version,
-                active_head=record.version if gate.accepted else active.head, kind=kind, classes=classes,
-                holdout_count=gate.holdout_count, holdout_accuracy_new=gate.accuracy_new,
-                holdout_accuracy_old=gate.accuracy_active, tolerance=tolerance, train_count=int(len(y_train)),
-                exemplar_count=int(len(y_ex)), frozen_classes=frozen, temperature=gate.temperature,
-                seconds=round(time.perf_counter() - started, 3), reason=gate.reason,
-                policy=policy if kind == "linear" else kind, requested_policy=requested, gate=gate.method,
-                loo_count=gate.loo_count,
-                view_count=int(len(X_views)),
-                few_shot_classes=few_shot, min_split_samples=MIN_SPLIT_SAMPLES)
-            write_atomic(self.state.last_retrain_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
-                         mode=PRIVATE_FILE)
-            crash_point("retrain-done")
-        return report
+            return retrain_head(self.state, self.cache, settings, started=started)
 
     def rollback(self) -> ActiveState:
         with self.state.locked():

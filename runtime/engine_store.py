@@ -35,6 +35,7 @@ from typing import Any
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import fsync_dir, fsync_tree, make_private, private_dir
+from edgexfer.runtime.modalities import modality_named
 from edgexfer.runtime.state import crash_point
 
 KEY_FILE = "engine_key.json"
@@ -127,32 +128,19 @@ class EngineKey:
 
 #: TensorRT optimisation profile of the batch dimension: (min, opt, max)
 BATCH_PROFILE = (1, 8, 32)
-#: TensorRT optimisation profile of a text backbone's sequence length in tokens: (min, opt, max); max is
-#: the manifest's max_length (longer texts are truncated before they reach the engine), opt a typical length
-SEQUENCE_PROFILE = (1, 128, 256)
 
 
 def tensorrt_profiles(backbone) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Input name -> (min, opt, max) shapes of the one optimisation profile a TensorRT plan of ``backbone``
-    (a manifest's ``backbone``) is built with: the batch of an image, the batch and sequence length of
-    both inputs of a text backbone (up to its ``max_length``)."""
-    lo, opt, hi = BATCH_PROFILE
-    if backbone.modality == "text":
-        longest = int(backbone.input.max_length)
-        s_lo, s_opt, _ = SEQUENCE_PROFILE
-        shapes = ((lo, s_lo), (opt, min(s_opt, longest)), (hi, longest))
-        return {name: shapes for name in ("input_ids", "attention_mask")}
-    h, w = backbone.input.size
-    return {"image": ((lo, h, w, 3), (opt, h, w, 3), (hi, h, w, 3))}
+    (a manifest's ``backbone``) is built with, as its modality says (the batch, and a text's tokens up to its
+    ``max_length``)."""
+    return modality_named(backbone.modality)(backbone).engine_shapes(BATCH_PROFILE)
 
 
 def tensorrt_profile_id(backbone) -> str:
-    """The profile as a key part: empty for image backbones (their shapes follow from the backbone, and
-    existing keys stay valid), the shapes of every input for text backbones."""
-    if backbone.modality != "text":
-        return ""
-    return json.dumps({name: [list(s) for s in shapes] for name, shapes in tensorrt_profiles(backbone).items()},
-                      sort_keys=True, separators=(",", ":"))
+    """The profile as a key part: empty where the shapes follow from the backbone (images: existing keys
+    stay valid), the shapes of every input otherwise (texts)."""
+    return modality_named(backbone.modality)(backbone).profile_id(BATCH_PROFILE)
 
 
 @functools.lru_cache(maxsize=1)

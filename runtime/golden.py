@@ -1,8 +1,8 @@
 """Golden check of a bundle on this machine: its golden images through the chosen engine and head.
 
-A text bundle's golden set holds texts with their token ids and attention masks instead of images: the
-device tokenizes the texts again with the bundle's tokenizer.json and must get the same ids (the
-``tokenizers`` library here tokenizes as the host's did), then runs the recorded ids.
+The bundle's modality reads its golden set (``Modality.golden_feed``): images as they are; texts with their
+token ids and attention masks, which the device tokenizes again with the bundle's tokenizer.json and must
+get the same ids (the ``tokenizers`` library here tokenizes as the host's did) before it runs them.
 
 ``edgexfer device install`` runs it with the engine it built or picked, before the bundle is activated;
 ``python -m edgexfer.runtime.golden BUNDLE_DIR`` runs it on a bundle alone (its recorded engines). The
@@ -21,7 +21,8 @@ from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import TOLERANCES, Output, compare, tolerance_for
-from edgexfer.runtime.errors import EdgexferError, ValidationError
+from edgexfer.runtime.errors import EdgexferError
+from edgexfer.runtime.modalities import modality_of
 
 
 def golden_check(bundle_dir: str | Path, backend: str = "auto", precision: str = "fp32") -> dict[str, Any]:
@@ -63,23 +64,8 @@ def compare_golden(bundle: Bundle, engine: EngineRunner, backend: str, precision
 
 
 def golden_inputs(bundle: Bundle, golden: dict[str, Any]) -> Any:
-    """The engine input of a bundle's golden set: its images, or its token ids (re-tokenized and compared)."""
-    if bundle.modality != "text":
-        return golden["images"]
-    from edgexfer.runtime.text import TokenBatch
-
-    recorded = TokenBatch(golden["input_ids"].astype("int64"), golden["attention_mask"].astype("int64"), 0)
-    again = bundle.tokenizer().encode([str(t) for t in golden["texts"]])
-    if again.input_ids.shape != recorded.input_ids.shape or (again.input_ids != recorded.input_ids).any() \
-            or (again.attention_mask != recorded.attention_mask).any():
-        rows = [int(i) for i in range(min(len(again), len(recorded)))
-                if again.input_ids.shape != recorded.input_ids.shape
-                or (again.input_ids[i] != recorded.input_ids[i]).any()]
-        raise ValidationError(f"golden texts of {bundle.root} tokenize differently here",
-                              [f"- golden text {i}: token ids differ from the export's" for i in rows[:5]]
-                              or ["- token id shapes differ"],
-                              todo="install the tokenizers version the bundle was exported with (constraints.txt)")
-    return recorded
+    """The engine input of a bundle's golden set, as its modality reads it (a text's ids are re-tokenized and compared)."""
+    return modality_of(bundle).golden_feed(golden)
 
 
 def _validated_execution(bundle: Bundle, backend: str, precision: str) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from typing import Any
 
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import write_atomic
-from edgexfer.runtime.names import HEAD_KINDS, MODALITIES, RESIZE_POLICIES
+from edgexfer.runtime.modalities import DEFAULT_MODALITY, modality_named, modality_names
+from edgexfer.runtime.names import HEAD_KINDS, RESIZE_POLICIES
 from edgexfer.runtime.precision import PRECISIONS
 
 SCHEMA = "edgexfer.bundle/1"
 
 
-class _Fields:
+class Fields:
     """Reads a JSON object field by field, so every error names the full path of the bad field."""
 
     def __init__(self, obj: Any, where: str):
@@ -79,7 +80,7 @@ class InputSpec:
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> InputSpec:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         spec = cls(
             layout=f.take("layout", str, check=lambda v: v == "NHWC", expect="'NHWC'"),
             dtype=f.take("dtype", str, check=lambda v: v == "uint8", expect="'uint8'"),
@@ -105,7 +106,7 @@ class TextInputSpec:
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> TextInputSpec:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         spec = cls(
             tokenizer=check_relative_path(f.take("tokenizer", str, check=bool, expect="a bundle path"), f"{where}.tokenizer"),
             tokenizer_sha256=f.take("tokenizer_sha256", str, check=_is_sha, expect="64 hex digits"),
@@ -121,15 +122,16 @@ class BackboneInfo:
     sha256: str
     feature_dim: int
     input: InputSpec | TextInputSpec
-    #: "image" or "text" (names.MODALITIES); a manifest without the field is an image bundle's
-    modality: str = "image"
+    #: a registered modality (edgexfer.runtime.modalities); a manifest without the field is an image bundle's
+    modality: str = DEFAULT_MODALITY
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> BackboneInfo:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         arch = f.take("arch", str, check=bool, expect="a backbone name")
-        modality = f.take("modality", str, "image", check=lambda v: v in MODALITIES, expect=" or ".join(MODALITIES))
-        spec = TextInputSpec if modality == "text" else InputSpec
+        modality = f.take("modality", str, DEFAULT_MODALITY, check=lambda v: v in modality_names(),
+                          expect=" or ".join(modality_names()))
+        spec = modality_named(modality).input_spec
         info = cls(
             arch=arch,
             sha256=f.take("sha256", str, check=_is_sha, expect="64 hex digits"),
@@ -151,7 +153,7 @@ class HeadInfo:
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> HeadInfo:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         info = cls(
             kind=f.take("kind", str, check=lambda v: v in HEAD_KINDS, expect=" or ".join(HEAD_KINDS)),
             classes=tuple(f.take("classes", list, check=lambda v: len(v) >= 2 and len(set(v)) == len(v) and all(
@@ -172,7 +174,7 @@ class FileEntry:
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> FileEntry:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         entry = cls(sha256=f.take("sha256", str, check=_is_sha, expect="64 hex digits"),
                     bytes=f.take("bytes", int, check=lambda v: v >= 0, expect="a size in bytes"))
         f.done()
@@ -189,7 +191,7 @@ class EngineEntry:
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> EngineEntry:
-        f = _Fields(obj, where)
+        f = Fields(obj, where)
         entry = cls(
             backend=f.take("backend", str, check=bool, expect="a backend name"),
             precision=f.take("precision", str, check=lambda v: v in PRECISIONS, expect=" or ".join(PRECISIONS)),
@@ -226,7 +228,7 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError("manifest.json is not valid JSON", got=str(exc), expected="a JSON object",
                               todo="re-export the bundle") from None
-        f = _Fields(obj, "manifest")
+        f = Fields(obj, "manifest")
         f.take("schema", str, check=lambda v: v == SCHEMA, expect=repr(SCHEMA))
         files_obj = f.take("files", dict)
         files = {check_relative_path(k, "manifest.files"): FileEntry.parse(v, f"manifest.files[{k}]")
@@ -245,14 +247,7 @@ class Manifest:
             raise BundleError("manifest.head.backbone_sha256", got=manifest.head.backbone_sha256[:16] + "…",
                               expected=f"the backbone's sha256 {manifest.backbone.sha256[:16]}…",
                               todo="a head is bound to one backbone: re-export the bundle")
-        if manifest.backbone.modality == "text":
-            spec = manifest.backbone.input
-            entry = manifest.files.get(spec.tokenizer)
-            if entry is None or entry.sha256 != spec.tokenizer_sha256:
-                raise BundleError("manifest.backbone.input.tokenizer",
-                                  got=f"{spec.tokenizer} " + ("not in manifest.files" if entry is None else "with another sha256"),
-                                  expected="the tokenizer file listed in manifest.files with tokenizer_sha256",
-                                  todo="re-export the bundle")
+        modality_named(manifest.backbone.modality).check_manifest(manifest)
         for entry in manifest.engines:
             for p in entry.files:
                 if p not in manifest.files:
@@ -261,7 +256,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["backbone"]["modality"] == "image":
+        if d["backbone"]["modality"] == DEFAULT_MODALITY:
             # an image manifest stays what it was before text bundles existed: devices running an older
             # edgexfer (whose strict parser refuses unknown fields) keep reading new image bundles
             del d["backbone"]["modality"]

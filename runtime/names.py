@@ -2,7 +2,7 @@
 
 Pure data that imports nothing, so the command line can offer the choices without loading numpy. The
 precisions are :data:`edgexfer.runtime.precision.PRECISIONS`; the backends are
-:data:`edgexfer.runtime.backends.registry.BACKENDS`.
+:data:`edgexfer.runtime.backends.registry.BACKENDS`; the modalities :mod:`edgexfer.runtime.modalities`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,6 @@ HEAD_KINDS: dict[str, tuple[str, ...]] = {
 #: classes learned on the device have few training samples, frozen from then on)
 HEAD_POLICIES: tuple[str, ...] = ("auto", "fewshot", "frozen")
 DEFAULT_HEAD_POLICY = "auto"
-
-#: what a backbone reads (manifest ``backbone.modality``): images (runtime/preprocess.py) or texts
-#: (runtime/text.py); a manifest without the field is an image bundle's
-MODALITIES: tuple[str, ...] = ("image", "text")
 
 #: how an image is fitted to the backbone's input (runtime/preprocess.py)
 RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_crop")

@@ -28,12 +28,6 @@ from edgexfer.runtime.cpu import BF16_FLAGS, CpuFeatures, cpu_features
 from edgexfer.runtime.errors import InputError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
-#: precisions each backend can run (bf16 needs a CPU with native bf16 arithmetic: OpenVINO only)
-BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "openvino": PRECISIONS,
-    "onnxruntime": ("fp32", "fp16", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
 
 
 class PrecisionError(InputError):
@@ -44,11 +38,19 @@ def check_precision(precision: str, backend: str | None = None, features: CpuFea
     """Raise a one-line :class:`PrecisionError` unless ``backend`` can run ``precision`` on this CPU."""
     if precision not in PRECISIONS:
         raise PrecisionError("precision", got=repr(precision), expected=" or ".join(PRECISIONS))
-    if backend is not None and backend in BACKEND_PRECISIONS and precision not in BACKEND_PRECISIONS[backend]:
+    if backend is None:
+        if precision == "bf16":
+            require_bf16(features)
+        return
+    # the backends' own modules know their precisions
+    from edgexfer.runtime.backends.registry import backend_spec
+
+    spec = backend_spec(backend)
+    if precision not in spec.precisions:
         raise PrecisionError(f"{precision} on {backend}", got=f"{backend} has no {precision} engines",
-                             expected=f"one of {', '.join(BACKEND_PRECISIONS[backend])}",
+                             expected=f"one of {', '.join(spec.precisions)}",
                              todo="bf16 runs on OpenVINO: pass --backend openvino, or pick another --precision")
-    if precision == "bf16" and backend in (None, "openvino"):
+    if precision == "bf16" and spec.bf16_on_cpu:
         require_bf16(features)
 
 

@@ -1,13 +1,14 @@
-"""Predictor: image or text -> preprocess -> backbone engine -> head -> label, on host and device alike.
+"""Predictor: sample -> preprocess -> backbone engine -> head -> label, on host and device alike.
 
-The bundle's modality decides how an input is read: for an image bundle a path or bytes is an image
-file; for a text bundle a path or bytes is a text file (one sample), and :meth:`Predictor.predict_texts`
-takes literal texts (``--text``, stdin lines).
+The bundle's modality (:mod:`edgexfer.runtime.modalities`) reads the inputs: a path or bytes is a file of
+that modality (an image, a text: one sample); :meth:`Predictor.predict_texts` takes literal samples where
+the modality has them (``--text``, stdin lines).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.preprocess import check_array, load_image, stack
-from edgexfer.runtime.text import TextTokenizer, check_text, decode_text
+from edgexfer.runtime.modalities import modality_of
+from edgexfer.runtime.modalities.base import Modality, Sample, source_name
+from edgexfer.runtime.text import TextTokenizer
 
 ImageInput = bytes | str | os.PathLike | np.ndarray
 
@@ -59,9 +61,9 @@ class Predictor:
     head: Head
     backend: str
     precision: str
-    batch_size: int = 16
+    #: samples per engine call; None: the modality's own (16 images, 32 texts)
+    batch_size: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
-    _tokenizer: TextTokenizer | None = field(default=None, repr=False)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -82,83 +84,54 @@ class Predictor:
 
     @property
     def modality(self) -> str:
+        """The name of the bundle's modality (for records)."""
         return self.bundle.modality
 
     @property
     def tokenizer(self) -> TextTokenizer:
         """The text bundle's tokenizer, loaded (and checked against the manifest) once."""
-        if self._tokenizer is None:
-            self._tokenizer = self.bundle.tokenizer()
-        return self._tokenizer
+        return self.bundle.tokenizer()
 
-    def _pixels(self, item: ImageInput) -> np.ndarray:
-        spec = self.bundle.preprocess
-        if isinstance(item, np.ndarray):
-            return check_array(item, spec)
-        return load_image(item, spec)
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.engine.run(pixels[s:s + self.batch_size])
-                               for s in range(0, len(pixels), self.batch_size)])
+    def features(self, pixels: Any) -> np.ndarray:
+        """Features of sample values (an image batch's pixels, or texts), in batches of the modality's size."""
+        return modality_of(self.bundle).features(self.engine, pixels, self.batch_size)
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
         """Features of normalised texts (tokenized in batches of similar length)."""
-        from edgexfer.runtime.features import text_features
-
-        return text_features(self.engine, self.tokenizer, texts)[0]
+        return self.features(texts)
 
     def predict(self, items: Sequence[ImageInput], top_k: int = 3) -> list[Prediction | SampleError]:
         """One result per input, in order. Bad inputs give a :class:`SampleError` in their place.
 
-        A path or bytes is an image file for an image bundle and a text file for a text bundle.
+        A path or bytes is a file of the bundle's modality (an image, a text); an array is an image's pixels.
         """
-        if self.modality == "text":
-            return self._predict_texts([(_source(item, i), item) for i, item in enumerate(items)], top_k, files=True)
-        results: list[Prediction | SampleError | None] = [None] * len(items)
-        good: list[int] = []
-        arrays: list[np.ndarray] = []
-        for i, item in enumerate(items):
-            try:
-                arrays.append(self._pixels(item))
-                good.append(i)
-            except EdgexferError as exc:
-                results[i] = SampleError(_source(item, i), str(exc), type(exc).__name__)
-        if good:
-            probs = self.head.probabilities(self.features(stack(arrays)))
-            classes = self.head.classes
-            k = min(top_k, len(classes))
-            for row, i in zip(probs, good):
-                if not np.isfinite(row).all():
-                    results[i] = SampleError(_source(items[i], i), "non-finite probabilities", "InputError")
-                    continue
-                order = np.argsort(-row)[:k]
-                results[i] = Prediction(_source(items[i], i), classes[order[0]], float(row[order[0]]),
-                                        [(classes[j], float(row[j])) for j in order], self.backend, self.precision)
-        return results  # type: ignore[return-value]
+        modality = modality_of(self.bundle)
+        return self._classify([(source_name(item, i), item) for i, item in enumerate(items)], modality.read, top_k)
 
     def predict_texts(self, texts: Sequence[str], top_k: int = 3,
                       sources: Sequence[str] | None = None) -> list[Prediction | SampleError]:
-        """Literal texts (a text bundle's ``--text`` and stdin lines): one result per text, in order."""
-        if self.modality != "text":
-            raise InputError("texts given to an image bundle", got=f"{len(texts)} text(s) for {self.bundle.root}",
-                             expected="image files", todo="use a text bundle, or pass image files")
+        """Literal samples (a text bundle's ``--text`` and stdin lines): one result per text, in order."""
+        modality = modality_of(self.bundle)
+        if not modality.takes_literals:
+            raise InputError(f"texts given to an {modality.name} bundle", got=f"{len(texts)} text(s) for {self.bundle.root}",
+                             expected=f"{modality.noun} files", todo=f"use a text bundle, or pass {modality.noun} files")
         sources = list(sources) if sources is not None else [f"text[{i}]" for i in range(len(texts))]
-        return self._predict_texts(list(zip(sources, texts)), top_k, files=False)
+        return self._classify(list(zip(sources, texts)), modality.literal, top_k)
 
-    def _predict_texts(self, items: list[tuple[str, Any]], top_k: int, *, files: bool) -> list[Prediction | SampleError]:
+    def _classify(self, items: list[tuple[str, Any]], read: Callable[[Any, str], Sample],
+                  top_k: int) -> list[Prediction | SampleError]:
         results: list[Prediction | SampleError | None] = [None] * len(items)
         good: list[int] = []
-        texts: list[str] = []
+        values: list[Any] = []
         for i, (source, item) in enumerate(items):
             try:
-                texts.append(_read_text(item, source) if files else check_text(item, source))
+                values.append(read(item, source).value)
                 good.append(i)
-            except OSError as exc:
-                results[i] = SampleError(source, f"cannot read file | got {exc.strerror or exc}", "InputError")
             except EdgexferError as exc:
                 results[i] = SampleError(source, str(exc), type(exc).__name__)
         if good:
-            self._label(self.head.probabilities(self.text_features(texts)), good, [s for s, _ in items], results, top_k)
+            probs, _ = classify_values(modality_of(self.bundle), self.engine, self.head, values, self.batch_size)
+            self._label(probs, good, [s for s, _ in items], results, top_k)
         return results  # type: ignore[return-value]
 
     def _label(self, probs: np.ndarray, good: list[int], sources: list[str], results: list, top_k: int) -> None:
@@ -176,22 +149,26 @@ class Predictor:
         """Class probabilities for an already preprocessed uint8 batch."""
         if pixels.ndim != 4:
             raise InputError("pixels", got=f"shape {pixels.shape}", expected="[N, H, W, 3]")
-        return self.head.probabilities(self.features(pixels))
+        # the engine's own input already (the bench times this step): no modality reads it again
+        size = self.batch_size or 16
+        features = np.concatenate([self.engine.run(pixels[s:s + size]) for s in range(0, len(pixels), size)])
+        return self.head.probabilities(features)
 
 
-def _read_text(item: Any, source: str) -> str:
-    """A text file (path) or its bytes -> the normalised sample."""
-    if isinstance(item, (str, os.PathLike)):
-        return decode_text(Path(item).read_bytes(), source)
-    if isinstance(item, (bytes, bytearray)):
-        return decode_text(bytes(item), source)
-    raise InputError(f"input {source}", got=type(item).__name__,
-                     expected="a text file path or its bytes (literal texts: predict_texts)")
+def classify_values(modality: Modality, engine: EngineRunner, head: Head, values: Any,
+                    batch_size: int | None = None,
+                    timed: Callable[[str, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The engine-plus-head step of :class:`Predictor` and of ``device serve``/``watch`` (the service's core).
 
-
-def _source(item: ImageInput, index: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    if isinstance(item, np.ndarray):
-        return f"array[{index}]"
-    return f"bytes[{index}]"
+    Features of sample values (``modality.features``: ``batch_size`` samples per engine call, None: the
+    modality's own), then the head's class probabilities. Returns (probabilities float32 ``[N, C]``,
+    features float32 ``[N, D]``). ``timed(stage, seconds)`` hears how long the "engine" and the "head" took.
+    """
+    started = time.perf_counter()
+    features = modality.features(engine, values, batch_size)
+    mid = time.perf_counter()
+    probabilities = head.probabilities(features)
+    if timed is not None:
+        timed("engine", mid - started)
+        timed("head", time.perf_counter() - mid)
+    return probabilities.astype(np.float32, copy=False), features.astype(np.float32, copy=False)

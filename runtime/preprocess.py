@@ -132,12 +132,14 @@ def decode_image(
     *,
     fill: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
 ) -> Image.Image:
     """Decode an image file (path) or its bytes into a fully loaded RGB :class:`PIL.Image.Image`.
 
     Refuses images over ``max_pixels`` after reading only the header, applies the EXIF orientation,
     composites transparency onto ``fill`` and converts every other mode to RGB. ``max_pixels`` can
     tighten Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) but never loosen it.
+    ``name`` names the image in messages (default: its path, or its size for bytes).
 
     Raises:
         InputError: the file cannot be read, is empty, is not an image, is truncated or corrupt, is
@@ -147,7 +149,8 @@ def decode_image(
     fill = _int_tuple(fill, 3, "fill", low=0, high=255)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InputError("decode_image max_pixels", got=repr(max_pixels), expected="a positive int")
-    data, name = _read_source(source)
+    data, read_name = read_source(source)
+    name = name or read_name
     if not data:
         raise InputError(f"cannot decode image {name}", got="an empty file (0 bytes)", expected=_EXPECTED_FILE,
                          todo="replace or remove the file")
@@ -311,7 +314,7 @@ def _int_tuple(value: object, length: int, field: str, *, low: int, high: int | 
     return tuple(int(item) for item in value)
 
 
-def _read_source(source: object) -> tuple[bytes, str]:
+def read_source(source: object) -> tuple[bytes, str]:
     """Return the bytes of ``source`` and a name for messages (the path, or a byte count)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)

@@ -40,6 +40,7 @@ from PIL import Image
 
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.preprocess import resize_to_spec
@@ -253,9 +254,9 @@ class Watch:
             core = ServiceCore(self.state, ServiceConfig(backend=self.backend, precision=self.precision,
                                                          review_threshold=self.review_threshold, top_k=self.top_k))
             model = core.open()
-            if model.modality != "image":
+            if not modality_of(model.bundle).streams:
                 raise InputError("device watch classifies video frames", got=f"the active bundle {model.name} reads "
-                                 f"{model.modality}", expected="an image bundle",
+                                 f"{modality_of(model.bundle).plural}", expected="an image bundle",
                                  todo="serve texts with device serve (input 'text'), or install an image bundle")
             log.info("watching %s with %s head %s (%s)", summary.source, model.name, model.head_version, model.backend)
             period_ms = 1000.0 / self.fps if self.fps > 0 else 0.0

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
+from edgexfer.runtime.backends.spec import BackendSpec
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
 
@@ -60,3 +61,22 @@ class OnnxRuntimeBackend(EngineRunner):
 
     def run_feed_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self._output], feed)[0]
+
+
+class OnnxRuntimeSpec(BackendSpec):
+    """ONNX Runtime: the bundle's own ``backbone.onnx`` is its fp32 engine; int8/fp16 come from ``convert``."""
+
+    name = "onnxruntime"
+    runner = "edgexfer.runtime.backends.onnxruntime:OnnxRuntimeBackend"
+    requires = ("onnxruntime",)
+    precisions = ("fp32", "fp16", "int8")
+    auto_rank = 2  # the fallback every install has
+    tools = ("onnxruntime", "onnx")
+    converter = "edgexfer.converters.to_onnxruntime:convert_onnxruntime"
+
+    def bundle_model(self, bundle, precision: str) -> Path | None:
+        model = self.recorded_model(bundle, precision)
+        if model is None and precision == "fp32" and bundle.backbone_path.name in bundle.manifest.files:
+            # no offline-optimised engine recorded: the bundle's own backbone is the fp32 ORT model
+            return bundle.backbone_path
+        return model

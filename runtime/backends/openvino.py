@@ -12,13 +12,21 @@ imported on later loads instead of compiled again.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
+from edgexfer.runtime.backends.spec import BackendSpec, Located, source_sha
+from edgexfer.runtime.engine_store import EngineKey, openvino_key
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
-from edgexfer.runtime.precision import check_openvino_ran, openvino_config, openvino_inference_precision
+from edgexfer.runtime.precision import (
+    PRECISIONS,
+    check_openvino_ran,
+    openvino_config,
+    openvino_inference_precision,
+)
 
 
 class OpenVinoBackend(EngineRunner):
@@ -124,3 +132,50 @@ def _scheduling(compiled) -> dict[str, object]:
             continue
         out[key] = value if isinstance(value, int) else str(getattr(value, "name", value))
     return out
+
+
+class OpenVinoSpec(BackendSpec):
+    """OpenVINO: an IR ``convert`` wrote, compiled once per device into ``state/engines/<key>/`` (its model cache)."""
+
+    name = "openvino"
+    runner = "edgexfer.runtime.backends.openvino:OpenVinoBackend"
+    requires = ("openvino",)
+    precisions = PRECISIONS
+    bf16_on_cpu = True  # the CPU plugin computes bf16 with avx512_bf16 / amx_bf16
+    auto_rank = 1
+    model_suffixes = (".xml",)
+    tools = ("openvino", "nncf", "onnx")
+    converter = "edgexfer.converters.to_openvino:convert_openvino"
+
+    def engine_key(self, device, bundle, precision: str) -> EngineKey | None:
+        model = self.recorded_model(bundle, precision)
+        if model is None:
+            return None
+        return openvino_key(precision, bundle.manifest.backbone.sha256, source_sha(bundle, model))
+
+    def installed_version(self) -> str | None:
+        key = openvino_key("fp32", "")
+        return key.engine_version if key is not None else None
+
+    def prepare(self, device, bundle, precision: str) -> tuple[EngineKey | None, dict[str, Any]]:
+        key = self.engine_key(device, bundle, precision)
+        if key is None:
+            return None, {"built": False}
+        model = self.recorded_model(bundle, precision)
+
+        def compile_into(out: Path) -> dict[str, Any]:
+            from edgexfer.runtime.backends.registry import open_backend
+
+            with open_backend(self.name, model, precision=precision, cache_dir=out) as runner:
+                return {"compile_seconds": round(runner.stats.load_seconds, 3)}
+
+        _, done = device.engines.build(key, compile_into)
+        return key, done
+
+    def locate(self, device, bundle, precision: str) -> Located:
+        model, options, source = super().locate(device, bundle, precision)
+        key = self.engine_key(device, bundle, precision)
+        entry = device.engines.lookup(key) if key is not None else None
+        if entry is not None:
+            return model, {"cache_dir": entry}, f"{source} compiled in engines/{key.key}"
+        return model, options, source

@@ -13,10 +13,13 @@ from __future__ import annotations
 import ctypes
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
+from edgexfer.runtime.backends.spec import BackendSpec, Located, source_sha
+from edgexfer.runtime.engine_store import EngineKey, tensorrt_key, tensorrt_profile_id
 from edgexfer.runtime.errors import BundleError, MissingDependencyError
 from edgexfer.runtime.optional import require
 
@@ -131,3 +134,76 @@ class TensorRtBackend(EngineRunner):
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+class TensorRtSpec(BackendSpec):
+    """TensorRT: a plan is valid for one TensorRT version and GPU, so a device builds its own from the
+    bundle's TensorRT kit (``engines/tensorrt/<precision>/``, written by ``convert --to tensorrt``) into
+    ``state/engines/<key>/``, keyed by TensorRT version, GPU and SM, precision, backbone and input profile."""
+
+    name = "tensorrt"
+    runner = "edgexfer.runtime.backends.tensorrt:TensorRtBackend"
+    requires = ("tensorrt",)
+    precisions = ("fp32", "fp16", "int8")
+    auto_rank = 0  # the GPU engine first where there is one
+    model_suffixes = (".plan", ".engine")
+    tools = ("tensorrt", "onnxruntime", "onnx")
+    converter = "edgexfer.converters.to_tensorrt:convert_tensorrt"
+    device_builder = "edgexfer.converters.to_tensorrt:build_device_engine"
+
+    @staticmethod
+    def kit(bundle, precision: str) -> Path | None:
+        """The ONNX model of the bundle's TensorRT device build kit for ``precision``, if it has one."""
+        for name in ("backbone.qdq.onnx", "backbone.onnx"):
+            rel = f"engines/tensorrt/{precision}/{name}"
+            if rel in bundle.manifest.files:
+                return bundle.root / rel
+        return None
+
+    def engine_key(self, device, bundle, precision: str) -> EngineKey | None:
+        return tensorrt_key(precision, bundle.manifest.backbone.sha256, source_sha(bundle, self.kit(bundle, precision)),
+                            tensorrt_profile_id(bundle.manifest.backbone))
+
+    def installed_version(self) -> str | None:
+        key = tensorrt_key("fp32", "")
+        return key.engine_version if key is not None else None
+
+    def has_engine(self, device, bundle, precision: str) -> bool:
+        key = self.engine_key(device, bundle, precision)
+        if key is None:  # TensorRT without a CUDA GPU
+            return False
+        return (device.engines.lookup(key) is not None or self.kit(bundle, precision) is not None
+                or self.recorded_model(bundle, precision) is not None)
+
+    def _device_key(self, device, bundle, precision: str) -> EngineKey:
+        key = self.engine_key(device, bundle, precision)
+        if key is None:
+            require("tensorrt", "the tensorrt backend")  # names the extra when TensorRT is missing
+            raise MissingDependencyError("the tensorrt backend needs a CUDA GPU", got="no GPU found through libcuda",
+                                         expected="an NVIDIA GPU with its driver (JetPack on Jetson)",
+                                         todo="pick --backend openvino or onnxruntime on this device")
+        return key
+
+    def prepare(self, device, bundle, precision: str) -> tuple[EngineKey | None, dict[str, Any]]:
+        key = self._device_key(device, bundle, precision)
+        if device.engines.lookup(key) is not None or self.kit(bundle, precision) is None:
+            return key, {"built": False}
+        builder = device.engine_builders.get(self.name)
+        if builder is None:
+            raise BundleError("no TensorRT engine builder given", got="Device(engine_builders=None)",
+                              expected="the converters' builder", todo="use `edgexfer device install`, which passes it")
+        _, done = device.engines.build(key, lambda out: builder(bundle, precision, out))
+        return key, done
+
+    def locate(self, device, bundle, precision: str) -> Located:
+        key = self._device_key(device, bundle, precision)
+        entry = device.engines.lookup(key)
+        if entry is not None and (entry / "backbone.plan").is_file():
+            return entry / "backbone.plan", {}, f"engines/{key.key}"
+        model = self.recorded_model(bundle, precision)
+        if model is not None:  # built by `edgexfer convert` on this device
+            return model, {}, f"bundle:{model.relative_to(bundle.root)}"
+        raise BundleError("no TensorRT engine built on this device", got=f"no {device.engines.path(key.key)}",
+                          expected=f"a {precision} plan for {key.device}, TensorRT {key.engine_version}",
+                          todo=f"run `edgexfer device install {bundle.root} --state {device.state.root} "
+                               f"--backend tensorrt --precision {precision}` (it builds the engine)")

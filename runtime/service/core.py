@@ -2,8 +2,8 @@
 
 Threads, and what each owns:
 
-* the **engine thread** (one): the :class:`~edgexfer.runtime.device.Device`, its engine, and the
-  active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
+* the **engine thread** (one): the server's one :class:`~edgexfer.runtime.device.Device`'s engine,
+  and the active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
   callers. Before each batch it stats ``active.json`` (one ``stat``); when another process (``device
   retrain``, ``update``, ``rollback``) replaced it, the new head (or bundle) is loaded before the batch
   runs. A batch runs with one head, and every result names that head's version. If the new state
@@ -18,9 +18,9 @@ Threads, and what each owns:
 
 Decoding (Pillow) runs in the web framework's worker threads, in parallel, before a request joins the queue.
 
-The bundle's modality decides what a sample is: uint8 pixels ``[H, W, 3]`` for an image bundle, a
-``str`` for a text bundle (UTF-8 checked and normalised by :func:`edgexfer.runtime.text.decode_text`;
-tokenized in the engine thread, a batch padded to its longest text).
+The bundle's modality (:mod:`edgexfer.runtime.modalities`) decides what a sample is: it decodes the bytes
+a request sent (an image to its resized uint8 pixels ``[H, W, 3]``, UTF-8 to a normalised text) and
+feeds a batch to the engine (texts are tokenized in the engine thread, a batch padded to its longest text).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -42,25 +42,25 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.device import Device, LearnReport
 from edgexfer.runtime.errors import EdgexferError, InputError
-from edgexfer.runtime.features import text_features
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS, check_array, decode_image, resize_to_spec
+from edgexfer.runtime.modalities import modality_of
+from edgexfer.runtime.modalities.base import Modality
+from edgexfer.runtime.predictor import classify_values
+from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS
 from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
 from edgexfer.runtime.service.metrics import ServiceMetrics
-from edgexfer.runtime.text import decode_text
+
+if TYPE_CHECKING:
+    from edgexfer.runtime.retrain import RetrainReport
+    from edgexfer.runtime.state import ActiveState
 
 log = logging.getLogger("edgexfer.serve")
 T = TypeVar("T")
 
-#: samples one engine call takes at most (as Predictor); bigger batches run in chunks
-ENGINE_CHUNK = 16
 
-
-def _concat(parts: Sequence[Any]) -> Any:
-    """Requests' samples as one batch, in order: arrays stacked, texts listed."""
-    if isinstance(parts[0], list):
-        return [text for part in parts for text in part]
-    return np.concatenate(parts)
+def _concat(parts: Sequence[Sequence[Any]]) -> list[Any]:
+    """Requests' sample values as one batch, in order (a pixels tensor gives its rows)."""
+    return [value for part in parts for value in part]
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,12 @@ class ActiveModel:
     head_version: int
     backend: str  #: the engine's backend name
     execution: dict[str, Any]  #: what the engine computes in (edgexfer.runtime.precision.execution_record)
-    tokenizer: Any = None  #: a text bundle's TextTokenizer (None for images)
+    #: the bundle's modality: decodes, feeds and describes its samples
+    input_modality: Modality
 
     @property
     def modality(self) -> str:
+        """The modality's name, for records."""
         return self.bundle.modality
 
     @property
@@ -139,7 +141,8 @@ class Classified:
 
 @dataclass
 class _Pending:
-    samples: Any  #: pixels [N, H, W, 3] or a list of N texts
+    samples: Sequence[Any]  #: N sample values (pixels [H, W, 3], texts, ...), or an [N, ...] tensor of them
+    modality: Modality  #: the one that decoded them
     future: asyncio.Future
     want_features: bool
 
@@ -209,12 +212,11 @@ class ServiceCore:
                 engine = self.device.engine(bundle)  # reopened only if the bundle changed
                 if model is not None:
                     log.info("active head %s -> %s", model.head_version, active.head)
-                tokenizer = None
-                if bundle.modality == "text":  # read and checked once per bundle
-                    same = model is not None and model.backbone == active.bundle
-                    tokenizer = model.tokenizer if same else bundle.tokenizer()
+                # the same backbone and input: its modality goes on (a tokenizer is read and checked once)
+                same = model is not None and model.bundle.manifest.backbone == bundle.manifest.backbone
+                modality = model.input_modality if same else modality_of(bundle)
                 self._model = ActiveModel(bundle, active.bundle, head, active.head, engine.name,
-                                          dict(engine.execution), tokenizer)
+                                          dict(engine.execution), modality)
                 self.metrics.set_model(self._model, engine.name, self.config.precision, engine.execution)
             self._signature = signature
         except EdgexferError as exc:
@@ -230,50 +232,32 @@ class ServiceCore:
         return await self.in_engine_thread(self._current)
 
     # ---------------------------------------------------------------------------- decoding (any thread)
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded image -> the bundle's uint8 pixels; :class:`InputError` for a bad or oversized image."""
-        spec = self.model.bundle.preprocess
-        started = time.perf_counter()
-        pixels = resize_to_spec(decode_image(data, fill=spec.fill, max_pixels=self.config.max_pixels), spec)
-        self.metrics.stage("decode", time.perf_counter() - started)
-        return pixels
+    def decode(self, data: bytes, source: str, modality: Modality) -> Any:
+        """Bytes sent for one sample -> its value (:meth:`Modality.decode`; images bounded by ``max_pixels``).
 
-    def decode_text(self, data: bytes, source: str = "text") -> str:
-        """UTF-8 bytes -> one normalised text; :class:`InputError` for bytes that are not UTF-8 or hold no text."""
+        ``modality``: the active one when the request arrived. Raises :class:`InputError` for a bad,
+        oversized or undecodable sample.
+        """
         started = time.perf_counter()
-        text = decode_text(data, source)
+        value = modality.decode(data, source, max_pixels=self.config.max_pixels)
         self.metrics.stage("decode", time.perf_counter() - started)
-        return text
-
-    def check_pixels(self, arr: np.ndarray) -> np.ndarray:
-        spec = self.model.bundle.preprocess
-        if arr.ndim != 4 or arr.shape[1:] != (spec.height, spec.width, 3):
-            raise InputError("pixels shape", got=list(arr.shape), expected=f"[N, {spec.height}, {spec.width}, 3]",
-                             todo="resize to the model's input (GET /v2/models/NAME), or send encoded images as 'image'")
-        return np.stack([check_array(a, spec) for a in arr]) if len(arr) else arr
+        return value
 
     # ---------------------------------------------------------------------------- classification
-    def _run(self, batch: Any) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
+    def _run(self, batch: Sequence[Any], modality: Modality | None = None
+             ) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
         """One engine call (in chunks) and the head, with the head of this moment. Engine thread only."""
         model = self._current()
         engine = self.device.engine(model.bundle)
-        if isinstance(batch, list) != (model.modality == "text"):
+        if modality is not None and type(modality) is not type(model.input_modality):
             # the bundle changed modality between decoding and this batch (another bundle installed)
-            raise InputError("samples of another modality", got="texts" if isinstance(batch, list) else "images",
-                             expected=f"{model.modality}s for the active bundle {model.name}",
+            raise InputError("samples of another modality", got=modality.plural,
+                             expected=f"{model.input_modality.plural} for the active bundle {model.name}",
                              todo="send the request again")
-        started = time.perf_counter()
-        if model.modality == "text":
-            features, _ = text_features(engine, model.tokenizer, batch, batch_size=ENGINE_CHUNK)
-        else:
-            features = np.concatenate([engine.run(batch[s:s + ENGINE_CHUNK])
-                                       for s in range(0, len(batch), ENGINE_CHUNK)])
-        mid = time.perf_counter()
-        probabilities = model.head.probabilities(features).astype(np.float32)
-        self.metrics.stage("engine", mid - started)
-        self.metrics.stage("head", time.perf_counter() - mid)
+        probabilities, features = classify_values(model.input_modality, engine, model.head, batch,
+                                                  timed=self.metrics.stage)
         self.metrics.batch(len(batch))
-        return probabilities, features.astype(np.float32), model, engine
+        return probabilities, features, model, engine
 
     def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any) -> Classified:
         return Classified(probs, feats, model.classes, model.head_version, engine.name, self.config.precision,
@@ -295,14 +279,15 @@ class ServiceCore:
         finally:
             self._incoming -= 1
 
-    async def classify(self, samples: Any, want_features: bool = False) -> Classified:
-        """Classify ``samples`` (pixels [N, H, W, 3], or a list of texts) through the dynamic batcher."""
+    async def classify(self, samples: Sequence[Any], modality: Modality, want_features: bool = False) -> Classified:
+        """Classify sample values that ``modality`` decoded (a list, or an [N, ...] tensor of them) through
+        the dynamic batcher."""
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._batcher = loop.create_task(self._batch_loop())
         future: asyncio.Future = loop.create_future()
-        await self._queue.put(_Pending(samples, future, want_features))
+        await self._queue.put(_Pending(samples, modality, future, want_features))
         return await future
 
     async def _batch_loop(self) -> None:
@@ -324,7 +309,7 @@ class ServiceCore:
                         nxt = await asyncio.wait_for(queue.get(), left)
                     except asyncio.TimeoutError:
                         break
-                if count + len(nxt.samples) > self.config.max_batch or type(nxt.samples) is not type(first.samples):
+                if count + len(nxt.samples) > self.config.max_batch or nxt.modality is not first.modality:
                     # it waits for the next batch, at its head
                     await self._run_batch(loop, items)
                     items, count, first = [nxt], len(nxt.samples), nxt
@@ -340,7 +325,7 @@ class ServiceCore:
             return
         try:
             probs, feats, model, engine = await loop.run_in_executor(
-                self._engine_thread, self._run, _concat([it.samples for it in live]))
+                self._engine_thread, self._run, _concat([it.samples for it in live]), live[0].modality)
         except Exception as exc:  # every waiting request gets the error; the loop goes on
             for it in live:
                 if not it.future.done():
@@ -360,6 +345,20 @@ class ServiceCore:
 
     async def learn(self, items: Sequence[bytes], label: str, source: str) -> LearnReport:
         return await self.in_engine_thread(lambda: self.device.learn(list(items), label, source=source))
+
+    # ---------------------------------------------------------------------------- the device's state
+    # Retrain, rollback and heads work on the state directory and the feature cache (under the state's
+    # lock where they write) and never touch the engine, so they run outside the engine thread and
+    # batches go on meanwhile; the engine thread sees the new head at its next batch (``_current``).
+    def retrain(self, **options: Any) -> RetrainReport:
+        """``device retrain`` in the calling thread (the server's background retrain job)."""
+        return self.device.retrain(**options)
+
+    async def rollback(self) -> ActiveState:
+        return await asyncio.to_thread(self.device.rollback)
+
+    async def heads(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.device.heads)
 
     # ---------------------------------------------------------------------------- database thread
     def _db(self, name: str) -> Any:

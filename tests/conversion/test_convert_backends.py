@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from edgexfer.runtime.backends.base import EngineRunner
-from edgexfer.runtime.backends.registry import BACKENDS, backend_class, open_backend
+from edgexfer.runtime.backends.registry import BACKENDS, backend_class, backend_spec, open_backend
 from edgexfer.runtime.errors import InputError, MissingDependencyError
 from edgexfer.runtime.optional import is_installed
-from edgexfer.runtime.precision import BACKEND_PRECISIONS
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
@@ -20,7 +19,7 @@ def test_backend_module_imports_without_its_engine(name):
 def test_every_backend_takes_a_thread_count_or_refuses_it_in_one_line(name, tmp_path):
     """``threads`` sizes the CPU thread pool of an engine that has one; one without (TensorRT, on the GPU)
     refuses a count instead of ignoring it. Both checks come before any engine is loaded."""
-    precision = BACKEND_PRECISIONS[name][0]
+    precision = backend_spec(name).precisions[0]
     bad = 2 if not backend_class(name).takes_threads else 0
     with pytest.raises(InputError, match="threads"):
         open_backend(name, tmp_path / "model", precision=precision, threads=bad)
@@ -30,7 +29,7 @@ def test_every_backend_takes_a_thread_count_or_refuses_it_in_one_line(name, tmp_
 def test_backend_contract_on_converted_engines(name, precision, converted, conversion_bundle):
     from edgexfer.runtime.bundle import Bundle
 
-    if not all(is_installed(m) for m in BACKENDS[name].requires):
+    if not all(is_installed(m) for m in backend_spec(name).requires):
         pytest.skip(f"{name} is not installed")
     converted(name, precision)
     bundle = Bundle.open(conversion_bundle)

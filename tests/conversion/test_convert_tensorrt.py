@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgexfer.converters.to_tensorrt import engine_store_key
+from edgexfer.runtime.backends.tensorrt import TensorRtSpec
 
 KEY_PARTS = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "int8",
              "backbone_sha256": "a" * 64}
@@ -155,9 +156,9 @@ def test_device_build_from_the_kit_needs_the_kit_and_tensorrt_and_auto_falls_to_
         pytest.skip("TensorRT is installed here: the gpu tests build the plan")
     converted("tensorrt", "int8")
     bundle = Bundle.open(conversion_bundle, verify=True)
-    assert bundle.tensorrt_kit("int8") == conversion_bundle / "engines/tensorrt/int8/backbone.qdq.onnx"
+    assert TensorRtSpec.kit(bundle, "int8") == conversion_bundle / "engines/tensorrt/int8/backbone.qdq.onnx"
     plain = Bundle.open(demo_bundle.bundle)  # exported, never converted for TensorRT
-    assert plain.tensorrt_kit("fp16") is None
+    assert TensorRtSpec.kit(plain, "fp16") is None
     with pytest.raises(BundleError, match="no TensorRT kit.*--to tensorrt --precision fp16"):
         build_device_engine(plain, "fp16", tmp_path)
     with pytest.raises(MissingDependencyError, match=r"edgexfer\[tensorrt\]"):

@@ -211,7 +211,8 @@ def test_retrain_refuses_an_unknown_policy(tmp_path, device_bundle):
 
 
 def test_augmented_views_train_with_their_sample_and_leave_with_it(tmp_path, device_bundle):
-    from edgexfer.runtime.device import Device, view_key
+    from edgexfer.runtime.augment import view_key
+    from edgexfer.runtime.device import Device
 
     rng = np.random.default_rng(1)
     squares = [_png(tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(4)]

@@ -1,0 +1,103 @@
+"""The device's own API for samples: predict, the review queue, and labelling.
+
+``POST /v1/predict`` (raw bytes or a multipart upload -> ``device predict --json``'s JSON);
+``GET /v1/review`` and ``/v1/review/{id}/image``; ``POST /v1/label`` (a queued entry or an upload ->
+``device learn``).
+"""
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from edgexfer.runtime.predictor import Prediction
+from edgexfer.runtime.service.core import ServiceCore
+from edgexfer.runtime.service.endpoint import (
+    is_multipart,
+    json_object,
+    read_body,
+    read_form,
+    read_upload,
+    route,
+)
+from edgexfer.runtime.service.protocol import ProtocolError
+from edgexfer.runtime.service.samples import decode_all, record
+
+
+async def predict(request: Request) -> Response:
+    core: ServiceCore = request.app.state.core
+    with core.incoming():
+        return await _predict(request, core)
+
+
+async def _predict(request: Request, core: ServiceCore) -> Response:
+    data, name = await read_upload(request)
+    modality = core.model.input_modality
+    values = await decode_all(core, modality, [data])
+    result = await core.classify(values, modality)
+    queued = await record(core, modality, result, [data], values, f"serve:{name}")
+    top = result.top(core.config.top_k)[0]
+    pred = Prediction(name, top[0][0], top[0][1], top, result.backend, result.precision)
+    return JSONResponse({"head": result.head_version, "execution": result.execution,
+                         "results": [pred.to_dict()], "review_id": queued[0]},
+                        headers={"X-Edgexfer-Head": str(result.head_version)})
+
+
+async def label(request: Request) -> Response:
+    core: ServiceCore = request.app.state.core
+    raw = await read_body(request)
+    entry_id: int | None = None
+    if is_multipart(request):
+        form = await read_form(request, raw)
+        name = form.get("label")
+        files = [v for v in form.values() if hasattr(v, "read")]
+        if not files:
+            raise ProtocolError(400, "label upload without a file", got=sorted(form.keys()),
+                                expected="a file and a 'label' field")
+        data, source = await files[0].read(), f"serve:upload:{files[0].filename or 'upload'}"[:160]
+    else:
+        doc = json_object(raw)
+        name, entry_id = doc.get("label"), doc.get("id")
+        if isinstance(entry_id, bool) or not isinstance(entry_id, int):
+            raise ProtocolError(400, "review entry id", got=repr(entry_id)[:40],
+                                expected='{"id": <integer from GET /v1/review>, "label": "<class>"}')
+        found = await core.review(lambda q: q.image(entry_id))
+        if found is None:
+            raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review",
+                                todo="the entry was labelled already or dropped (the queue is bounded)")
+        data, source = found[0], f"serve:review:{entry_id}"
+    if not isinstance(name, str):
+        raise ProtocolError(400, "label", got=repr(name)[:40], expected="a class name")
+    report = await core.learn([data], name, source)
+    if report.errors:
+        modality = core.model.input_modality
+        raise ProtocolError(400, f"cannot learn this {modality.noun}", got=report.errors[0]["error"],
+                            expected=modality.service_input().sample)
+    if entry_id is not None:
+        await core.review(lambda q: q.remove(entry_id))
+    request.app.state.counts.expire()
+    return JSONResponse({**report.to_dict(), "review_id": entry_id})
+
+
+async def review_list(request: Request) -> Response:
+    core: ServiceCore = request.app.state.core
+    entries = await core.review(lambda q: [e.to_dict() for e in q.entries()])
+    return JSONResponse({"entries": entries, "threshold": core.config.review_threshold})
+
+
+async def review_image(request: Request) -> Response:
+    core: ServiceCore = request.app.state.core
+    entry_id = request.path_params["id"]
+    found = await core.review(lambda q: q.image(entry_id))
+    if found is None:
+        raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review")
+    return Response(found[0], media_type=found[1], headers={"Cache-Control": "max-age=3600"})
+
+
+def routes() -> list[Route]:
+    return [
+        route("/v1/predict", predict, ["POST"]),
+        route("/v1/review", review_list, ["GET"]),
+        route("/v1/review/{id:int}/image", review_image, ["GET"]),
+        route("/v1/label", label, ["POST"], mutating=True),
+    ]

@@ -1,0 +1,57 @@
+"""The service's application in process (Starlette's TestClient): its routes, and one Device per server."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def test_routes_keep_their_urls_methods_and_metric_templates():
+    from edgexfer.runtime.service.app import create_app
+
+    class NoCore:  # create_app only stores the core; no route runs here
+        config = None
+
+    app = create_app(NoCore())
+    got = sorted((r.path, m) for r in app.routes for m in r.methods if m != "HEAD")
+    assert got == sorted([
+        ("/", "GET"), ("/v2", "GET"), ("/v2/health/live", "GET"), ("/v2/health/ready", "GET"),
+        ("/v2/models/{name}", "GET"), ("/v2/models/{name}/ready", "GET"),
+        ("/v2/models/{name}/versions/{version}", "GET"), ("/v2/models/{name}/versions/{version}/ready", "GET"),
+        ("/v2/models/{name}/infer", "POST"), ("/v2/models/{name}/versions/{version}/infer", "POST"),
+        ("/v1/predict", "POST"), ("/v1/status", "GET"), ("/v1/heads", "GET"), ("/v1/review", "GET"),
+        ("/v1/review/{id:int}/image", "GET"), ("/v1/label", "POST"), ("/v1/retrain", "POST"),
+        ("/v1/retrain", "GET"), ("/v1/rollback", "POST"), ("/metrics", "GET")])
+
+
+def test_the_http_layer_works_through_the_core_device_only(served_state, monkeypatch):
+    pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
+    from starlette.testclient import TestClient
+
+    from edgexfer.runtime import device as device_module
+    from edgexfer.runtime.service.app import create_app
+    from edgexfer.runtime.service.core import ServiceCore
+
+    opened = []
+    init = device_module.Device.__init__
+
+    def counted(self, *args, **kwargs):
+        opened.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(device_module.Device, "__init__", counted)
+    core = ServiceCore(served_state)
+    core.open()
+    try:
+        with TestClient(create_app(core)) as client:
+            assert client.get("/v1/heads").json()["heads"][0]["version"] == 1
+            assert client.get("/v1/status").json()["head"]["version"] == 1
+            assert client.post("/v1/retrain", json={}).status_code == 202
+            deadline = time.monotonic() + 120
+            while client.get("/v1/retrain").json()["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.get("/v1/retrain").json()["state"] in ("done", "failed")
+            assert client.post("/v1/rollback").status_code in (200, 409)  # 409: no previous head
+    finally:
+        core.close()
+    assert len(opened) == 1, f"the server opened {len(opened)} Device objects, expected the core's one"
