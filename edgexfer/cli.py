@@ -238,14 +238,14 @@ def device_install(bundle_dir, state, backend, precision, as_json):
 
     with Device(state, backend=backend, precision=precision, engine_builders=_engine_builders()) as dev:
         result = dev.install(bundle_dir)
-    from edgexfer.modalities import host_modality
+    from edgexfer.runtime.modalities import modality_named
 
     e, g = result["engine"], result["golden"]
     how = "built" if e["built"] else "reused" if e["key"] else "picked"
     emit(result, as_json,
           f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head {result['head']}\n"
           f"engine   {e['backend']}/{e['precision']} {how}: {e['source']} ({e['seconds']:.2f} s)\n"
-          f"golden   {g['images']} {host_modality(g['modality']).plural}, max feature diff {g['max_abs_feature_diff']:.2g}, "
+          f"golden   {g['images']} {modality_named(g['modality']).plural}, max feature diff {g['max_abs_feature_diff']:.2g}, "
           f"top-1 agreement {g['top1_agreement']:.3f}\n"
           f"cache    recomputed {result['recomputed_features']} feature(s)")
 

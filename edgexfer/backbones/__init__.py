@@ -14,7 +14,7 @@ from typing import Any
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.fsutil import file_sha256
-from edgexfer.runtime.names import MODALITIES
+from edgexfer.runtime.modalities import modality_names
 from edgexfer.runtime.optional import require
 
 # EfficientNet-Lite was trained on pixels scaled as (p - 127) / 128 (TensorFlow's MEAN_RGB/STDDEV_RGB);
@@ -60,9 +60,9 @@ class BackboneConfig:
     builder_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra arguments for the builder
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
+        if self.modality not in modality_names():
             raise InputError(f"modality of backbone '{self.name}'", got=repr(self.modality),
-                             expected=" or ".join(MODALITIES))
+                             expected=" or ".join(modality_names()))
         needed = tuple(f.name for f in fields(self) if f.metadata.get("needed_by") == self.modality)
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:

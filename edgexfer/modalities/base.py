@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.modalities import modality_named
 
 
 @dataclass
@@ -35,8 +36,6 @@ class HostModality:
     """One kind of input on the host. Subclasses set the class attributes and implement the methods."""
 
     name = ""  #: the runtime's modality name (backbone config and manifest ``modality``)
-    noun = ""  #: one sample in messages ("image")
-    plural = ""  #: several ("images")
     layer_noun = "block"  #: what ``--unfreeze N`` counts ("block", "layer")
     default_backbone = ""  #: what ``train`` uses when no --backbone is given
     catch_all = False  #: a data set no other modality claims is this one's
@@ -44,6 +43,16 @@ class HostModality:
     metrics_keys: tuple[str, ...] = ("selection",)
     bundle_files: tuple[str, ...] = ()  #: run files a bundle ships besides backbone.onnx and the head
     parity_extra: dict[str, Any] = {}  #: extra keys of the export's parity report
+
+    @property
+    def noun(self) -> str:
+        """One sample in messages ("image"): the runtime modality's word."""
+        return modality_named(self.name).noun
+
+    @property
+    def plural(self) -> str:
+        """Several samples in messages ("images")."""
+        return modality_named(self.name).plural
 
     # --- backbones and data -----------------------------------------------------------------------------
     def describe_backbone(self, bb: Any) -> str:

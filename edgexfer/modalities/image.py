@@ -33,7 +33,7 @@ class ImageSamples:
 
 
 class ImageModality(HostModality):
-    name, noun, plural, layer_noun = "image", "image", "images", "block"
+    name, layer_noun = "image", "block"
     default_backbone = "efficientnet_lite0"
     catch_all = True  # a folder that is no other modality's data set is read as an ImageFolder tree
 

@@ -41,7 +41,7 @@ PARTIAL_DEFAULTS = replace(PartialRecipe(), epochs=4)
 
 
 class TextModality(HostModality):
-    name, noun, plural, layer_noun = "text", "text", "texts", "layer"
+    name, layer_noun = "text", "layer"
     default_backbone = "minilm_l6"
     metrics_keys = ("selection", "recipe")
     bundle_files = ("tokenizer.json",)
