@@ -296,6 +296,8 @@ class ViewCache:
         augmentation are the cache's. ``budget_s`` stops between steps once the fit has run that long.
         ``eval_idx`` only adds per-epoch accuracy on those images to the history; nothing is selected on it.
         """
+        # Over 80 lines on purpose: one training loop (LP-FT start, optimizer, EMA, epochs, head refit) whose
+        # steps share the fit's state; split up, a dozen locals would travel between the pieces.
         import torch
         from torch import nn
 

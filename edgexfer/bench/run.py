@@ -90,6 +90,8 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     ``min_duration_s``/``min_queries``. ``compare`` is an older bench.json: ratios go into ``report['compare']``.
     The return value is the bench.json object (:meth:`Report.to_dict`).
     """
+    # Over 80 lines on purpose: the bench's steps in the order they run (check the options, plan the
+    # targets, measure each, compare, write); each step is a call, the function is the table of contents.
     backends_l = parse_list(backends, "--backend")
     precisions_l = parse_list(precisions, "--precision", PRECISIONS)
     scenarios_l = parse_list(scenarios, "--scenario", SCENARIOS)

@@ -32,6 +32,16 @@ class LabelledData:
     run_extra: dict[str, Any] = field(default_factory=dict)  #: run.json keys after val_accuracy
 
 
+@dataclass
+class EvaluationSet:
+    """A labelled data set as ``edgexfer eval`` reads it."""
+
+    root: str  #: the data set's folder or file
+    classes: Sequence[str]  #: its class names
+    items: list[tuple[str, str, Any]]  #: (source, class name, what the predictor takes) of every sample
+    skipped: list[dict[str, str]] = field(default_factory=list)  #: {"path", "reason"} left out while reading
+
+
 class HostModality:
     """One kind of input on the host. Subclasses set the class attributes and implement the methods."""
 
@@ -113,10 +123,22 @@ class HostModality:
         """The default bundle name of a run trained on ``data_root``."""
         return Path(data_root).name
 
-    def evaluate(self, predictor: Any, data_dir: Path, batch_size: int, progress: bool) -> dict[str, Any]:
-        """Labels and predictions of a data set: ``y_true``, ``y_pred``, ``data``, ``skipped``, ``ignored_classes``
-        and the modality's extra report keys."""
+    #: ``eval`` predicts this many times its --batch-size samples per call (texts: the predictor batches again)
+    eval_batch_factor = 1
+    #: how ``eval``'s error names a data set's classes ("folders named", "labels")
+    eval_class_word = "labels"
+
+    def evaluation_set(self, data_dir: Path) -> EvaluationSet:
+        """A labelled data set for ``edgexfer eval``."""
         raise NotImplementedError
+
+    def predict(self, predictor: Any, items: list[tuple[str, str, Any]]) -> list[Any]:
+        """Top-1 results of a batch of evaluation items (a Prediction, or an error result per item)."""
+        raise NotImplementedError
+
+    def evaluation_extra(self, predictor: Any, items: list[tuple[str, str, Any]]) -> dict[str, Any]:
+        """Keys the modality adds to ``eval``'s report."""
+        return {}
 
     def bench_samples(self, bundle: Any, images: Any) -> Any:
         """The samples ``edgexfer bench`` measures a bundle on (``images``: the --images option, or None)."""

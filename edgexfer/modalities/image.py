@@ -14,7 +14,15 @@ import numpy as np
 from tqdm import tqdm
 
 from edgexfer.data import decode_all, describe_skipped, scan_image_folder
-from edgexfer.modalities.base import ExportReader, HostModality, LabelledData, Tuner, run_backbone, save_state
+from edgexfer.modalities.base import (
+    EvaluationSet,
+    ExportReader,
+    HostModality,
+    LabelledData,
+    Tuner,
+    run_backbone,
+    save_state,
+)
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe
 from edgexfer.run_record import log
 from edgexfer.runtime.errors import DataError, InputError
@@ -78,29 +86,15 @@ class ImageModality(HostModality):
     def export_reader(self, run, run_dir) -> ImageReader:
         return ImageReader(run, run_dir)
 
-    def evaluate(self, predictor, data_dir, batch_size, progress) -> dict[str, Any]:
-        from edgexfer.runtime.predictor import Prediction
+    eval_class_word = "folders named"
 
+    def evaluation_set(self, data_dir) -> EvaluationSet:
         folder = scan_image_folder(data_dir)
-        classes = list(predictor.head.classes)
-        unknown = [c for c in folder.classes if c not in classes]
-        if len(unknown) == len(folder.classes):
-            raise DataError("no class of the data set is known to the bundle's head", got=", ".join(unknown),
-                            expected=f"folders named like {', '.join(classes)}", todo="evaluate on matching data")
-        y_true, y_pred, skipped = [], [], []
-        items = [(p, folder.classes[lbl]) for p, lbl in zip(folder.paths, folder.labels)
-                 if folder.classes[lbl] in classes]
-        for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch",
-                          disable=not progress, leave=False):
-            chunk = items[start:start + batch_size]
-            for (path, cls), result in zip(chunk, predictor.predict([p for p, _ in chunk], top_k=1)):
-                if isinstance(result, Prediction):
-                    y_true.append(classes.index(cls))
-                    y_pred.append(classes.index(result.label))
-                else:
-                    skipped.append({"path": str(path), "reason": result.error})
-        return {"y_true": y_true, "y_pred": y_pred, "data": str(folder.root), "skipped": skipped,
-                "ignored_classes": unknown}
+        return EvaluationSet(str(folder.root), folder.classes,
+                             [(str(p), folder.classes[lbl], p) for p, lbl in zip(folder.paths, folder.labels)])
+
+    def predict(self, predictor, items) -> list[Any]:
+        return predictor.predict([path for _, _, path in items], top_k=1)
 
     def bench_samples(self, bundle, images):
         from edgexfer.bench.samples import load_samples

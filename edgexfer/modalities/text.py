@@ -26,10 +26,18 @@ from typing import Any
 import numpy as np
 
 from edgexfer.data import describe_skipped
-from edgexfer.modalities.base import ExportReader, HostModality, LabelledData, Tuner, run_backbone, save_state
+from edgexfer.modalities.base import (
+    EvaluationSet,
+    ExportReader,
+    HostModality,
+    LabelledData,
+    Tuner,
+    run_backbone,
+    save_state,
+)
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe
 from edgexfer.run_record import log
-from edgexfer.runtime.errors import DataError, InputError
+from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.head_training import HeadTrainer
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.text import TextTokenizer
@@ -109,32 +117,18 @@ class TextModality(HostModality):
     def bundle_name(self, data_root: str) -> str:
         return Path(data_root).stem  # a CSV/JSONL data set is a file: its name without the suffix
 
-    def evaluate(self, predictor, data_dir, batch_size, progress) -> dict[str, Any]:
-        from tqdm import tqdm
+    eval_batch_factor = 8
 
-        from edgexfer.runtime.predictor import Prediction
-
+    def evaluation_set(self, data_dir) -> EvaluationSet:
         ds = read_text_dataset(data_dir)
-        classes = list(predictor.head.classes)
-        unknown = [c for c in ds.classes if c not in classes]
-        if len(unknown) == len(ds.classes):
-            raise DataError("no class of the data set is known to the bundle's head", got=", ".join(unknown),
-                            expected=f"labels like {', '.join(classes)}", todo="evaluate on matching data")
-        items = [s for s in ds.samples if ds.classes[s.label] in classes]
-        y_true, y_pred = [], []
-        skipped = [{"path": src, "reason": why} for src, why in ds.skipped]
-        for start in tqdm(range(0, len(items), batch_size * 8), desc="evaluating", unit="batch", disable=not progress,
-                          leave=False):
-            chunk = items[start:start + batch_size * 8]
-            results = predictor.predict_texts([s.text for s in chunk], top_k=1, sources=[s.source for s in chunk])
-            for sample, result in zip(chunk, results):
-                if isinstance(result, Prediction):
-                    y_true.append(classes.index(ds.classes[sample.label]))
-                    y_pred.append(classes.index(result.label))
-                else:
-                    skipped.append({"path": sample.source, "reason": result.error})
-        return {"y_true": y_true, "y_pred": y_pred, "data": str(ds.root), "skipped": skipped, "ignored_classes": unknown,
-                "truncated": sum(predictor.tokenizer.truncated([s.text for s in items]))}
+        return EvaluationSet(str(ds.root), ds.classes, [(s.source, ds.classes[s.label], s.text) for s in ds.samples],
+                             [{"path": src, "reason": why} for src, why in ds.skipped])
+
+    def predict(self, predictor, items) -> list[Any]:
+        return predictor.predict_texts([text for _, _, text in items], top_k=1, sources=[src for src, _, _ in items])
+
+    def evaluation_extra(self, predictor, items) -> dict[str, Any]:
+        return {"truncated": sum(predictor.tokenizer.truncated([text for _, _, text in items]))}
 
     def bench_samples(self, bundle, images):
         """The engine per sequence length, on the bundle's golden texts (:mod:`edgexfer.bench.text`)."""
