@@ -14,15 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edgexfer.data import decode_all, describe_skipped, scan_image_folder
-from edgexfer.modalities.base import (
-    EvaluationSet,
-    ExportReader,
-    HostModality,
-    LabelledData,
-    Tuner,
-    run_backbone,
-    save_state,
-)
+from edgexfer.modalities import base
+from edgexfer.modalities.base import EvaluationSet, ExportReader, HostModality, LabelledData, Tuner
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe
 from edgexfer.run_record import log
 from edgexfer.runtime.errors import DataError, InputError
@@ -123,7 +116,7 @@ def _write_tuned(model, bb, out: Path) -> None:
     """backbone.safetensors and backbone.onnx of a fine-tuned PixelBackbone (on the CPU)."""
     from edgexfer.onnx_export import export_backbone
 
-    save_state(model.backbone, out / "backbone.safetensors")
+    base.save_state(model.backbone, out / "backbone.safetensors")
     export_backbone(model, bb.input_size, out / "backbone.onnx")
 
 
@@ -189,7 +182,7 @@ class ImageReader(ExportReader):
         from edgexfer.pixel_model import PixelBackbone
 
         bb = self.run["backbone"]
-        model = PixelBackbone(run_backbone(self.run, self.run_dir), tuple(bb["mean"]), tuple(bb["std"])).eval()
+        model = PixelBackbone(base.run_backbone(self.run, self.run_dir), tuple(bb["mean"]), tuple(bb["std"])).eval()
         with torch.no_grad():
             return np.concatenate([model(torch.from_numpy(batch[s:s + size])).numpy()
                                    for s in range(0, len(batch), size)])

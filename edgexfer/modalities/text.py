@@ -26,15 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgexfer.data import describe_skipped
-from edgexfer.modalities.base import (
-    EvaluationSet,
-    ExportReader,
-    HostModality,
-    LabelledData,
-    Tuner,
-    run_backbone,
-    save_state,
-)
+from edgexfer.modalities import base
+from edgexfer.modalities.base import EvaluationSet, ExportReader, HostModality, LabelledData, Tuner
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe
 from edgexfer.run_record import log
 from edgexfer.runtime.errors import InputError
@@ -170,7 +163,7 @@ def _write_tuned(model, bb, out: Path) -> None:
     from edgexfer.onnx_export import export_text_backbone
 
     model.eval()
-    save_state(model, out / "backbone.safetensors")
+    base.save_state(model, out / "backbone.safetensors")
     export_text_backbone(model, out / "backbone.onnx", bb.feature_dim)
 
 
@@ -235,7 +228,7 @@ class TextReader(ExportReader):
     def torch_features(self, texts: list[str], batch: int = 32) -> np.ndarray:
         import torch
 
-        model = run_backbone(self.run, self.run_dir).eval()
+        model = base.run_backbone(self.run, self.run_dir).eval()
         rows: dict[int, np.ndarray] = {}
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with torch.no_grad():
