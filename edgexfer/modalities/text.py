@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,12 @@ from edgexfer.runtime.textdata import TextDataset, is_text_dataset, read_text_da
 #: partial fine-tuning on text: the image recipe's learning rates, loss and weight decay, 4 epochs (a fixed
 #: count; the validation split is only reported)
 PARTIAL_DEFAULTS = replace(PartialRecipe(), epochs=4)
+
+
+@dataclass
+class TextSamples:
+    dataset: TextDataset  #: the texts, their labels and sources
+    tokenizer: TextTokenizer  #: the backbone's packaged tokenizer (copied into the run)
 
 
 class TextModality(HostModality):
@@ -71,18 +77,18 @@ class TextModality(HostModality):
             root=Path(ds.root), spec=tokenizer.spec,
             preprocess={"tokenizer": "tokenizer.json", "tokenizer_sha256": tokenizer.sha256,
                         "max_length": tokenizer.max_length},
-            samples=(ds, tokenizer), summary=f"skipped {len(ds.skipped)}, truncated {truncated}",
+            samples=TextSamples(ds, tokenizer), summary=f"skipped {len(ds.skipped)}, truncated {truncated}",
             header={"modality": self.name}, metrics_extra={"truncated": truncated, "max_length": tokenizer.max_length},
             run_extra={"truncated": truncated})
 
     def run_entry(self, data: LabelledData, i: int) -> dict[str, Any]:
         # the texts travel in the run: export checks the ONNX model on them and picks golden texts and
         # exemplars (a CSV row has no file of its own to point at)
-        s = data.samples[0].samples[i]
+        s = data.samples.dataset.samples[i]
         return {"source": s.source, "sha256": s.sha256, "label": int(s.label), "text": s.text}
 
     def start_run(self, data: LabelledData, out: Path) -> None:
-        shutil.copy2(data.samples[1].path, out / "tokenizer.json")
+        shutil.copy2(data.samples.tokenizer.path, out / "tokenizer.json")
 
     def export_pretrained(self, bb, weights, path: Path) -> None:
         from edgexfer.onnx_export import export_text_backbone
@@ -92,13 +98,13 @@ class TextModality(HostModality):
     def sample_records(self, data: LabelledData) -> list[Any]:
         from edgexfer.runtime.cache import SampleRecord
 
-        ds = data.samples[0]
+        ds = data.samples.dataset
         return [SampleRecord(s.sha256, ds.classes[s.label], s.source) for s in ds.samples]
 
     def feature_args(self, data: LabelledData) -> dict[str, Any]:
         from edgexfer.runtime.features import text_batches
 
-        ds, tokenizer = data.samples
+        ds, tokenizer = data.samples.dataset, data.samples.tokenizer
         return {"desc": "extracting text features", **text_batches(tokenizer, ds.texts)}
 
     def tuner(self, cfg, bb, data, train_idx, head_kind=None) -> TextTuner:
@@ -195,7 +201,7 @@ class TextTuner(Tuner):
         self.seconds = 0.0
 
     def prepare(self) -> None:
-        ds, tokenizer = self.data.samples
+        ds, tokenizer = self.data.samples.dataset, self.data.samples.tokenizer
         self.tail = TextTail(text_model(self.bb, self.cfg.weights), self.recipe.unfreeze, tokenizer, ds.texts,
                              progress=self.cfg.progress)
         self.pretrained = self.tail.snapshot()
