@@ -27,16 +27,17 @@ def load(data: Path, cache: Path):
     import tempfile
 
     from edgexfer.backbones import get_config
-    from edgexfer.runtime.preprocess import PreprocessSpec
-    from edgexfer.train import TrainConfig, _frozen_features, load_dataset
+    from edgexfer.modalities import host_modality
+    from edgexfer.train import TrainConfig, _frozen_features
 
     bb = get_config("efficientnet_lite0")
-    spec = PreprocessSpec(size=bb.input_size)
-    folder, images, labels, shas, paths, _ = load_dataset(data, spec, progress=False)
+    modality = host_modality(bb.modality)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data_dir=data, out=Path(tmp), cache=cache, progress=False)
-        feats, _ = _frozen_features(cfg, bb, spec, folder.classes, images, shas, paths, labels)
-    return bb, spec, images, labels, list(folder.classes), feats.astype(np.float32)
+        data_set = modality.load(cfg, bb)
+        feats, _ = _frozen_features(cfg, bb, modality, data_set)
+    images, spec = data_set.samples.images, data_set.spec
+    return bb, spec, images, data_set.labels, list(data_set.classes), feats.astype(np.float32)
 
 
 def main() -> None:

@@ -126,9 +126,9 @@ def main() -> None:
 
     from edgexfer.backbones import get_config
     from edgexfer.finetune import PartialRecipe, ViewCache
+    from edgexfer.modalities.image import load_dataset
     from edgexfer.runtime.head_training import fit_linear
     from edgexfer.runtime.preprocess import PreprocessSpec
-    from edgexfer.train import load_dataset
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

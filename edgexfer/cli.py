@@ -101,7 +101,7 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""
-    unit = "text" if result.metrics.get("modality") == "text" else "image"
+    unit = result.noun
     text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{result.metrics['head']}, "
             f"{result.metrics['val_count']} {unit}s{chosen})\n"
             f"backbone ran on {result.metrics['backbone_images_run']} {unit}(s); "
@@ -239,12 +239,14 @@ def device_install(bundle_dir, state, backend, precision, as_json):
 
     with Device(state, backend=backend, precision=precision, engine_builders=_engine_builders()) as dev:
         result = dev.install(bundle_dir)
+    from edgexfer.runtime.modalities import modality_named
+
     e, g = result["engine"], result["golden"]
     how = "built" if e["built"] else "reused" if e["key"] else "picked"
     emit(result, as_json,
           f"installed bundle {result['name']} ({result['bundle'][:12]}…), active head {result['head']}\n"
           f"engine   {e['backend']}/{e['precision']} {how}: {e['source']} ({e['seconds']:.2f} s)\n"
-          f"golden   {g['images']} {'texts' if g.get('modality') == 'text' else 'images'}, max feature diff {g['max_abs_feature_diff']:.2g}, "
+          f"golden   {g['images']} {modality_named(g['modality']).plural}, max feature diff {g['max_abs_feature_diff']:.2g}, "
           f"top-1 agreement {g['top1_agreement']:.3f}\n"
           f"cache    recomputed {result['recomputed_features']} feature(s)")
 
@@ -396,15 +398,11 @@ def device_rollback(state, as_json):
 def backbones_cmd():
     """List the registered backbones."""
     from edgexfer.backbones import get_config, list_backbones
+    from edgexfer.modalities import host_modality
 
     for name in list_backbones():
         cfg = get_config(name)
-        if cfg.modality == "text":
-            click.echo(f"{name}: text, up to {cfg.max_length} tokens, {cfg.feature_dim} features, "
-                       f"{cfg.num_blocks} layers")
-        else:
-            click.echo(f"{name}: input {cfg.input_size[0]}x{cfg.input_size[1]}, {cfg.feature_dim} features, "
-                       f"{cfg.num_blocks} blocks")
+        click.echo(f"{name}: {host_modality(cfg.modality).describe_backbone(cfg)}")
 
 
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).

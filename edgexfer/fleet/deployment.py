@@ -301,28 +301,11 @@ def write_val_features(bundle: Any, data_dir: Path, path: Path) -> int:
     """
     import numpy as np
 
+    from edgexfer.modalities import host_modality
     from edgexfer.runtime.backends.registry import open_backend
 
     with open_backend("onnxruntime", bundle.backbone_path, precision="fp32") as engine:
-        if bundle.modality == "text":
-            from edgexfer.runtime.features import text_features
-            from edgexfer.runtime.textdata import read_text_dataset
-
-            data = read_text_dataset(data_dir)
-            features, _ = text_features(engine, bundle.tokenizer(), data.texts)
-            labels = np.array([data.classes[i] for i in data.labels])
-        else:
-            from edgexfer.runtime.imagefolder import scan_image_folder
-            from edgexfer.runtime.preprocess import load_image, stack
-
-            folder = scan_image_folder(data_dir)
-            spec = bundle.preprocess
-            chunks = []
-            for start in range(0, len(folder.paths), 32):
-                chunk = folder.paths[start:start + 32]
-                chunks.append(engine.run(stack([load_image(p, spec) for p in chunk])))
-            features = np.concatenate(chunks)
-            labels = np.array([folder.classes[i] for i in folder.labels])
+        features, labels = host_modality(bundle.modality).validation_features(bundle, engine, data_dir)
     np.savez(path, features=features.astype(np.float32), labels=labels)
     return len(labels)
 

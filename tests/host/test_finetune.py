@@ -18,8 +18,8 @@ def small(demo_data):
     """3 demo classes x 6 images, decoded as train does, with a 2-view cache cut for --unfreeze 2."""
     from edgexfer.backbones import get_config
     from edgexfer.finetune import PartialRecipe, ViewCache
+    from edgexfer.modalities.image import load_dataset
     from edgexfer.runtime.preprocess import PreprocessSpec
-    from edgexfer.train import load_dataset
 
     bb = get_config("efficientnet_lite0")
     spec = PreprocessSpec(size=bb.input_size)
@@ -44,14 +44,14 @@ def _pixels(small, idx):
 def test_view_cache_clean_features_equal_the_full_torch_model_and_the_onnx_export(small, tmp_path):
     import torch
 
+    from edgexfer.modalities.image import pixel_backbone
     from edgexfer.onnx_export import export_backbone
     from edgexfer.runtime.backends.registry import open_backend
-    from edgexfer.train import _pixel_backbone
 
     cache = small["cache"]
     assert cache.clean.dtype == torch.float32 and cache.augmented.dtype == torch.float16
     assert tuple(cache.augmented.shape[:2]) == (len(small["images"]), 2)
-    model = _pixel_backbone(small["bb"], None).eval()
+    model = pixel_backbone(small["bb"], None).eval()
     pixels = _pixels(small, range(len(small["images"])))
     with torch.no_grad():
         full = model(torch.from_numpy(pixels)).numpy()
