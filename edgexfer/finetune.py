@@ -286,6 +286,8 @@ class ViewCache:
         with torch.no_grad():
             return torch.cat([tail(self.clean[idx[s:s + 64]]) for s in range(0, len(idx), 64)]).numpy()
 
+    # long: one training loop (LP-FT start, optimizer, EMA, epochs, head refit) whose
+    # steps share the fit's state; split up, a dozen locals would travel between the pieces.
     def fit(self, train_idx, labels, classes: Sequence[str], recipe: PartialRecipe | None = None, *, seed: int = 0,
             budget_s: float | None = None, eval_idx=None, progress: bool = False, head_kind: str = "linear",
             device: str | None = None) -> PartialFit:
@@ -296,8 +298,6 @@ class ViewCache:
         augmentation are the cache's. ``budget_s`` stops between steps once the fit has run that long.
         ``eval_idx`` only adds per-epoch accuracy on those images to the history; nothing is selected on it.
         """
-        # Over 80 lines on purpose: one training loop (LP-FT start, optimizer, EMA, epochs, head refit) whose
-        # steps share the fit's state; split up, a dozen locals would travel between the pieces.
         import torch
         from torch import nn
 

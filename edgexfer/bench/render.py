@@ -34,10 +34,10 @@ def _ms(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
 
 
+# long: bench.md is written top to bottom in reading order, and one function keeps
+# that order visible.
 def render_markdown(report: dict[str, Any]) -> str:
     """bench.md: the headline table first (engine + head SingleStream, best Offline), then the details."""
-    # Over 80 lines on purpose: bench.md is written top to bottom in reading order, and one function keeps
-    # that order visible.
     b, s, env = report["bundle"], report["settings"], report["environment"]
     results = report["results"]
     lines = [f"# edgexfer bench: {b['name']} ({b['arch']})", "",

@@ -78,6 +78,8 @@ from edgexfer.runtime.precision import PRECISIONS
 from edgexfer.runtime.predictor import Prediction, Predictor
 
 
+# long: the bench's steps in the order they run (check the options, plan the
+# targets, measure each, compare, write); each step is a call, the function is the table of contents.
 def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", precisions: str | Sequence[str] = "all",
               scenarios: str | Sequence[str] = SCENARIOS, batches: str | Sequence[int] = DEFAULT_BATCHES,
               min_duration_s: float = DEFAULT_MIN_DURATION_S, min_queries: int = DEFAULT_MIN_QUERIES,
@@ -90,8 +92,6 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
     ``min_duration_s``/``min_queries``. ``compare`` is an older bench.json: ratios go into ``report['compare']``.
     The return value is the bench.json object (:meth:`Report.to_dict`).
     """
-    # Over 80 lines on purpose: the bench's steps in the order they run (check the options, plan the
-    # targets, measure each, compare, write); each step is a call, the function is the table of contents.
     backends_l = parse_list(backends, "--backend")
     precisions_l = parse_list(precisions, "--precision", PRECISIONS)
     scenarios_l = parse_list(scenarios, "--scenario", SCENARIOS)

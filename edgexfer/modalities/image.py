@@ -252,7 +252,7 @@ def _drop_duplicates(keep: list[int], shas: list[str | None], folder) -> tuple[l
 def _train_all_layers(cfg, bb, spec, classes, images, labels, train_idx, val_idx):
     """--unfreeze all: every layer trains, so there is no frozen prefix to cache (the slow path).
 
-    Over 80 lines on purpose: one training loop (model surgery, LP-FT start, epochs with early stopping,
+    long: one training loop (model surgery, LP-FT start, epochs with early stopping,
     export) whose steps share a dozen locals; split up, it would read as a chain of tuples.
     """
     import torch
