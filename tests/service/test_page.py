@@ -265,3 +265,44 @@ def test_page_token(browser, served_state, tmp_path):
         wait.until(lambda _: browser.find_element(By.ID, "token-box").is_displayed())
         assert browser.find_element(By.ID, "token").get_attribute("value") == token
         browser.execute_script("localStorage.clear()")
+
+
+@pytest.fixture(scope="module")
+def served_text_state(tmp_path_factory, device_text_bundle) -> Path:
+    from edgexfer.runtime.device import Device
+
+    state = tmp_path_factory.mktemp("page-text") / "state"
+    with Device(state) as dev:
+        dev.install(device_text_bundle)
+    return state
+
+
+def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, served_text_state):
+    """The form is the modality's (/v1/status bundle.form): a text box and .txt uploads, answers and queued
+    samples drawn as text, never as images."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+
+    def shown(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    sample = "the stars and the moon over a quiet sea tonight"
+    with running_server(served_text_state, "--review-threshold", "0.99") as server:
+        _, answer = server.json("POST", "/v1/predict", body=sample.encode(), headers={"Content-Type": "text/plain"})
+        browser.get(server.url + "/")
+        wait.until(lambda _: shown("classify-title") == "Classify a text")
+        assert browser.find_element(By.ID, "text-form").is_displayed()
+        assert browser.find_element(By.ID, "upload").get_attribute("accept") == ".txt,text/plain"
+
+        browser.find_element(By.ID, "text-input").send_keys(sample)
+        browser.find_element(By.ID, "text-submit").click()
+        wait.until(lambda _: shown("answer-label"))
+        assert shown("answer-label") == answer["results"][0]["label"]
+        assert shown("answer-text") == sample and not browser.find_element(By.ID, "answer-image").is_displayed()
+        # the queued text is drawn as its text (a <pre>), not as an <img> of /v1/review/N/image
+        wait.until(lambda _: browser.execute_script(
+            "return [...document.querySelectorAll('#review .review-item pre')].map((e) => e.textContent)")
+            .count(sample) == 1)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#review .review-item img")
