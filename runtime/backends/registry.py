@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import is_installed
 from edgexfer.runtime.precision import check_precision
 
@@ -112,4 +112,8 @@ def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32
 
 def has_recorded_engine(bundle: Bundle, name: str, precision: str) -> bool:
     """Whether the bundle alone has an engine of ``name`` at ``precision`` (one recorded, or its own backbone)."""
-    return backend_spec(name).bundle_model(bundle, precision) is not None
+    try:
+        bundle.engine_file(name, precision)  # the backend's spec looks (Bundle.engine_file asks it)
+        return True
+    except BundleError:
+        return False
