@@ -2,7 +2,7 @@
 
 bf16 keeps the fp32 IR and computes in bf16 (``INFERENCE_PRECISION_HINT``), on CPUs with
 avx512_bf16 or amx_bf16 only. Every compile here, the search's included, uses the config of
-:func:`edgexfer.runtime.precision.openvino_config`, as ``device install`` and ``predict`` do.
+:func:`edgexfer.runtime.backends.openvino.openvino_config`, as ``device install`` and ``predict`` do.
 
 int8 is accuracy-aware. First NNCF's post-training quantization with the options that suit this
 backbone (symmetric ``performance`` preset, full bias correction, and the overflow fix unless every
@@ -28,13 +28,13 @@ import numpy as np
 from edgexfer.converters.calibration import CalibrationSplit, single_feeds
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.validate import feature_figures, reference_features, run_batched
+from edgexfer.runtime.backends.openvino import openvino_config
 from edgexfer.runtime.backends.registry import open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance, meets
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import ValidationError
 from edgexfer.runtime.optional import require
-from edgexfer.runtime.precision import openvino_config
 from edgexfer.runtime.text import TokenBatch
 
 #: cosine margin the search aims for on calibration images, so held-out images still meet the tolerance

@@ -1,9 +1,10 @@
 """Precisions, and how each engine is told to compute in the precision its name promises.
 
-An engine's name says what it computes in; nothing is left to an engine's default. On CPUs with
-AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise, and on arm64 CPUs
-with fp16 arithmetic (a Jetson's) in f16 (the demo bundle on an emulated Cortex-A76: max feature
-difference 0.09 instead of 5e-6), so every OpenVINO compile goes through :func:`openvino_config`:
+An engine's name says what it computes in; nothing is left to an engine's default. Each backend's own
+module tells its engine (OpenVINO: :func:`edgexfer.runtime.backends.openvino.openvino_config`, since on CPUs
+with AVX512-BF16 or AMX its CPU plugin computes in bf16 unless told otherwise, and on arm64 CPUs with fp16
+arithmetic (a Jetson's) in f16: the demo bundle on an emulated Cortex-A76 gave a max feature difference of
+0.09 instead of 5e-6):
 
 ======== =============================== =====================================================
 name     weights                          arithmetic (CPU)
@@ -17,7 +18,7 @@ int8     int8 (quantized layers)          int8 in quantized layers, float32 in t
 ======== =============================== =====================================================
 
 Conversion validation, NNCF's calibration and search, ``device install`` and ``predict`` all compile
-with this one config, and every result records ``execution`` (:func:`execution_record`): the precision
+with the backend's one config, and every result records ``execution`` (:func:`execution_record`): the precision
 asked for, what the engine reports it computed in, and the CPU's ISA signature.
 """
 from __future__ import annotations
@@ -62,35 +63,6 @@ def require_bf16(features: CpuFeatures | None = None) -> None:
         raise PrecisionError("bf16 execution", got=f"CPU {cpu.model!r} ({cpu.machine}: {have})",
                              expected=f"a CPU with {' or '.join(BF16_FLAGS)}",
                              todo="use fp32, fp16 or int8 on this CPU")
-
-
-def openvino_config(precision: str, device: str = "CPU", features: CpuFeatures | None = None) -> dict[str, Any]:
-    """The compile properties that make OpenVINO compute in ``precision`` on ``device``."""
-    if not device.startswith("CPU") and precision == "bf16":
-        raise PrecisionError("bf16 on OpenVINO", got=f"device {device}", expected="device CPU",
-                             todo="use fp16 on OpenVINO GPU/NPU devices")
-    check_precision(precision, "openvino", features)
-    if device.startswith("CPU"):
-        # fp16 and int8 float parts stay f32 on CPUs: bf16 only when asked for by name
-        return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    # GPUs: fp32 stays f32; fp16 and the float parts of int8 compute in f16 (the GPU plugin's native type)
-    return {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "f16"}
-
-
-def openvino_inference_precision(compiled) -> str:
-    """What a compiled OpenVINO model computes its float parts in (``f32``, ``bf16``, ``f16``)."""
-    value = compiled.get_property("INFERENCE_PRECISION_HINT")
-    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
-    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(text, text)
-
-
-def check_openvino_ran(precision: str, device: str, ran: str) -> None:
-    """The compiled model must compute in what was asked for (a plugin may silently ignore a hint)."""
-    want = openvino_config(precision, device)["INFERENCE_PRECISION_HINT"]
-    if ran != want:
-        raise PrecisionError(f"OpenVINO {precision} engine on {device}", got=f"computes in {ran}",
-                             expected=f"computes in {want}",
-                             todo="report this: the OpenVINO plugin ignored INFERENCE_PRECISION_HINT")
 
 
 def execution_record(precision: str, inference_precision: str, features: CpuFeatures | None = None) -> dict[str, Any]:

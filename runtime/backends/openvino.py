@@ -18,15 +18,41 @@ import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.backends.spec import BackendSpec, Located, source_sha
+from edgexfer.runtime.cpu import CpuFeatures
 from edgexfer.runtime.engine_store import EngineKey, openvino_key
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
-from edgexfer.runtime.precision import (
-    PRECISIONS,
-    check_openvino_ran,
-    openvino_config,
-    openvino_inference_precision,
-)
+from edgexfer.runtime.precision import PRECISIONS, PrecisionError, check_precision
+
+
+def openvino_config(precision: str, device: str = "CPU", features: CpuFeatures | None = None) -> dict[str, Any]:
+    """The compile properties that make OpenVINO compute in ``precision`` on ``device``."""
+    if not device.startswith("CPU") and precision == "bf16":
+        raise PrecisionError("bf16 on OpenVINO", got=f"device {device}", expected="device CPU",
+                             todo="use fp16 on OpenVINO GPU/NPU devices")
+    check_precision(precision, OpenVinoSpec.name, features)
+    if device.startswith("CPU"):
+        # fp16 and int8 float parts stay f32 on CPUs: bf16 only when asked for by name
+        return {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    # GPUs: fp32 stays f32; fp16 and the float parts of int8 compute in f16 (the GPU plugin's native type)
+    return {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "f16"}
+
+
+def openvino_inference_precision(compiled) -> str:
+    """What a compiled OpenVINO model computes its float parts in (``f32``, ``bf16``, ``f16``)."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(text, text)
+
+
+def check_openvino_ran(precision: str, device: str, ran: str) -> None:
+    """The compiled model must compute in what was asked for (a plugin may silently ignore a hint)."""
+    want = openvino_config(precision, device)["INFERENCE_PRECISION_HINT"]
+    if ran != want:
+        raise PrecisionError(f"OpenVINO {precision} engine on {device}", got=f"computes in {ran}",
+                             expected=f"computes in {want}",
+                             todo="report this: the OpenVINO plugin ignored INFERENCE_PRECISION_HINT")
+
 
 
 class OpenVinoBackend(EngineRunner):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgexfer.runtime.backends.openvino import openvino_config
 from edgexfer.runtime.compare import Output, Tolerance, compare, meets, tolerance_for
 from edgexfer.runtime.cpu import _onednn_hidden, parse_cpuinfo
 from edgexfer.runtime.errors import ValidationError
-from edgexfer.runtime.precision import PrecisionError, check_precision, openvino_config, require_bf16
+from edgexfer.runtime.precision import PrecisionError, check_precision, require_bf16
 
 AVX2_ONLY = "model name\t: Intel(R) Core(TM) i7-8700\nflags\t\t: fpu sse4_2 avx avx2 fma f16c\n"
 ZEN4 = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16\n"
