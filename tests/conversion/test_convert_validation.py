@@ -25,7 +25,7 @@ def broken_normalisation(monkeypatch):
     from edgexfer.converters.engine_build import EngineBuild
     from edgexfer.runtime.backends.registry import open_backend
 
-    def convert_openvino(bundle, out_dir, precision, split, tolerance, *, progress=True, int8_target="any"):
+    def convert_openvino(bundle, out_dir, precision, split, tolerance, workdir=None, *, progress=True, int8_target="any"):
         model = onnx.load(str(bundle.backbone_path))
         weights = {i.name: i for i in model.graph.initializer}
         mul = next(n for n in model.graph.node if n.op_type == "Mul")  # x * 1/(255 std)
