@@ -71,6 +71,9 @@ def _read_samples(modality: Modality, items: Sequence[ImageInput], literal: Sequ
         except EdgexferError as exc:
             errors.append({"source": name, "error": str(exc)})
             continue
+        except OSError as exc:  # a plug-in modality that let an unreadable file through
+            errors.append({"source": name, "error": f"cannot read file {name} | got {exc.strerror or exc}"})
+            continue
         samples.setdefault(sample.sha256, sample)
     return samples, errors
 

@@ -129,6 +129,8 @@ class Predictor:
                 good.append(i)
             except EdgexferError as exc:
                 results[i] = SampleError(source, str(exc), type(exc).__name__)
+            except OSError as exc:  # a plug-in modality that let an unreadable file through
+                results[i] = SampleError(source, f"cannot read file {source} | got {exc.strerror or exc}", "InputError")
         if good:
             probs, _ = classify_values(modality_of(self.bundle), self.engine, self.head, values, self.batch_size)
             self._label(probs, good, [s for s, _ in items], results, top_k)

@@ -119,7 +119,8 @@ class Modality:
     def read(self, item: Any, source: str) -> Sample:  # pragma: no cover - abstract
         """A file path or its bytes (or what else the modality takes) -> a checked :class:`Sample`.
 
-        Raises :class:`InputError` (one line) for a bad sample and ``OSError`` for an unreadable file.
+        Raises :class:`InputError` (one line) for a bad or unreadable sample (callers also report an
+        ``OSError`` that gets through as that sample's error, never as a crash).
         """
         raise NotImplementedError
 

@@ -96,14 +96,16 @@ def test_a_toy_modality_and_backend_from_the_tests_folder_run_install_predict_le
         assert installed["golden"]["modality"] == "vector" and installed["golden"]["images"] == 8
         assert installed["golden"]["top1_agreement"] == 1.0
 
-        results = dev.predict([*known, b"\x00\x01"])
+        results = dev.predict([*known, b"\x00\x01", tmp_path / "missing.vec"])
         assert [r.label for r in results[:10]] == ["low"] * 5 + ["high"] * 5
         assert all(isinstance(r, Prediction) and r.backend == "numpytanh" for r in results[:10])
         assert "expected 16 bytes" in results[10].error  # the modality's own one-line error
+        assert results[11].error.startswith("cannot read file") and "\n" not in results[11].error
         assert {r.label for r in dev.predict(unseen_third)} <= {"low", "high"}  # before: a class it does not know
 
-        report = dev.learn(_write_vecs(tmp_path / "learn", "third", 6, 13), "third")
-        assert (report.added, report.backbone_runs, report.errors) == (6, 6, [])
+        report = dev.learn([*_write_vecs(tmp_path / "learn", "third", 6, 13), tmp_path / "missing.vec"], "third")
+        assert (report.added, report.backbone_runs) == (6, 6)
+        assert [e["source"] for e in report.errors] == [str(tmp_path / "missing.vec")]
         again = dev.learn(_write_vecs(tmp_path / "learn", "third", 6, 13), "third")
         assert (again.added, again.already_known, again.backbone_runs) == (0, 6, 0)  # cached by the modality's hash
         for label, seed in (("low", 14), ("high", 15)):
