@@ -8,12 +8,22 @@ import pytest
 pytest.importorskip("starlette", reason="device serve needs the serve extra (pip install 'edgexfer[serve]')")
 
 
+def _installed(tmp_path_factory, bundle: Path, name: str) -> Path:
+    from edgexfer.runtime.device import Device
+
+    state = tmp_path_factory.mktemp(name) / "state"
+    with Device(state) as dev:
+        dev.install(bundle)
+    return state
+
+
 @pytest.fixture(scope="module")
 def served_state(tmp_path_factory, device_bundle) -> Path:
     """A device state with the test bundle installed (one per test module)."""
-    from edgexfer.runtime.device import Device
+    return _installed(tmp_path_factory, device_bundle, "serve")
 
-    state = tmp_path_factory.mktemp("serve") / "state"
-    with Device(state) as dev:
-        dev.install(device_bundle)
-    return state
+
+@pytest.fixture(scope="module")
+def text_state(tmp_path_factory, device_text_bundle) -> Path:
+    """A device state with the text test bundle installed (one per test module)."""
+    return _installed(tmp_path_factory, device_text_bundle, "serve-text")

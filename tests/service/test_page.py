@@ -267,17 +267,7 @@ def test_page_token(browser, served_state, tmp_path):
         browser.execute_script("localStorage.clear()")
 
 
-@pytest.fixture(scope="module")
-def served_text_state(tmp_path_factory, device_text_bundle) -> Path:
-    from edgexfer.runtime.device import Device
-
-    state = tmp_path_factory.mktemp("page-text") / "state"
-    with Device(state) as dev:
-        dev.install(device_text_bundle)
-    return state
-
-
-def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, served_text_state):
+def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, text_state):
     """The form is the modality's (/v1/status bundle.form): a text box and .txt uploads, answers and queued
     samples drawn as text, never as images."""
     from selenium.webdriver.common.by import By
@@ -289,7 +279,7 @@ def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, served_text_s
         return browser.find_element(By.ID, element_id).text.strip()
 
     sample = "the stars and the moon over a quiet sea tonight"
-    with running_server(served_text_state, "--review-threshold", "0.99") as server:
+    with running_server(text_state, "--review-threshold", "0.99") as server:
         _, answer = server.json("POST", "/v1/predict", body=sample.encode(), headers={"Content-Type": "text/plain"})
         browser.get(server.url + "/")
         wait.until(lambda _: shown("classify-title") == "Classify a text")

@@ -24,16 +24,6 @@ def demo_texts(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def text_state(tmp_path_factory, device_text_bundle) -> Path:
-    from edgexfer.runtime.device import Device
-
-    state = tmp_path_factory.mktemp("serve-text") / "state"
-    with Device(state) as dev:
-        dev.install(device_text_bundle)
-    return state
-
-
-@pytest.fixture(scope="module")
 def text_server(text_state):
     with running_server(text_state, "--max-queue-delay-ms", "5") as srv:
         yield srv
