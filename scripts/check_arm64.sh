@@ -285,7 +285,7 @@ install_ov_fp32() {
 import sys
 import numpy as np
 import openvino as ov
-from edgexfer.runtime.precision import openvino_inference_precision
+from edgexfer.runtime.backends.openvino import openvino_inference_precision
 bundle = sys.argv[1]
 golden = np.load(f"{bundle}/golden.npz")
 core = ov.Core()
