@@ -5,8 +5,8 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The device install: the runtime with ONNX Runtime, signed updates (tuf), the service and the camera
-# reader, no torch (plus pytest, scikit-learn, the peer some tests compare against, and tritonclient,
-# the service's test client).
+# reader, no torch (plus pytest, scikit-learn, the peer some tests compare against, and tritonclient and
+# httpx, the service's test clients).
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
 TEST_BUNDLE := build/test-bundle
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 $(DEVICE_STAMP): pyproject.toml constraints.txt
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install --quiet --upgrade pip
-	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera,text]' pytest scikit-learn 'tritonclient[http]'
+	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera,text]' pytest scikit-learn 'tritonclient[http]' httpx
 	@if $(DEVICE_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the device venv"; exit 1; fi
 	touch $(DEVICE_STAMP)
 
