@@ -57,11 +57,14 @@ def inputs_digest(inputs: EngineInputs) -> str:
     return hashlib.sha256(np.ascontiguousarray(inputs).tobytes()).hexdigest()
 
 
-def single_feeds(inputs: EngineInputs, image_input: str = "image") -> list[dict[str, np.ndarray]]:
-    """One feed (input name -> array) per row: what calibration readers hand to the model, one sample each."""
+def single_feeds(inputs: EngineInputs, input_name: str) -> list[dict[str, np.ndarray]]:
+    """One feed (input name -> array) per row: what calibration readers hand to the model, one sample each.
+
+    ``input_name`` names a single-input model's input (from the model: ``image`` for an image backbone); a
+    token batch carries its own names."""
     if isinstance(inputs, TokenBatch):
         return [inputs.rows(slice(i, i + 1)).feed() for i in range(len(inputs))]
-    return [{image_input: inputs[i:i + 1]} for i in range(len(inputs))]
+    return [{input_name: inputs[i:i + 1]} for i in range(len(inputs))]
 
 
 @dataclass(frozen=True)

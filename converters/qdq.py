@@ -237,7 +237,10 @@ class Quantizer:
             self.cache.write_bytes(_CALIBRATIONS[self.key])
 
     def _reader(self):
-        items = iter(single_feeds(self.pixels))
+        # a single-input model's feeds are named by the model itself (image, audio, ...), never assumed
+        onnx = require("onnx", "int8 quantization for ONNX Runtime")
+        first_input = onnx.load(str(self.source), load_external_data=False).graph.input[0].name
+        items = iter(single_feeds(self.pixels, first_input))
 
         class Reader(self.q.CalibrationDataReader):
             def get_next(self):

@@ -100,7 +100,8 @@ def _quantize(ov, model, bundle: Bundle, split: CalibrationSplit, tolerance: Tol
         shown.update(model_type="transformer", preset="mixed")
     advanced = AdvancedQuantizationParameters(overflow_fix=overflow)
     # one sample per item: image pixels [1, H, W, 3], or a text's {input_ids, attention_mask} [1, L]
-    samples = single_feeds(calib.pixels) if text else [calib.pixels[i:i + 1] for i in range(len(calib))]
+    samples = (single_feeds(calib.pixels, model.input(0).get_any_name()) if text
+               else [calib.pixels[i:i + 1] for i in range(len(calib))])
     dataset = nncf.Dataset(samples)
     info: dict[str, Any] = {"nncf": nncf.__version__, "cpu": cpu.to_dict(), "int8_target": int8_target,
                             "calibration_images": len(calib), "options": shown}
