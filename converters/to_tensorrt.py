@@ -27,16 +27,16 @@ from edgexfer.converters.calibration import CalibrationSplit
 from edgexfer.converters.engine_build import EngineBuild
 from edgexfer.converters.qdq import SYMMETRIC, QdqRunner, quantize_with_search
 from edgexfer.converters.trt_lint import cast_before_transpose, lint_model
-from edgexfer.runtime.backends.tensorrt import TensorRtSpec
-from edgexfer.runtime.bundle import Bundle
-from edgexfer.runtime.compare import Tolerance
-from edgexfer.runtime.engine_store import (
+from edgexfer.runtime.backends.tensorrt import (
     BATCH_PROFILE,
-    EngineKey,
+    TensorRtSpec,
     tensorrt_key,
     tensorrt_profile_id,
     tensorrt_profiles,
 )
+from edgexfer.runtime.bundle import Bundle
+from edgexfer.runtime.compare import Tolerance
+from edgexfer.runtime.engine_store import EngineKey
 from edgexfer.runtime.errors import BundleError, DataError
 from edgexfer.runtime.optional import is_installed, require
 

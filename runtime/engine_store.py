@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -33,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import BundleError
 from edgexfer.runtime.fsutil import StagedDir, make_private, private_dir
-from edgexfer.runtime.modalities import modality_named
 from edgexfer.runtime.state import crash_point
 
 KEY_FILE = "engine_key.json"
@@ -48,7 +45,7 @@ def engine_store_key(backend: str, engine_version: str, device: str, precision: 
 
     ``source_sha256`` is the file the engine is built from (a TensorRT kit model, an OpenVINO IR): a bundle
     converted again (another int8 calibration, say) keeps its backbone but needs a new engine.
-    ``profile`` names the input shapes a TensorRT plan accepts (:func:`tensorrt_profile_id`): a text bundle
+    ``profile`` names the input shapes a TensorRT plan accepts (:func:`edgexfer.runtime.backends.tensorrt.tensorrt_profile_id`): a text bundle
     whose ``max_length`` changes keeps its backbone but needs a plan with a longer sequence range.
     """
     parts = {"backend": str(backend), "engine_version": str(engine_version), "device": str(device),
@@ -125,59 +122,6 @@ class EngineKey:
         if self.profile:
             out["profile"] = self.profile
         return out
-
-
-#: TensorRT optimisation profile of the batch dimension: (min, opt, max)
-BATCH_PROFILE = (1, 8, 32)
-
-
-def tensorrt_profiles(backbone) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """Input name -> (min, opt, max) shapes of the one optimisation profile a TensorRT plan of ``backbone``
-    (a manifest's ``backbone``) is built with, as its modality says (the batch, and a text's tokens up to its
-    ``max_length``)."""
-    return modality_named(backbone.modality)(backbone).engine_shapes(BATCH_PROFILE)
-
-
-def tensorrt_profile_id(backbone) -> str:
-    """The profile as a key part: empty where the shapes follow from the backbone (images: existing keys
-    stay valid), the shapes of every input otherwise (texts)."""
-    return modality_named(backbone.modality)(backbone).profile_id(BATCH_PROFILE)
-
-
-@functools.lru_cache(maxsize=1)
-def _tensorrt_device() -> tuple[str, dict[str, str]] | None:
-    """TensorRT version and GPU of this machine, looked up once per process (loads libcuda)."""
-    version = package_version("tensorrt")
-    if version is None:
-        with contextlib.suppress(ImportError):
-            import tensorrt  # JetPack's TensorRT is a system package without pip metadata
-
-            version = tensorrt.__version__
-    gpu = cuda_device() if version else None
-    return (version, gpu) if gpu is not None else None
-
-
-def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "", profile: str = "") -> EngineKey | None:
-    """The TensorRT target of this device, or None without TensorRT or a CUDA GPU."""
-    found = _tensorrt_device()
-    if found is None:
-        return None
-    version, gpu = found
-    device = f"{gpu['name']} sm{gpu['compute_capability']}"
-    # the TensorRT backend checks "tensorrt" and "sm" of engine_key.json before it deserializes a plan
-    extra = (("tensorrt", version), ("gpu", gpu["name"]), ("sm", gpu["compute_capability"]))
-    return EngineKey("tensorrt", version, device, precision, backbone_sha256, extra, source_sha256, profile)
-
-
-def openvino_key(precision: str, backbone_sha256: str, source_sha256: str = "", device: str = "CPU") -> EngineKey | None:
-    version = package_version("openvino")
-    if version is None:
-        return None
-    # OpenVINO compiles CPU kernels for the instruction sets it finds: the ISA flags key the entry, so
-    # a state directory moved to another kind of CPU builds (and golden-checks) its engine again
-    name = f"{device} {cpu_features().signature}" if device == "CPU" else device
-    return EngineKey("openvino", version, name, precision, backbone_sha256,
-                     (("openvino_device", device), ("cpu", cpu_features().model)), source_sha256)
 
 
 class EngineStore:

@@ -18,8 +18,8 @@ import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.backends.spec import BackendSpec, Located, source_sha
-from edgexfer.runtime.cpu import CpuFeatures
-from edgexfer.runtime.engine_store import EngineKey, openvino_key
+from edgexfer.runtime.cpu import CpuFeatures, cpu_features
+from edgexfer.runtime.engine_store import EngineKey, package_version
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.precision import PRECISIONS, PrecisionError, check_precision
@@ -158,6 +158,17 @@ def _scheduling(compiled) -> dict[str, object]:
             continue
         out[key] = value if isinstance(value, int) else str(getattr(value, "name", value))
     return out
+
+
+def openvino_key(precision: str, backbone_sha256: str, source_sha256: str = "", device: str = "CPU") -> EngineKey | None:
+    version = package_version("openvino")
+    if version is None:
+        return None
+    # OpenVINO compiles CPU kernels for the instruction sets it finds: the ISA flags key the entry, so
+    # a state directory moved to another kind of CPU builds (and golden-checks) its engine again
+    name = f"{device} {cpu_features().signature}" if device == "CPU" else device
+    return EngineKey(OpenVinoSpec.name, version, name, precision, backbone_sha256,
+                     (("openvino_device", device), ("cpu", cpu_features().model)), source_sha256)
 
 
 class OpenVinoSpec(BackendSpec):

@@ -10,7 +10,9 @@ beside it (written by ``edgexfer convert``) is checked before the plan is deseri
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner, TensorSpec
 from edgexfer.runtime.backends.spec import BackendSpec, Located, source_sha
-from edgexfer.runtime.engine_store import EngineKey, tensorrt_key, tensorrt_profile_id
+from edgexfer.runtime.engine_store import EngineKey, cuda_device, package_version
 from edgexfer.runtime.errors import BundleError, MissingDependencyError
+from edgexfer.runtime.modalities import modality_named
 from edgexfer.runtime.optional import require
 
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
@@ -134,6 +137,48 @@ class TensorRtBackend(EngineRunner):
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+#: TensorRT optimisation profile of the batch dimension: (min, opt, max)
+BATCH_PROFILE = (1, 8, 32)
+
+
+def tensorrt_profiles(backbone) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Input name -> (min, opt, max) shapes of the one optimisation profile a TensorRT plan of ``backbone``
+    (a manifest's ``backbone``) is built with, as its modality says (the batch, and a text's tokens up to its
+    ``max_length``)."""
+    return modality_named(backbone.modality)(backbone).engine_shapes(BATCH_PROFILE)
+
+
+def tensorrt_profile_id(backbone) -> str:
+    """The profile as a key part: empty where the shapes follow from the backbone (images: existing keys
+    stay valid), the shapes of every input otherwise (texts)."""
+    return modality_named(backbone.modality)(backbone).profile_id(BATCH_PROFILE)
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorrt_device() -> tuple[str, dict[str, str]] | None:
+    """TensorRT version and GPU of this machine, looked up once per process (loads libcuda)."""
+    version = package_version("tensorrt")
+    if version is None:
+        with contextlib.suppress(ImportError):
+            import tensorrt  # JetPack's TensorRT is a system package without pip metadata
+
+            version = tensorrt.__version__
+    gpu = cuda_device() if version else None
+    return (version, gpu) if gpu is not None else None
+
+
+def tensorrt_key(precision: str, backbone_sha256: str, source_sha256: str = "", profile: str = "") -> EngineKey | None:
+    """The TensorRT target of this device, or None without TensorRT or a CUDA GPU."""
+    found = _tensorrt_device()
+    if found is None:
+        return None
+    version, gpu = found
+    device = f"{gpu['name']} sm{gpu['compute_capability']}"
+    # the TensorRT backend checks "tensorrt" and "sm" of engine_key.json before it deserializes a plan
+    extra = (("tensorrt", version), ("gpu", gpu["name"]), ("sm", gpu["compute_capability"]))
+    return EngineKey(TensorRtSpec.name, version, device, precision, backbone_sha256, extra, source_sha256, profile)
 
 
 class TensorRtSpec(BackendSpec):

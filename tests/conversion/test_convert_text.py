@@ -187,8 +187,8 @@ def test_tensorrt_plan_key_follows_the_text_profile(text_bundle):
     import dataclasses
 
     from edgexfer.converters.to_tensorrt import engine_store_key
+    from edgexfer.runtime.backends.tensorrt import tensorrt_profile_id
     from edgexfer.runtime.bundle import Bundle
-    from edgexfer.runtime.engine_store import tensorrt_profile_id
 
     backbone = Bundle.open(text_bundle).manifest.backbone
     longer = dataclasses.replace(backbone, input=dataclasses.replace(backbone.input, max_length=512))

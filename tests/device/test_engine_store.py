@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 
+from edgexfer.runtime.backends.tensorrt import tensorrt_key
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.device import Device
-from edgexfer.runtime.engine_store import EngineKey, EngineStore, engine_store_key, tensorrt_key
+from edgexfer.runtime.engine_store import EngineKey, EngineStore, engine_store_key
 from edgexfer.runtime.errors import MissingDependencyError, ValidationError
 from edgexfer.runtime.optional import is_installed
 from edgexfer.runtime.state import DeviceState
