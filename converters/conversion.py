@@ -231,13 +231,13 @@ def _speed(runner, bundle: Bundle, measure: bool) -> dict[str, Any]:
     """Median batch-1 latency and batch-8 throughput on this machine, and the same for the reference."""
     if not measure:
         return {}
-    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.backends.registry import open_reference
     from edgexfer.runtime.golden import golden_inputs
 
     images = golden_inputs(bundle, bundle.golden())  # images, or the golden texts' token ids
     out = _timings(runner.run, images)
     # the reference is timed at the same moment, so a busy machine shows in both figures
-    with open_backend("onnxruntime", bundle.backbone_path) as reference:
+    with open_reference(bundle.backbone_path) as reference:
         ref = _timings(reference.run, images)
     return {**out, "reference_batch1_ms": ref["batch1_ms"], "reference_batch8_images_per_s": ref["batch8_images_per_s"],
             "machine": "this converting machine's CPU (see info.cpu); not the target device"}

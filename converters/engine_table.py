@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgexfer.runtime.backends.registry import REFERENCE_BACKEND
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.fsutil import write_atomic
 from edgexfer.runtime.manifest import Manifest
@@ -48,7 +49,7 @@ def engine_table(bundle_dir: str | Path, manifest: Manifest | None = None) -> di
             "report": rel,
         })
     rows.sort(key=lambda r: (r["backend"], PRECISIONS.index(r["precision"])))
-    reference = {"backend": "onnxruntime", "precision": "fp32", "status": "reference (backbone.onnx)",
+    reference = {"backend": REFERENCE_BACKEND, "precision": "fp32", "status": "reference (backbone.onnx)",
                  "size_bytes": ref_size}
     return {"schema": "edgexfer.engine-table/1", "bundle": manifest.name, "backbone_sha256": manifest.backbone.sha256,
             "note": "speeds measured on the converting machine's CPU during each conversion, with the fp32 "

@@ -48,9 +48,9 @@ def reference_features(bundle: Bundle, pixels: EngineInputs) -> np.ndarray:
     """fp32 ONNX Runtime features of the bundle's own backbone (kept in memory per process)."""
     key = (bundle.manifest.backbone.sha256, inputs_digest(pixels))
     if key not in _REFERENCE_FEATURES:
-        from edgexfer.runtime.backends.registry import open_backend
+        from edgexfer.runtime.backends.registry import open_reference
 
-        with open_backend("onnxruntime", bundle.backbone_path) as engine:
+        with open_reference(bundle.backbone_path) as engine:
             _REFERENCE_FEATURES[key] = run_batched(engine.run, pixels)
     return _REFERENCE_FEATURES[key]
 

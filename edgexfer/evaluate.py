@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from edgexfer.metrics import classification_report
 from edgexfer.modalities import host_modality
+from edgexfer.runtime.backends.registry import HOST_DEFAULT
 from edgexfer.runtime.errors import DataError
 from edgexfer.runtime.predictor import Prediction, Predictor
 
 
-def evaluate(bundle_dir: str | Path, data_dir: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
+def evaluate(bundle_dir: str | Path, data_dir: str | Path, *, backend: str = HOST_DEFAULT, precision: str = "fp32",
              batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
     with Predictor.from_bundle(bundle_dir, backend=backend, precision=precision) as predictor:
         modality = host_modality(predictor.modality)

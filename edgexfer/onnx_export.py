@@ -156,13 +156,13 @@ def text_parity(model, onnx_path: Path, batches) -> dict:
     import numpy as np
 
     torch = require("torch", "checking an ONNX export against PyTorch")
-    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.backends.registry import open_reference
     from edgexfer.runtime.compare import Output, compare, tolerance_for
 
     model = model.eval()
     tol = tolerance_for("fp32")
     outputs = []
-    with open_backend("onnxruntime", onnx_path) as engine, torch.no_grad():
+    with open_reference(onnx_path) as engine, torch.no_grad():
         for i, batch in enumerate(batches):
             ids, mask = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
             ref = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()

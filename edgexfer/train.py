@@ -204,7 +204,7 @@ def _head_params(cfg: TrainConfig) -> dict[str, Any]:
 
 def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, data: LabelledData):
     """Export the pretrained backbone and return the features of every sample (through the feature cache)."""
-    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.backends.registry import open_reference
     from edgexfer.runtime.cache import FeatureCache
     from edgexfer.runtime.features import cached_features
 
@@ -214,7 +214,7 @@ def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModalit
     backbone_sha = file_sha256(onnx_path)
     cache_path = cfg.cache or default_cache_path()
     with FeatureCache(cache_path, keep_images=False, per_class_capacity=None) as cache, \
-            open_backend("onnxruntime", onnx_path) as backend:
+            open_reference(onnx_path) as backend:
         cache.add_samples(modality.sample_records(data))
         feats, rep = cached_features(backend, cache, backbone_sha, data.spec, data.shas, progress=cfg.progress,
                                      **modality.feature_args(data))

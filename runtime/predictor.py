@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgexfer.runtime.backends.base import EngineRunner
-from edgexfer.runtime.backends.registry import open_backend
+from edgexfer.runtime.backends.registry import HOST_DEFAULT, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head
@@ -66,7 +66,7 @@ class Predictor:
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
+    def from_bundle(cls, path: str | Path, backend: str = HOST_DEFAULT, precision: str = "fp32",
                     **engine_options: Any) -> Predictor:
         bundle = Bundle.open(path)
         head = bundle.head()

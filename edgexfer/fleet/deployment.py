@@ -302,9 +302,9 @@ def write_val_features(bundle: Any, data_dir: Path, path: Path) -> int:
     import numpy as np
 
     from edgexfer.modalities import host_modality
-    from edgexfer.runtime.backends.registry import open_backend
+    from edgexfer.runtime.backends.registry import open_reference
 
-    with open_backend("onnxruntime", bundle.backbone_path, precision="fp32") as engine:
+    with open_reference(bundle.backbone_path) as engine:
         features, labels = host_modality(bundle.modality).validation_features(bundle, engine, data_dir)
     np.savez(path, features=features.astype(np.float32), labels=labels)
     return len(labels)

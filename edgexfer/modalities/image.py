@@ -188,9 +188,9 @@ class ImageReader(ExportReader):
                                    for s in range(0, len(batch), size)])
 
     def onnx_features(self, path: Path, batch: np.ndarray, size: int = 16) -> np.ndarray:
-        from edgexfer.runtime.backends.registry import open_backend
+        from edgexfer.runtime.backends.registry import open_reference
 
-        with open_backend("onnxruntime", path) as backend:
+        with open_reference(path) as backend:
             return np.concatenate([backend.run(batch[s:s + size]) for s in range(0, len(batch), size)])
 
     def golden(self, batch: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:

@@ -246,10 +246,10 @@ class TextReader(ExportReader):
         return np.stack([rows[i] for i in range(len(texts))]).astype(np.float32)
 
     def onnx_features(self, path: Path, texts: list[str]) -> np.ndarray:
-        from edgexfer.runtime.backends.registry import open_backend
+        from edgexfer.runtime.backends.registry import open_reference
         from edgexfer.runtime.features import text_features
 
-        with open_backend("onnxruntime", path) as backend:
+        with open_reference(path) as backend:
             return text_features(backend, self.tokenizer, texts)[0]
 
     def golden(self, texts: list[str], order: np.ndarray) -> dict[str, np.ndarray]:

@@ -23,8 +23,11 @@ if TYPE_CHECKING:  # the registry stays light: the command line imports it for i
     from edgexfer.runtime.backends.spec import BackendSpec
     from edgexfer.runtime.bundle import Bundle
 
-#: default ``--backend`` of host commands (predict, eval): the fp32 ONNX Runtime reference the bundle always has
-HOST_DEFAULT = "onnxruntime"
+#: the reference engine: the backend that runs a bundle's own ``backbone.onnx`` in fp32 (every bundle has it).
+#: Export's parity, golden outputs, conversion validation and host training extract features with it.
+REFERENCE_BACKEND = "onnxruntime"
+#: default ``--backend`` of host commands (predict, eval): the fp32 reference the bundle always has
+HOST_DEFAULT = REFERENCE_BACKEND
 #: default ``--backend`` of device commands: the best engine installed here
 DEVICE_DEFAULT = "auto"
 
@@ -88,6 +91,11 @@ def open_backend(name: str, model_path: str | Path, precision: str = "fp32", **o
     runner = cls(model_path, precision=precision, **options)
     runner.stats.load_seconds = time.perf_counter() - start
     return runner
+
+
+def open_reference(model_path: str | Path, **options: Any) -> EngineRunner:
+    """The fp32 reference engine (:data:`REFERENCE_BACKEND`) on an ONNX model."""
+    return open_backend(REFERENCE_BACKEND, model_path, precision="fp32", **options)
 
 
 def choose_backend(bundle: Bundle, backend: str = "auto", precision: str = "fp32",
