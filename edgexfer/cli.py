@@ -84,10 +84,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--folds", type=int, default=5, show_default=True, help="Auto mode: folds of the cross-validation.")
 @click.option("--budget", type=float, default=1200.0, show_default=True,
               help="Auto mode: seconds for cross-validating the partial fine-tuning candidate (0: frozen heads only).")
+@click.option("--workers", type=int, default=None,
+              help="Threads that read and decode samples while the backbone runs (default: the cores, at most 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, views, device,
-          batch_size, C, cache, weights, folds, budget, as_json, quiet):
+          batch_size, C, cache, weights, folds, budget, workers, as_json, quiet):
     """Fine-tune on an ImageFolder tree (one folder per class), or on texts: a folder per class of .txt files
     (one sample per file) or a .csv/.jsonl file of text,label."""
     from edgexfer.train import TrainConfig
@@ -97,7 +99,7 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
     cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, epochs=epochs, seed=seed,
                       val_fraction=val_fraction, backbone_lr=backbone_lr, views=views, device=device,
                       batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds, budget=budget,
-                      progress=not quiet,
+                      workers=workers, progress=not quiet,
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""

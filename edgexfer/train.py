@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgexfer.backbones import BackboneConfig, get_config
-from edgexfer.data import stratified_split
+from edgexfer.data import check_workers, stratified_split
 from edgexfer.metrics import classification_report
 from edgexfer.modalities import host_modality, modality_of_data
 from edgexfer.modalities.base import HostModality, LabelledData
@@ -71,6 +71,7 @@ class TrainConfig:
     weights: Path | None = None  #: own checkpoint of the same architecture instead of the packaged one
     folds: int = 5  #: auto mode: folds of the cross-validation
     budget: float = 1200.0  #: auto mode: seconds for cross-validating the partial candidate (0: frozen heads only)
+    workers: int | None = None  #: threads that read and decode samples (default: the cores, at most 4)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -137,19 +138,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     _validate(cfg, bb)
     modality.check_config(cfg, bb)
     started = time.time()
+    workers = check_workers(cfg.workers)
     data = modality.load(cfg, bb)
-    labels = data.labels
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
-    log(f"split: {len(train_idx)} train / {len(val_idx)} validation {modality.plural} (seed {cfg.seed})", cfg.progress)
-
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "plots").mkdir(exist_ok=True)
     modality.start_run(data, cfg.out)
+    # Samples are read while their features are extracted (or checked first, when no feature is cached):
+    # one that cannot be read leaves the data set before the split, as if it had never been there.
+    if cfg.mode in ("frozen", "auto"):
+        feats, extraction, data = _frozen_features(cfg, bb, modality, data, workers)
+    else:
+        data = _drop_failed(cfg, modality, data, modality.check_readable(data, workers=workers, progress=cfg.progress))
+    labels = data.labels
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
+    log(f"split: {len(train_idx)} train / {len(val_idx)} validation {modality.plural} (seed {cfg.seed})", cfg.progress)
     if cfg.mode == "frozen":
-        feats, extraction = _frozen_features(cfg, bb, modality, data)
         head, history, val_logits = _fit_frozen_head(cfg.head, _head_params(cfg), feats, data, train_idx, val_idx)
     elif cfg.mode == "auto":
-        head, history, extraction, val_logits = _train_auto(cfg, bb, modality, data, train_idx, val_idx)
+        head, history, extraction, val_logits = _train_auto(cfg, bb, modality, data, train_idx, val_idx, feats,
+                                                            extraction)
     elif cfg.unfreeze == "all":
         head, history, extraction, val_logits = modality.train_all_layers(cfg, bb, data, train_idx, val_idx)
     else:
@@ -164,7 +171,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "val_accuracy": report["accuracy"], "val_count": int(len(val_idx)), "train_count": int(len(train_idx)),
         "history": history, "validation": report, "device": extraction.get("device", "cpu"),
         "backbone_images_run": extraction["backbone_images_run"],  # samples through the backbone (name kept)
-        "features_from_cache": extraction.get("features_from_cache", 0), **data.metrics_extra,
+        "features_from_cache": extraction.get("features_from_cache", 0), **modality.counters(data),
+        **data.metrics_extra,
         "skipped": [{"path": p, "reason": r} for p, r in data.skipped],
         "seconds": round(time.time() - started, 2),
     }
@@ -202,11 +210,11 @@ def _head_params(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
-def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, data: LabelledData):
-    """Export the pretrained backbone and return the features of every sample (through the feature cache)."""
+def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, data: LabelledData, workers: int):
+    """Export the pretrained backbone; the features of every readable sample (through the feature cache),
+    the extraction facts, and the data without the samples that could not be read."""
     from edgexfer.runtime.backends.registry import open_reference
     from edgexfer.runtime.cache import FeatureCache
-    from edgexfer.runtime.features import cached_features
 
     onnx_path = cfg.out / "backbone.onnx"
     log(f"exporting the pretrained {modality.noun} backbone to ONNX (features run through ONNX Runtime)", cfg.progress)
@@ -216,11 +224,22 @@ def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModalit
     with FeatureCache(cache_path, keep_images=False, per_class_capacity=None) as cache, \
             open_reference(onnx_path) as backend:
         cache.add_samples(modality.sample_records(data))
-        feats, rep = cached_features(backend, cache, backbone_sha, data.spec, data.shas, progress=cfg.progress,
-                                     **modality.feature_args(data))
+        feats, rep, failed = modality.features(backend, cache, backbone_sha, data, workers=workers,
+                                               progress=cfg.progress)
     log(f"features: {rep.extracted} extracted by the backbone, {rep.from_cache} from the cache ({cache_path})",
         cfg.progress)
-    return feats, {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}
+    data = _drop_failed(cfg, modality, data, failed)
+    return feats, {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}, data
+
+
+def _drop_failed(cfg: TrainConfig, modality: HostModality, data: LabelledData, failed: dict[int, str]) -> LabelledData:
+    if not failed:
+        return data
+    from edgexfer.data import describe_skipped
+
+    kept = modality.drop(data, failed)
+    log(describe_skipped([(Path(p), r) for p, r in kept.skipped[len(data.skipped):]]), cfg.progress)
+    return kept
 
 
 def _fit_frozen_head(kind, params, feats, data: LabelledData, train_idx, val_idx):
@@ -251,7 +270,7 @@ def _train_partial(cfg, bb, modality: HostModality, data: LabelledData, train_id
     return head, fit.history, extraction, val_logits
 
 
-def _train_auto(cfg, bb, modality: HostModality, data: LabelledData, train_idx, val_idx):
+def _train_auto(cfg, bb, modality: HostModality, data: LabelledData, train_idx, val_idx, feats, extraction):
     """Cross-validate the candidates on the training split, then train the winner on all of it."""
     from edgexfer.selection import (
         Candidate,
@@ -263,7 +282,6 @@ def _train_auto(cfg, bb, modality: HostModality, data: LabelledData, train_idx, 
         stratified_folds,
     )
 
-    feats, extraction = _frozen_features(cfg, bb, modality, data)
     labels = data.labels
     y = labels[train_idx]
     folds = stratified_folds(y, cfg.folds, cfg.seed)

@@ -104,6 +104,33 @@ class HostModality:
         """The keyword arguments of :func:`edgexfer.runtime.features.cached_features` that feed this data."""
         raise NotImplementedError
 
+    def features(self, backend: Any, cache: Any, backbone_sha256: str, data: LabelledData, *, workers: int,
+                 progress: bool) -> tuple[np.ndarray, Any, dict[int, str]]:
+        """Features of every sample through the feature cache: ``(features, ExtractionReport, failed)``.
+
+        ``failed`` maps the index of a sample that could not be read to the reason; ``features`` has the
+        rows of the other samples, in order. The default feeds :meth:`feature_args` to ``cached_features``.
+        """
+        from edgexfer.runtime.features import cached_features
+
+        feats, report = cached_features(backend, cache, backbone_sha256, data.spec, data.shas, progress=progress,
+                                        **self.feature_args(data))
+        return feats, report, {}
+
+    def check_readable(self, data: LabelledData, *, workers: int, progress: bool) -> dict[int, str]:
+        """Samples a training run without cached features would fail on: ``{index: reason}`` (read, not kept)."""
+        return {}
+
+    def drop(self, data: LabelledData, failed: dict[int, str]) -> LabelledData:
+        """``data`` without the samples ``failed`` (index: reason), which join ``skipped``."""
+        if failed:
+            raise NotImplementedError(f"{type(self).__name__} cannot drop samples")
+        return data
+
+    def counters(self, data: LabelledData) -> dict[str, Any]:
+        """metrics.json's counts of the work done on the data (images decoded)."""
+        return {}
+
     # --- partial training ----------------------------------------------------------------------------------
     def tuner(self, cfg: Any, bb: Any, data: LabelledData, train_idx: np.ndarray, head_kind: str | None = None) -> Any:
         """The partial fine-tuner (see :class:`Tuner`); ``head_kind`` is the head of a --mode partial run."""

@@ -1,7 +1,8 @@
 """Images on the host: an ImageFolder tree in, EfficientNet-style backbones fed uint8 pixels.
 
-Training decodes each image once (the device's decoder, :mod:`edgexfer.data`), drops duplicates and label
-conflicts, and runs partial fine-tuning with :class:`edgexfer.finetune.ViewCache` (the frozen prefix once per
+Training hashes every file (the feature cache's key), drops duplicates and label conflicts, and decodes an
+image only when its features are not cached (the device's decoder, :mod:`edgexfer.data`), a batch at a time
+on worker threads, so memory is bounded by the batch. It runs partial fine-tuning with :class:`edgexfer.finetune.ViewCache` (the frozen prefix once per
 stored view). Export checks ``backbone.onnx`` on the run's validation images and ships golden images.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from edgexfer.data import decode_all, describe_skipped, scan_image_folder
+from edgexfer.data import ImageFiles, check_workers, describe_skipped, hash_files, scan_image_folder, stream_pixels
 from edgexfer.modalities import base
 from edgexfer.modalities.base import EvaluationSet, ExportReader, HostModality, LabelledData, Tuner
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe
@@ -29,8 +30,11 @@ PARTIAL_DEFAULTS = PartialRecipe()
 
 @dataclass
 class ImageSamples:
-    images: list[np.ndarray]  #: decoded RGB images
+    images: ImageFiles  #: the files, decoded when asked for
     paths: list[Path]
+
+    def subset(self, keep: list[int]) -> ImageSamples:
+        return ImageSamples(self.images.subset(keep), [self.paths[i] for i in keep])
 
 
 class ImageModality(HostModality):
@@ -46,7 +50,8 @@ class ImageModality(HostModality):
 
     def load(self, cfg, bb) -> LabelledData:
         spec = PreprocessSpec(size=bb.input_size, resize=cfg.resize)
-        folder, images, labels, shas, paths, skipped = load_dataset(cfg.data_dir, spec, progress=cfg.progress)
+        folder, images, labels, shas, paths, skipped = load_dataset(cfg.data_dir, spec, progress=cfg.progress,
+                                                                    workers=check_workers(cfg.workers))
         return LabelledData(classes=folder.classes, labels=labels, shas=shas, skipped=skipped, root=folder.root,
                             spec=spec, preprocess=spec.to_dict(), samples=ImageSamples(images, paths),
                             summary=f"skipped {len(skipped)} file(s)")
@@ -65,9 +70,34 @@ class ImageModality(HostModality):
         return [SampleRecord(sha, data.classes[int(lbl)], str(p))
                 for sha, lbl, p in zip(data.shas, data.labels, data.samples.paths)]
 
-    def feature_args(self, data: LabelledData) -> dict[str, Any]:
-        images, spec = data.samples.images, data.spec
-        return {"pixels_of": lambda i: resize_to_spec(images[i], spec)}
+    def features(self, backend, cache, backbone_sha256, data, *, workers, progress):
+        return stream_features(backend, cache, backbone_sha256, data.spec, data.samples.images, data.shas,
+                               workers=workers, progress=progress)
+
+    def check_readable(self, data, *, workers, progress) -> dict[int, str]:
+        files = data.samples.images
+        failed: dict[int, str] = {}
+        with tqdm(total=len(files), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
+            for done, _, bad in stream_pixels(files, range(len(files)), data.spec, workers=workers,
+                                              convert=lambda i: files.decode(i).size):
+                failed.update(bad)
+                bar.update(len(done) + len(bad))
+        return failed
+
+    def drop(self, data: LabelledData, failed: dict[int, str]) -> LabelledData:
+        if not failed:
+            return data
+        keep = [i for i in range(len(data.shas)) if i not in failed]
+        skipped = [(str(data.samples.paths[i]), reason) for i, reason in sorted(failed.items())]
+        labels = data.labels[keep]
+        _check_classes(labels, data.classes)
+        return LabelledData(classes=data.classes, labels=labels, shas=[data.shas[i] for i in keep],
+                            skipped=[*data.skipped, *skipped], root=data.root, spec=data.spec,
+                            preprocess=data.preprocess, samples=data.samples.subset(keep),
+                            summary=f"skipped {len(data.skipped) + len(skipped)} file(s)")
+
+    def counters(self, data: LabelledData) -> dict[str, Any]:
+        return {"images_decoded": data.samples.images.decoded}
 
     def tuner(self, cfg, bb, data, train_idx, head_kind=None) -> ImageTuner:
         return ImageTuner(cfg, bb, data, train_idx)
@@ -204,30 +234,78 @@ class ImageReader(ExportReader):
                          mean=tuple(bb["mean"]), std=tuple(bb["std"]))
 
 
-def load_dataset(data_dir: Path, spec: PreprocessSpec, *, progress: bool = True):
-    """Scan and decode an ImageFolder tree as ``train`` does: unreadable files and duplicates are skipped.
+def load_dataset(data_dir: Path, spec: PreprocessSpec, *, progress: bool = True, workers: int = 1):
+    """Scan and hash an ImageFolder tree as ``train`` does: unreadable files and duplicates are skipped.
 
-    Returns ``(folder, images, labels, shas, paths, skipped)``: decoded RGB images, int64 labels, their
-    sha256, paths and the skipped ``(path, reason)`` pairs. Raises :class:`DataError` for an empty class.
+    Returns ``(folder, images, labels, shas, paths, skipped)``: the images as :class:`ImageFiles` (decoded
+    when asked for; a file that is no image fails then), int64 labels, their sha256, paths and the
+    skipped ``(path, reason)`` pairs. Raises :class:`DataError` for an empty class.
     """
     folder = scan_image_folder(data_dir)
     log(f"data: {len(folder.paths)} images in {len(folder.classes)} classes under {folder.root}", progress)
-    decoded = decode_all(list(folder.paths), spec.fill, progress=progress)
-    skipped = [(str(p), r) for p, r in folder.ignored] + [(str(p), r) for p, r in decoded.skipped]
-    keep = [i for i, img in enumerate(decoded.images) if img is not None]
-    keep, duplicates = _drop_duplicates(keep, decoded.sha256, folder)
+    hashed = hash_files(folder.paths, workers=workers, progress=progress)
+    skipped = [(str(p), r) for p, r in folder.ignored] + [(str(p), r) for p, r in hashed.skipped]
+    keep = [i for i, sha in enumerate(hashed.sha256) if sha is not None]
+    keep, duplicates = _drop_duplicates(keep, hashed.sha256, folder)
     skipped += duplicates
     if skipped:
         log(describe_skipped([(Path(p), r) for p, r in skipped]), progress)
     labels = np.array([folder.labels[i] for i in keep], dtype=np.int64)
-    empty = [c for k, c in enumerate(folder.classes) if not np.any(labels == k)]
+    _check_classes(labels, folder.classes)
+    paths = [folder.paths[i] for i in keep]
+    shas = [hashed.sha256[i] for i in keep]
+    return folder, ImageFiles(paths, spec.fill), labels, shas, paths, skipped
+
+
+def _check_classes(labels: np.ndarray, classes) -> None:
+    empty = [c for k, c in enumerate(classes) if not np.any(labels == k)]
     if empty:
         raise DataError("no readable image left in class folder(s)", got=", ".join(empty),
                         expected="at least one decodable image per class", todo="fix or remove those folders")
-    images = [decoded.images[i] for i in keep]
-    shas = [decoded.sha256[i] for i in keep]
-    paths = [folder.paths[i] for i in keep]
-    return folder, images, labels, shas, paths, skipped
+
+
+def stream_features(backend, cache, backbone_sha256: str, spec: PreprocessSpec, files: ImageFiles, shas, *,
+                    workers: int = 1, batch_size: int = 16, progress: bool = True):
+    """Features of ``files`` (float32 ``[N_ok, D]``, in order), an ExtractionReport and ``{index: reason}`` of
+    the files that could not be decoded.
+
+    Cached samples are found by content hash before anything is decoded; the others are decoded and resized
+    on ``workers`` threads a batch at a time, run through ``backend`` and committed per batch (an
+    interrupted run keeps what it extracted).
+    """
+    from edgexfer.runtime.features import ExtractionReport
+
+    key = spec.key()
+    missing = set(cache.missing(backbone_sha256, key, shas))
+    first: dict[str, int] = {}
+    for i, sha in enumerate(shas):
+        if sha in missing:
+            first.setdefault(sha, i)
+    todo = sorted(first.values())
+    failed: dict[int, str] = {}
+    images_before, seconds_before = backend.stats.images, backend.stats.seconds
+    with tqdm(total=len(todo), desc="extracting features", unit="img", disable=not progress or not todo,
+              leave=False) as bar:
+        for done, pixels, bad in stream_pixels(files, todo, spec, batch_size=batch_size, workers=workers):
+            if done:
+                cache.put_features(backbone_sha256, key, dict(zip((shas[i] for i in done), backend.run(stack(pixels)))))
+            failed.update(bad)
+            bar.update(len(done) + len(bad))
+    bad_shas = {shas[i] for i in failed}
+    failed = {i: failed.get(first[sha], "") for i, sha in enumerate(shas) if sha in bad_shas}
+    wanted = [sha for sha in shas if sha not in bad_shas]
+    matrix = None
+    for start in range(0, len(wanted), 1024):  # fill one matrix: no dict of every feature at once
+        part = wanted[start:start + 1024]
+        found = cache.get_features(backbone_sha256, key, part)
+        rows = np.stack([found[sha] for sha in part])
+        if matrix is None:
+            matrix = np.empty((len(wanted), rows.shape[1]), np.float32)
+        matrix[start:start + len(part)] = rows
+    report = ExtractionReport(requested=len(shas), from_cache=len(shas) - len(todo),
+                              extracted=backend.stats.images - images_before,
+                              seconds=backend.stats.seconds - seconds_before)
+    return (matrix if matrix is not None else np.zeros((0, 0), np.float32)), report, failed
 
 
 def _drop_duplicates(keep: list[int], shas: list[str | None], folder) -> tuple[list[int], list[tuple[str, str]]]:
@@ -299,26 +377,25 @@ def _train_all_layers(cfg, bb, spec, classes, images, labels, train_idx, val_idx
         x = net.act(net._bn1(net._conv_head(x)))
         return x.mean(dim=(2, 3))
 
-    val_pixels = torch.from_numpy(stack([resize_to_spec(images[i], spec) for i in val_idx]))
-    train_pixels = stack([resize_to_spec(images[i], spec) for i in train_idx])
     num_classes = len(classes)
     head = TorchHead(cfg.head, bb.feature_dim, num_classes).to(device)
     model.to(device)
 
-    def features_of(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def features_of(idx: np.ndarray) -> torch.Tensor:
+        """Features of images ``idx``, decoded 32 at a time (memory bounded by the batch)."""
         model.eval()
         out = []
         with torch.no_grad():
-            for s in range(0, len(pixels), 32):
-                chunk = pixels[s:s + 32]
-                out.append(forward_features(torch.as_tensor(chunk)))
+            for s in range(0, len(idx), 32):
+                chunk = stack([resize_to_spec(images[i], spec) for i in idx[s:s + 32]])
+                out.append(forward_features(torch.from_numpy(chunk)))
         return torch.cat(out)
 
     if cfg.head == "linear":
         # Linear probe first, then fine-tune (LP-FT): a head fitted on the pretrained features keeps the
         # first fine-tuning steps from wrecking the backbone with random-head gradients.
         log("fitting the linear probe that starts fine-tuning", cfg.progress)
-        probe = HeadTrainer("linear", C=cfg.C).fit(features_of(train_pixels).cpu().numpy(), labels[train_idx], list(classes))
+        probe = HeadTrainer("linear", C=cfg.C).fit(features_of(train_idx).cpu().numpy(), labels[train_idx], list(classes))
         linear = head.net[1]
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])).to(device))
@@ -368,7 +445,7 @@ def _train_all_layers(cfg, bb, spec, classes, images, labels, train_idx, val_idx
         bar.close()
         head.eval()
         with torch.no_grad():
-            val_logits = head(features_of(val_pixels))
+            val_logits = head(features_of(val_idx))
             val_loss = float(nn.functional.cross_entropy(val_logits, y_val))
             val_acc = float((val_logits.argmax(1) == y_val).float().mean())
         history.append({"epoch": epoch, "train_loss": round(total_loss / len(train_idx), 5),
@@ -395,6 +472,6 @@ def _train_all_layers(cfg, bb, spec, classes, images, labels, train_idx, val_idx
     head_np = Head(kind=cfg.head, classes=tuple(classes), tensors=head.numpy_tensors())
     head_np.validate()
     with torch.no_grad():
-        val_logits = head_np.logits(features_of(val_pixels).numpy())
+        val_logits = head_np.logits(features_of(val_idx).numpy())
     extraction = {"backbone_images_run": 0, "features_from_cache": 0, "device": device_used}
     return head_np, history, extraction, val_logits

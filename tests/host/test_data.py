@@ -10,7 +10,9 @@ from PIL import Image
 
 from edgexfer.data import (
     IMAGE_EXTENSIONS,
-    decode_all,
+    ImageFiles,
+    hash_files,
+    stream_pixels,
     describe_skipped,
     scan_image_folder,
     stratified_split,
@@ -97,10 +99,10 @@ def test_scan_refuses_missing_root_file_root_and_single_class(tmp_path):
         scan_image_folder(empty)
 
 
-# --- decode_all -------------------------------------------------------------------------------------
+# --- hash_files, ImageFiles, stream_pixels ------------------------------------------------------------
 
 
-def test_decode_all_skips_exactly_the_bad_files_with_reasons(tree, capsys):
+def test_stream_pixels_skips_exactly_the_bad_files_with_reasons(tree):
     folder = scan_image_folder(tree)
     corrupt = tree / "cats" / "corrupt.jpg"
     _noise((200, 200)).save(corrupt, format="JPEG")
@@ -108,35 +110,54 @@ def test_decode_all_skips_exactly_the_bad_files_with_reasons(tree, capsys):
     text = tree / "dogs" / "text.jpg"
     text.write_text("I am a text file with a .jpg name\n")
     paths = [*folder.paths, corrupt, text]
+    files = ImageFiles(paths)
+    spec = PreprocessSpec(size=(16, 20))  # (height, width)
 
-    result = decode_all(paths, (255, 255, 255), progress=False)
+    batches = list(stream_pixels(files, range(len(paths)), spec, batch_size=3, workers=2))
 
-    assert len(result.images) == len(result.sha256) == len(paths)
-    assert [path for path, _ in result.skipped] == [corrupt, text]
-    reasons = dict(result.skipped)
-    assert "truncated" in reasons[corrupt]
-    assert "not a recognised image format" in reasons[text]
-    for path, image, digest in zip(paths, result.images, result.sha256, strict=True):
-        if path in (corrupt, text):
-            assert image is None and digest is None
-        else:
-            assert image is not None and image.mode == "RGB" and image.size == (40, 30)
-            assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert capsys.readouterr().err == ""  # progress=False: no bar
+    assert [len(done) + len(bad) for done, _, bad in batches] == [3, 3, 1]  # batches of 3, in order
+    done = [i for d, _, _ in batches for i in d]
+    failed = dict(f for _, _, bad in batches for f in bad)
+    assert done == list(range(len(folder.paths))) and sorted(failed) == [len(paths) - 2, len(paths) - 1]
+    assert "truncated" in failed[len(paths) - 2]
+    assert "not a recognised image format" in failed[len(paths) - 1]
+    for (d, values, _) in batches:
+        for i, pixels in zip(d, values):
+            assert pixels.shape == (16, 20, 3) and pixels.dtype == np.uint8
+            np.testing.assert_array_equal(pixels, resize_to_spec(files[i], spec))
+    assert files.decoded == len(paths) + len(folder.paths)  # each once in the stream, once more above
 
-    summary = describe_skipped(result.skipped, total=len(paths))
+    summary = describe_skipped([(paths[i], r) for i, r in sorted(failed.items())], total=len(paths))
     lines = summary.splitlines()
     assert lines[0] == f"skipped 2 of {len(paths)} files:"
     assert lines[1].startswith(f"  {corrupt}: ") and lines[2].startswith(f"  {text}: ")
 
 
-def test_decode_all_reports_unreadable_paths_and_shows_progress_on_stderr(tmp_path, capsys):
+def test_image_files_decode_on_demand_and_keep_only_the_last_image(tree):
+    folder = scan_image_folder(tree)
+    files = ImageFiles(folder.paths)
+    assert files.decoded == 0 and len(files) == len(folder.paths)
+    first = files[0]
+    assert files[0] is first and files.decoded == 1  # asked twice in a row: decoded once
+    assert files[1].mode == "RGB" and files[0] is not first and files.decoded == 3
+    sub = files.subset([2, 1])
+    assert sub.paths == (folder.paths[2], folder.paths[1])
+    sub[0]
+    assert files.decoded == 4  # a subset counts with its data set
+
+
+def test_hash_files_reports_unreadable_paths_and_shows_progress_on_stderr(tmp_path, capsys):
     good = _image(tmp_path / "good.png")
-    result = decode_all([good, tmp_path / "gone.jpg", tmp_path], progress=True)
-    assert result.images[0] is not None
-    assert [reason.startswith("cannot read file") for _, reason in result.skipped] == [True, True]
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(0).bytes(3 * (1 << 20) + 7))  # read in several chunks
+    result = hash_files([good, tmp_path / "gone.jpg", tmp_path, big], workers=2, progress=True)
+    assert result.sha256[0] == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert result.sha256[3] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert result.sha256[1] is None and result.sha256[2] is None
+    assert [p for p, _ in result.skipped] == [tmp_path / "gone.jpg", tmp_path]
+    assert all(reason.startswith("cannot read file") for _, reason in result.skipped)
     captured = capsys.readouterr()
-    assert captured.out == "" and "decoding images" in captured.err
+    assert captured.out == "" and "hashing files" in captured.err
 
 
 def test_describe_skipped_limits_its_listing():
@@ -243,9 +264,10 @@ def test_demo_data_scans_and_decodes_completely():
     assert folder.ignored == ()  # ATTRIBUTION.md sits at the root: ignored silently
     assert all(path.name != "ATTRIBUTION.md" for path in folder.paths)
 
-    result = decode_all(folder.paths, PreprocessSpec().fill, progress=False)
+    result = hash_files(folder.paths, progress=False)
     assert result.skipped == []
-    assert all(image is not None and image.mode == "RGB" for image in result.images)
+    files = ImageFiles(folder.paths)
+    assert all(files[i].mode == "RGB" for i in range(len(files)))
     # Digests are those of the file bytes (the demo set has a few byte-identical copies, so they are
     # not all distinct).
     assert all(isinstance(digest, str) and len(digest) == 64 for digest in result.sha256)

@@ -55,6 +55,8 @@ def test_second_run_on_the_same_data_runs_the_backbone_zero_times(demo_data, tmp
     assert second.metrics["backbone_images_run"] == 0
     assert second.metrics["features_from_cache"] == 18
     assert second.val_accuracy == first.val_accuracy
+    # cached samples are found by their content hash before decoding: a warm run decodes nothing
+    assert first.metrics["images_decoded"] == 18 and second.metrics["images_decoded"] == 0
 
 
 @pytest.mark.parametrize("head, floor", [("mlp", 0.55), ("prototype", 0.55)])
