@@ -120,10 +120,19 @@ class Predictor:
 
     def _classify(self, items: list[tuple[str, Any]], read: Callable[[Any, str], Sample],
                   top_k: int) -> list[Prediction | SampleError]:
+        """Read and classify ``items`` a few engine batches at a time: memory is bounded by the chunk."""
         results: list[Prediction | SampleError | None] = [None] * len(items)
+        chunk = max(4 * (self.batch_size or 16), 64)
+        for start in range(0, len(items), chunk):
+            self._classify_chunk(items, range(start, min(start + chunk, len(items))), read, top_k, results)
+        return results  # type: ignore[return-value]
+
+    def _classify_chunk(self, items: list[tuple[str, Any]], indices: range, read: Callable[[Any, str], Sample],
+                        top_k: int, results: list) -> None:
         good: list[int] = []
         values: list[Any] = []
-        for i, (source, item) in enumerate(items):
+        for i in indices:
+            source, item = items[i]
             try:
                 values.append(read(item, source).value)
                 good.append(i)
@@ -133,18 +142,18 @@ class Predictor:
                 results[i] = SampleError(source, f"cannot read file {source} | got {exc.strerror or exc}", "InputError")
         if good:
             probs, _ = classify_values(modality_of(self.bundle), self.engine, self.head, values, self.batch_size)
-            self._label(probs, good, [s for s, _ in items], results, top_k)
-        return results  # type: ignore[return-value]
+            self._label(probs, good, items, results, top_k)
 
-    def _label(self, probs: np.ndarray, good: list[int], sources: list[str], results: list, top_k: int) -> None:
+    def _label(self, probs: np.ndarray, good: list[int], items: list[tuple[str, Any]], results: list,
+               top_k: int) -> None:
         classes = self.head.classes
         k = min(top_k, len(classes))
         for row, i in zip(probs, good):
             if not np.isfinite(row).all():
-                results[i] = SampleError(sources[i], "non-finite probabilities", "InputError")
+                results[i] = SampleError(items[i][0], "non-finite probabilities", "InputError")
                 continue
             order = np.argsort(-row)[:k]
-            results[i] = Prediction(sources[i], classes[order[0]], float(row[order[0]]),
+            results[i] = Prediction(items[i][0], classes[order[0]], float(row[order[0]]),
                                     [(classes[j], float(row[j])) for j in order], self.backend, self.precision)
 
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
