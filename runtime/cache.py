@@ -32,6 +32,7 @@ from edgexfer.runtime.cache_sqlite import BUSY_TIMEOUT_S, SCHEMA_VERSION, CacheD
 from edgexfer.runtime.errors import CacheError, InputError
 
 __all__ = [
+    "Admission",
     "BUSY_TIMEOUT_S",
     "DEFAULT_PER_CLASS_CAPACITY",
     "SCHEMA_VERSION",
@@ -103,6 +104,18 @@ class SampleRecord:
                 )
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`FeatureCache.admit_samples` did with the samples it was given."""
+
+    #: given samples in the cache after the call, in input order without duplicates
+    kept: list[str]
+    #: given samples the per-class capacity turned away (or that a later arrival of the same call evicted)
+    dropped: list[str]
+    #: samples stored before the call that the capacity evicted to make room
+    evicted: int = 0
+
+
 class FeatureCache:
     """Samples, labels and float16 features in one SQLite file (``STATE/features.sqlite``).
 
@@ -117,9 +130,12 @@ class FeatureCache:
             cached so that a second run extracts nothing. Unlabelled samples are never limited.
         seed: makes the reservoir sampling deterministic (see :meth:`add_samples`).
 
-    Opening runs ``PRAGMA quick_check``, which reads the whole file, so it takes time in proportion to its size.
-    A file that is damaged, is not an SQLite database, belongs to another program or has a newer
-    schema raises :class:`CacheError` and is left untouched.
+    Opening runs ``PRAGMA quick_check``, which reads the whole file, only if the file was not closed
+    cleanly the last time (a power cut, or every process that had it open was killed;
+    :mod:`edgexfer.runtime.cache_session`); :attr:`quick_checked` says whether it ran.
+    :meth:`integrity_check` (``edgexfer device check-cache``) checks the whole file on demand. A file that
+    is damaged, is not an SQLite database, belongs to another program or has a newer schema raises
+    :class:`CacheError` and is left untouched.
 
     Each instance holds one SQLite connection and must be used by the thread that created it.
     Open one instance per thread or process, and the file is shared safely. Use it as a context
@@ -149,6 +165,11 @@ class FeatureCache:
     def path(self) -> Path:
         """The SQLite file of this cache."""
         return self._path
+
+    @property
+    def quick_checked(self) -> bool:
+        """Whether opening ran ``PRAGMA quick_check`` over the whole file (it was not closed cleanly before)."""
+        return self._db.quick_checked
 
     def close(self) -> None:
         """Close the connection. Closing an already closed cache does nothing."""
@@ -204,14 +225,20 @@ class FeatureCache:
         reservoir) of all that ever arrived at it. A sample arrives at a label when it is first added
         with that label, new or relabelled, so re-running over the same data changes nothing. An
         arrival that is not kept is dropped, features included. The draws depend only on the seed and
-        the order of arrivals; :mod:`edgexfer.runtime.cache_capacity` has the details.
+        the order of arrivals; :mod:`edgexfer.runtime.cache_capacity` has the details. Each arrival
+        costs the same whatever the label's size.
 
         Pass batches of a few hundred samples, since each call holds the write lock for its duration.
 
         Returns:
             the sha256 of the given samples that are in the cache after the call, in input order
-            without duplicates. Samples that the capacity policy dropped are left out.
+            without duplicates. Samples that the capacity policy dropped are left out
+            (:meth:`admit_samples` also names them).
         """
+        return self.admit_samples(items).kept
+
+    def admit_samples(self, items: Sequence[SampleRecord]) -> Admission:
+        """:meth:`add_samples`, and what the capacity did: the samples kept, those dropped, how many evicted."""
         if isinstance(items, SampleRecord):
             raise InputError(
                 "add_samples takes a list of SampleRecord",
@@ -229,8 +256,10 @@ class FeatureCache:
                     todo="wrap each sample in SampleRecord",
                 )
         if not records:
-            return []
+            return Admission([], [])
         now = _utc_now()
+        admitted: set[str] = set()  # arrivals of this call the reservoir kept (a later one may evict them)
+        evicted = 0
         with self._db.write("add_samples") as conn:
             for record in records:
                 row = conn.execute("SELECT label FROM samples WHERE sha256 = ?", (record.sha256,)).fetchone()
@@ -251,16 +280,22 @@ class FeatureCache:
                     )
                     arrives = label is not None and label != old_label
                 if arrives:
-                    self._reservoir.admit(conn, record.sha256, label)
+                    kept, removed = self._reservoir.admit(conn, record.sha256, label)
+                    evicted += removed
+                    if kept:
+                        admitted.add(record.sha256)
             present = self._present(conn, [r.sha256 for r in records])
-        return [sha for sha in dict.fromkeys(r.sha256 for r in records) if sha in present]
+        given = list(dict.fromkeys(r.sha256 for r in records))
+        # an arrival of this call that a later one evicted was counted as an eviction: it is a drop
+        evicted -= len(admitted - present)
+        return Admission([sha for sha in given if sha in present], [sha for sha in given if sha not in present],
+                         evicted)
 
     def counts(self) -> dict[str, int]:
         """The number of samples per label, sorted by label. Unlabelled samples are not included."""
         with self._db.read("counts") as conn:
-            rows = conn.execute(
-                "SELECT label, COUNT(*) FROM samples WHERE label IS NOT NULL GROUP BY label ORDER BY label"
-            ).fetchall()
+            # label_stats.members is kept exact by triggers: no scan of the samples
+            rows = conn.execute("SELECT label, members FROM label_stats WHERE members > 0 ORDER BY label").fetchall()
         return {str(label): int(n) for label, n in rows}
 
     def image(self, sha256: str) -> bytes | None:
@@ -434,8 +469,17 @@ class FeatureCache:
             return int(cursor.rowcount)
 
     def integrity_check(self) -> str:
-        """Run ``PRAGMA integrity_check`` over the whole file. The result is ``"ok"`` or the problems joined by ``"; "``."""
+        """Check the whole file: ``PRAGMA integrity_check``, then each label's member count against its samples.
+
+        The result is ``"ok"`` or the problems joined by ``"; "``. It reads every page, so it takes time
+        in proportion to the file's size (``edgexfer device check-cache`` runs it).
+        """
         return self._db.integrity_check()
+
+    def repair_member_counts(self) -> int:
+        """Count each label's members from its samples again, if something outside edgexfer changed them (the
+        triggers keep them exact otherwise); returns how many labels were off."""
+        return self._db.recount_members()
 
     # ------------------------------------------------------------------ internals
 

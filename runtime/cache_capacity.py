@@ -8,9 +8,13 @@ a uniformly chosen member with probability K/seen, and otherwise the new sample 
 included. So every sample that ever arrived is kept with the same probability.
 
 The draws come from a hash of ``(seed, label, seen)``, which makes the result depend only on the seed
-and the order of arrivals, not on how they were split into calls or processes. If K was lowered since
-a label's last arrival, that label is first reduced to K at random. Labels that receive no arrival
-are left as they are.
+and the order of arrivals, not on how they were split into calls, batches or processes. If K was
+lowered since a label's last arrival, that label is first reduced to K at random. Labels that receive
+no arrival are left as they are.
+
+Field learning (:mod:`edgexfer.runtime.learning`) admits a batch's arrivals before the backbone runs, in
+the transaction that then stores their features: an arrival the reservoir turns away is never decoded
+nor run through the backbone.
 """
 from __future__ import annotations
 
@@ -46,32 +50,37 @@ class ClassReservoir:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError("seed must be an integer", got=repr(self.seed), expected="int", todo="pass e.g. seed=0")
 
-    def admit(self, conn: sqlite3.Connection, sha: str, label: str) -> None:
+    def admit(self, conn: sqlite3.Connection, sha: str, label: str) -> tuple[bool, int]:
         """Count one arrival of ``sha`` at ``label`` and apply the reservoir (``sha`` already carries the label).
 
-        Runs inside the caller's write transaction, so the arrival and its outcome commit together.
+        Returns whether ``sha`` was kept and how many other members were evicted for it. Runs inside the
+        caller's write transaction, so the arrival and its outcome commit together. Constant time: the
+        label's member count is ``label_stats.members`` (kept by triggers, :mod:`~edgexfer.runtime.cache_sqlite`),
+        not a count of its samples; an eviction walks at most ``capacity`` index entries.
         """
-        row = conn.execute("SELECT seen FROM label_stats WHERE label = ?", (label,)).fetchone()
-        members = conn.execute(
-            "SELECT COUNT(*) FROM samples WHERE label = ? AND sha256 != ?", (label, sha)
-        ).fetchone()[0]
-        # `seen` counts every arrival, kept or not, so it is never below members + 1. Taking max()
+        row = conn.execute("SELECT seen, members FROM label_stats WHERE label = ?", (label,)).fetchone()
+        # the triggers counted `sha` (it carries the label already): the other members are one fewer
+        seen_before, others = (int(row[0]), int(row[1]) - 1) if row else (0, 0)
+        # `seen` counts every arrival, kept or not, so it is never below others + 1. Taking max()
         # repairs a cache whose statistics were lost without biasing the draw toward new samples.
-        seen = max((int(row[0]) if row else 0) + 1, members + 1)
-        conn.execute("INSERT OR REPLACE INTO label_stats (label, seen) VALUES (?, ?)", (label, seen))
+        seen = max(seen_before + 1, others + 1)
+        conn.execute("UPDATE label_stats SET seen = ? WHERE label = ?", (seen, label))
         capacity = self.capacity
         if capacity is None:
-            return
-        while members > capacity:  # the capacity was lowered since this label last grew
-            self._evict(conn, label, sha, self._draw("trim", label, seen, members, below=members))
-            members -= 1
-        if members < capacity:
-            return
+            return True, 0
+        evicted = 0
+        while others > capacity:  # the capacity was lowered since this label last grew
+            self._evict(conn, label, sha, self._draw("trim", label, seen, others, below=others))
+            others -= 1
+            evicted += 1
+        if others < capacity:
+            return True, evicted
         slot = self._draw("arrival", label, seen, below=seen)
         if slot < capacity:
             self._evict(conn, label, sha, slot)
-        else:
-            conn.execute("DELETE FROM samples WHERE sha256 = ?", (sha,))
+            return True, evicted + 1
+        conn.execute("DELETE FROM samples WHERE sha256 = ?", (sha,))
+        return False, evicted
 
     @staticmethod
     def _evict(conn: sqlite3.Connection, label: str, keep_sha: str, slot: int) -> None:

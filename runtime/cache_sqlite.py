@@ -11,6 +11,10 @@ Concurrency: only one process writes at a time. Other writers wait up to :data:`
 Readers never wait for a writer and see only committed data.
 
 The schema is stored in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`).
+
+Integrity: opening runs ``PRAGMA quick_check`` (which reads the whole file) only when the file was not
+closed cleanly the last time (:mod:`edgexfer.runtime.cache_session` keeps that record beside it);
+``edgexfer device check-cache`` runs the full ``PRAGMA integrity_check`` on demand.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgexfer.runtime.cache_session import CacheSession
 from edgexfer.runtime.errors import CacheError
 
 #: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused; a lower
-#: one is brought up to date by :data:`_MIGRATIONS` when it is opened (2: the service's review queue).
-SCHEMA_VERSION = 2
+#: one is brought up to date by :data:`_MIGRATIONS` when it is opened (2: the service's review queue;
+#: 3: ``label_stats.members``, kept by triggers, so the capacity reservoir admits in constant time).
+SCHEMA_VERSION = 3
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 
@@ -56,9 +62,42 @@ _SCHEMA = (
     # The primary key starts with the sample, and this index serves the per-backbone queries.
     "CREATE INDEX features_by_backbone ON features(backbone_sha256, preprocess)",
     """CREATE TABLE label_stats (
-        label TEXT PRIMARY KEY NOT NULL,
-        seen  INTEGER NOT NULL CHECK (seen >= 0)
+        label   TEXT PRIMARY KEY NOT NULL,
+        seen    INTEGER NOT NULL CHECK (seen >= 0),
+        members INTEGER NOT NULL DEFAULT 0 CHECK (members >= 0)
     )""",
+)
+# label_stats.members is the number of samples that carry the label. Triggers keep it exact whatever
+# changes a sample's label (insert, relabel, delete, an eviction, a delete by hand in the sqlite3 shell),
+# so the reservoir reads one row instead of counting the label's samples on every arrival.
+_MEMBER_TRIGGERS = (
+    """CREATE TRIGGER samples_member_insert AFTER INSERT ON samples WHEN NEW.label IS NOT NULL BEGIN
+        INSERT OR IGNORE INTO label_stats (label, seen, members) VALUES (NEW.label, 0, 0);
+        UPDATE label_stats SET members = members + 1 WHERE label = NEW.label;
+    END""",
+    """CREATE TRIGGER samples_member_delete AFTER DELETE ON samples WHEN OLD.label IS NOT NULL BEGIN
+        UPDATE label_stats SET members = members - 1 WHERE label = OLD.label;
+    END""",
+    """CREATE TRIGGER samples_member_relabel AFTER UPDATE OF label ON samples
+        WHEN OLD.label IS NOT NEW.label BEGIN
+        UPDATE label_stats SET members = members - 1 WHERE label = OLD.label;
+        INSERT OR IGNORE INTO label_stats (label, seen, members) SELECT NEW.label, 0, 0 WHERE NEW.label IS NOT NULL;
+        UPDATE label_stats SET members = members + 1 WHERE label = NEW.label;
+    END""",
+)
+# Counting the members from the samples (a label whose statistics were lost gets a row with seen = its
+# members, the least it can have had): the migration to version 3 and `check-cache --repair`.
+_RECOUNT_MEMBERS = (
+    "INSERT OR IGNORE INTO label_stats (label, seen, members) "
+    "SELECT label, COUNT(*), 0 FROM samples WHERE label IS NOT NULL GROUP BY label",
+    "UPDATE label_stats SET members = (SELECT COUNT(*) FROM samples WHERE samples.label = label_stats.label), "
+    "seen = MAX(seen, (SELECT COUNT(*) FROM samples WHERE samples.label = label_stats.label))",
+)
+# Version 2 -> 3: the column, counted once, then the triggers.
+_MEMBERS_MIGRATION = (
+    "ALTER TABLE label_stats ADD COLUMN members INTEGER NOT NULL DEFAULT 0 CHECK (members >= 0)",
+    *_RECOUNT_MEMBERS,
+    *_MEMBER_TRIGGERS,
 )
 # The review queue of ``device serve`` and ``device watch`` (edgexfer.runtime.review): low-confidence
 # inputs kept for a person to label. Not samples: nothing trains on them until they are labelled.
@@ -77,21 +116,26 @@ _REVIEW_SCHEMA = (
     )""",
 )
 #: statements that bring a file of schema version ``v`` to ``v + 1``
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _REVIEW_SCHEMA}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _REVIEW_SCHEMA, 2: _MEMBERS_MIGRATION}
 
 
 class CacheDatabase:
     """One checked SQLite connection to a feature cache file, with its schema in place.
 
-    Opening runs ``PRAGMA quick_check``, which reads the whole file. A file that is damaged, is not an
-    SQLite database, belongs to another program or has a newer schema raises :class:`CacheError` and
-    is left untouched. The connection belongs to the thread that opened it.
+    Opening runs ``PRAGMA quick_check``, which reads the whole file, when the file was not closed cleanly
+    the last time (:class:`~edgexfer.runtime.cache_session.CacheSession`; :attr:`quick_checked` says
+    whether it ran). A file that is damaged, is not an SQLite database, belongs to another program or has
+    a newer schema raises :class:`CacheError` and is left untouched. The connection belongs to the thread
+    that opened it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._nested_write = False
+        self._session = CacheSession(path)
+        #: whether opening ran ``PRAGMA quick_check`` (the file was not closed cleanly before)
+        self.quick_checked = False
         self._open()
 
     @property
@@ -103,6 +147,7 @@ class CacheDatabase:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
+            self._session.end()  # after the connection: the last one out records a clean close
 
     # ------------------------------------------------------------------ opening
 
@@ -133,26 +178,36 @@ class CacheDatabase:
                 pass
             except OSError as exc:
                 raise self.error("open", sqlite3.OperationalError(exc.strerror or str(exc))) from exc
+        must_check = self._session.begin()
         try:
             # isolation_level=None: the module opens no transactions of its own. Each one is
             # opened explicitly below, so a write always takes the lock up front (BEGIN IMMEDIATE).
             conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as exc:
+            self._session.end(refused=True)
             raise self.error("open", exc) from exc
         self._conn = conn
         try:
-            self._configure(conn)
+            self._configure(conn, must_check)
             self._ensure_schema(conn)
         except BaseException:
-            self.close()
+            self._conn = None
+            conn.close()
+            self._session.end(refused=True)
             raise
 
-    def _configure(self, conn: sqlite3.Connection) -> None:
+    def _configure(self, conn: sqlite3.Connection, must_check: bool) -> None:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             # Check the file before any statement that could write to it (journal_mode changes the
-            # header). A damaged file, or one that is not ours, must be left exactly as it is.
-            rows = conn.execute("PRAGMA quick_check").fetchall()
+            # header). A damaged file, or one that is not ours, must be left exactly as it is. A file
+            # closed cleanly is not read through (the header is still parsed by the first statement).
+            if must_check:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+                self.quick_checked = True
+            else:
+                rows = [("ok",)]
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         except sqlite3.OperationalError as exc:  # cannot open or lock the file: permissions, locks
             raise self.error("open", exc) from exc
         except sqlite3.DatabaseError as exc:
@@ -257,7 +312,7 @@ class CacheDatabase:
             if version == SCHEMA_VERSION:
                 return
             if version == 0:
-                for statement in _SCHEMA + _REVIEW_SCHEMA:
+                for statement in _SCHEMA + _MEMBER_TRIGGERS + _REVIEW_SCHEMA:
                     conn.execute(statement)
             else:
                 for step in range(version, SCHEMA_VERSION):
@@ -331,13 +386,36 @@ class CacheDatabase:
                 pass
 
     def integrity_check(self) -> str:
-        """``PRAGMA integrity_check`` over the whole file: ``"ok"`` or the problems joined by ``"; "``."""
+        """``PRAGMA integrity_check`` over the whole file, then ``label_stats.members`` against the samples.
+
+        Returns ``"ok"`` or the problems joined by ``"; "``.
+        """
         conn = self._connection()
         try:
             rows = conn.execute("PRAGMA integrity_check").fetchall()
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # locked, closed, I/O: not a verdict on the file
             raise self.error("integrity_check", exc) from exc
-        return "; ".join(str(row[0]) for row in rows)
+        except sqlite3.DatabaseError as exc:  # pages so damaged that the check itself stops
+            return str(exc)
+        result = "; ".join(str(row[0]) for row in rows)
+        if result != "ok":
+            return result
+        with self.read("integrity_check") as conn:
+            counted = dict(conn.execute("SELECT label, COUNT(*) FROM samples WHERE label IS NOT NULL GROUP BY label"))
+            stored = dict(conn.execute("SELECT label, members FROM label_stats"))
+        problems = [f"label_stats.members of {label!r} is {stored.get(label, 0)}, "
+                    f"{counted.get(label, 0)} sample(s) carry the label"
+                    for label in sorted(set(counted) | set(stored)) if counted.get(label, 0) != stored.get(label, 0)]
+        return "; ".join(problems) or "ok"
+
+    def recount_members(self) -> int:
+        """Count each label's members from its samples again (``check-cache --repair``); returns the labels fixed."""
+        with self.write("recount_members") as conn:
+            before = dict(conn.execute("SELECT label, members FROM label_stats"))
+            for statement in _RECOUNT_MEMBERS:
+                conn.execute(statement)
+            after = dict(conn.execute("SELECT label, members FROM label_stats"))
+        return sum(1 for label, n in after.items() if before.get(label) != n)
 
     # ------------------------------------------------------------------ errors
 
@@ -358,7 +436,8 @@ class CacheDatabase:
         elif "unable to open" in text or "readonly" in text:
             todo = "check that the file and its directory exist and are writable by this user"
         else:
-            todo = "run FeatureCache.integrity_check(); if it is not ok, move the file aside (features can be recomputed)"
+            todo = ("run edgexfer device check-cache (FeatureCache.integrity_check()); if it is not ok, "
+                    "move the file aside (features can be recomputed)")
         return CacheError(
             f"feature cache {action} failed",
             got=f"{type(exc).__name__}: {text} ({self.path})",

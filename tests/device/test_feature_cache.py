@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgexfer.runtime.cache import SCHEMA_VERSION, FeatureCache, SampleRecord
+from edgexfer.runtime.cache_session import session_path, write_clean_record
 from edgexfer.runtime.errors import CacheError, InputError
 
 BACKBONE = FeatureCache.content_sha256(b"backbone A")
@@ -38,6 +39,13 @@ def raw_query(path: Path, sql: str) -> list[tuple]:
     """Look at the file with plain sqlite3, the way a person debugging a device would."""
     with closing(sqlite3.connect(path)) as raw:
         return raw.execute(sql).fetchall()
+
+
+def raw_write(path: Path, sql: str) -> None:
+    """Change the file with plain sqlite3, as a person in the sqlite3 shell would (committed)."""
+    with closing(sqlite3.connect(path)) as raw:
+        raw.execute(sql)
+        raw.commit()
 
 
 def run_child(script: str, *args: str) -> subprocess.Popen:
@@ -288,22 +296,149 @@ def test_newer_schema_and_foreign_databases_are_refused_untouched(tmp_path: Path
     assert foreign.read_bytes() == before
 
 
-@pytest.mark.parametrize("table", ["samples", "features_by_backbone"])
-def test_damaged_database_is_refused_on_open_and_left_untouched(tmp_path: Path, table: str) -> None:
-    path = tmp_path / "features.sqlite"
-    with FeatureCache(path, per_class_capacity=None) as cache:
-        cache.add_samples([sample(i) for i in range(300)])
+def damage_root_page(path: Path, table: str) -> bytes:
+    """Overwrite a table's root page with bytes that are no b-tree page: what a failing SD card does."""
     raw_query(path, "PRAGMA wal_checkpoint(TRUNCATE)")  # move everything into the main file
     page_size = raw_query(path, "PRAGMA page_size")[0][0]
     root = raw_query(path, f"SELECT rootpage FROM sqlite_master WHERE name = '{table}'")[0][0]
     data = bytearray(path.read_bytes())
-    # overwrite the table's root page with bytes that are no b-tree page: what a failing SD card does
     data[(root - 1) * page_size : root * page_size] = b"\xa5" * page_size
     path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("table", ["samples", "features_by_backbone"])
+@pytest.mark.parametrize("after", ["an unclean shutdown", "a change by another program"])
+def test_damaged_database_is_refused_on_open_and_left_untouched(tmp_path: Path, table: str, after: str) -> None:
+    path = tmp_path / "features.sqlite"
+    with FeatureCache(path, per_class_capacity=None) as cache:
+        cache.add_samples([sample(i) for i in range(300)])
+    data = damage_root_page(path, table)
+    if after == "an unclean shutdown":
+        session_path(path).write_bytes(b"")  # what a process leaves that was killed with the file open
+    else:  # the file's mtime says it changed since the clean close, even within the clock's resolution
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        data = path.read_bytes()
     with pytest.raises(CacheError, match="feature cache file is damaged") as info:
         FeatureCache(path)
     assert "\n" not in str(info.value)
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("table", ["samples", "features_by_backbone"])
+def test_silent_damage_is_found_by_the_check_on_demand_and_on_first_read(tmp_path: Path, table: str) -> None:
+    """Damage that leaves the file's metadata as the clean close recorded it (a failing card) is not scanned
+    for on open: the check on demand finds it, and reading a damaged page fails in one line naming it."""
+    path = tmp_path / "features.sqlite"
+    records = [sample(i) for i in range(300)]
+    with FeatureCache(path, per_class_capacity=None) as cache:
+        cache.add_samples(records)
+        cache.put_features(BACKBONE, PRE, dict(zip([r.sha256 for r in records], relu6_features(300)[:, :8])))
+    damage_root_page(path, table)
+    write_clean_record(path)  # the record matches the damaged file: nothing tells it apart on open
+    with FeatureCache(path) as cache:
+        assert not cache.quick_checked
+        assert cache.integrity_check() != "ok"
+        with pytest.raises(CacheError) as info:
+            cache.features_count(BACKBONE) if table == "features_by_backbone" else cache.image(records[7].sha256)
+    message = str(info.value)
+    assert "\n" not in message and "malformed" in message and "edgexfer device check-cache" in message
+
+
+CRASHER = """
+    import os, sys
+    from edgexfer.runtime.cache import FeatureCache, SampleRecord
+    cache = FeatureCache(sys.argv[1], per_class_capacity=None)
+    cache.add_samples([SampleRecord(FeatureCache.content_sha256(b"late"), "cat", "child", b"late")])
+    os._exit(0)  # no close: what a kill or a power cut leaves
+"""
+
+
+def test_a_cleanly_closed_cache_is_not_scanned_on_reopen_and_an_unclean_one_is(tmp_path: Path) -> None:
+    path = tmp_path / "features.sqlite"
+    with FeatureCache(path) as cache:
+        assert not cache.quick_checked  # a new file: nothing to check
+        cache.add_samples([sample(i) for i in range(20)])
+    with FeatureCache(path) as cache:
+        assert not cache.quick_checked
+        # a second user while the first is open shares a checked file: no scan either
+        with FeatureCache(path) as other:
+            assert not other.quick_checked and other.counts() == {"cat": 20}
+    assert session_path(path).stat().st_mode & 0o777 == 0o600  # private, like the cache
+
+    child = run_child(CRASHER, str(path))
+    assert child.wait(timeout=60) == 0, child.stderr.read()
+    assert (tmp_path / "features.sqlite-wal").exists()
+    with FeatureCache(path) as cache:
+        assert cache.quick_checked  # the last user left without closing: scanned once
+        assert cache.counts() == {"cat": 21}
+    with FeatureCache(path) as cache:
+        assert not cache.quick_checked  # and closed cleanly since
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))  # another program wrote the file
+    with FeatureCache(path) as cache:
+        assert cache.quick_checked
+
+
+# The layout of schema version 2, as files written before version 3 have it.
+SCHEMA_2 = (
+    "CREATE TABLE samples (sha256 TEXT PRIMARY KEY NOT NULL, label TEXT NULL, source TEXT NOT NULL, "
+    "created_utc TEXT NOT NULL, image BLOB NULL)",
+    "CREATE INDEX samples_by_label ON samples(label, sha256)",
+    "CREATE TABLE features (sample_sha256 TEXT NOT NULL REFERENCES samples(sha256) ON DELETE CASCADE, "
+    "backbone_sha256 TEXT NOT NULL, preprocess TEXT NOT NULL, dim INTEGER NOT NULL CHECK (dim > 0), "
+    "vec BLOB NOT NULL CHECK (length(vec) = 2 * dim), PRIMARY KEY (sample_sha256, backbone_sha256, preprocess))",
+    "CREATE INDEX features_by_backbone ON features(backbone_sha256, preprocess)",
+    "CREATE TABLE label_stats (label TEXT PRIMARY KEY NOT NULL, seen INTEGER NOT NULL CHECK (seen >= 0))",
+    "CREATE TABLE review (id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE, image BLOB NOT NULL, "
+    "media_type TEXT NOT NULL, label TEXT NOT NULL, probability REAL NOT NULL, top_k TEXT NOT NULL, "
+    "head INTEGER NOT NULL, source TEXT NOT NULL, created_utc TEXT NOT NULL)",
+    "PRAGMA user_version = 2",
+)
+
+
+def members_and_counts(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """label_stats.members and the labels counted from the samples (labels with no member left out)."""
+    members = dict(raw_query(path, "SELECT label, members FROM label_stats WHERE members > 0"))
+    return members, dict(raw_query(path, "SELECT label, COUNT(*) FROM samples WHERE label IS NOT NULL GROUP BY label"))
+
+
+def test_member_counts_stay_exact_through_inserts_relabels_deletes_and_evictions(tmp_path: Path) -> None:
+    path = tmp_path / "features.sqlite"
+    with closing(sqlite3.connect(path)) as raw:  # a cache of schema 2, with a label whose statistics were lost
+        for statement in SCHEMA_2:
+            raw.execute(statement)
+        raw.executemany("INSERT INTO samples VALUES (?, ?, 'old', 'then', NULL)",
+                        [(sample(i, prefix="old").sha256, "cat" if i < 7 else None) for i in range(9)])
+        raw.commit()
+    with FeatureCache(path, per_class_capacity=5, seed=3) as cache:  # migrated on open
+        assert raw_query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and cache.counts() == {"cat": 7}
+        assert raw_query(path, "SELECT seen, members FROM label_stats") == [(7, 7)]
+        steps = {
+            "inserts and evictions": lambda: cache.admit_samples([sample(i) for i in range(30)]),
+            "another label": lambda: cache.admit_samples([sample(i, "dog", prefix="d") for i in range(4)]),
+            "relabels": lambda: cache.admit_samples([sample(i, "cat", prefix="d") for i in range(3)]),
+            "unlabelled, then labelled": lambda: (cache.add_samples([sample(i, None, prefix="u") for i in range(3)]),
+                                                  cache.admit_samples([sample(i, "owl", prefix="u") for i in range(3)])),
+            "a lowered capacity trims": lambda: FeatureCache(path, per_class_capacity=2).add_samples([sample(99)]),
+        }
+        for step, act in steps.items():
+            result = act()
+            members, counted = members_and_counts(path)
+            assert members == counted, step
+            if step == "inserts and evictions":  # 7 old members: the first arrivals evict
+                assert len(result.kept) + len(result.dropped) == 30 and result.evicted > 0
+                assert counted["cat"] == 5
+        # a person deleting rows in the sqlite3 shell: the triggers still count
+        raw_write(path, "DELETE FROM samples WHERE label = 'owl' AND sha256 IN (SELECT sha256 FROM samples LIMIT 10)")
+        raw_write(path, "UPDATE samples SET label = NULL WHERE label = 'dog'")
+        assert members_and_counts(path)[0] == members_and_counts(path)[1]
+        assert cache.counts() == members_and_counts(path)[1] and cache.integrity_check() == "ok"
+        # counts changed behind the triggers' back are found by the check, and repaired
+        raw_write(path, "UPDATE label_stats SET members = members + 3 WHERE label = 'cat'")
+        assert "label_stats.members of 'cat'" in cache.integrity_check()
+        assert cache.repair_member_counts() == 1 and cache.integrity_check() == "ok"
 
 
 def test_recompute_after_a_backbone_change(tmp_path: Path) -> None:
