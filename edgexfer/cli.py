@@ -290,28 +290,84 @@ def device_predict(files, texts, state, backend, precision, top_k, as_json):
 @device.command(name="learn")
 @click.argument("files", nargs=-1)
 @text_option
+@click.option("--from-list", "from_list", default=None, metavar="FILE",
+              help="Also learn the paths in FILE, one per line ('#' comments and blank lines skipped; relative to "
+                   "the current directory; - reads stdin): for more files than a command line holds.")
 @click.option("--label", required=True, help="Class name of these samples (a new name adds a class).")
 @click.option("--augment", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Also store this many augmented views (mild crops, flips) of each image; one backbone pass each.")
 @state_option
 @device_engine_options
 @json_option
-def device_learn(files, texts, label, augment, state, backend, precision, as_json):
-    """Store labelled samples (image or text files, --text texts, - for stdin lines) and their features in the
-    cache (the backbone runs only for new ones)."""
-    from edgexfer.runtime.device import Device
+def device_learn(files, texts, from_list, label, augment, state, backend, precision, as_json):
+    """Store labelled samples (image or text files, directories of them, --text texts, - for stdin lines) and their
+    features in the cache, one committed batch at a time (the backbone runs only for new samples the per-class
+    capacity keeps; an interrupted call keeps its finished batches and a rerun skips them)."""
+    from itertools import chain
 
-    paths, literal, sources = split_inputs(files, texts)
-    with Device(state, backend=backend, precision=precision) as dev:
-        report = dev.learn(paths, label, augment=augment, texts=literal, text_sources=sources)
-    text = (f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached; "
-            f"backbone ran {report.backbone_runs} time(s))")
-    if augment:
-        text += f"; {report.views_added} augmented view(s) stored ({augment} per image)"
+    from tqdm import tqdm
+
+    from edgexfer.runtime.device import Device
+    from edgexfer.runtime.learning import paths_from_list
+
+    if from_list is not None and "-" in files and from_list == "-":
+        raise click.UsageError("stdin is either texts (FILE -) or a list of paths (--from-list -), not both")
+    paths, literal, sources = split_inputs(files, texts) if files or texts or from_list is None else ([], [], [])
+    items = chain(paths, paths_from_list(from_list)) if from_list is not None else paths
+    done: list = []  # the report after the last committed batch, for an interruption
+    with tqdm(desc=f"learning '{label}'", unit="batch", disable=None, leave=False) as bar:
+        def committed(report) -> None:
+            done[:] = [report]
+            bar.set_postfix(added=report.added, known=report.already_known, dropped=report.dropped, refresh=False)
+            bar.update(1)
+
+        try:
+            with Device(state, backend=backend, precision=precision) as dev:
+                report = dev.learn(items, label, augment=augment, texts=literal, text_sources=sources,
+                                   on_batch=committed)
+        except KeyboardInterrupt:
+            bar.close()
+            kept = done[0] if done else None
+            summary = _learn_summary(kept, label, augment) if kept else "nothing committed"
+            click.echo(f"interrupted: {summary}; the same command again skips what is committed", err=True)
+            if as_json and kept:
+                emit({**kept.to_dict(), "interrupted": True}, True, "")
+            sys.exit(130)
+    text = _learn_summary(report, label, augment)
     for e in report.errors:
         text += f"\n{e['source']}: ERROR {e['error']}"
     emit(report.to_dict(), as_json, text)
     if report.errors:
+        sys.exit(1)
+
+
+def _learn_summary(report, label: str, augment: int) -> str:
+    text = f"learned {report.added} new sample(s) of '{label}' ({report.already_known} already cached"
+    if report.dropped or report.evicted:
+        text += (f"; {report.dropped} dropped by the per-class capacity of {report.capacity}, "
+                 f"{report.evicted} stored before replaced")
+    text += f"; backbone ran {report.backbone_runs} time(s); {report.batches} batch(es) committed)"
+    if augment:
+        text += f"; {report.views_added} augmented view(s) stored ({augment} per image)"
+    return text
+
+
+@device.command(name="check-cache")
+@state_option
+@click.option("--repair", is_flag=True, help="Recount each label's members if only those counts are off.")
+@json_option
+def device_check_cache(state, repair, as_json):
+    """Check the whole feature cache file (SQLite integrity_check; opening checks it only after an unclean
+    shutdown). Exit 1 if it is damaged."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        result = dev.check_cache(repair=repair)
+    verdict = "ok" if result["ok"] else f"DAMAGED: {result['result']}"
+    emit(result, as_json, f"{result['path']}: {verdict} ({result['bytes'] / 1e6:.1f} MB checked in "
+                          f"{result['seconds']:.2f} s)" + (f"; repaired: {result['repaired']}" if result["repaired"] else ""))
+    if not result["ok"]:
+        click.echo(f"error: {result['todo']}", err=True)
         sys.exit(1)
 
 

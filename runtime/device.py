@@ -1,9 +1,10 @@
 """The device side: predict, learn new samples, retrain the head, switch heads atomically.
 
 ``Device`` is a facade over one state directory; the work is done where each concept lives.
-Field learning never touches the backbone. ``learn`` stores each new sample with its features through
-:func:`edgexfer.runtime.features.cached_features` (one transaction: a sample is confirmed with its
-features or not at all), running the backbone only for samples the cache does not have. ``retrain``
+Field learning never touches the backbone. ``learn`` streams its inputs through
+:class:`edgexfer.runtime.learning.BatchLearner`: one transaction per batch, in which the per-class capacity
+admits the samples, the backbone runs only for admitted samples the cache has no features of, and each
+sample is confirmed with its features or not at all. ``retrain``
 fits a new head on cached features plus the bundle's exemplars, warm-started from the active head, and
 activates it only if :func:`edgexfer.runtime.holdout.retrain_gate` accepts it: not worse than the
 active head on a seeded holdout of the local samples (minus a tolerance); otherwise the candidate is
@@ -14,26 +15,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from edgexfer.runtime.augment import AUGMENT_SETTINGS, DEFAULT_AUGMENT, MAX_AUGMENT, view_key
+from edgexfer.runtime.augment import DEFAULT_AUGMENT, MAX_AUGMENT
 from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.backends.registry import available_backends, backend_spec, choose_backend, open_backend
 from edgexfer.runtime.bundle import Bundle
-from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache, SampleRecord
+from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache
 from edgexfer.runtime.engine_store import EngineKey, EngineStore
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, DEFAULT_TOLERANCE
+from edgexfer.runtime.learning import BatchLearner, LearnReport, learn_inputs
 from edgexfer.runtime.modalities import modality_of
-from edgexfer.runtime.modalities.base import LazyValues, Modality, Sample, source_name
+from edgexfer.runtime.modalities.base import LazyValues
 from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
@@ -52,44 +52,6 @@ def _engine_versions() -> dict[str, str]:
     """Versions of the engines installed here that build device engines (entries for others are stale)."""
     versions = {name: backend_spec(name).installed_version() for name in available_backends()}
     return {name: version for name, version in versions.items() if version is not None}
-
-
-def _read_samples(modality: Modality, items: Sequence[ImageInput], literal: Sequence[str],
-                  sources: Sequence[str] | None = None) -> tuple[dict[str, Sample], list[dict[str, str]]]:
-    """What ``learn`` was given (files or their bytes, and literal samples), read by the bundle's modality:
-    ``{sha256: sample}`` (the first copy of each) and the errors, one per bad input."""
-    errors: list[dict[str, str]] = []
-    samples: dict[str, Sample] = {}
-    given = [(source_name(item, i), item, modality.read) for i, item in enumerate(items)]
-    given += [(sources[i] if sources else f"text[{i}]", text, modality.literal) for i, text in enumerate(literal)]
-    for name, item, read in given:
-        try:
-            sample = read(item, name)
-            if sample.data is None:  # an array in memory: nothing the cache could keep to recompute it
-                raise InputError(f"learn takes {modality.noun} files or their bytes", got=type(item).__name__,
-                                 expected="a path or bytes")
-        except EdgexferError as exc:
-            errors.append({"source": name, "error": str(exc)})
-            continue
-        except OSError as exc:  # a plug-in modality that let an unreadable file through
-            errors.append({"source": name, "error": f"cannot read file {name} | got {exc.strerror or exc}"})
-            continue
-        samples.setdefault(sample.sha256, sample)
-    return samples, errors
-
-
-@dataclass(frozen=True)
-class LearnReport:
-    label: str
-    added: int  #: samples newly confirmed in the cache
-    already_known: int  #: samples the cache had (features reused)
-    backbone_runs: int  #: images that went through the backbone (views included)
-    errors: list[dict[str, str]] = field(default_factory=list)
-    augment: int = 0  #: augmented views asked for per image
-    views_added: int = 0  #: views computed now (views cached already are not recomputed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Device:
@@ -268,16 +230,22 @@ class Device:
         return predictor.predict_texts(texts, top_k=top_k, sources=sources)
 
     # ---------------------------------------------------------------------------- learn
-    def learn(self, items: Sequence[ImageInput], label: str, source: str = "device", *,
+    def learn(self, items: Iterable[ImageInput], label: str, source: str = "device", *,
               augment: int = DEFAULT_AUGMENT, texts: Sequence[str] = (),
-              text_sources: Sequence[str] | None = None) -> LearnReport:
+              text_sources: Sequence[str] | None = None, batch_size: int | None = None,
+              on_batch: Callable[[LearnReport], None] | None = None) -> LearnReport:
         """Store labelled samples with their features; bad inputs are reported, good ones still learned.
 
-        The backbone runs only for samples the cache has no features of, and each sample is confirmed
-        together with its features or not at all (:func:`~edgexfer.runtime.features.cached_features`).
-        ``augment=K`` also stores K augmented views of each sample (mild crops and flips,
-        :data:`AUGMENT_SETTINGS`, seeded by the sample's sha256: the same views every time), one
-        backbone pass each, under :func:`view_key`; ``retrain`` trains on the views of training samples.
+        ``items`` (files, their bytes, or directories, walked for the files the bundle's modality takes) are
+        read lazily and learned one batch at a time (``batch_size``, default the modality's): each batch is
+        one transaction in which the per-class capacity admits samples *before* the backbone runs, the
+        backbone runs only for admitted samples the cache has no features of, and each sample is confirmed
+        together with its features or not at all (:mod:`edgexfer.runtime.learning`). An interrupted call
+        keeps its committed batches; the same call again skips them. ``on_batch`` gets the report so far
+        after each committed batch. ``augment=K`` also stores K augmented views of each sample (mild crops
+        and flips, :data:`~edgexfer.runtime.augment.AUGMENT_SETTINGS`, seeded by the sample's sha256: the
+        same views every time), one backbone pass each, under
+        :func:`~edgexfer.runtime.augment.view_key`; ``retrain`` trains on the views of training samples.
 
         With a text bundle ``items`` are text files (or their bytes), one sample each, and ``texts`` are
         literal texts, named ``text_sources[i]`` in the report (default ``text[i]``); the cache keeps a text
@@ -297,50 +265,11 @@ class Device:
         if texts and not modality.takes_literals:
             raise InputError(f"texts given to an {modality.name} bundle", got=f"{len(texts)} text(s)",
                              expected=f"{modality.noun} files", todo="learn texts with a text bundle installed")
-        samples, errors = _read_samples(modality, items, texts, text_sources)
-        shas = list(samples)
-        records = [SampleRecord(s, label, f"{source}:{samples[s].source}", samples[s].data) for s in shas]
-        backbone = bundle.manifest.backbone.sha256
-        views_added = view_runs = 0
+        inputs = learn_inputs(modality, items, texts, text_sources)
         with self.cache() as cache:
-            engine = self.engine(bundle)
-            _, report = cached_features(engine, cache, backbone, modality.preprocess, shas, records=records,
-                                        progress=False, **modality.cached_args([samples[s].value for s in shas]))
-            crash_point("learn-committed")
-            if augment:
-                kept = [s for s in shas if s not in set(report.dropped)]
-                views_added, view_runs = self._add_views(cache, engine, backbone, modality, kept, samples, augment)
-        return LearnReport(label=label, added=report.requested - report.from_cache, already_known=report.from_cache,
-                           backbone_runs=report.extracted + view_runs, errors=errors, augment=augment,
-                           views_added=views_added)
-
-    @staticmethod
-    def _add_views(cache: FeatureCache, engine: EngineRunner, backbone: str, modality: Modality, shas: list[str],
-                   samples: Mapping[str, Sample], augment: int) -> tuple[int, int]:
-        """Store the missing views ``0..augment-1`` of ``shas``; returns (views stored, backbone runs).
-
-        Each view key is committed on its own, after its sample: a crash in between leaves samples with
-        fewer views (the next ``learn --augment`` of the same images adds them), never a view without
-        its sample (the feature row references the sample).
-        """
-        from edgexfer.runtime.augment import Augmenter
-        from edgexfer.runtime.preprocess import stack
-
-        spec = modality.preprocess
-        augmenter = Augmenter(spec, **AUGMENT_SETTINGS)
-        decoded = {s: modality.decoded(samples[s].data) for s in shas}  # full size: views crop before resizing
-        added = runs = 0
-        for view in range(augment):
-            key = view_key(spec.key(), view)
-            todo = cache.missing(backbone, key, shas)
-            for start in range(0, len(todo), 16):
-                chunk = todo[start:start + 16]
-                pixels = [augmenter(decoded[s], np.random.default_rng([int(s[:16], 16), view])) for s in chunk]
-                before = engine.stats.images
-                cache.put_features(backbone, key, dict(zip(chunk, engine.run(stack(pixels)))))
-                runs += engine.stats.images - before
-                added += len(chunk)
-        return added, runs
+            learner = BatchLearner(lambda: self.engine(bundle), cache, modality, bundle.manifest.backbone.sha256,
+                                   label, source, augment=augment, batch_size=batch_size)
+            return learner.run(inputs, self.per_class_capacity, on_batch)
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
@@ -394,6 +323,31 @@ class Device:
             "last_retrain": last,
             "warnings": self._warnings(),
         }
+
+    def check_cache(self, *, repair: bool = False) -> dict[str, Any]:
+        """Check the whole feature cache file: ``PRAGMA integrity_check`` and each label's member count.
+
+        Opening the cache checks it (``quick_check``) only after an unclean shutdown
+        (:mod:`edgexfer.runtime.cache_session`); this is the check on demand (``edgexfer device check-cache``).
+        ``repair`` recounts the member counts, the one problem a check can repair.
+        """
+        started = time.perf_counter()
+        repaired = 0
+        with self.cache() as cache:
+            result = cache.integrity_check()
+            if repair and result.startswith("label_stats.members"):  # the pages are sound: only counts are off
+                repaired = cache.repair_member_counts()
+                result = cache.integrity_check()
+        path = self.state.cache_path
+        if result == "ok":
+            todo = ""
+        elif result.startswith("label_stats.members"):
+            todo = "run edgexfer device check-cache --repair (it recounts each label's members)"
+        else:
+            todo = (f"move {path} aside with its -wal and -shm files (sqlite3 FILE .recover can salvage its rows); "
+                    "a new empty cache is made on the next command, and samples not salvaged must be learned again")
+        return {"path": str(path), "ok": result == "ok", "result": result, "todo": todo, "repaired": repaired,
+                "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - started, 3)}
 
     def _warnings(self) -> list[str]:
         exposed = self.state.exposed()

@@ -1,7 +1,8 @@
 """Features through the feature cache: the backbone runs only for samples the cache lacks.
 
-Shared by host training (frozen mode) and the device (``Device.learn`` and
-``Device.recompute_features``), so all of them count and cache alike, for images and texts:
+Shared by host training (frozen mode) and the device (``Device.recompute_features``), so both count and
+cache alike, for images and texts (field learning, which also adds the samples, is
+:mod:`edgexfer.runtime.learning`):
 :func:`cached_features` takes the pixels of one sample (images) or builds the engine input of a batch
 (texts: :func:`text_batches`); :func:`text_features` is the uncached "features of these texts" that
 predict, export and the golden check call.
@@ -16,10 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from edgexfer.runtime.backends.base import EngineRunner
-from edgexfer.runtime.cache import FeatureCache, SampleRecord
+from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.preprocess import PreprocessSpec, stack
-from edgexfer.runtime.state import crash_point
 from edgexfer.runtime.text import TextSpec, TextTokenizer
 
 #: texts per engine call: a batch is padded to its longest text, so texts are batched by length
@@ -34,8 +34,6 @@ class ExtractionReport:
     from_cache: int  #: requested samples whose features were cached already
     extracted: int  #: images that went through the backbone
     seconds: float  #: time spent in the backbone
-    #: samples given as ``records`` that the cache's per-class capacity dropped (their rows are left out)
-    dropped: tuple[str, ...] = ()
 
 
 def cached_features(
@@ -46,7 +44,6 @@ def cached_features(
     shas: Sequence[str],
     pixels_of: Callable[[int], np.ndarray] | None,
     *,
-    records: Sequence[SampleRecord] | None = None,
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "extracting features",
@@ -61,19 +58,9 @@ def cached_features(
     :class:`~edgexfer.runtime.text.TokenBatch`), and ``order`` (a sort key of a sample index: texts of
     similar length share a batch, so little of it is padding); see :func:`text_batches`.
 
-    Two ways to commit:
-
-    * ``records=None`` (host training, recomputing after a backbone change): ``shas`` are samples
-      already in the cache, and each batch of features is committed on its own, so an interrupted
-      run keeps what it extracted.
-    * ``records`` given (field learning): ``records[i]`` is the sample ``shas[i]``, to be added. All
-      features are extracted first, then the samples are added and their features stored in one
-      transaction: a sample is confirmed with its features or not at all. The cache's per-class
-      capacity may drop some of them; they are listed in ``report.dropped`` and have no row.
+    ``shas`` are samples already in the cache, and each batch of features is committed on its own, so
+    an interrupted run keeps what it extracted.
     """
-    if records is not None and [r.sha256 for r in records] != list(shas):
-        raise InputError("cached_features: records and shas differ", got=f"{len(records)} records for {len(shas)} shas",
-                         expected="records[i].sha256 == shas[i]", todo="pass shas=[r.sha256 for r in records]")
     key = spec.key()
     missing = set(cache.missing(backbone_sha256, key, shas))
     todo = [i for i, sha in enumerate(shas) if sha in missing]
@@ -89,31 +76,18 @@ def cached_features(
             raise InputError("cached_features", got="neither pixels_of nor batch_of", expected="one of them")
         batch_of = lambda chunk: stack([pixels_of(i) for i in chunk])  # noqa: E731
     images_before, seconds_before = backend.stats.images, backend.stats.seconds
-    extracted: dict[str, np.ndarray] = {}
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo, leave=False) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             feats = dict(zip((shas[i] for i in chunk), backend.run(batch_of(chunk))))
-            if records is None:
-                # each batch is committed on its own: an interrupted run keeps what it extracted
-                cache.put_features(backbone_sha256, key, feats)
-            else:
-                extracted.update(feats)
+            # each batch is committed on its own: an interrupted run keeps what it extracted
+            cache.put_features(backbone_sha256, key, feats)
             bar.update(len(chunk))
-    kept = set(shas)
-    if records is not None:
-        crash_point("learn-before-commit")  # the crash tests kill field learning here: extracted, nothing committed
-        # one transaction: the samples and their features are confirmed together or not at all
-        with cache.transaction():
-            kept = set(cache.add_samples(records))  # the capacity policy may drop some
-            cache.put_features(backbone_sha256, key, {sha: f for sha, f in extracted.items() if sha in kept})
-    wanted = [sha for sha in shas if sha in kept]
-    found = cache.get_features(backbone_sha256, key, wanted)
-    matrix = np.stack([found[sha] for sha in wanted]).astype(np.float32) if wanted else np.zeros((0, 0), np.float32)
+    found = cache.get_features(backbone_sha256, key, shas)
+    matrix = np.stack([found[sha] for sha in shas]).astype(np.float32) if shas else np.zeros((0, 0), np.float32)
     report = ExtractionReport(requested=len(shas), from_cache=len(shas) - len(todo),
                               extracted=backend.stats.images - images_before,
-                              seconds=backend.stats.seconds - seconds_before,
-                              dropped=tuple(sha for sha in dict.fromkeys(shas) if sha not in kept))
+                              seconds=backend.stats.seconds - seconds_before)
     return matrix, report
 
 

@@ -365,3 +365,28 @@ def _to_rgb(image: Image.Image, fill: tuple[int, ...], name: str) -> Image.Image
     # L, 1, P, CMYK, YCbCr, RGB: Pillow's own conversions. A fresh image is returned even for RGB, so
     # the result never shares state with the decoder.
     return image.convert("RGB")
+
+
+def check_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
+    """The (width, height) of an image file's bytes from its header alone: what :func:`decode_image` refuses
+    before decoding (not an image, empty, too large) is refused here without decoding a pixel.
+
+    Field learning hashes a batch and checks headers before the capacity decides which samples are decoded;
+    a file that is truncated or corrupt after its header still fails in :func:`decode_image`.
+    """
+    name = name or f"({len(data)} bytes in memory)"
+    if not data:
+        raise InputError(f"cannot decode image {name}", got="an empty file (0 bytes)", expected=_EXPECTED_FILE,
+                         todo="replace or remove the file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception as exc:  # Pillow's plugins raise many types on bad input; all mean "not usable"
+            raise _decode_error(name, exc) from exc
+    if width * height > max_pixels:
+        raise InputError(f"cannot decode image {name}", got=f"too large: {width}x{height} = {width * height:,} pixels",
+                         expected=f"at most {max_pixels:,} pixels",
+                         todo="shrink the image, or raise max_pixels if the file is trusted")
+    return width, height

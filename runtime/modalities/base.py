@@ -88,6 +88,8 @@ class Modality:
     streams: ClassVar[bool] = False
     #: the samples per engine call when a caller does not choose
     batch_size: ClassVar[int] = 16
+    #: file name endings (lower case) of its samples: what ``device learn DIR`` takes from a directory
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
     #: what a labelled data set of this modality looks like, for messages (``--calib``, ``--val``)
     dataset_help: ClassVar[str] = "a labelled data set"
     #: the converters' calibration reader, ``"module:function"`` (bundle, data, calib_size, *, val_size, seed)
@@ -123,6 +125,25 @@ class Modality:
         ``OSError`` that gets through as that sample's error, never as a crash).
         """
         raise NotImplementedError
+
+    def identify(self, item: Any, source: str) -> Sample:
+        """Like :meth:`read`, but the value may be left to :meth:`value_of` (``Sample.value`` None): field
+        learning reads and hashes a batch first and decodes only the samples the capacity admits whose features
+        are missing. By default the sample is read fully. An input that is not of this modality still fails here."""
+        return self.read(item, source)
+
+    def value_of(self, sample: Sample) -> Any:
+        """The value of a sample from :meth:`identify`: its own, or made now from its data (InputError if it fails)."""
+        if sample.value is not None:
+            return sample.value
+        value = self.stored_value(sample.data)
+        if value is None:
+            raise InputError(f"{self.noun} {sample.source}", got="unreadable", expected=f"a {self.noun} file")
+        return value
+
+    def takes_file(self, name: str) -> bool:
+        """Whether a file found in a directory is one of its samples (by :attr:`file_suffixes`)."""
+        return name.lower().endswith(self.file_suffixes) if self.file_suffixes else False
 
     def literal(self, value: Any, source: str) -> Sample:
         """A sample given as a literal (``--text``); refused unless :attr:`takes_literals`."""

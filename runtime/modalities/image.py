@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.imagefolder import IMAGE_EXTENSIONS
 from edgexfer.runtime.manifest import InputSpec
 from edgexfer.runtime.modalities.base import Modality, Sample, ServiceInput
 from edgexfer.runtime.preprocess import (
     DEFAULT_MAX_PIXELS,
     PreprocessSpec,
     check_array,
+    check_header,
     decode_image,
     read_source,
     resize_to_spec,
@@ -34,6 +36,7 @@ class ImageModality(Modality):
     augmentable = True
     streams = True
     batch_size = 16
+    file_suffixes = tuple(sorted(IMAGE_EXTENSIONS))
     dataset_help = "an ImageFolder tree"
     calibration_loader = "edgexfer.converters.calibration:load_image_calibration"
 
@@ -52,6 +55,18 @@ class ImageModality(Modality):
             return Sample(hashlib.sha256(pixels.tobytes()).hexdigest(), None, pixels, source)
         data, name = read_source(item)  # a path or bytes; one-line InputError for anything else
         return Sample(hashlib.sha256(data).hexdigest(), data, self.pixels(data, name), source)
+
+    def identify(self, item: Any, source: str) -> Sample:
+        """The file's bytes and sha256, its header checked (an image of a known format and a sane size); the
+        pixels are decoded by :meth:`value_of` when needed."""
+        if isinstance(item, np.ndarray):
+            return self.read(item, source)
+        data, name = read_source(item)
+        check_header(data, name=name)
+        return Sample(hashlib.sha256(data).hexdigest(), data, None, source)
+
+    def value_of(self, sample: Sample) -> np.ndarray:
+        return sample.value if sample.value is not None else self.pixels(sample.data, sample.source)
 
     def pixels(self, data: bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """An image file's bytes -> the backbone's resized pixels."""

@@ -17,6 +17,7 @@ from edgexfer.runtime.errors import BundleError, EdgexferError, InputError, Vali
 from edgexfer.runtime.manifest import TextInputSpec
 from edgexfer.runtime.modalities.base import Modality, Sample, ServiceInput
 from edgexfer.runtime.text import TextSpec, TextTokenizer, TokenBatch, check_text, decode_text, text_sha256
+from edgexfer.runtime.textdata import TEXT_EXTENSIONS
 
 #: TensorRT optimisation profile of the sequence length in tokens: (min, opt, max); max is the manifest's
 #: max_length (longer texts are truncated before they reach the engine), opt a typical length
@@ -31,6 +32,8 @@ class TextModality(Modality):
     takes_literals = True
     #: texts per engine call: a batch is padded to its longest text, so texts are batched by length
     batch_size = 32
+    #: ``device learn DIR`` takes each .txt file as one sample (tables are data sets: ``edgexfer train``)
+    file_suffixes = tuple(sorted(TEXT_EXTENSIONS))
     dataset_help = "labelled texts (a folder of .txt per class, or a CSV/JSONL of text,label)"
     calibration_loader = "edgexfer.converters.calibration:load_text_calibration"
     quantization_scope = "edgexfer.converters.qdq:transformer_scope"

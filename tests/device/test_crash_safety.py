@@ -368,9 +368,11 @@ def test_reinstall_over_a_retrained_device_killed_at_each_switch_step(seed_state
 
 
 def test_learn_killed_before_and_after_its_commit(seed_state, tmp_path, check):
-    images = _images("sports", 2)
+    """20 images: a first batch of 16, then 4. A kill before the first batch's commit keeps nothing; a kill
+    right after it keeps exactly that batch, each sample with its features."""
+    images = _images("sports", 20)
     shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in images]
-    expected = {"learn-before-commit": {}, "learn-committed": {sha: "sports" for sha in shas}}
+    expected = {"learn-before-commit": {}, "learn-committed": {sha: "sports" for sha in shas[:16]}}
     runs = _run_steps(expected, lambda step: _clone(seed_state, tmp_path / step),
                       lambda root: ("learn", *map(str, images), "--label", "sports", "--state", str(root)))
     for step, (root, _) in runs.items():
@@ -378,7 +380,8 @@ def test_learn_killed_before_and_after_its_commit(seed_state, tmp_path, check):
         check(root)
         with Device(root) as dev:
             report = dev.learn(images, "sports")
-        assert report.added == len(shas) - len(expected[step]), step
+        assert (report.added, report.already_known) == (len(shas) - len(expected[step]), len(expected[step])), step
+        assert report.backbone_runs == report.added, step  # the committed batch is not run again
         assert _learned(root, shas) == {sha: "sports" for sha in shas}, step
 
 

@@ -114,33 +114,10 @@ def test_learn_keeps_features_only_for_what_the_per_class_capacity_keeps(device)
         status = capped.status()
     finally:
         capped.close()
-    assert report.backbone_runs == 6
-    # 3 of the 6 kept; the dropped ones left no features behind
+    # one batch: the capacity admits 3 of the 6 before the backbone runs, on those 3 only
+    assert (report.added, report.dropped, report.backbone_runs, report.capacity) == (3, 3, 3, 3)
+    # the dropped ones left no row and no features behind
     assert status["cache"] == {"samples_per_class": {"fruit": 3}, "features_for_backbone": 3}
-
-
-def test_cached_features_adds_samples_with_their_features_and_names_what_was_dropped(device):
-    from edgexfer.runtime.cache import FeatureCache, SampleRecord
-    from edgexfer.runtime.features import cached_features
-    from edgexfer.runtime.preprocess import decode_image, resize_to_spec
-
-    bundle = device.bundle()
-    spec, backbone = bundle.preprocess, bundle.manifest.backbone
-    data = [p.read_bytes() for p in _images("fruit", 5)]
-    shas = [FeatureCache.content_sha256(d) for d in data]
-    records = [SampleRecord(sha, "fruit", "test", d) for sha, d in zip(shas, data)]
-    with FeatureCache(device.state.cache_path, per_class_capacity=2) as cache:
-        X, report = cached_features(device.engine(bundle), cache, backbone.sha256, spec, shas,
-                                    lambda i: resize_to_spec(decode_image(data[i], fill=spec.fill), spec),
-                                    records=records, progress=False)
-        kept = [sha for sha in shas if sha not in report.dropped]
-        assert (report.requested, report.from_cache, report.extracted, len(report.dropped)) == (5, 0, 5, 3)
-        assert cache.counts() == {"fruit": 2} and cache.labelled(backbone.sha256, spec.key())[0] == sorted(kept)
-        assert X.shape == (2, backbone.feature_dim)
-        np.testing.assert_array_equal(X, np.stack(list(cache.get_features(backbone.sha256, spec.key(), kept).values())))
-        with pytest.raises(EdgexferError, match="records and shas differ"):
-            cached_features(device.engine(bundle), cache, backbone.sha256, spec, shas[:2], lambda i: None,
-                            records=records[:1], progress=False)
 
 
 def _png(color) -> bytes:
