@@ -333,6 +333,9 @@ class Device:
         """
         started = time.perf_counter()
         repaired = 0
+        if not self.state.cache_path.is_file():
+            raise InputError("feature cache", got=f"no file {self.state.cache_path}", expected="a device state with a cache",
+                             todo="check --state (the cache is made by install and learn)")
         with self.cache() as cache:
             result = cache.integrity_check()
             if repair and result.startswith("label_stats.members"):  # the pages are sound: only counts are off

@@ -2,6 +2,7 @@
 reservoir, refusing bad input and bad files, two processes at once, and surviving SIGKILL."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -547,3 +548,30 @@ def test_every_confirmed_sample_survives_sigkill(tmp_path: Path) -> None:
         assert cache.counts()["cat"] >= len(confirmed)
         # the cache still takes writes after the crash
         assert cache.add_samples([sample(1, "dog")]) == [sample(1, "dog").sha256]
+
+
+def test_check_cache_command_checks_on_demand_and_repairs_member_counts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgexfer.cli import main
+
+    state = tmp_path / "state"
+    path = state / "features.sqlite"
+    with FeatureCache(path, per_class_capacity=None) as cache:
+        cache.add_samples([sample(i) for i in range(300)])
+    args = ["device", "check-cache", "--state", str(state), "--json"]
+    runner = CliRunner()
+    healthy = runner.invoke(main, args)
+    assert healthy.exit_code == 0 and json.loads(healthy.stdout)["result"] == "ok", healthy.output
+
+    raw_write(path, "UPDATE label_stats SET members = 1 WHERE label = 'cat'")
+    off = runner.invoke(main, args)
+    assert off.exit_code == 1 and "check-cache --repair" in off.stderr
+    repaired = runner.invoke(main, [*args, "--repair"])
+    assert repaired.exit_code == 0 and json.loads(repaired.stdout)["repaired"] == 1, repaired.output
+
+    damage_root_page(path, "samples")
+    write_clean_record(path)  # silent damage: only the check on demand sees it
+    damaged = runner.invoke(main, args)
+    assert damaged.exit_code == 1 and not json.loads(damaged.stdout)["ok"]
+    assert "move" in damaged.stderr and "\n" not in damaged.stderr.strip()

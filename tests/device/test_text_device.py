@@ -134,6 +134,17 @@ def test_learn_stores_each_text_once_with_its_text_and_reports_bad_ones(state, t
             dev.learn([first], "love", augment=2)
 
 
+def test_learn_walks_a_directory_for_text_files_only(state, tmp_path):
+    folder = tmp_path / "love"
+    (folder / "more").mkdir(parents=True)
+    shutil.copy(LOVE[2], folder / "b.txt")
+    shutil.copy(LOVE[3], folder / "more" / "a.TXT")
+    (folder / "photo.png").write_bytes(b"\x89PNG not a text")  # not the bundle's kind of file: not read
+    with Device(state) as dev:
+        report = dev.learn([folder], "love")
+    assert (report.added, report.errors, report.batches) == (2, [], 1)
+
+
 def test_acceptance_3_a_new_topic_learned_from_10_texts_is_predicted(state, device_text_bundle):
     """Issue 15, acceptance 3: `device learn --text` x 10, `device retrain`, then the new topic is predicted."""
     learn, ask = LOVE[:10], LOVE[10:]
