@@ -35,6 +35,8 @@ SCHEMA_VERSION = 3
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 
+# SQLite's page cache per connection, in KiB (a negative cache_size): the indexes of ~100,000 samples.
+_PAGE_CACHE_KIB = 16 * 1024
 # Less free space than this, at the moment an SQLite call failed, means the disk is full.
 _DISK_FULL_BYTES = 1 << 20
 # Stay well below SQLite's host-parameter limit (999 in builds older than 3.32) in `IN (...)` lists.
@@ -242,6 +244,10 @@ class CacheDatabase:
             conn.execute("PRAGMA synchronous = FULL")
             # Foreign keys are enforced per connection. They are needed so that deleting a sample deletes its features.
             conn.execute("PRAGMA foreign_keys = ON")
+            # Inserts land at random places of the sha256-keyed indexes: with SQLite's default 2 MB page cache
+            # their leaves stop fitting at a few thousand samples of one class and each insert reads pages
+            # again (benchmarks/cache_scaling.py). The cache grows only as pages are read.
+            conn.execute(f"PRAGMA cache_size = -{_PAGE_CACHE_KIB}")
         except sqlite3.Error as exc:
             raise self.error("open", exc) from exc
 
