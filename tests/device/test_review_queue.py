@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgexfer.runtime.cache import FeatureCache, SampleRecord
+from edgexfer.runtime.cache import SCHEMA_VERSION, FeatureCache, SampleRecord
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.review import ReviewQueue
 
@@ -40,13 +40,16 @@ def test_a_schema_1_cache_gains_the_queue_and_keeps_its_samples(tmp_path: Path) 
     path = tmp_path / "features.sqlite"
     with FeatureCache(path) as cache:
         cache.add_samples([SampleRecord("a" * 64, "cat", "test")])
-    with closing(sqlite3.connect(path)) as raw:  # back to the schema 1 layout
+    with closing(sqlite3.connect(path)) as raw:  # back to the schema 1 layout (no queue, no member counts)
         raw.execute("DROP TABLE review")
+        for trigger in ("samples_member_insert", "samples_member_delete", "samples_member_relabel"):
+            raw.execute(f"DROP TRIGGER {trigger}")
+        raw.execute("ALTER TABLE label_stats DROP COLUMN members")
         raw.execute("PRAGMA user_version = 1")
         raw.commit()
     with ReviewQueue(path) as queue:
         assert _add(queue, b"x") is not None
     with closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     with FeatureCache(path) as cache:
         assert cache.counts() == {"cat": 1}
