@@ -330,8 +330,8 @@ def device_learn(files, texts, from_list, label, augment, state, backend, precis
             kept = done[0] if done else None
             summary = _learn_summary(kept, label, augment) if kept else "nothing committed"
             click.echo(f"interrupted: {summary}; the same command again skips what is committed", err=True)
-            if as_json and kept:
-                emit({**kept.to_dict(), "interrupted": True}, True, "")
+            if as_json:
+                emit({**(kept.to_dict() if kept else {"label": label, "batches": 0}), "interrupted": True}, True, "")
             sys.exit(130)
     text = _learn_summary(report, label, augment)
     for e in report.errors:

@@ -9,8 +9,10 @@ it. So each :class:`~edgexfer.runtime.cache_sqlite.CacheDatabase` holds a *sessi
   database file (device, inode, size, mtime and ctime in ns) as it was after that close; if the record
   is missing, unreadable, says otherwise, or a ``-wal`` file with content is left, the file was not
   closed cleanly (a power cut, an OS crash, every process using it killed, or a change by another
-  program) and the opener runs ``quick_check``. It then clears the record (synced: a power cut while the
-  file is open must not leave a stale "clean" behind) and keeps a shared lock.
+  program) and the opener runs ``quick_check``. It clears the record (synced: a power cut while the file
+  is open must not leave a stale "clean" behind) and keeps the lock exclusive until the file is checked
+  and its schema in place (:meth:`CacheSession.ready`), then shares it: nobody uses a file whose check
+  after an unclean shutdown has not passed.
 * An opener that cannot get the lock exclusively shares the file with a live process, which checked
   the file when it opened it (or shares it with one that did): it checks nothing.
 * The closer that gets the lock exclusively after closing its connection is the last one: it writes the
@@ -81,7 +83,8 @@ class CacheSession:
         self._alone = False  # held the lock exclusively when opening
 
     def begin(self) -> bool:
-        """Take the shared lock; returns whether the file must be checked (it was not closed cleanly)."""
+        """Take the lock; returns whether the file must be checked (it was not closed cleanly). Call
+        :meth:`ready` once the file is checked and open, or :meth:`end` (``refused=True``) if it is refused."""
         if fcntl is None:
             return True
         while True:
@@ -94,7 +97,7 @@ class CacheSession:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     alone = True
                 except BlockingIOError:
-                    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while another opener checks the file
+                    fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a lone opener checks the file
                     alone = False
                 if not self._still_linked(fd):  # a refused file's opener removed it meanwhile: take the new one
                     os.close(fd)
@@ -105,12 +108,16 @@ class CacheSession:
                 must_check = not self._closed_cleanly(fd)
                 os.ftruncate(fd, 0)  # open now: until a clean close, the next lone opener checks
                 os.fsync(fd)
-                fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic: a lone opener in between would check (safe side)
                 return must_check
             except BaseException:
                 if self._fd is None:
                     os.close(fd)
                 raise
+
+    def ready(self) -> None:
+        """The file is checked and open: share the lock with other users (a lone opener held it exclusively)."""
+        if self._fd is not None and self._alone:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)  # not atomic: a lone opener in between would check (safe side)
 
     def end(self, *, refused: bool = False) -> None:
         """Release the lock; the last one out records a clean close (``refused``: the file was never opened)."""

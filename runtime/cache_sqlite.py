@@ -192,6 +192,7 @@ class CacheDatabase:
         try:
             self._configure(conn, must_check)
             self._ensure_schema(conn)
+            self._session.ready()
         except BaseException:
             self._conn = None
             conn.close()
