@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from edgexfer.data import ImageFiles, check_workers, describe_skipped, hash_files, scan_image_folder, stream_pixels
+from edgexfer.data import (
+    ImageFiles,
+    check_workers,
+    describe_skipped,
+    hash_files,
+    scan_image_folder,
+    stream_pixels,
+)
 from edgexfer.modalities import base
 from edgexfer.modalities.base import EvaluationSet, ExportReader, HostModality, LabelledData, Tuner
 from edgexfer.partial_recipe import PartialRecipe, partial_recipe

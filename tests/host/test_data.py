@@ -11,11 +11,11 @@ from PIL import Image
 from edgexfer.data import (
     IMAGE_EXTENSIONS,
     ImageFiles,
-    hash_files,
-    stream_pixels,
     describe_skipped,
+    hash_files,
     scan_image_folder,
     stratified_split,
+    stream_pixels,
 )
 from edgexfer.runtime.augment import Augmenter
 from edgexfer.runtime.errors import DataError, InputError
