@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from edgexfer.backbone_cut import Tail, prefix_runner
+from edgexfer.distributed import World, owners, sync_batchnorm
 from edgexfer.partial_recipe import PartialRecipe
 from edgexfer.runtime.errors import InputError
 
@@ -53,105 +55,66 @@ def resolve_device(device: str) -> str:
     return str(device)
 
 
-class _Tail:
-    """The trainable end of the backbone: blocks[cut:], head conv + BN + ReLU6, global average pool."""
-
-    def __init__(self, net, cut: int):
-        import torch
-        from torch import nn
-
-        class Tail(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.blocks = nn.ModuleList(list(net._blocks)[cut:])
-                self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net.act
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                for block in self.blocks:
-                    x = block(x)
-                return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
-
-        self.module = Tail()
-
-
-def _prefix_runner(net, bb, cut: int, device: str, engine: str):
-    """A function uint8 NHWC pixels -> float32 CPU tensor of the activations at the input of block ``cut``."""
-    import torch
-    from torch import nn
-
-    if engine not in ("auto", "torch", "onnxruntime"):
-        raise InputError("prefix engine", got=repr(engine), expected="auto, torch or onnxruntime")
-
-    class Prefix(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            std = torch.tensor(bb.std, dtype=torch.float32)
-            self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
-            self.register_buffer("shift", (-torch.tensor(bb.mean, dtype=torch.float32) / std).view(1, 3, 1, 1))
-            self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net.act
-            self.blocks = nn.ModuleList(list(net._blocks)[:cut])
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-            x = self.act(self.bn0(self.stem(x)))
-            for block in self.blocks:
-                x = block(x)
-            return x
-
-    module = Prefix().eval()
-    use_ort = engine == "onnxruntime" or (engine == "auto" and device == "cpu" and _has("onnxruntime"))
-    if not use_ort:
-        module = module.to(device)
-        return lambda pixels: module(torch.from_numpy(pixels).to(device)).cpu()
-    import io
-    import warnings
-
-    import onnxruntime as ort
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros((2, *bb.input_size, 3), dtype=torch.uint8),), buffer, dynamo=False,
-                          opset_version=17, input_names=["image"], output_names=["act"],
-                          dynamic_axes={"image": {0: "batch"}, "act": {0: "batch"}}, do_constant_folding=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    return lambda pixels: torch.from_numpy(session.run(None, {"image": pixels})[0])
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 class ViewCache:
     """Prefix activations of every image: one clean view (float32) and ``views`` augmented ones (float16).
 
     Build with :meth:`build`; train with :meth:`fit`. ``clean`` is ``[N, C, H, W]``, ``augmented``
     ``[N, V, C, H, W]`` (V = 0 for images outside ``augment_idx``: they are scored, never trained on).
+    Under torchrun (``world`` of several processes) a process holds only the rows of the images whose
+    ``owner`` is its rank (:func:`edgexfer.distributed.owners`), in image order; ``local`` maps an image to its row.
     """
 
     def __init__(self, *, net, bb, spec, cut: int, clean, augmented, has_views: np.ndarray, device: str,
-                 recipe: PartialRecipe, seed: int, seconds: float, weights=None):
+                 recipe: PartialRecipe, seed: int, seconds: float, weights=None, owner=None, world: World | None = None):
         self.net, self.bb, self.spec, self.cut = net, bb, spec, cut
         self.clean, self.augmented, self.has_views = clean, augmented, has_views
         self.device, self.recipe, self.seed, self.seconds, self.weights = device, recipe, seed, seconds, weights
+        self.world = world or World(device=device)
+        self.owner = np.zeros(len(has_views), dtype=np.int64) if owner is None else np.asarray(owner, dtype=np.int64)
+        self.held = np.flatnonzero(self.owner == self.world.rank)
+        self.local = np.full(len(has_views), -1, dtype=np.int64)
+        self.local[self.held] = np.arange(len(self.held))
 
     @property
     def unfreeze(self) -> int:
         return len(self.net._blocks) - self.cut
 
     def __len__(self) -> int:
-        return int(self.clean.shape[0])
+        return int(len(self.has_views))
+
+    def _rows(self, idx):
+        """This process's rows of images ``idx`` (all held here), as a torch index."""
+        import torch
+
+        rows = self.local[np.asarray(idx, dtype=np.int64)]
+        if (rows < 0).any():
+            raise InputError("view cache rows held by another process", got=f"{int((rows < 0).sum())} image(s)",
+                             expected=f"images of rank {self.world.rank}", todo="index only images this rank holds")
+        return torch.from_numpy(rows)
+
+    def through(self, module, idx, *, view: int | None = None, device: str = "cpu", to_all: bool = True):
+        """``module`` (no gradient) on the clean view (``view`` None) or stored view ``view`` of images ``idx``,
+        in ``idx``'s order: each process runs the images it holds, rows are gathered on every process
+        (``to_all``) or on rank 0 (None elsewhere)."""
+        import torch
+
+        idx = np.asarray(idx, dtype=np.int64)
+        owner = self.owner[idx]
+        rows = self._rows(idx[owner == self.world.rank])
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(rows), 64):
+                chunk = rows[s:s + 64]
+                x = self.clean[chunk] if view is None else self.augmented[chunk, view].to(torch.float32)
+                out.append(module(x.to(device)))
+        local = torch.cat(out) if out else torch.zeros((0, self.bb.feature_dim), device=device)
+        return self.world.gather_rows(local, owner, to_all=to_all)
 
     # ------------------------------------------------------------------------------------------ build
     @classmethod
     def build(cls, images: Sequence, spec, bb, recipe: PartialRecipe | None = None, *, weights=None,
               device: str = "cpu", seed: int = 0, progress: bool = True, augment_idx=None,
-              batch_size: int = 32, engine: str = "auto") -> ViewCache:
+              batch_size: int = 32, engine: str = "auto", world: World | None = None) -> ViewCache:
         """Run the frozen prefix once per view of every decoded RGB image in ``images``.
 
         ``bb`` is the :class:`~edgexfer.backbones.BackboneConfig`; ``weights`` an own checkpoint of it.
@@ -159,6 +122,7 @@ class ViewCache:
         do not depend on which other images are in the set. Only images in ``augment_idx`` (default:
         all) get augmented views. ``engine``: what runs the prefix; ``auto`` is ONNX Runtime on the CPU
         (about 4x faster than eager PyTorch there; activations agree to ~1e-5 relative) and PyTorch on CUDA.
+        ``world``: under torchrun, this process runs (and keeps) only the images its rank holds.
         """
         import torch
 
@@ -178,9 +142,14 @@ class ViewCache:
         want[np.arange(n) if augment_idx is None else np.asarray(augment_idx, dtype=np.int64)] = True
         views = int(recipe.views)
         augment = Augmenter(spec, **recipe.augment)
-        prefix = _prefix_runner(net, bb, cut, device, engine)
-        # (image, view) jobs: view 0 is clean, 1..V augmented
-        jobs = [(i, 0) for i in range(n)] + [(i, v) for i in range(n) if want[i] for v in range(1, views + 1)]
+        prefix = prefix_runner(net, bb, cut, device, engine)
+        world = world or World(device=device)
+        owner = owners(n, np.flatnonzero(want), world.size)
+        held = owner == world.rank
+        local = np.cumsum(held) - 1  # row of a held image
+        # (image, view) jobs of the images held here: view 0 is clean, 1..V augmented
+        jobs = [(i, 0) for i in range(n) if held[i]] + [(i, v) for i in range(n) if want[i] and held[i]
+                                                         for v in range(1, views + 1)]
         clean = augmented = None
         rngs: dict[int, np.random.Generator] = {}
         with torch.no_grad():
@@ -198,18 +167,19 @@ class ViewCache:
                 out = prefix(np.stack(pixels))
                 if clean is None:
                     shape = tuple(out.shape[1:])
-                    clean = torch.zeros((n, *shape), dtype=torch.float32)
-                    augmented = torch.zeros((n, views, *shape), dtype=torch.float16)
+                    clean = torch.zeros((int(held.sum()), *shape), dtype=torch.float32)
+                    augmented = torch.zeros((int(held.sum()), views, *shape), dtype=torch.float16)
                 for (i, v), act in zip(chunk, out):
                     if v == 0:
-                        clean[i] = act
+                        clean[local[i]] = act
                     else:
-                        augmented[i, v - 1] = act.to(torch.float16)
+                        augmented[local[i], v - 1] = act.to(torch.float16)
                     if v == views:
                         rngs.pop(i, None)
         net = net.cpu()
         return cls(net=net, bb=bb, spec=spec, cut=cut, clean=clean, augmented=augmented, has_views=want,
-                   device=device, recipe=recipe, seed=seed, seconds=time.perf_counter() - started, weights=weights)
+                   device=device, recipe=recipe, seed=seed, seconds=time.perf_counter() - started, weights=weights,
+                   owner=owner, world=world)
 
     def deeper(self, unfreeze: int, progress: bool = False, batch_size: int = 64) -> ViewCache:
         """The same views cut later (fewer unfrozen blocks): runs the blocks in between once per view."""
@@ -230,10 +200,10 @@ class ViewCache:
             return x
 
         with torch.no_grad():
-            clean = torch.cat([run(self.clean[s:s + batch_size]) for s in range(0, len(self), batch_size)])
+            clean = torch.cat([run(self.clean[s:s + batch_size]) for s in range(0, len(self.clean), batch_size)])
             n, v = self.augmented.shape[:2]
             flat = self.augmented.reshape(n * v, *self.augmented.shape[2:])
-            rows = np.flatnonzero(np.repeat(self.has_views, v)) if v else np.zeros(0, dtype=np.int64)
+            rows = np.flatnonzero(np.repeat(self.has_views[self.held], v)) if v else np.zeros(0, dtype=np.int64)
             out = None
             for s in tqdm(range(0, len(rows), batch_size), desc="deeper cut", disable=not progress, leave=False):
                 idx = torch.from_numpy(rows[s:s + batch_size])
@@ -246,11 +216,16 @@ class ViewCache:
             augmented = out.reshape(n, v, *clean.shape[1:])
         return ViewCache(net=self.net, bb=self.bb, spec=self.spec, cut=new_cut, clean=clean, augmented=augmented,
                          has_views=self.has_views, device=self.device, recipe=replace(self.recipe, unfreeze=int(unfreeze)),
-                         seed=self.seed, seconds=self.seconds + time.perf_counter() - started, weights=self.weights)
+                         seed=self.seed, seconds=self.seconds + time.perf_counter() - started, weights=self.weights,
+                         owner=self.owner, world=self.world)
 
     def save(self, path) -> None:
         """Write the activations and what they depend on (torch.save; reload with :meth:`load`)."""
         import torch
+
+        if self.world.sharded:
+            raise InputError("ViewCache.save of one process's shard", got=f"rank {self.world.rank} of {self.world.size}",
+                             expected="a cache built by one process", todo="build and save the cache without torchrun")
 
         torch.save({"clean": self.clean, "augmented": self.augmented, "has_views": torch.from_numpy(self.has_views),
                     "cut": self.cut, "backbone": self.bb.name, "spec": self.spec.to_dict(), "seed": self.seed,
@@ -279,12 +254,10 @@ class ViewCache:
     # ------------------------------------------------------------------------------------------- fit
     def clean_features(self, idx=None) -> np.ndarray:
         """Pretrained (not fine-tuned) pooled features of the clean views: the frozen model's features."""
-        import torch
 
-        tail = _Tail(self.net, self.cut).module.eval()
+        tail = Tail(self.net, self.cut).module.eval()
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
-        with torch.no_grad():
-            return torch.cat([tail(self.clean[idx[s:s + 64]]) for s in range(0, len(idx), 64)]).numpy()
+        return self.through(tail, idx).numpy()
 
     # long: one training loop (LP-FT start, optimizer, EMA, epochs, head refit) whose
     # steps share the fit's state; split up, a dozen locals would travel between the pieces.
@@ -297,18 +270,23 @@ class ViewCache:
         ``unfreeze`` must match this cache's cut (use :meth:`deeper` for fewer blocks); its views and
         augmentation are the cache's. ``budget_s`` stops between steps once the fit has run that long.
         ``eval_idx`` only adds per-epoch accuracy on those images to the history; nothing is selected on it.
+
+        Under torchrun (a sharded cache) every process draws the same order and views, so the global batches
+        are one process's; each steps over the members it holds (its loss: that share of the batch's weighted
+        mean), the tail and head are wrapped in DistributedDataParallel, the tail's BatchNorm uses the whole
+        batch's statistics, and head fits see every process's features (gathered on rank 0, then broadcast).
         """
         import torch
         from torch import nn
 
         from edgexfer.pixel_model import TorchHead
-        from edgexfer.runtime.head_training import fit_linear
 
         recipe = (recipe or self.recipe).check(self.bb.num_blocks)
         if int(recipe.unfreeze) != self.unfreeze:
             raise InputError("recipe.unfreeze does not match the view cache", got=recipe.unfreeze,
                              expected=self.unfreeze, todo="use cache.deeper(unfreeze) or build a new cache")
         device = resolve_device(device or self.device)
+        world = self.world
         started = time.perf_counter()
         train_idx = np.asarray(train_idx, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
@@ -321,23 +299,23 @@ class ViewCache:
         k = len(classes)
         y_train = labels[train_idx]
 
-        tail = _Tail(copy.deepcopy(self.net).cpu(), self.cut).module.to(device)
+        tail = Tail(copy.deepcopy(self.net).cpu(), self.cut).module
+        if world.sharded:
+            sync_batchnorm(tail)  # before the parameter lists below: it replaces the BatchNorm modules
+        tail = tail.to(device)
         trainable = [p for p in tail.parameters()] if self.unfreeze > 0 else []
         for p in tail.parameters():
             p.requires_grad_(bool(trainable))
         head = TorchHead(head_kind, self.bb.feature_dim, k, dropout=recipe.dropout).to(device)
 
-        def features(idx: np.ndarray, module=None) -> torch.Tensor:
+        def features(idx: np.ndarray, module=None, to_all: bool = True):
             module = module or tail
             module.eval()
-            with torch.no_grad():
-                return torch.cat([module(self.clean[idx[s:s + 64]].to(device)) for s in range(0, len(idx), 64)])
+            return self.through(module, idx, device=device, to_all=to_all)
 
         if recipe.lp_init and head_kind == "linear":
-            probe = fit_linear(features(train_idx).cpu().numpy(), y_train, classes, C=recipe.C)
-            with torch.no_grad():
-                head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
-                head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+            _set_probe(head, features(train_idx, to_all=False), y_train, classes, recipe.C, world)
+        tail_step, head_step = _data_parallel(tail, head, world, device, bool(trainable))
 
         epochs = int(recipe.epochs)
         bs = int(recipe.batch_size)
@@ -354,10 +332,12 @@ class ViewCache:
 
         if recipe.class_weight == "balanced":
             counts = np.bincount(y_train, minlength=k).astype(np.float32)
-            weight = torch.from_numpy((len(y_train) / (np.count_nonzero(counts) * np.maximum(counts, 1))).astype(np.float32)).to(device)
+            class_weight = (len(y_train) / (np.count_nonzero(counts) * np.maximum(counts, 1))).astype(np.float32)
+            weight = torch.from_numpy(class_weight).to(device)
         else:
-            weight = None
+            class_weight, weight = None, None
         loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+        share_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing, reduction="sum")
         params = [p for p in [*tail.parameters(), *head.parameters()]]
         averaged = [p.detach().clone() for p in params] if recipe.ema > 0 else None
         views = min(int(recipe.views), int(self.augmented.shape[1]))  # the first V stored views
@@ -376,13 +356,14 @@ class ViewCache:
             use_clean = (rng.random(len(train_idx)) < recipe.clean_prob) if views else np.ones(len(train_idx), bool)
             total_loss, correct = 0.0, 0
             for s in range(steps_per_epoch):
-                rows = order[s * bs:(s + 1) * bs]
-                idx = train_idx[rows]
-                x = self.augmented[torch.from_numpy(idx), torch.from_numpy(pick[rows])].to(torch.float32) if views \
-                    else self.clean[torch.from_numpy(idx)]
-                if views and use_clean[rows].any():
-                    mask = torch.from_numpy(use_clean[rows])
-                    x[mask] = self.clean[torch.from_numpy(idx[use_clean[rows]])]
+                rows = order[s * bs:(s + 1) * bs]  # the global batch
+                share = rows[self.owner[train_idx[rows]] == world.rank] if world.sharded else rows
+                idx = train_idx[share]
+                x = self.augmented[self._rows(idx), torch.from_numpy(pick[share])].to(torch.float32) if views \
+                    else self.clean[self._rows(idx)]
+                if views and use_clean[share].any():
+                    mask = torch.from_numpy(use_clean[share])
+                    x[mask] = self.clean[self._rows(idx[use_clean[share]])]
                 x = x.to(device)
                 y = torch.from_numpy(labels[idx]).to(device)
                 head_only = step < warm_steps or not trainable
@@ -393,11 +374,17 @@ class ViewCache:
                     optimizer.param_groups[1]["lr"] = 0.0 if head_only else optimizer.param_groups[1]["lr"]
                 if head_only:
                     with torch.no_grad():
-                        f = tail(x)
+                        f = tail_step(x)
                 else:
-                    f = tail(x)
-                logits = head(f)
-                loss = loss_fn(logits, y)
+                    f = tail_step(x)
+                logits = head_step(f)
+                if world.sharded:  # this share of the global batch's weighted mean; DDP averages over processes
+                    y_batch = labels[train_idx[rows]]
+                    denom = float(class_weight[y_batch].sum()) if class_weight is not None else float(len(rows))
+                    part = share_loss(logits, y) / denom
+                    loss = part * world.size
+                else:
+                    part = loss = loss_fn(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -406,21 +393,24 @@ class ViewCache:
                     with torch.no_grad():
                         for a, p in zip(averaged, params):
                             a.mul_(recipe.ema).add_(p.detach(), alpha=1 - recipe.ema)
-                total_loss += float(loss.detach()) * len(idx)
+                total_loss += float(part.detach()) * len(rows)
                 correct += int((logits.argmax(1) == y).sum())
                 bar.update(1)
-                if budget_s is not None and time.perf_counter() - started > budget_s:
+                if budget_s is not None and world.any(time.perf_counter() - started > budget_s):
                     stopped = f"time budget {budget_s:g} s reached in epoch {epoch}, step {s + 1}"
                     break
+            total_loss, correct = world.sum([total_loss, correct])
             done = s + 1 if stopped else steps_per_epoch
             seen = min(len(train_idx), done * bs)
             entry = {"epoch": epoch, "train_loss": round(total_loss / seen, 5), "train_accuracy": round(correct / seen, 5),
                      "seconds": round(time.perf_counter() - started, 2)}
             if y_eval is not None:
                 with _weights_swapped(params, averaged), torch.no_grad():
-                    z = head.eval()(features(np.asarray(eval_idx, dtype=np.int64)))
-                    entry["val_loss"] = round(float(nn.functional.cross_entropy(z, torch.from_numpy(y_eval).to(device))), 5)
-                    entry["val_accuracy"] = round(float((z.argmax(1).cpu().numpy() == y_eval).mean()), 5)
+                    f = features(np.asarray(eval_idx, dtype=np.int64), to_all=False)
+                    if f is not None:  # rank 0 reports
+                        z = head.eval()(f)
+                        entry["val_loss"] = round(float(nn.functional.cross_entropy(z, torch.from_numpy(y_eval).to(device))), 5)
+                        entry["val_accuracy"] = round(float((z.argmax(1).cpu().numpy() == y_eval).mean()), 5)
             history.append(entry)
             if stopped:
                 break
@@ -432,19 +422,43 @@ class ViewCache:
         tail.eval()
         head.eval()
         if recipe.refit_head and head_kind == "linear":
-            X, Y = features(train_idx).cpu().numpy(), y_train
-            if recipe.refit_views and views:
-                with torch.no_grad():
-                    aug = [tail(self.augmented[torch.from_numpy(train_idx[s:s + 64]), v].to(torch.float32).to(device)).cpu()
-                           for v in range(views) for s in range(0, len(train_idx), 64)]
-                X = np.concatenate([X, torch.cat(aug).numpy()])
+            X, Y = features(train_idx, to_all=False), y_train
+            aug = [self.through(tail, train_idx, view=v, device=device, to_all=False)
+                   for v in range(views)] if recipe.refit_views else []
+            if aug and X is not None:  # X is None on ranks other than 0
+                X = torch.cat([X, *aug])
                 Y = np.concatenate([y_train] * (views + 1))
-            probe = fit_linear(X, Y, classes, C=recipe.C)
-            with torch.no_grad():
-                head.net[-1].weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
-                head.net[-1].bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+            _set_probe(head, X, Y, classes, recipe.C, world)
         return PartialFit(cache=self, tail=tail.cpu(), head=head.cpu(), classes=classes, recipe=recipe, history=history,
                           seconds=time.perf_counter() - started, device=device, stopped=stopped, head_kind=head_kind)
+
+
+def _set_probe(head, X, y, classes, C: float, world: World) -> None:
+    """Make the head's last linear layer the converged linear probe (``fit_linear``) of features ``X``: fitted
+    where ``X`` is (rank 0 under torchrun; None elsewhere), then the same on every process."""
+    import torch
+
+    from edgexfer.runtime.head_training import fit_linear
+
+    layer = head.net[-1]
+    if X is not None:
+        probe = fit_linear(X.cpu().numpy(), y, classes, C=C)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(np.array(probe.tensors["W"])))
+            layer.bias.copy_(torch.from_numpy(np.array(probe.tensors["b"])))
+    world.broadcast_([layer.weight, layer.bias])
+
+
+def _data_parallel(tail, head, world: World, device: str, train_tail: bool):
+    """The modules a training step calls: under torchrun, DistributedDataParallel wrappers of the tail (when it
+    trains) and of the head, which all-reduce the gradients; the modules themselves otherwise."""
+    if not world.sharded:
+        return tail, head
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if str(device).startswith("cuda") else None
+    wrap = lambda m: DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)  # noqa: E731
+    return (wrap(tail) if train_tail else tail), wrap(head)
 
 
 class _weights_swapped:
@@ -482,11 +496,9 @@ class PartialFit:
         self.stopped, self.head_kind = stopped, head_kind
 
     def features(self, idx) -> np.ndarray:
-        import torch
-
-        idx = np.asarray(idx, dtype=np.int64)
-        with torch.no_grad():
-            return torch.cat([self.tail(self.cache.clean[idx[s:s + 64]]) for s in range(0, len(idx), 64)]).numpy()
+        """Fine-tuned pooled features of the cached images ``idx`` (clean views; under torchrun each process runs
+        the images it holds and every process gets all rows)."""
+        return self.cache.through(self.tail, idx).numpy()
 
     def logits(self, idx) -> np.ndarray:
         """float32 ``[len(idx), classes]`` logits of the cached images ``idx`` (clean views)."""
