@@ -102,6 +102,8 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
                       workers=workers, progress=not quiet,
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
+    if not result.written:  # a torchrun process other than rank 0: rank 0 reports
+        return
     chosen = f"; chosen by cross-validation: {result.metrics['selection']['chosen']}" if mode == "auto" else ""
     unit = result.noun
     text = (f"validation accuracy {result.val_accuracy:.3f} ({mode}/{result.metrics['head']}, "

@@ -16,7 +16,9 @@ same way for every modality and writes the run directory (``run.json``, ``metric
   final head refit by ``fit_linear``. The defaults are the modality's ``PARTIAL_DEFAULTS``
   (:class:`edgexfer.partial_recipe.PartialRecipe`, measured by ``benchmarks/finetune_study.py`` on images).
   ``--unfreeze all`` (images) keeps the slow path (every image through the whole network every epoch,
-  early stopping on validation accuracy).
+  early stopping on validation accuracy). Under ``torchrun`` (images) several processes share the work
+  (:mod:`edgexfer.distributed`): each runs the frozen prefix on its shard, DistributedDataParallel all-reduces the
+  gradients, and only rank 0 logs and writes the run directory.
 * ``auto`` — seeded stratified k-fold cross-validation of the frozen heads and, within ``--budget``
   seconds, of the partial candidate (:mod:`edgexfer.selection`); the frozen linear head unless another
   beats it credibly.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,7 @@ class TrainResult:
     metrics: dict[str, Any]
     skipped: list[tuple[str, str]]
     noun: str = "sample"  #: one sample of the run's modality, for messages ("image", "text")
+    written: bool = True  #: False on the torchrun processes other than rank 0 (which write nothing)
 
 
 
@@ -127,7 +130,12 @@ def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one training job and write the run directory; see the module docstring."""
+    """Run one training job and write the run directory; see the module docstring.
+
+    Under torchrun every process calls this; rank 0 writes the run and returns its result, the others return
+    a result with ``written`` False."""
+    from edgexfer import distributed
+
     modality = modality_of_data(Path(cfg.data_dir))
     cfg.backbone = cfg.backbone or modality.default_backbone
     bb = get_config(cfg.backbone)
@@ -137,12 +145,43 @@ def train(cfg: TrainConfig) -> TrainResult:
                          todo=f"pass --backbone {modality.default_backbone} or leave --backbone out")
     _validate(cfg, bb)
     modality.check_config(cfg, bb)
+    world = _join(cfg, modality)
+    try:
+        result = _train(replace(cfg, progress=cfg.progress and world.is_main), bb, modality, world)
+    except BaseException:
+        distributed.leave(clean=False)  # no barrier: torchrun stops the other processes when this one fails
+        raise
+    distributed.leave()
+    return result
+
+
+def _join(cfg: TrainConfig, modality: HostModality):
+    """This process's place under torchrun (one process without it); refuses what only one process runs."""
+    from edgexfer import distributed
+
+    size = distributed.launched()
+    if size == 1:
+        return distributed.current()
+    if cfg.mode != "partial" or cfg.unfreeze == "all" or not modality.distributed_partial:
+        raise InputError("torchrun runs only partial fine-tuning of the last blocks of an image backbone",
+                         got=f"{size} processes, --mode {cfg.mode} --unfreeze {cfg.unfreeze}, {modality.noun} data",
+                         expected="--mode partial --unfreeze N on images",
+                         todo="run this training as one process (without torchrun)")
+    from edgexfer.finetune import resolve_device
+
+    return distributed.join(resolve_device(cfg.device))
+
+
+# long: the one sequence of a training job (read, split, train by mode, report, write run.json); the writing
+# steps read most of the locals of the training steps.
+def _train(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, world) -> TrainResult:
     started = time.time()
     workers = check_workers(cfg.workers)
     data = modality.load(cfg, bb)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "plots").mkdir(exist_ok=True)
-    modality.start_run(data, cfg.out)
+    if world.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "plots").mkdir(exist_ok=True)
+        modality.start_run(data, cfg.out)
     # Samples are read while their features are extracted (or checked first, when no feature is cached):
     # one that cannot be read leaves the data set before the split, as if it had never been there.
     if cfg.mode in ("frozen", "auto"):
@@ -160,16 +199,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif cfg.unfreeze == "all":
         head, history, extraction, val_logits = modality.train_all_layers(cfg, bb, data, train_idx, val_idx)
     else:
-        head, history, extraction, val_logits = _train_partial(cfg, bb, modality, data, train_idx, val_idx)
+        head, history, extraction, val_logits = _train_partial(cfg, bb, modality, data, train_idx, val_idx, world)
+    if not world.is_main:
+        accuracy = float((val_logits.argmax(axis=1) == labels[val_idx]).mean())
+        return TrainResult(cfg.out, accuracy, {}, list(data.skipped), modality.noun, written=False)
     head.save(cfg.out / "head.safetensors")
     if "device" in extraction:
-        log(f"partial training ran on {extraction['device']}", cfg.progress)
+        on = f" ({world.size} processes, {world.backend})" if world.sharded else ""
+        log(f"partial training ran on {extraction['device']}{on}", cfg.progress)
 
     report = classification_report(labels[val_idx], val_logits.argmax(axis=1), data.classes)
     metrics = {
         "schema": "edgexfer.metrics/1", **data.header, "mode": cfg.mode, "head": head.kind, "backbone": cfg.backbone,
         "val_accuracy": report["accuracy"], "val_count": int(len(val_idx)), "train_count": int(len(train_idx)),
-        "history": history, "validation": report, "device": extraction.get("device", "cpu"),
+        "history": history, "validation": report, "device": extraction.get("device", "cpu"), "processes": world.size,
         "backbone_images_run": extraction["backbone_images_run"],  # samples through the backbone (name kept)
         "features_from_cache": extraction.get("features_from_cache", 0), **modality.counters(data),
         **data.metrics_extra,
@@ -249,8 +292,9 @@ def _fit_frozen_head(kind, params, feats, data: LabelledData, train_idx, val_idx
     return head, history, head.logits(feats[val_idx])
 
 
-def _train_partial(cfg, bb, modality: HostModality, data: LabelledData, train_idx, val_idx):
-    """Partial fine-tuning: the frozen prefix once (per sample or stored view), epochs on the tail only."""
+def _train_partial(cfg, bb, modality: HostModality, data: LabelledData, train_idx, val_idx, world):
+    """Partial fine-tuning: the frozen prefix once (per sample or stored view), epochs on the tail only.
+    Under torchrun every process trains; only rank 0 exports (the others return no head)."""
     import torch
 
     tuner = modality.tuner(cfg, bb, data, train_idx, head_kind=cfg.head)
@@ -262,8 +306,8 @@ def _train_partial(cfg, bb, modality: HostModality, data: LabelledData, train_id
             "no selection on validation)", cfg.progress)
         fit = tuner.fit(train_idx, eval_idx=val_idx, progress=cfg.progress, head_kind=cfg.head)
         tuner.keep_last_epoch(fit.history)
-        head = tuner.export(fit, cfg.out)
-        val_logits = fit.logits(val_idx)
+        head = tuner.export(fit, cfg.out) if world.is_main else None
+        val_logits = fit.logits(val_idx)  # every process takes part (each holds a shard of the validation views)
     extraction = {"backbone_images_run": 0, "features_from_cache": 0, "device": tuner.device, "fine_tuned": True,
                   "prefix_seconds": round(tuner.seconds, 2), "fit_seconds": round(fit.seconds, 2),
                   "recipe": tuner.report}

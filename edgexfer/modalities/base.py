@@ -53,6 +53,8 @@ class HostModality:
     metrics_keys: tuple[str, ...] = ("selection",)
     bundle_files: tuple[str, ...] = ()  #: run files a bundle ships besides backbone.onnx and the head
     parity_extra: dict[str, Any] = {}  #: extra keys of the export's parity report
+    #: its partial fine-tuning runs under torchrun, several processes sharing the work (edgexfer.distributed)
+    distributed_partial = False
 
     @property
     def noun(self) -> str:

@@ -48,6 +48,7 @@ class ImageModality(HostModality):
     name, layer_noun = "image", "block"
     default_backbone = "efficientnet_lite0"
     catch_all = True  # a folder that is no other modality's data set is read as an ImageFolder tree
+    distributed_partial = True  # ImageTuner shards its view cache by rank under torchrun
 
     def describe_backbone(self, bb) -> str:
         return f"input {bb.input_size[0]}x{bb.input_size[1]}, {bb.feature_dim} features, {bb.num_blocks} blocks"
@@ -161,12 +162,14 @@ class ImageTuner(Tuner):
     """Partial fine-tuning of the last MBConv blocks on stored views (:class:`edgexfer.finetune.ViewCache`)."""
 
     def __init__(self, cfg, bb, data: LabelledData, train_idx: np.ndarray):
+        from edgexfer.distributed import current
         from edgexfer.finetune import resolve_device
 
         self.cfg, self.bb, self.data, self.train_idx = cfg, bb, data, train_idx
         self.recipe = partial_recipe(cfg, PARTIAL_DEFAULTS)
         self.report = self.recipe.to_dict()
-        self.device = resolve_device(cfg.device)
+        self.world = current()  # under torchrun: this process's rank and device (edgexfer.distributed.join)
+        self.device = self.world.device if self.world.sharded else resolve_device(cfg.device)
         self.views: Any = None
         self.seconds = 0.0
 
@@ -174,11 +177,13 @@ class ImageTuner(Tuner):
         from edgexfer.finetune import ViewCache
 
         cfg, images, recipe = self.cfg, self.data.samples.images, self.recipe
+        shard = f", each of {self.world.size} processes the 1/{self.world.size} it holds" if self.world.sharded else ""
         log(f"frozen prefix: {len(images)} clean views + {recipe.views} augmented views of each of "
-            f"{len(self.train_idx)} training images (once; epochs then run only the last {recipe.unfreeze} "
+            f"{len(self.train_idx)} training images (once{shard}; epochs then run only the last {recipe.unfreeze} "
             "block(s))", cfg.progress)
         self.views = ViewCache.build(images, self.data.spec, self.bb, recipe, weights=cfg.weights, device=self.device,
-                                     seed=cfg.seed, progress=cfg.progress, augment_idx=self.train_idx)
+                                     seed=cfg.seed, progress=cfg.progress, augment_idx=self.train_idx,
+                                     world=self.world)
         self.seconds = self.views.seconds
 
     def fit(self, idx, *, eval_idx=None, budget_s=None, progress=False, head_kind="linear"):
