@@ -95,6 +95,16 @@ class World:
         dist.all_reduce(t)
         return t.cpu().tolist()
 
+    def gather_objects(self, obj) -> list:
+        """Every process's ``obj`` (picklable, small), in rank order, on every process."""
+        if not self.sharded:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every process when it is True on one (a decision all must take together)."""
         return bool(self.sum([float(flag)])[0] > 0)

@@ -457,8 +457,8 @@ def _data_parallel(tail, head, world: World, device: str, train_tail: bool):
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if str(device).startswith("cuda") else None
-    wrap = lambda m: DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)  # noqa: E731
-    return (wrap(tail) if train_tail else tail), wrap(head)
+    return (DistributedDataParallel(tail, device_ids=ids) if train_tail else tail), \
+        DistributedDataParallel(head, device_ids=ids)
 
 
 class _weights_swapped:

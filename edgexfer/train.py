@@ -187,7 +187,7 @@ def _train(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, world) 
     if cfg.mode in ("frozen", "auto"):
         feats, extraction, data = _frozen_features(cfg, bb, modality, data, workers)
     else:
-        data = _drop_failed(cfg, modality, data, modality.check_readable(data, workers=workers, progress=cfg.progress))
+        data = _drop_failed(cfg, modality, data, _check_readable(cfg, modality, data, workers, world))
     labels = data.labels
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
     log(f"split: {len(train_idx)} train / {len(val_idx)} validation {modality.plural} (seed {cfg.seed})", cfg.progress)
@@ -273,6 +273,18 @@ def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModalit
         cfg.progress)
     data = _drop_failed(cfg, modality, data, failed)
     return feats, {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}, data
+
+
+def _check_readable(cfg: TrainConfig, modality: HostModality, data: LabelledData, workers: int, world):
+    """The samples that fail to read; under torchrun each process reads its share and all learn every failure
+    (they must drop the same samples to make the same split)."""
+    if not world.sharded:
+        return modality.check_readable(data, workers=workers, progress=cfg.progress)
+    mine = range(world.rank, len(data.labels), world.size)
+    failed: dict[int, str] = {}
+    for part in world.gather_objects(modality.check_readable(data, workers=workers, progress=cfg.progress, only=mine)):
+        failed.update(part)
+    return dict(sorted(failed.items()))
 
 
 def _drop_failed(cfg: TrainConfig, modality: HostModality, data: LabelledData, failed: dict[int, str]) -> LabelledData:

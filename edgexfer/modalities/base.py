@@ -119,8 +119,10 @@ class HostModality:
                                         **self.feature_args(data))
         return feats, report, {}
 
-    def check_readable(self, data: LabelledData, *, workers: int, progress: bool) -> dict[int, str]:
-        """Samples a training run without cached features would fail on: ``{index: reason}`` (read, not kept)."""
+    def check_readable(self, data: LabelledData, *, workers: int, progress: bool,
+                       only: Sequence[int] | None = None) -> dict[int, str]:
+        """Samples a training run without cached features would fail on: ``{index: reason}`` (read, not kept).
+        ``only``: check just these indices (a process's share under torchrun)."""
         return {}
 
     def drop(self, data: LabelledData, failed: dict[int, str]) -> LabelledData:

@@ -82,11 +82,12 @@ class ImageModality(HostModality):
         return stream_features(backend, cache, backbone_sha256, data.spec, data.samples.images, data.shas,
                                workers=workers, progress=progress)
 
-    def check_readable(self, data, *, workers, progress) -> dict[int, str]:
+    def check_readable(self, data, *, workers, progress, only=None) -> dict[int, str]:
         files = data.samples.images
+        indices = range(len(files)) if only is None else only
         failed: dict[int, str] = {}
-        with tqdm(total=len(files), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
-            for done, _, bad in stream_pixels(files, range(len(files)), data.spec, workers=workers,
+        with tqdm(total=len(indices), desc="checking images", unit="img", disable=not progress, leave=False) as bar:
+            for done, _, bad in stream_pixels(files, indices, data.spec, workers=workers,
                                               convert=lambda i: files.decode(i).size):
                 failed.update(bad)
                 bar.update(len(done) + len(bad))
