@@ -201,25 +201,28 @@ def owners(n: int, train_idx: np.ndarray | None, size: int) -> np.ndarray:
     return owner
 
 
-def _all_reduce_with_grad(t):
-    """Sum over processes; the gradient is summed back the same way (each process's loss sees every share)."""
+def _all_gather_with_grad(t):
+    """``[world size, *t.shape]``: every process's ``t`` (one all-reduce of a table where each fills its row). The
+    gradient comes back the same way: each process's row gets the sum of every process's gradient of it."""
     import torch
     import torch.distributed as dist
 
-    class AllReduce(torch.autograd.Function):
+    class AllGather(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x):
-            x = x.clone()
-            dist.all_reduce(x)
-            return x
+            ctx.rank = dist.get_rank()
+            table = x.new_zeros((dist.get_world_size(), *x.shape))
+            table[ctx.rank] = x
+            dist.all_reduce(table)
+            return table
 
         @staticmethod
         def backward(ctx: Any, grad):
-            grad = grad.clone()
+            grad = grad.contiguous().clone()
             dist.all_reduce(grad)
-            return grad
+            return grad[ctx.rank]
 
-    return AllReduce.apply(t)
+    return AllGather.apply(t)
 
 
 @functools.cache
@@ -228,7 +231,8 @@ def _global_batchnorm_class():
 
     class GlobalBatchNorm(nn.BatchNorm2d):
         """BatchNorm2d whose training statistics are those of the whole global batch (all processes' shares,
-        empty shares included), as one process would compute them; in eval mode a plain BatchNorm2d."""
+        empty shares included), as one process would compute them; in eval mode a plain BatchNorm2d. One
+        all-reduce forward and one backward per layer."""
 
         def forward(self, x):
             if not self.training:
@@ -236,12 +240,18 @@ def _global_batchnorm_class():
             import torch
 
             c = x.shape[1]
-            count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
-            stats = _all_reduce_with_grad(torch.cat([x.sum(dim=(0, 2, 3)), count]))
-            total = stats[c]
-            mean = stats[:c] / total
+            n = x.numel() // c
+            if n:  # this share's count, mean and (biased) variance, combined below as Chan et al.'s parallel variance
+                share = torch.cat([x.new_tensor([float(n)]), x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)])
+            else:  # an empty share (its process holds none of this batch) still takes part, in autograd too
+                zeros = x.sum(dim=(0, 2, 3))
+                share = torch.cat([x.new_zeros(1), zeros, zeros])
+            table = _all_gather_with_grad(share)
+            counts, means, variances = table[:, :1], table[:, 1:c + 1], table[:, c + 1:]
+            total = counts.sum()
+            mean = (counts * means).sum(dim=0) / total
+            var = (counts * (variances + (means - mean) ** 2)).sum(dim=0) / total
             centred = x - mean[None, :, None, None]
-            var = _all_reduce_with_grad((centred * centred).sum(dim=(0, 2, 3))) / total
             if self.track_running_stats:
                 with torch.no_grad():
                     self.num_batches_tracked += 1

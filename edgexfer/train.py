@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, world) 
         "history": history, "validation": report, "device": extraction.get("device", "cpu"), "processes": world.size,
         "backbone_images_run": extraction["backbone_images_run"],  # samples through the backbone (name kept)
         "features_from_cache": extraction.get("features_from_cache", 0), **modality.counters(data),
-        **data.metrics_extra,
+        **data.metrics_extra, **{k: extraction[k] for k in ("prefix_seconds", "fit_seconds") if k in extraction},
         "skipped": [{"path": p, "reason": r} for p, r in data.skipped],
         "seconds": round(time.time() - started, 2),
     }
