@@ -3,7 +3,7 @@
 Runs the same command (same data, split, seed and recipe) once per process count, each in a fresh interpreter,
 and reads what each step cost from the run's ``metrics.json``: the frozen prefix (``prefix_seconds``: the
 views of the images rank 0 holds), the fit (``fit_seconds``: LP-FT start, epochs, head refit) and the epochs
-(``history[].seconds``), plus wall time and the peak RSS of the largest process. The threads of a machine are
+(``history[].seconds``), plus wall time, CPU time of all processes and the peak RSS of the largest one. The threads of a machine are
 given as ``KxT`` (K processes of T threads, ``OMP_NUM_THREADS``); on a shared CPU compare 1x1 with 2x1 too, since
 a 2-thread process loses more than two 1-thread ones when other jobs take cores.
 
@@ -31,9 +31,11 @@ def cpu_facts() -> dict:
     return {"cpu_model": cpu.model, "cores": os.cpu_count(), "isa_flags": list(cpu.flags)}
 
 
-#: runs the command given and prints the peak RSS of its largest descendant (KiB) as its last stderr line
+#: runs the command given and prints, as its last stderr line, the peak RSS of its largest descendant (KiB) and
+#: the CPU seconds (user + system) of all its descendants: the work done, whatever the load made of the wall time
 _PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+         "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+         "print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(rc)")
 
 
 def run_one(data: Path, processes: int, threads: int, train_args: list[str], work: Path) -> dict:
@@ -51,6 +53,7 @@ def run_one(data: Path, processes: int, threads: int, train_args: list[str], wor
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
+    usage = proc.stderr.strip().splitlines()[-1].split()
     epochs = [h["seconds"] for h in m["history"]]
     per_epoch = [b - a for a, b in zip(epochs, epochs[1:])]
     return {"processes": processes, "threads_per_process": int(env["OMP_NUM_THREADS"]),
@@ -58,7 +61,7 @@ def run_one(data: Path, processes: int, threads: int, train_args: list[str], wor
             "wall_seconds": round(wall, 1), "train_seconds": m["seconds"], "prefix_seconds": m.get("prefix_seconds"),
             "fit_seconds": m.get("fit_seconds"), "epoch_seconds": [round(s, 2) for s in per_epoch],
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
-            "peak_rss_mb_largest_process": round(int(proc.stderr.strip().splitlines()[-1]) / 1024)}
+            "peak_rss_mb_largest_process": round(int(usage[0]) / 1024), "cpu_seconds": round(float(usage[1]), 1)}
 
 
 def main() -> None:
@@ -80,11 +83,13 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), **cpu_facts(), "data": str(args.data), "train_args": train_args,
               "runs": rows}
-    print("| processes x threads | val accuracy | wall s | prefix s (rank 0) | fit s | s per epoch | peak RSS MB | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| processes x threads | val accuracy | wall s | CPU s | prefix s (rank 0) | fit s | s per epoch | peak RSS MB "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         epoch = sum(r["epoch_seconds"]) / max(1, len(r["epoch_seconds"]))
         print(f"| {r['processes']}x{r['threads_per_process']} | {r['val_accuracy']:.4f} | {r['wall_seconds']} | "
+              f"{r['cpu_seconds']} | "
               f"{r['prefix_seconds']} | {r['fit_seconds']} | {epoch:.1f} | {r['peak_rss_mb_largest_process']} | "
               f"{r['load_before']}-{r['load_after']} |")
     if args.out:
