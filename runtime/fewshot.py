@@ -95,7 +95,7 @@ def fit_slda(
         raise InputError("shrinkage is out of range", got=lam, expected="0 < shrinkage <= 1", todo="use e.g. 0.95")
     _check_warm_start(warm_start, "linear", X.shape[1])
     k, d = len(names), X.shape[1]
-    Xf = X.astype(np.float32)
+    Xf = X.astype(np.float32, copy=False)
     counts = np.bincount(y, minlength=k).astype(np.float32)
     means = np.zeros((k, d), np.float32)
     np.add.at(means, y, Xf)

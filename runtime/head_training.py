@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.lbfgs import minimize_lbfgs
+from edgexfer.runtime.linear_objective import CentredBlocks, LinearObjective
 
 _CLASS_WEIGHTS = ("balanced", None)
 
@@ -62,7 +63,10 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
 def _check_training_data(
     X: np.ndarray, y: np.ndarray, classes: Sequence[str], *, min_present: int = 2
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Return ``(X float64 [N, D], y int64 [N], classes)`` or raise :class:`InputError`."""
+    """Return ``(X [N, D], y int64 [N], classes)`` or raise :class:`InputError`.
+
+    ``X`` is the caller's array itself when it is float32 or float64 (the feature matrix can be large: no
+    copy), a float64 copy otherwise."""
     names = _check_classes(classes)
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
@@ -71,11 +75,15 @@ def _check_training_data(
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise InputError("training features are not numeric", got=str(X.dtype), expected="a float array",
                          todo="pass the backbone features")
-    X = X.astype(np.float64)
-    if not np.all(np.isfinite(X)):
-        bad = int(np.flatnonzero(~np.all(np.isfinite(X), axis=1))[0])
-        raise InputError("training features hold NaN or infinity", got=f"first bad row {bad}",
-                         expected="finite values", todo="drop or re-extract the bad samples")
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    step = max(1, (1 << 20) // X.shape[1])  # rows per block: the check's mask stays small next to X
+    for start in range(0, len(X), step):
+        finite = np.isfinite(X[start:start + step]).all(axis=1)
+        if not finite.all():
+            bad = start + int(np.flatnonzero(~finite)[0])
+            raise InputError("training features hold NaN or infinity", got=f"first bad row {bad}",
+                             expected="finite values", todo="drop or re-extract the bad samples")
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != len(X):
         raise InputError("labels do not match the features", got=f"y shape {list(y.shape)}",
@@ -161,7 +169,7 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- linear
 # long: one numerical recipe read top to bottom (checks, class weights, warm start and frozen rows, the
-# objective and its gradient as one closure over the same arrays, L-BFGS, the head); split, the closure's
+# penalty as one closure over the same arrays, the objective, L-BFGS, the head); split, the closure's
 # shared arrays would have to travel through every piece
 @_one_blas_thread
 def fit_linear(
@@ -175,7 +183,7 @@ def fit_linear(
     warm_start: Head | None = None,
     tol: float = 1e-6,
     frozen_classes: Sequence[str] = (),
-    matmul_dtype: str = "float64",
+    matmul_dtype: str = "float32",
     proximal: float = 0.0,
 ) -> Head:
     """Multinomial logistic regression with L2 on ``W`` (not on ``b``), solved with L-BFGS.
@@ -190,10 +198,12 @@ def fit_linear(
     local samples of a class keeps what the bundle learned from more data, and only the classes it
     has evidence for move. Frozen classes may have no samples in ``y``.
 
-    ``matmul_dtype="float32"`` runs the two feature-matrix products in float32 (the loss, softmax and
-    optimiser state stay float64): about twice as fast, since those products only stream the feature
-    matrix through memory, at the price of an optimum that is ~1e-3 less exact - the device's choice
-    (features come out of a float16 cache anyway); the host keeps float64 for exact parity.
+    The feature matrix is never copied (float32 and float64 are used as given): it is read block by block,
+    on every core the process may use (:mod:`edgexfer.runtime.linear_objective`). ``matmul_dtype`` is the
+    dtype of the two feature-matrix products; the loss, softmax, gradient sums and optimiser state stay
+    float64, and the line search evaluates the loss from the logits of its direction, so float32 (the
+    default: half the bytes streamed, twice the arithmetic rate) follows the same path to the same optimum
+    as float64 (``"float64"``: products exact to float64 rounding, about twice as slow).
 
     ``proximal`` is FedProx's ``mu``: it adds ``mu/2·(||W - W_start||² + ||b - b_start||²)`` (per unit of
     sample weight) for the rows ``warm_start`` knows, so a device's round of fleet learning stays near the
@@ -222,11 +232,10 @@ def fit_linear(
     if proximal and warm_start is None:
         raise InputError("a proximal term needs a warm_start head", got=f"proximal={proximal}",
                          expected="warm_start= the round's global head", todo="pass warm_start or proximal=0")
+    if matmul_dtype not in ("float32", "float64"):
+        raise InputError("matmul_dtype", got=repr(matmul_dtype), expected="'float32' or 'float64'")
     w = _sample_weights(y, k, class_weight)
     total_weight = w.sum()
-    rows = np.arange(n)
-    onehot = np.zeros((n, k))
-    onehot[rows, y] = 1.0
 
     W0 = np.zeros((k, d))
     b0 = np.zeros(k)
@@ -242,43 +251,30 @@ def fit_linear(
     # Backbone features are far from zero-mean (pooled ReLU outputs), which couples W and b and makes
     # L-BFGS crawl. Solving for logits = (x - mean)·Wᵀ + c with c = b + W·mean is an exact change of
     # variables: the penalty only sees W and b is free, so the minimiser is the same. b is recovered
-    # at the end, and the head still applies to raw features.
-    mean = X.mean(axis=0)
-    if matmul_dtype not in ("float64", "float32"):
-        raise InputError("matmul_dtype", got=repr(matmul_dtype), expected="'float64' or 'float32'")
-    Xc = (X - mean).astype(matmul_dtype)
+    # at the end, and the head still applies to raw features. The data term centres X block by block
+    # (never a whole copy) and keeps the mean it centred by.
+    mean = X.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)  # exact in either dtype
 
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        W = theta[: k * d].reshape(k, d)
-        c = theta[k * d :]
-        z = (Xc @ W.T.astype(Xc.dtype, copy=False)).astype(np.float64, copy=False) + c
-        # log-sum-exp by hand: shifting by the row maximum keeps exp() finite, and the shifted
-        # exponentials are reused for the softmax in the gradient.
-        z_max = z.max(axis=1)
-        shifted = np.exp(z - z_max[:, None])
-        sums = shifted.sum(axis=1)
-        lse = np.log(sums) + z_max
-        loss = np.dot(w, lse - z[rows, y]) + 0.5 / C * np.dot(W.ravel(), W.ravel())
-        g = w[:, None] * (shifted / sums[:, None] - onehot)
-        grad_W = (g.T.astype(Xc.dtype, copy=False) @ Xc).astype(np.float64, copy=False) + W / C
-        grad_c = g.sum(axis=0)
+    def penalty(W: np.ndarray, c: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """||W||²/(2C), and FedProx's term: what the objective adds to the data term (in sample weight)."""
+        loss = 0.5 / C * float(np.dot(W.ravel(), W.ravel()))
+        grad_W, grad_c = W / C, np.zeros(k)
         if anchor_mask is not None:
-            # FedProx: mu/2·(||W - W0||² + ||b - b0||²) added to the per-weight objective (after the
-            # division below), with b = c - W·mean (the change of variables above)
+            # FedProx: mu/2·(||W - W0||² + ||b - b0||²) per unit of sample weight, with b = c - W·mean (the
+            # change of variables above)
             dW = W - W0
             db = (c - W @ mean - b0) * anchor_mask[:, 0]
             loss += 0.5 * total_weight * float(np.sum(anchor_mask * dW * dW) + np.dot(db, c - W @ mean - b0))
             grad_W += total_weight * (anchor_mask * dW - np.outer(db, mean))
             grad_c += total_weight * db
-        if frozen:
-            grad_W[frozen] = 0.0
-            grad_c[frozen] = 0.0
-        return loss / total_weight, np.concatenate([grad_W.ravel(), grad_c]) / total_weight
+        return loss, grad_W, grad_c
 
     # Our own L-BFGS: scipy's spends ~10 ms of bookkeeping per iteration at this size, ten times the
     # objective itself, which matters when a device retrains in the field.
-    result = minimize_lbfgs(objective, np.concatenate([W0.ravel(), b0 + W0 @ mean]), max_iter=max_iter, gtol=tol,
-                            ftol=64 * np.finfo(float).eps)
+    x0 = np.concatenate([W0.ravel(), b0 + W0 @ mean])
+    with CentredBlocks(X, mean, matmul_dtype) as blocks:
+        objective = LinearObjective(blocks, y, w, k, penalty, frozen)
+        result = minimize_lbfgs(objective, x0, max_iter=max_iter, gtol=tol, ftol=64 * np.finfo(float).eps)
     if not result.converged and result.iterations >= max_iter:
         warnings.warn(f"fit_linear stopped after max_iter={max_iter} iterations before converging "
                       f"(gradient tolerance {tol}); raise max_iter", RuntimeWarning, stacklevel=2)
@@ -332,7 +328,7 @@ def fit_mlp(
                          expected=hidden, todo="pass hidden= the warm start's size, or warm_start=None")
     rng = np.random.default_rng(seed)
     sample_w = _sample_weights(y, k, class_weight).astype(np.float32)
-    Xf = X.astype(np.float32)  # float32 is plenty for SGD and halves the work on a device
+    Xf = X.astype(np.float32, copy=False)  # float32 is plenty for SGD and halves the work on a device
 
     # He initialisation for the ReLU layer, Glorot-like for the output layer.
     params = {
@@ -413,6 +409,7 @@ def fit_prototype(
     scale = _positive("scale", scale)
     k, d = len(names), X.shape[1]
     counts = np.bincount(y, minlength=k)
+    X = X.astype(np.float64, copy=False)  # few-shot sizes: float64 keeps the prototypes as they always were
     unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     sums = np.zeros((k, d))
     np.add.at(sums, y, unit)

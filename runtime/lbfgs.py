@@ -36,6 +36,11 @@ def minimize_lbfgs(
 ) -> LbfgsResult:
     """Minimise a smooth function given as ``fun(x) -> (value, gradient)``.
 
+    ``fun`` may also offer ``fun.line(x, d)`` (x: the point it was last evaluated at), an object whose
+    ``value(t)`` is ``f(x + t·d)`` and ``point(t)`` is ``(f, gradient)`` there: then the backtracking
+    line search asks ``value`` (which can be cheaper than a full evaluation, and exact relative to ``f(x)``
+    where ``fun`` itself is not) and only the accepted step is evaluated in full.
+
     Stops when the largest gradient component is below ``gtol`` (scikit-learn's criterion), when the
     relative decrease of the objective falls below ``ftol``, or after ``max_iter`` iterations.
     """
@@ -47,37 +52,29 @@ def minimize_lbfgs(
     it = 0
     converged = float(np.abs(g).max()) <= gtol
     while not converged and it < max_iter:
-        # two-loop recursion: d = -H g
-        q = g.copy()
-        alphas = []
-        for s, yv, rho in reversed(pairs):
-            a = rho * np.dot(s, q)
-            alphas.append(a)
-            q -= a * yv
-        if pairs:
-            s, yv, _ = pairs[-1]
-            q *= np.dot(s, yv) / np.dot(yv, yv)
-        else:
-            q /= max(np.linalg.norm(g), 1.0)  # first step: a unit-length move at most
-        for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            b = rho * np.dot(yv, q)
-            q += (a - b) * s
-        direction = -q
+        direction = _search_direction(g, pairs)
         slope = float(np.dot(g, direction))
         if slope >= 0:  # not a descent direction (numerical trouble): restart from steepest descent
             pairs.clear()
             direction = -g / max(np.linalg.norm(g), 1.0)
             slope = float(np.dot(g, direction))
+        line = fun.line(x, direction) if hasattr(fun, "line") else None
         step = 1.0
         for _ in range(40):
-            x_new = x + step * direction
-            f_new, g_new = fun(x_new)
-            evaluations += 1
+            if line is None:
+                f_new, g_new = fun(x + step * direction)
+                evaluations += 1
+            else:
+                f_new = line.value(step)
             if np.isfinite(f_new) and f_new <= f + 1e-4 * step * slope:
                 break
             step *= 0.5
         else:
             break  # no decrease possible along this direction: at the optimum within float precision
+        x_new = x + step * direction
+        if line is not None:
+            f_new, g_new = line.point(step)
+            evaluations += 1
         s_vec, y_vec = x_new - x, g_new - g
         sy = float(np.dot(s_vec, y_vec))
         if sy > 1e-10 * float(np.dot(y_vec, y_vec)):
@@ -92,3 +89,22 @@ def minimize_lbfgs(
             converged = True
     return LbfgsResult(x=x, fun=float(f), grad_norm=float(np.abs(g).max()), iterations=it,
                        evaluations=evaluations, converged=converged, history=tuple(history))
+
+
+def _search_direction(g: np.ndarray, pairs: deque[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
+    """``-H g`` by the two-loop recursion over the curvature pairs ``(s, y, 1/(s·y))``."""
+    q = g.copy()
+    alphas = []
+    for s, yv, rho in reversed(pairs):
+        a = rho * np.dot(s, q)
+        alphas.append(a)
+        q -= a * yv
+    if pairs:
+        s, yv, _ = pairs[-1]
+        q *= np.dot(s, yv) / np.dot(yv, yv)
+    else:
+        q /= max(np.linalg.norm(g), 1.0)  # first step: a unit-length move at most
+    for (s, yv, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * np.dot(yv, q)
+        q += (a - b) * s
+    return -q

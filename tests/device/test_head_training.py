@@ -121,6 +121,63 @@ def test_fit_linear_returns_a_float32_head_with_the_given_class_order(blobs) -> 
     assert head.tensors["W"].shape == (5, 32)
 
 
+# ------------------------------------------------------------------------------ scale
+def _many_features(n: int, d: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone-like float32 features (non-negative, off zero), classes overlapping."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % classes
+    centres = rng.normal(0.0, 0.15, size=(classes, d)).astype(np.float32)
+    X = np.maximum(centres[y] + 0.5 + rng.standard_normal((n, d), dtype=np.float32), 0.0)
+    return X, y
+
+
+def test_fit_linear_reads_the_features_without_copying_them(monkeypatch) -> None:
+    import tracemalloc
+
+    # two threads here whatever the machine: each holds one block of rows, so peak memory depends on them
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    X, y = _many_features(16384, 256, 3)
+    tracemalloc.start()
+    try:
+        head = fit_linear(X, y, ("a", "b", "c"), C=0.1, tol=1e-4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert accuracy(head, X, y) > 0.8
+    # a float64 copy would be 2 * X.nbytes; the blocks and N x C arrays stay far below even one float32 copy
+    assert peak < X.nbytes // 2, f"peak {peak / 2**20:.1f} MiB for {X.nbytes / 2**20:.0f} MiB of features"
+
+
+def test_fit_linear_gives_the_same_head_on_any_number_of_threads(monkeypatch) -> None:
+    X, y = _many_features(3000, 64, 4)
+    heads = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        heads.append(fit_linear(X, y, ("a", "b", "c", "d"), C=0.5))
+    np.testing.assert_array_equal(heads[0].tensors["W"], heads[1].tensors["W"])
+    np.testing.assert_array_equal(heads[0].tensors["b"], heads[1].tensors["b"])
+
+
+def test_fit_threads_follow_the_cores_and_the_thread_limits(monkeypatch) -> None:
+    from edgexfer.runtime.linear_objective import THREAD_LIMITS, fit_threads
+
+    for name in THREAD_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    cores = fit_threads()
+    assert cores >= 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert fit_threads() == 1
+
+
+@pytest.mark.parametrize("matmul_dtype", ["float32", "float64"])
+def test_every_product_dtype_reaches_the_same_optimum(digits, matmul_dtype) -> None:
+    Xtr, _, ytr, _ = digits
+    exact = fit_linear(Xtr.astype(np.float64), ytr, DIGIT_CLASSES, matmul_dtype="float64", tol=1e-8, max_iter=3000)
+    head = fit_linear(Xtr, ytr, DIGIT_CLASSES, matmul_dtype=matmul_dtype)
+    assert np.corrcoef(head.tensors["W"].ravel(), exact.tensors["W"].ravel())[0, 1] > 0.9999
+    np.testing.assert_array_equal(head.logits(Xtr).argmax(1), exact.logits(Xtr).argmax(1))
+
+
 # ------------------------------------------------------------------------------ warm start
 def test_warm_start_adds_a_class_and_keeps_the_old_classes(blobs) -> None:
     Xtr, Xte, ytr, yte = blobs
