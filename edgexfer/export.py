@@ -2,7 +2,9 @@
 
 The bundle's ``backbone.onnx`` is the run's exported backbone; before the manifest is written the
 export is validated against PyTorch on the run's validation samples (features and full-model top-1),
-and every failure is collected into one :class:`ValidationError`. What differs between images and texts
+and every failure is collected into one :class:`ValidationError`. Samples are read batch by batch
+(:meth:`~edgexfer.modalities.base.ExportReader.batches`): memory holds one batch and the features, whatever
+the number of validation samples. What differs between images and texts
 (reading samples, golden inputs, a tokenizer file) is the run's host modality's (:mod:`edgexfer.modalities`).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from edgexfer.backbones import get_config
 from edgexfer.modalities import host_modality
+from edgexfer.modalities.base import stream_features
 from edgexfer.onnx_export import OPSET
 from edgexfer.run_record import log
 from edgexfer.runtime.bundle import Bundle
@@ -63,18 +66,17 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     reader = modality.export_reader(run, run_dir)
     head = Head.load(run_dir / "head.safetensors", feature_dim=run["backbone"]["feature_dim"])
     val = run["val"]
-    batch = reader.samples(val)
     labels = np.array([v["label"] for v in val])
     log(f"checking backbone.onnx against PyTorch on {len(val)} validation {modality.plural}", progress)
-    ref = reader.torch_features(batch)
-    onnx_feats = reader.onnx_features(run_dir / "backbone.onnx", batch)
+    # one batch of samples in memory at a time: only the features of every validation sample are kept
+    ref, onnx_feats = stream_features(reader, val, reader.torch_runner(), reader.onnx_runner(run_dir / "backbone.onnx"))
     report = parity_report(ref, onnx_feats, head, labels, **modality.parity_extra)
     staging = new_staging(out)
     for rel in ("backbone.onnx", "head.safetensors", *modality.bundle_files):
         shutil.copy2(run_dir / rel, staging / rel)
     # golden samples: a few of every class, with the reference (ONNX Runtime fp32) outputs
     order = golden_order(labels, GOLDEN_COUNT)
-    np.savez(staging / "golden.npz", **reader.golden(batch, order), features=onnx_feats[order],
+    np.savez(staging / "golden.npz", **reader.golden([val[i] for i in order]), features=onnx_feats[order],
              logits=head.logits(onnx_feats[order]), labels=labels[order])
     _write_exemplars(run, reader, modality.plural, staging / "backbone.onnx", staging / "exemplars.npz", progress)
     report_doc = {"schema": "edgexfer.export-report/1", "reference": "pytorch fp32", "candidate": "onnxruntime fp32",
@@ -164,6 +166,6 @@ def _write_exemplars(run: dict[str, Any], reader: Any, plural: str, onnx_path: P
         pick = rng.permutation(len(items))[:EXEMPLARS_PER_CLASS]
         chosen += [items[i] for i in sorted(pick)]
     log(f"computing exemplar features of {len(chosen)} training {plural}", progress)
-    feats = reader.onnx_features(onnx_path, reader.samples(chosen))
+    (feats,) = stream_features(reader, chosen, reader.onnx_runner(onnx_path))
     np.savez(out, features=feats.astype(np.float16), labels=np.array([t["label"] for t in chosen], dtype=np.int64),
              sha256=np.array([t["sha256"] for t in chosen]))

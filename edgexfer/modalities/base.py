@@ -3,7 +3,8 @@ and the fleet ask of the kind of input a backbone reads. No torch here; a modali
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,28 +208,55 @@ class Tuner:
 
 
 class ExportReader:
-    """How export reads a run's samples: a batch is whatever the modality's engine features take."""
+    """How export reads a run's samples: batch by batch, so that memory holds one batch whatever the data set.
 
-    def samples(self, entries: list[dict[str, Any]]) -> Any:
+    A batch is whatever the modality's engines take (uint8 pixels, a list of texts) of at most
+    :attr:`batch_size` samples; the runners turn one batch into features, and only features are kept.
+    """
+
+    #: samples read, and run through each engine, at a time
+    batch_size = 16
+
+    def read(self, entries: list[dict[str, Any]]) -> Any:
+        """One batch: the samples of ``entries`` (run.json entries, at most a batch of them) as engines take them."""
         raise NotImplementedError
+
+    def batches(self, entries: list[dict[str, Any]]) -> Iterator[Any]:
+        """The samples of ``entries`` in order, :attr:`batch_size` at a time; each batch is read when it is asked for."""
+        for start in range(0, len(entries), self.batch_size):
+            yield self.read(entries[start:start + self.batch_size])
 
     def usable(self, entry: dict[str, Any]) -> bool:
         """Whether a training entry can still be read (an exemplar candidate)."""
         return True
 
-    def torch_features(self, batch: Any) -> np.ndarray:
+    def torch_runner(self) -> AbstractContextManager[Callable[[Any], np.ndarray]]:
+        """The run's PyTorch backbone (the parity check's reference) as a function of one batch."""
         raise NotImplementedError
 
-    def onnx_features(self, path: Path, batch: Any) -> np.ndarray:
+    def onnx_runner(self, path: Path) -> AbstractContextManager[Callable[[Any], np.ndarray]]:
+        """``path`` (a backbone.onnx) on the reference engine, as a function of one batch."""
         raise NotImplementedError
 
-    def golden(self, batch: Any, order: np.ndarray) -> dict[str, np.ndarray]:
-        """golden.npz's input arrays of samples ``order``."""
+    def golden(self, entries: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """golden.npz's input arrays of ``entries`` (the few golden samples, in order)."""
         raise NotImplementedError
 
     def manifest_input(self) -> Any:
         """The manifest's ``backbone.input``."""
         raise NotImplementedError
+
+
+def stream_features(reader: ExportReader, entries: list[dict[str, Any]],
+                    *runners: AbstractContextManager[Callable[[Any], np.ndarray]]) -> list[np.ndarray]:
+    """The features of ``entries`` from each runner, in order; every batch is read once and fed to all of them."""
+    with ExitStack() as stack:
+        runs = [stack.enter_context(runner) for runner in runners]
+        parts: list[list[np.ndarray]] = [[] for _ in runs]
+        for batch in reader.batches(entries):
+            for out, run in zip(parts, runs):
+                out.append(run(batch))
+    return [np.concatenate(p) for p in parts]
 
 
 def run_backbone(run: dict[str, Any], run_dir: Path):

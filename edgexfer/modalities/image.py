@@ -7,6 +7,8 @@ stored view). Export checks ``backbone.onnx`` on the run's validation images and
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,31 +215,36 @@ class ImageReader(ExportReader):
             raise InputError("validation images of the run are gone", got=f"{len(missing)} missing, e.g. {missing[0]}",
                              expected="the training data where it was", todo="restore the data directory or train again")
 
-    def samples(self, entries) -> np.ndarray:
+    def read(self, entries) -> np.ndarray:
         return stack([load_image(e["path"], self.spec) for e in entries])
 
     def usable(self, entry) -> bool:
         return Path(entry["path"]).is_file()
 
-    def torch_features(self, batch: np.ndarray, size: int = 16) -> np.ndarray:
+    @contextmanager
+    def torch_runner(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
         import torch
 
         from edgexfer.pixel_model import PixelBackbone
 
         bb = self.run["backbone"]
         model = PixelBackbone(base.run_backbone(self.run, self.run_dir), tuple(bb["mean"]), tuple(bb["std"])).eval()
-        with torch.no_grad():
-            return np.concatenate([model(torch.from_numpy(batch[s:s + size])).numpy()
-                                   for s in range(0, len(batch), size)])
 
-    def onnx_features(self, path: Path, batch: np.ndarray, size: int = 16) -> np.ndarray:
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(batch)).numpy()
+
+        yield run
+
+    @contextmanager
+    def onnx_runner(self, path: Path) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
         from edgexfer.runtime.backends.registry import open_reference
 
         with open_reference(path) as backend:
-            return np.concatenate([backend.run(batch[s:s + size]) for s in range(0, len(batch), size)])
+            yield backend.run
 
-    def golden(self, batch: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
-        return {"images": batch[order]}
+    def golden(self, entries) -> dict[str, np.ndarray]:
+        return {"images": self.read(entries)}
 
     def manifest_input(self):
         from edgexfer.runtime.manifest import InputSpec

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -228,32 +230,35 @@ class TextReader(ExportReader):
         self.tokenizer = TextTokenizer.from_file(run_dir / pp["tokenizer"], pp["max_length"],
                                                  sha256=pp["tokenizer_sha256"])
 
-    def samples(self, entries) -> list[str]:
+    batch_size = 32
+
+    def read(self, entries) -> list[str]:
         return [e["text"] for e in entries]
 
-    def torch_features(self, texts: list[str], batch: int = 32) -> np.ndarray:
+    @contextmanager
+    def torch_runner(self) -> Iterator[Callable[[list[str]], np.ndarray]]:
         import torch
 
         model = base.run_backbone(self.run, self.run_dir).eval()
-        rows: dict[int, np.ndarray] = {}
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.no_grad():
-            for start in range(0, len(order), batch):
-                chunk = order[start:start + batch]
-                tokens = self.tokenizer.encode([texts[i] for i in chunk])
-                out = model(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)).numpy()
-                rows.update(zip(chunk, out))
-        return np.stack([rows[i] for i in range(len(texts))]).astype(np.float32)
 
-    def onnx_features(self, path: Path, texts: list[str]) -> np.ndarray:
+        def run(texts: list[str]) -> np.ndarray:
+            tokens = self.tokenizer.encode(texts)
+            with torch.no_grad():
+                out = model(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)).numpy()
+            return out.astype(np.float32)
+
+        yield run
+
+    @contextmanager
+    def onnx_runner(self, path: Path) -> Iterator[Callable[[list[str]], np.ndarray]]:
         from edgexfer.runtime.backends.registry import open_reference
         from edgexfer.runtime.features import text_features
 
         with open_reference(path) as backend:
-            return text_features(backend, self.tokenizer, texts)[0]
+            yield lambda texts: text_features(backend, self.tokenizer, texts)[0]
 
-    def golden(self, texts: list[str], order: np.ndarray) -> dict[str, np.ndarray]:
-        golden_texts = [texts[i] for i in order]
+    def golden(self, entries) -> dict[str, np.ndarray]:
+        golden_texts = self.read(entries)
         tokens = self.tokenizer.encode(golden_texts)
         return {"texts": np.array(golden_texts), "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 

@@ -101,3 +101,34 @@ def test_a_flipped_byte_in_the_bundle_is_caught_before_parsing(demo_bundle, tmp_
     with pytest.raises(BundleError) as err:
         Bundle.open(copy)
     assert "head.safetensors: sha256 differs" in str(err.value)
+
+
+def test_export_holds_one_batch_of_validation_images_at_a_time(demo_run, tmp_path, monkeypatch):
+    """Export reads, checks and keeps the features of its samples batch by batch: the decoded images of the
+    whole validation split (3 GB at 100,000 images) are never in memory together."""
+    import tracemalloc
+
+    import torch  # noqa: F401  (imported before tracing starts: its import is not what is measured)
+
+    from edgexfer.export import export
+    from edgexfer.modalities.image import ImageReader
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run.run_dir, run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    run["val"] = run["val"] * 3  # a larger validation split, the same images
+    (run_dir / "run.json").write_text(json.dumps(run))
+    monkeypatch.setattr(ImageReader, "batch_size", 4, raising=False)
+    h, w = run["preprocess"]["size"]
+    every_image = len(run["val"]) * h * w * 3  # bytes of the validation split decoded at the backbone's size
+    features = len(run["val"]) * run["backbone"]["feature_dim"] * 4
+    tracemalloc.start()  # numpy's arrays are traced (torch's and ONNX Runtime's own buffers are not)
+    try:
+        export(run_dir, tmp_path / "bundle", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # what export may hold: the features of every validation image and the parity check's float64 work on them
+    # (a dozen copies), and a few batches of images; never the decoded split (which the old export stacked)
+    assert peak < 12 * features + every_image / 4, \
+        f"peak {peak / 2**20:.1f} MiB; the validation images take {every_image / 2**20:.1f}, features {features / 2**20:.1f}"
