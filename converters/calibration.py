@@ -8,7 +8,9 @@ inference time.
 
 The tree is split once, seeded and stratified by class: ``calib_size`` images calibrate the
 quantizer (and steer the int8 sensitivity search); the rest are held out and used only to validate
-the finished engine, so the figures a user reads were not used to tune the engine.
+the finished engine, so the figures a user reads were not used to tune the engine. Calibration inputs
+are read at once (``calib_size`` of them: the quantizers read them all); held-out ones are read batch
+by batch while validation runs (:class:`HeldOut`), so any number of them fits in memory.
 
 A text bundle takes text data instead (a folder of ``.txt`` files per class, or a CSV/JSONL file of
 ``text,label``, read by :mod:`edgexfer.runtime.textdata`), split the same way and tokenized by the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +33,8 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.errors import DataError, InputError
 from edgexfer.runtime.imagefolder import class_files, class_folders
 from edgexfer.runtime.modalities import modality_of
-from edgexfer.runtime.preprocess import load_image
-from edgexfer.runtime.text import TokenBatch
+from edgexfer.runtime.preprocess import PreprocessSpec, load_image
+from edgexfer.runtime.text import TextTokenizer, TokenBatch
 
 #: what an engine reads: uint8 pixels [N, H, W, 3], or the token ids and mask of N texts
 EngineInputs = np.ndarray | TokenBatch
@@ -84,19 +87,80 @@ class LabelledImages:
         return LabelledImages(take(self.pixels, slice(0, count)), self.labels[:count], self.paths[:count])
 
 
+class HeldOut:
+    """Labelled samples held out of calibration, read batch by batch when validation asks for them: memory
+    holds one batch of engine inputs, whatever the number of samples (at 100,000 images, their pixels
+    would take 15 GB). A file that no longer reads is skipped then, and listed in :attr:`skipped`."""
+
+    def __init__(self, labels: np.ndarray, paths: tuple[str, ...], key: str, order: np.ndarray | None = None):
+        self.labels, self.paths, self.key = labels, paths, key  #: key: sha256 naming the samples and preprocessing
+        self.order = np.arange(len(labels)) if order is None else order  #: the order batches take them in
+        self.skipped: dict[str, str] = {}  #: path -> why it could not be read
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, size: int = 16) -> Iterator[tuple[np.ndarray, EngineInputs]]:
+        """``(positions, engine inputs)`` of at most ``size`` samples at a time; positions index :attr:`labels`."""
+        for start in range(0, len(self.order), size):
+            positions, inputs = self.read(self.order[start:start + size])
+            if len(positions):
+                yield positions, inputs
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, EngineInputs]:
+        """The engine inputs of the samples at ``positions`` that can be read, and their positions."""
+        raise NotImplementedError
+
+
+class HeldOutImages(HeldOut):
+    """Held-out images: decoded and resized for the bundle, a batch at a time."""
+
+    def __init__(self, labels: np.ndarray, paths: tuple[str, ...], key: str, spec: PreprocessSpec):
+        super().__init__(labels, paths, key)
+        self.spec = spec
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = self.spec.size
+        pixels = np.empty((len(positions), h, w, 3), np.uint8)  # filled in place: no list of images, then a copy
+        kept: list[int] = []
+        for pos in positions:
+            try:
+                pixels[len(kept)] = load_image(self.paths[pos], self.spec)
+            except InputError as exc:
+                self.skipped[self.paths[pos]] = str(exc.got)
+                continue
+            kept.append(pos)
+        return np.array(kept, dtype=np.int64), pixels[:len(kept)]
+
+
+class HeldOutTexts(HeldOut):
+    """Held-out texts: tokenized a batch at a time, texts of similar length together (a batch pads to its longest)."""
+
+    def __init__(self, labels: np.ndarray, paths: tuple[str, ...], key: str, texts: list[str],
+                 tokenizer: TextTokenizer):
+        super().__init__(labels, paths, key, order=np.argsort([len(t) for t in texts], kind="stable"))
+        self.texts, self.tokenizer = texts, tokenizer
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, TokenBatch]:
+        return positions, self.tokenizer.encode([self.texts[i] for i in positions])
+
+
 @dataclass(frozen=True)
 class CalibrationSplit:
     calibration: LabelledImages
-    holdout: LabelledImages
+    holdout: HeldOut
     #: sha256 over the chosen files' contents and the split parameters (part of the reuse key)
     fingerprint: str
     ignored_folders: tuple[str, ...] = ()
     skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def describe(self) -> dict:
-        return {"calibration_images": len(self.calibration), "holdout_images": len(self.holdout),
+        """The split as reports record it (after validation: held-out files that did not read are counted out)."""
+        skipped = [*self.skipped, *self.holdout.skipped.items()]
+        return {"calibration_images": len(self.calibration),
+                "holdout_images": len(self.holdout) - len(self.holdout.skipped),
                 "ignored_folders": list(self.ignored_folders),
-                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+                "skipped": [{"path": p, "reason": r} for p, r in skipped]}
 
 
 def scan_calibration_files(calib_dir: str | Path, classes: tuple[str, ...]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -169,23 +233,25 @@ def load_image_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: in
 
     spec = bundle.preprocess
     problems = list(skipped)
-
-    def read(indices: np.ndarray) -> LabelledImages:
-        pixels, labels, paths = [], [], []
-        for i in indices:
-            path, label, _ = unique[i]
-            try:
-                pixels.append(load_image(path, spec))
-            except InputError as exc:
-                problems.append((str(path), str(exc.got)))
-                continue
-            labels.append(label)
-            paths.append(str(path))
-        h, w = spec.size
-        stacked = np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)
-        return LabelledImages(stacked, np.array(labels, dtype=np.int64), tuple(paths))
-
-    calibration, holdout = read(calib_idx), read(hold_idx)
+    # calibration images are decoded now (calib_size of them: the quantizers read them all); held-out ones
+    # only when validation streams them
+    pixels, labels, paths = [], [], []
+    for i in calib_idx:
+        path, label, _ = unique[i]
+        try:
+            pixels.append(load_image(path, spec))
+        except InputError as exc:
+            problems.append((str(path), str(exc.got)))
+            continue
+        labels.append(label)
+        paths.append(str(path))
+    h, w = spec.size
+    calibration = LabelledImages(np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
+                                 np.array(labels, dtype=np.int64), tuple(paths))
+    held = [unique[i] for i in hold_idx]
+    held_key = hashlib.sha256(repr(([d for _, _, d in held], [int(lbl) for _, lbl, _ in held], spec.key())).encode())
+    holdout = HeldOutImages(np.array([lbl for _, lbl, _ in held], dtype=np.int64), tuple(str(p) for p, _, _ in held),
+                            held_key.hexdigest(), spec)
     fingerprint = hashlib.sha256(repr((
         [unique[i][2] for i in calib_idx], [int(unique[i][1]) for i in calib_idx],
         [unique[i][2] for i in hold_idx], [int(unique[i][1]) for i in hold_idx], spec.key(),
@@ -221,13 +287,13 @@ def load_text_calibration(bundle: Bundle, calib: str | Path, calib_size: int, *,
     if val_size is not None:
         hold_idx = hold_idx[:val_size]
     tokenizer = bundle.tokenizer()
-
-    def read(indices: np.ndarray) -> LabelledImages:
-        texts = [samples[i].text for i in indices]
-        tokens = tokenizer.encode(texts) if texts else TokenBatch(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), 0)
-        return LabelledImages(tokens, labels[indices], tuple(samples[i].source for i in indices))
-
-    calibration, holdout = read(calib_idx), read(hold_idx)
+    texts = [samples[i].text for i in calib_idx]
+    tokens = tokenizer.encode(texts) if texts else TokenBatch(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), 0)
+    calibration = LabelledImages(tokens, labels[calib_idx], tuple(samples[i].source for i in calib_idx))
+    held_key = hashlib.sha256(repr(([samples[i].sha256 for i in hold_idx], [int(labels[i]) for i in hold_idx],
+                                    tokenizer.key())).encode()).hexdigest()
+    holdout = HeldOutTexts(labels[hold_idx], tuple(samples[i].source for i in hold_idx), held_key,
+                           [samples[i].text for i in hold_idx], tokenizer)
     fingerprint = hashlib.sha256(repr((
         [samples[i].sha256 for i in calib_idx], [int(labels[i]) for i in calib_idx],
         [samples[i].sha256 for i in hold_idx], [int(labels[i]) for i in hold_idx], tokenizer.key(),

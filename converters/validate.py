@@ -1,7 +1,8 @@
 """Validation after every conversion: the new engine against the fp32 ONNX Runtime reference.
 
 Both run on the bundle's golden images and on held-out labelled images (from ``--calib``, never used
-to calibrate or tune the engine); for a text bundle, its golden texts and held-out labelled texts. Features and head logits are compared (max abs difference,
+to calibrate or tune the engine), streamed batch by batch; for a text bundle, its golden texts and
+held-out labelled texts. Features and head logits are compared (max abs difference,
 cosine similarity, top-1 agreement) and the head's accuracy is measured before and after, all by
 :mod:`edgexfer.runtime.compare` with the tolerance of the precision that ran. Every failure is
 collected first, then one :class:`ComparisonError` lists them, one line per output.
@@ -9,11 +10,12 @@ collected first, then one :class:`ComparisonError` lists them, one line per outp
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
-from edgexfer.converters.calibration import EngineInputs, LabelledImages, inputs_digest, take
+from edgexfer.converters.calibration import EngineInputs, HeldOut, inputs_digest, take
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import (
     ComparisonError,
@@ -55,6 +57,34 @@ def reference_features(bundle: Bundle, pixels: EngineInputs) -> np.ndarray:
     return _REFERENCE_FEATURES[key]
 
 
+#: reference features of held-out samples already run in this process: holdout key -> {position: features}
+_REFERENCE_HOLDOUT: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+
+
+def holdout_features(features: FeatureFn, bundle: Bundle, holdout: HeldOut,
+                     batch: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(reference, candidate, positions)``: the features of the held-out samples that could be read, streamed
+    batch by batch (each batch through the candidate, and through the fp32 reference unless this process has
+    run it on those samples before); None when none could be read."""
+    from edgexfer.runtime.backends.registry import open_reference
+
+    known = _REFERENCE_HOLDOUT.setdefault((bundle.manifest.backbone.sha256, holdout.key), {})
+    positions, candidate = [], []
+    with ExitStack() as stack:
+        reference = None
+        for rows, inputs in holdout.batches(batch):
+            if any(int(r) not in known for r in rows):
+                if reference is None:
+                    reference = stack.enter_context(open_reference(bundle.backbone_path))
+                known.update(zip(map(int, rows), reference.run(inputs)))
+            positions.append(rows)
+            candidate.append(features(inputs))
+    if not positions:
+        return None
+    order = np.concatenate(positions)
+    return np.stack([known[int(r)] for r in order]), np.concatenate(candidate), order
+
+
 def feature_figures(ref: np.ndarray, new: np.ndarray, head: Head, labels: np.ndarray | None = None,
                     tolerance: Tolerance | None = None) -> dict[str, Any]:
     """Agreement of ``new`` features with the reference ``ref`` (and accuracy when labels are known)."""
@@ -62,7 +92,7 @@ def feature_figures(ref: np.ndarray, new: np.ndarray, head: Head, labels: np.nda
 
 
 def validate_engine(features: FeatureFn, bundle: Bundle, tolerance: Tolerance,
-                    holdout: LabelledImages | None = None) -> dict[str, Any]:
+                    holdout: HeldOut | None = None) -> dict[str, Any]:
     """Run ``features`` and the reference on golden and held-out images; figures and failures.
 
     Returns the validation section of a conversion report (``passed`` and ``failures`` included);
@@ -81,10 +111,10 @@ def validate_engine(features: FeatureFn, bundle: Bundle, tolerance: Tolerance,
         "golden": flat_figures(result),
     }
     failures = list(result.failures)
-    if holdout is not None and len(holdout):
-        ref_h = reference_features(bundle, holdout.pixels)
-        held = compare(feature_outputs(ref_h, run_batched(features, holdout.pixels), head.logits, holdout.labels),
-                       tolerance, "held-out")
+    streamed = holdout_features(features, bundle, holdout) if holdout is not None else None
+    if streamed is not None:
+        ref_h, new_h, positions = streamed
+        held = compare(feature_outputs(ref_h, new_h, head.logits, holdout.labels[positions]), tolerance, "held-out")
         report["holdout"] = flat_figures(held)
         failures += held.failures
     else:

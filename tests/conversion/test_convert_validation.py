@@ -127,3 +127,38 @@ def test_engine_table_lists_every_engine(converted, conversion_bundle):
     md = (conversion_bundle / "reports/engines.md").read_text()
     assert "| openvino fp32 | engine |" in md and "| onnxruntime int8 | engine |" in md
     assert json.loads((conversion_bundle / "reports/engines.json").read_text())["engines"]
+
+
+def test_held_out_images_are_read_a_batch_at_a_time(conversion_bundle, clipart8):
+    """Validation streams the held-out images: loading the split and reading every batch never holds more
+    than a few batches of pixels, however many images are held out (the old split decoded them all at once)."""
+    import tracemalloc
+
+    from edgexfer.converters.calibration import load_calibration
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.imagefolder import class_files, class_folders
+    from edgexfer.runtime.preprocess import load_image
+
+    bundle = Bundle.open(conversion_bundle)
+    h, w = bundle.preprocess.size
+    load_image(class_files(clipart8 / class_folders(clipart8)[0])[0][0], bundle.preprocess)  # the decoders' imports
+    tracemalloc.start()
+    try:
+        split = load_calibration(bundle, clipart8, 8, val_size=200)
+        loaded = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    every_image = len(split.holdout) * h * w * 3
+    assert loaded < every_image / 4, f"loading took {loaded / 2**20:.1f} MiB; the held-out images take " \
+                                     f"{every_image / 2**20:.1f}"
+    tracemalloc.start()
+    try:
+        seen = []
+        for positions, pixels in split.holdout.batches(8):
+            assert len(pixels) == len(positions) <= 8 and pixels.shape[1:] == (h, w, 3)
+            seen.extend(positions.tolist())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(seen) == list(range(len(split.holdout))) and len(seen) == 200
+    assert peak < every_image / 4, f"reading took {peak / 2**20:.1f} MiB; the held-out images take {every_image / 2**20:.1f}"
