@@ -10,7 +10,6 @@ collected first, then one :class:`ComparisonError` lists them, one line per outp
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -57,32 +56,43 @@ def reference_features(bundle: Bundle, pixels: EngineInputs) -> np.ndarray:
     return _REFERENCE_FEATURES[key]
 
 
-#: reference features of held-out samples already run in this process: holdout key -> {position: features}
-_REFERENCE_HOLDOUT: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+#: reference features of held-out samples already run in this process: (backbone, holdout key) -> (positions, features)
+_REFERENCE_HOLDOUT: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _streamed(run: FeatureFn, holdout: HeldOut, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
+    positions, features = [], []
+    for rows, inputs in holdout.batches(batch):
+        positions.append(rows)
+        features.append(run(inputs))
+    return (np.concatenate(positions), np.concatenate(features)) if positions else None
 
 
 def holdout_features(features: FeatureFn, bundle: Bundle, holdout: HeldOut,
                      batch: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(reference, candidate, positions)``: the features of the held-out samples that could be read, streamed
-    batch by batch (each batch through the candidate, and through the fp32 reference unless this process has
-    run it on those samples before); None when none could be read."""
+    """``(reference, candidate, positions)``: the features of the held-out samples that could be read (None when
+    none could), streamed a batch at a time through the fp32 reference (once per process), then the candidate.
+
+    One engine per pass: reading the samples twice costs less than two engines' working memory at once.
+    """
     from edgexfer.runtime.backends.registry import open_reference
 
-    known = _REFERENCE_HOLDOUT.setdefault((bundle.manifest.backbone.sha256, holdout.key), {})
-    positions, candidate = [], []
-    with ExitStack() as stack:
-        reference = None
-        for rows, inputs in holdout.batches(batch):
-            if any(int(r) not in known for r in rows):
-                if reference is None:
-                    reference = stack.enter_context(open_reference(bundle.backbone_path))
-                known.update(zip(map(int, rows), reference.run(inputs)))
-            positions.append(rows)
-            candidate.append(features(inputs))
-    if not positions:
+    key = (bundle.manifest.backbone.sha256, holdout.key)
+    if key not in _REFERENCE_HOLDOUT:
+        with open_reference(bundle.backbone_path) as reference:
+            streamed = _streamed(reference.run, holdout, batch)
+        if streamed is None:
+            return None
+        _REFERENCE_HOLDOUT[key] = streamed
+    ref_positions, ref = _REFERENCE_HOLDOUT[key]
+    streamed = _streamed(features, holdout, batch)
+    if streamed is None:
         return None
-    order = np.concatenate(positions)
-    return np.stack([known[int(r)] for r in order]), np.concatenate(candidate), order
+    positions, new = streamed
+    if not np.array_equal(positions, ref_positions):  # a file read in one pass and not in the other
+        common, in_ref, in_new = np.intersect1d(ref_positions, positions, return_indices=True)
+        return ref[in_ref], new[in_new], common
+    return ref, new, positions
 
 
 def feature_figures(ref: np.ndarray, new: np.ndarray, head: Head, labels: np.ndarray | None = None,

@@ -69,7 +69,8 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     labels = np.array([v["label"] for v in val])
     log(f"checking backbone.onnx against PyTorch on {len(val)} validation {modality.plural}", progress)
     # one batch of samples in memory at a time: only the features of every validation sample are kept
-    ref, onnx_feats = stream_features(reader, val, reader.torch_runner(), reader.onnx_runner(run_dir / "backbone.onnx"))
+    ref = stream_features(reader, val, reader.torch_runner())
+    onnx_feats = stream_features(reader, val, reader.onnx_runner(run_dir / "backbone.onnx"))
     report = parity_report(ref, onnx_feats, head, labels, **modality.parity_extra)
     staging = new_staging(out)
     for rel in ("backbone.onnx", "head.safetensors", *modality.bundle_files):
@@ -166,6 +167,6 @@ def _write_exemplars(run: dict[str, Any], reader: Any, plural: str, onnx_path: P
         pick = rng.permutation(len(items))[:EXEMPLARS_PER_CLASS]
         chosen += [items[i] for i in sorted(pick)]
     log(f"computing exemplar features of {len(chosen)} training {plural}", progress)
-    (feats,) = stream_features(reader, chosen, reader.onnx_runner(onnx_path))
+    feats = stream_features(reader, chosen, reader.onnx_runner(onnx_path))
     np.savez(out, features=feats.astype(np.float16), labels=np.array([t["label"] for t in chosen], dtype=np.int64),
              sha256=np.array([t["sha256"] for t in chosen]))

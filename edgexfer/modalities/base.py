@@ -4,7 +4,7 @@ and the fleet ask of the kind of input a backbone reads. No torch here; a modali
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,15 +248,14 @@ class ExportReader:
 
 
 def stream_features(reader: ExportReader, entries: list[dict[str, Any]],
-                    *runners: AbstractContextManager[Callable[[Any], np.ndarray]]) -> list[np.ndarray]:
-    """The features of ``entries`` from each runner, in order; every batch is read once and fed to all of them."""
-    with ExitStack() as stack:
-        runs = [stack.enter_context(runner) for runner in runners]
-        parts: list[list[np.ndarray]] = [[] for _ in runs]
-        for batch in reader.batches(entries):
-            for out, run in zip(parts, runs):
-                out.append(run(batch))
-    return [np.concatenate(p) for p in parts]
+                    runner: AbstractContextManager[Callable[[Any], np.ndarray]]) -> np.ndarray:
+    """The features of ``entries`` from ``runner``, in order, reading one batch of samples at a time.
+
+    One engine per pass: holding PyTorch's and ONNX Runtime's working memory at once cost more than reading
+    the samples twice (export of 384 images: 834 MB peak RSS feeding both per batch, 550 MB one after the other).
+    """
+    with runner as run:
+        return np.concatenate([run(batch) for batch in reader.batches(entries)])
 
 
 def run_backbone(run: dict[str, Any], run_dir: Path):
