@@ -68,6 +68,13 @@ def _streamed(run: FeatureFn, holdout: HeldOut, batch: int) -> tuple[np.ndarray,
     return (np.concatenate(positions), np.concatenate(features)) if positions else None
 
 
+def _reference_pass(bundle: Bundle, holdout: HeldOut, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
+    from edgexfer.runtime.backends.registry import open_reference
+
+    with open_reference(bundle.backbone_path) as reference:
+        return _streamed(reference.run, holdout, batch)
+
+
 def holdout_features(features: FeatureFn, bundle: Bundle, holdout: HeldOut,
                      batch: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(reference, candidate, positions)``: the features of the held-out samples that could be read (None when
@@ -75,12 +82,9 @@ def holdout_features(features: FeatureFn, bundle: Bundle, holdout: HeldOut,
 
     One engine per pass: reading the samples twice costs less than two engines' working memory at once.
     """
-    from edgexfer.runtime.backends.registry import open_reference
-
     key = (bundle.manifest.backbone.sha256, holdout.key)
     if key not in _REFERENCE_HOLDOUT:
-        with open_reference(bundle.backbone_path) as reference:
-            streamed = _streamed(reference.run, holdout, batch)
+        streamed = _reference_pass(bundle, holdout, batch)  # the session is gone when it returns
         if streamed is None:
             return None
         _REFERENCE_HOLDOUT[key] = streamed
