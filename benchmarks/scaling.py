@@ -207,7 +207,7 @@ class SizeRun:
         return measure(cmd, self.logs, out)
 
     def step(self, name: str) -> dict[str, Any]:
-        """long: one branch per step of the pipeline, each a command line"""
+        """Run step ``name`` (its command lines) and return its figures."""
         cli, work, state = self.cli, self.work, str(self.state)
         if name == "train_cold":
             return self.train("run-cold")

@@ -40,12 +40,12 @@ def test_a_step_peak_rss_is_the_childs_own_not_this_processs(tmp_path):
     assert 200 <= big["peak_rss_mb"] < 290, big
 
 
-def test_fits_call_growing_memory_not_flat_and_affine_time_linear():
+def test_fits_call_growing_memory_not_flat_and_affine_cpu_time_linear():
     report = _load("scaling_report")
     n = [500, 2000, 8000]
-    flat = report.fit([(x, 10 + 0.01 * x, 600.0 + 0.001 * x) for x in n])
-    grows = report.fit([(x, 10 + 0.01 * x, 600.0 + 0.3 * x) for x in n])
-    quadratic = report.fit([(x, 1e-5 * x * x, 600.0) for x in n])
+    flat = report.fit([(x, 10 + 0.01 * x, 600.0 + 0.001 * x, 5 + 0.005 * x) for x in n])
+    grows = report.fit([(x, 10 + 0.01 * x, 600.0 + 0.3 * x, 5 + 0.005 * x) for x in n])
+    quadratic = report.fit([(x, 1e-5 * x * x, 600.0, 1e-5 * x * x) for x in n])
     assert flat["time_linear"] and flat["memory_flat"]
     assert flat["time_ms_per_image"] == pytest.approx(10.0) and flat["time_fixed_s"] == pytest.approx(10.0)
     assert not grows["memory_flat"] and grows["rss_mb_per_1k_images"] == pytest.approx(300.0)
