@@ -7,9 +7,10 @@ For each N (small ~256x256 JPEGs and 3-MP photos 2048x1536, generated once by ``
   train_warm   the same again on the now filled cache (a new run directory)
   export       ``edgexfer export`` of the warm run
   install      ``edgexfer device install`` of that bundle on a fresh state (what learn needs)
-  learn        ``edgexfer device learn`` of all N images, one label per call, at most ``--call-size`` files a call
+  learn        ``edgexfer device learn`` of all N images, one label per call: all its files in one call through
+               ``--from-list`` where learn has it, else (or with ``--call-size K``) calls of at most K files
   retrain      ``edgexfer device retrain``
-  predict      ``edgexfer device predict`` of all N images, at most ``--call-size`` files a call
+  predict      ``edgexfer device predict`` of all N images, calls of at most ``--call-size`` (2,000) files
 
 Peak RSS is the child's own ``ru_maxrss``: every command runs under a small ``python -c`` wrapper that waits
 for that one child and reads ``getrusage(RUSAGE_CHILDREN)`` (a child forked straight from this process
@@ -46,6 +47,8 @@ STEPS = ("train_cold", "train_warm", "export", "install", "learn", "retrain", "p
 NEEDS = {"train_warm": "train_cold", "export": "train_cold", "install": "export", "learn": "install",
          "retrain": "learn", "predict": "install"}
 DEFAULT_STEPS = "train_cold,train_warm,export,learn,retrain,predict"
+#: files per call when they go on the command line (2,000 paths of ~80 bytes: well inside ARG_MAX)
+MAX_ARGV_FILES = 2000
 
 #: runs one command with stdout/stderr into files and prints its wall time and its own rusage (not ours)
 WRAPPER = r"""
@@ -73,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma list of {', '.join(STEPS)} (default: all but "
                     "install, which runs anyway when a later step needs it)")
     ap.add_argument("--workers", type=int, default=None, help="train --workers, and image generation processes")
-    ap.add_argument("--call-size", type=int, default=2000,
-                    help="files per learn/predict call (0: one call per label; learn needs --from-list for that)")
+    ap.add_argument("--call-size", type=int, default=None,
+                    help="files per learn and predict call (default: learn one call per label through --from-list "
+                         f"where learn has it, else {MAX_ARGV_FILES}; predict {MAX_ARGV_FILES})")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/edgexfer-scaling"),
                     help="images are generated here once and reused; runs, caches and states per N under runs/")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
@@ -90,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.steps if s not in STEPS]
     if unknown:
         ap.error(f"unknown step(s) {', '.join(unknown)}: choose from {', '.join(STEPS)}")
-    if args.call_size < 0:
-        ap.error("--call-size must be >= 0")
+    if args.call_size is not None and args.call_size < 1:
+        ap.error("--call-size must be >= 1")
     args.name = args.name or f"scaling-{time.strftime('%Y-%m-%d')}" + ("-quick" if quick else "")
     return args
 
@@ -158,7 +162,14 @@ def make_set(root: Path, images: dict[str, list[Path]], n: int) -> dict[str, lis
     return files
 
 
-def _chunks(items: list[Path], size: int) -> list[list[Path]]:
+def call_sizes(asked: int | None, from_list: bool) -> tuple[int | None, int]:
+    """Files per learn call (None: all of a label's in one) and per predict call."""
+    if asked is not None:
+        return asked, asked if asked <= MAX_ARGV_FILES else MAX_ARGV_FILES
+    return (None if from_list else MAX_ARGV_FILES), MAX_ARGV_FILES
+
+
+def _chunks(items: list[Path], size: int | None) -> list[list[Path]]:
     size = size or max(len(items), 1)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -191,6 +202,7 @@ class SizeRun:
     def __init__(self, kind: str, n: int, images: dict[str, list[Path]], args: argparse.Namespace, cli: list[str],
                  from_list: bool):
         self.kind, self.n, self.args, self.cli, self.from_list = kind, n, args, cli, from_list
+        self.learn_size, self.predict_size = call_sizes(args.call_size, from_list)
         self.work = args.workdir / "runs" / f"{kind}-{n}"
         if self.work.exists():
             shutil.rmtree(self.work)
@@ -223,7 +235,7 @@ class SizeRun:
         if name == "learn":
             calls = []
             for label, paths in self.files.items():
-                for chunk in _chunks(paths, self.args.call_size):
+                for chunk in _chunks(paths, self.learn_size):
                     cmd = [*cli, "device", "learn", "--label", label, "--state", state, "--backend", "onnxruntime",
                            "--json"]
                     if self.from_list:
@@ -238,9 +250,8 @@ class SizeRun:
             return measure([*cli, "device", "retrain", "--state", state, "--json"], self.logs, "retrain")
         if name == "predict":
             every = [p for paths in self.files.values() for p in paths]
-            size = self.args.call_size or len(every)
             calls = [([*cli, "device", "predict", "--state", state, "--backend", "onnxruntime", "--top-k", "1",
-                       "--json", *map(str, chunk)], len(chunk)) for chunk in _chunks(every, size)]
+                       "--json", *map(str, chunk)], len(chunk)) for chunk in _chunks(every, self.predict_size)]
             return run_calls(calls, self.logs, "predict")
         raise ValueError(name)
 
@@ -325,7 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         "schema": "edgexfer.scaling/1", "date": time.strftime("%Y-%m-%d"),
         "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
         **environment(), "load_start": [round(v, 2) for v in os.getloadavg()], "steps": steps,
-        "requested": args.steps, "workers": args.workers, "call_size": args.call_size, "learn_from_list": from_list,
+        "requested": args.steps, "workers": args.workers, "learn_from_list": from_list,
+        "learn_call_size": call_sizes(args.call_size, from_list)[0], "predict_call_size": call_sizes(args.call_size,
+                                                                                                       from_list)[1],
         "classes": list(CLASSES), "runs": [], "images": {},
     }
     doc["wrapper_floor_mb"] = measure([sys.executable, "-c", "pass"], args.workdir / "logs", "floor")["peak_rss_mb"]

@@ -153,6 +153,12 @@ def write_plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _per_call(doc: dict[str, Any], step: str) -> str:
+    size = doc.get(f"{step}_call_size", doc.get("call_size"))
+    how = " (--from-list)" if step == "learn" and doc.get("learn_from_list") and not size else ""
+    return f"at most {size:,}" if size else f"all of a label's in one call{how}"
+
+
 def doc_sizes(doc: dict[str, Any], kind: str) -> list[int]:
     return sorted({run["n"] for run in doc["runs"] if run["kind"] == kind})
 
@@ -173,8 +179,8 @@ def write_markdown(doc: dict[str, Any], path: Path) -> Path:
     lines = [f"# edgexfer scaling study, {doc['date']}", "", "Machine: {}; {}.".format(*describe(doc)), "",
              f"Command: `{doc['command']}`", "",
              "Each step is its own process (the real CLI). Cells: wall time / peak RSS (the process's own "
-             "`ru_maxrss`; learn and predict: time summed over their calls, RSS of the largest call; at most "
-             f"{doc['call_size'] or 'all'} files per call). Wrapper floor: {doc['wrapper_floor_mb']} MB. Times on "
+             "`ru_maxrss`; learn and predict: time summed over their calls, RSS of the largest call; files per "
+             f"call: learn {_per_call(doc, 'learn')}, predict {_per_call(doc, 'predict')}). Wrapper floor: {doc['wrapper_floor_mb']} MB. Times on "
              "a shared machine are noisy (load above); memory figures do not depend on load.", ""]
     for kind in doc["summary"]["fits"]:
         lines += [f"## {KIND_TITLES[kind]}", "", "| N | data MB | " + " | ".join(steps) + " |",
