@@ -295,7 +295,7 @@ def facts(name: str, r: dict[str, Any], files: dict[str, list[Path]]) -> dict[st
         summed: dict[str, int] = {}
         for o in r.get("outputs") or []:
             for k, v in (o or {}).items():
-                if isinstance(v, int) and not isinstance(v, bool) and k != "augment":
+                if isinstance(v, int) and not isinstance(v, bool) and k not in ("augment", "capacity"):
                     summed[k] = summed.get(k, 0) + v
         return summed
     if name == "predict":
