@@ -1,5 +1,5 @@
 """benchmarks/scaling.py (issue 28, point 6): how it measures a step's peak RSS, what it concludes from the
-figures, and a --quick run of the real pipeline (train, export, device install/learn/retrain/predict)."""
+figures, and a --quick run of its train steps."""
 from __future__ import annotations
 
 import importlib.util
@@ -53,26 +53,26 @@ def test_fits_call_growing_memory_not_flat_and_affine_cpu_time_linear():
 
 
 def test_quick_study_runs_the_cli_and_writes_json_plot_and_table(tmp_path):
-    """The whole pipeline on 40 generated images (~40 s on 2 busy cores)."""
+    """The study on 40 generated images, train cold and warm (the steps the acceptance figures rest on)."""
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path / "work"),
-                           "--out-dir", str(out), "--name", "smoke"], capture_output=True, text=True, timeout=300)
+                           "--out-dir", str(out), "--name", "smoke", "--steps", "train_cold,train_warm"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((out / "smoke.json").read_text())
     assert doc["cpu"]["flags"] is not None and doc["cpu"]["model"] and len(doc["load_start"]) == 3
     (run,) = doc["runs"]
     assert run["kind"] == "small" and run["n"] == 40
-    for name in ("train_cold", "train_warm", "export", "install", "learn", "retrain", "predict"):
+    # the device steps are left out to keep the suite short: their own tests cover the commands
+    for name in ("train_cold", "train_warm"):
         step = run["steps"][name]
         assert step["rc"] == 0, (name, step.get("error"))
         assert step["seconds"] > 0 and step["peak_rss_mb"] > doc["wrapper_floor_mb"], (name, step)
     facts = {name: step["facts"] for name, step in run["steps"].items()}
     assert facts["train_cold"]["backbone_images_run"] == 40
     assert facts["train_warm"]["images_decoded"] == 0 and facts["train_warm"]["features_from_cache"] == 40
-    assert sum(c["files"] for c in run["steps"]["learn"]["calls"]) == 40
-    assert facts["predict"]["predicted"] == 40
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "smoke.md").read_text()
     assert "| 40 |" in table and doc["cpu"]["model"] in table and "load (1 min)" in table
