@@ -87,9 +87,9 @@ def acceptance(doc: dict[str, Any]) -> list[dict[str, Any]]:
                        "value_mb": peak, "passed": peak < LEARN_LIMIT_MB, "at_target": files >= LEARN_TARGET_FILES})
         worst = max(calls, key=lambda c: c[1])
         if worst[1] != peak:
-            checks.append({"check": f"every learn call peak RSS < {LEARN_LIMIT_MB} MB", "files": worst[0],
-                           "kind": worst[2], "value_mb": worst[1], "passed": worst[1] < LEARN_LIMIT_MB,
-                           "at_target": worst[0] >= LEARN_TARGET_FILES})
+            checks.append({"check": f"every learn call peak RSS < {LEARN_LIMIT_MB} MB (the largest peak)",
+                           "files": worst[0], "kind": worst[2], "value_mb": worst[1],
+                           "passed": worst[1] < LEARN_LIMIT_MB, "at_target": True})
     return checks
 
 
