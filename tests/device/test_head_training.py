@@ -109,8 +109,10 @@ def test_fit_linear_weights_imbalanced_classes_like_sklearn(blobs, class_weight)
     np.testing.assert_allclose(ours.tensors["W"], peer.coef_, atol=1e-3)
     ours_z = ours.logits(X).astype(np.float64)
     peer_z = peer.decision_function(X - mean)
+    # where L-BFGS stops differs by row order and BLAS kernel (float32 products): 0.003-0.023 over 12 row orders
+    # on an AVX-512 EPYC, so the bound leaves room for other CPUs' summation order
     np.testing.assert_allclose(ours_z - ours_z.mean(1, keepdims=True), peer_z - peer_z.mean(1, keepdims=True),
-                               atol=2e-2)
+                               atol=4e-2)
 
 
 def test_fit_linear_returns_a_float32_head_with_the_given_class_order(blobs) -> None:
