@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--name", default=None, help="file name stem of the results (default scaling-<date>[-quick])")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     ap.add_argument("--keep", action="store_true", help="keep each N's run directories (default: removed)")
+    ap.add_argument("--resume", action="store_true",
+                    help="add to the results of the same --name: sizes whose steps all succeeded there are skipped "
+                         "(an interrupted study goes on where it stopped)")
     ap.add_argument("--quick", action="store_true", help="a tiny run for a smoke test: 40 small images, no photos")
     args = ap.parse_args(argv)
     quick = args.quick
@@ -327,22 +330,30 @@ def write_results(doc: dict[str, Any], args: argparse.Namespace) -> None:
     write_markdown(doc, Path(f"{stem}.md"))
 
 
+def _done(doc: dict[str, Any], steps: list[str]) -> set[tuple[str, int]]:
+    """(kind, N) of the runs in ``doc`` whose ``steps`` all succeeded; failed runs are dropped from ``doc``."""
+    ok = [r for r in doc["runs"] if all(r["steps"].get(s, {}).get("rc") == 0 for s in steps)]
+    doc["runs"] = ok
+    return {(r["kind"], r["n"]) for r in ok}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli = cli_command()
     steps = needed_steps(args.steps)
     from_list = learn_takes_list(cli)
-    doc: dict[str, Any] = {
-        "schema": "edgexfer.scaling/1", "date": time.strftime("%Y-%m-%d"),
-        "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
-        **environment(), "load_start": [round(v, 2) for v in os.getloadavg()], "steps": steps,
-        "requested": args.steps, "workers": args.workers, "learn_from_list": from_list,
-        "learn_call_size": call_sizes(args.call_size, from_list)[0], "predict_call_size": call_sizes(args.call_size,
-                                                                                                       from_list)[1],
-        "classes": list(CLASSES), "runs": [], "images": {},
-    }
-    doc["wrapper_floor_mb"] = measure([sys.executable, "-c", "pass"], args.workdir / "logs", "floor")["peak_rss_mb"]
+    env = environment()
+    previous = args.out_dir / f"{args.name}.json"
+    if args.resume and previous.is_file():
+        doc = json.loads(previous.read_text())
+        done = _done(doc, steps)
+        doc.setdefault("resumed", []).append({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "command": " ".join(sys.argv), "commit": env["commit"],
+                                              "load": [round(v, 2) for v in os.getloadavg()]})
+    else:
+        doc, done = new_doc(args, env, steps, from_list), set()
     for kind, sizes in (("small", args.sizes), ("photo", args.photo_sizes)):
+        sizes = [n for n in sizes if (kind, n) not in done]
         if not sizes:
             continue
         (w, h), kind_id = KINDS[kind]
@@ -354,14 +365,29 @@ def main(argv: list[str] | None = None) -> None:
         for n in sizes:
             run = SizeRun(kind, n, images, args, cli, from_list)
             entry = {"kind": kind, "n": n, "image_size": [w, h], "data_mb": round(run.data_bytes() / 2**20, 1),
+                     "commit": env["commit"], "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "steps": run.run(steps, args.steps)}
-            doc["runs"].append(entry)
+            doc["runs"] = sorted([*doc["runs"], entry], key=lambda r: (list(KINDS).index(r["kind"]), r["n"]))
             if not args.keep:
                 shutil.rmtree(run.work, ignore_errors=True)
             doc["utc_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             doc["load_end"] = [round(v, 2) for v in os.getloadavg()]
             write_results(doc, args)
     print(f"results: {args.out_dir / args.name}.{{json,png,md}}", file=sys.stderr)
+
+
+def new_doc(args: argparse.Namespace, env: dict[str, Any], steps: list[str], from_list: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema": "edgexfer.scaling/1", "date": time.strftime("%Y-%m-%d"),
+        "utc_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+        **env, "load_start": [round(v, 2) for v in os.getloadavg()], "steps": steps,
+        "requested": args.steps, "workers": args.workers, "learn_from_list": from_list,
+        "learn_call_size": call_sizes(args.call_size, from_list)[0], "predict_call_size": call_sizes(args.call_size,
+                                                                                                       from_list)[1],
+        "classes": list(CLASSES), "runs": [], "images": {},
+    }
+    doc["wrapper_floor_mb"] = measure([sys.executable, "-c", "pass"], args.workdir / "logs", "floor")["peak_rss_mb"]
+    return doc
 
 
 if __name__ == "__main__":

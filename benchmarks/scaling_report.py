@@ -182,6 +182,9 @@ def write_markdown(doc: dict[str, Any], path: Path) -> Path:
              "`ru_maxrss`; learn and predict: time summed over their calls, RSS of the largest call; files per "
              f"call: learn {_per_call(doc, 'learn')}, predict {_per_call(doc, 'predict')}). Wrapper floor: {doc['wrapper_floor_mb']} MB. Times on "
              "a shared machine are noisy (load above); memory figures do not depend on load.", ""]
+    for r in doc.get("resumed", []):
+        lines += [f"Resumed {r['utc'][:16].replace('T', ' ')} UTC at {r['commit']} (load {r['load'][0]}): "
+                  f"`{r['command']}`", ""]
     for kind in doc["summary"]["fits"]:
         lines += [f"## {KIND_TITLES[kind]}", "", "| N | data MB | " + " | ".join(steps) + " |",
                   "|---:|---:|" + "---:|" * len(steps)]
