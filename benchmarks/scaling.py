@@ -206,7 +206,7 @@ class SizeRun:
                  from_list: bool):
         self.kind, self.n, self.args, self.cli, self.from_list = kind, n, args, cli, from_list
         self.learn_size, self.predict_size = call_sizes(args.call_size, from_list)
-        self.work = args.workdir / "runs" / f"{kind}-{n}"
+        self.work = args.workdir / "runs" / args.name / f"{kind}-{n}"  # studies of other names may share workdir
         if self.work.exists():
             shutil.rmtree(self.work)
         self.files = make_set(self.work / "data", images, n)
