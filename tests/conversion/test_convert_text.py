@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ def fortunes7_bundle(tmp_path_factory):
     from edgexfer.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("fortunes7")
-    run = train(TrainConfig(data_dir=fortunes7(), out=root / "run", cache=root / "features.sqlite", seed=0,
+    # the features cache test_text_pipeline also fills (build/, kept across runs): ~35 s once, seconds after
+    cache = Path(__file__).resolve().parents[2] / "build" / "text-test-cache.sqlite"
+    cache.parent.mkdir(exist_ok=True)
+    run = train(TrainConfig(data_dir=fortunes7(), out=root / "run", cache=cache, seed=0,
                             val_fraction=0.2, progress=False))
     bundle = export(run.run_dir, root / "bundle", progress=False).bundle
     run_json = json.loads((run.run_dir / "run.json").read_text())
