@@ -16,6 +16,10 @@ Routes (docs/service.md has examples of each):
 ``POST /v1/rollback``                       back to the previous head
 ==========================================  ================================================================
 
+Before any route, :class:`~edgexfer.runtime.service.access.BrowserSafety` answers a foreign ``Host`` (421)
+and a browser request from another site or origin (403), and puts the security headers on every response;
+:mod:`.access` says why.
+
 The handlers live in one module per group: :mod:`.routes_page` (the page), :mod:`.routes_v2` (the
 Open Inference Protocol), :mod:`.routes_v1` (predict, review, label), :mod:`.routes_admin` (status,
 heads, retrain, rollback, metrics). What they share (the resources in the app's state, the JSON errors,
@@ -32,11 +36,15 @@ text, review entries holding the text.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from edgexfer.runtime.service import routes_admin, routes_page, routes_v1, routes_v2
+from edgexfer.runtime.service.access import Access, BrowserSafety, HostAllowList, is_loopback
 from edgexfer.runtime.service.core import ServiceCore
-from edgexfer.runtime.service.endpoint import Access, RetrainJobs, SampleCounts, is_loopback, not_found
+from edgexfer.runtime.service.endpoint import RetrainJobs, SampleCounts, not_found
 
 __all__ = ["MUTATING", "create_app", "is_loopback"]
 
@@ -44,11 +52,15 @@ __all__ = ["MUTATING", "create_app", "is_loopback"]
 MUTATING = ("/v1/label", "/v1/retrain", "/v1/rollback")
 
 
-def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.0.0.1") -> Starlette:
+def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.0.0.1",
+               allow_hosts: Iterable[str] = ()) -> Starlette:
     """The ASGI application. ``token``: needed by the mutating endpoints (always, once given); with no
-    token those endpoints answer 403 unless ``host`` is a loopback address."""
+    token those endpoints answer 403 unless ``host`` is a loopback address. Beyond loopback the endpoints
+    that reveal field data need it too. ``allow_hosts``: ``Host`` names answered besides IP addresses,
+    ``localhost``, ``host`` and this machine's name (``--allow-host``)."""
     routes = [*routes_page.routes(), *routes_v2.routes(), *routes_v1.routes(), *routes_admin.routes()]
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    middleware=[Middleware(BrowserSafety, hosts=HostAllowList(host, allow_hosts))])
     # what the handlers work with (edgexfer.runtime.service.endpoint says who reads what)
     app.state.core = core
     app.state.config = core.config

@@ -6,16 +6,17 @@ what they work with in the application's state (Starlette style, set once by
 
 * ``request.app.state.core``: the :class:`~edgexfer.runtime.service.core.ServiceCore` (engine, device,
   review queue, metrics); ``request.app.state.config``: its :class:`~edgexfer.runtime.service.core.ServiceConfig`;
-* ``request.app.state.access``: the token check of the mutating endpoints (:class:`Access`);
+* ``request.app.state.access``: the token check of the endpoints that change the device or reveal its field
+  data (:class:`~edgexfer.runtime.service.access.Access`);
 * ``request.app.state.jobs``: the background retrain (:class:`RetrainJobs`);
 * ``request.app.state.counts``: the per-class sample counts, refreshed at most every :data:`COUNTS_TTL` s.
 
 :func:`route` wraps a handler: the token check, JSON errors with their status, and the route's metrics.
+The Host and origin checks and the security headers come before any route, in
+:class:`~edgexfer.runtime.service.access.BrowserSafety`.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -40,39 +41,6 @@ DRAIN_FACTOR = 4
 COUNTS_TTL = 5.0
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class Access:
-    """The token of the mutating endpoints: needed always once given; with none, those endpoints answer
-    403 unless the server listens on a loopback address."""
-
-    def __init__(self, token: str | None, host: str) -> None:
-        self.token = token
-        self.host = host
-        self.required = token is not None or not is_loopback(host)
-
-    def check(self, request: Request) -> None:
-        if not self.required:
-            return
-        if self.token is None:
-            raise ProtocolError(403, "this endpoint changes the device and the server listens beyond loopback",
-                                got=f"--host {self.host} without --token-file",
-                                expected="a token file", todo="restart with --token-file FILE")
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-edgexfer-token", "")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise ProtocolError(401, "missing or wrong token", got="no token" if not given else "a wrong token",
-                                expected="Authorization: Bearer <the token in --token-file>",
-                                todo="send the token in the Authorization header")
 
 
 class RetrainJobs:
@@ -108,16 +76,18 @@ def error(status: int, exc: EdgexferError | str) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-def route(path: str, fn: Handler, methods: list[str], *, mutating: bool = False, template: str | None = None) -> Route:
-    """``fn`` at ``path``, answering errors as JSON; ``template``: its metrics label (default ``path``)."""
+def route(path: str, fn: Handler, methods: list[str], *, mutating: bool = False, reveals: bool = False,
+          template: str | None = None) -> Route:
+    """``fn`` at ``path``, answering errors as JSON; ``template``: its metrics label (default ``path``).
+    ``mutating``: it changes the device; ``reveals``: it shows field data (both: the token, see ``Access``)."""
     template = template or path
 
     async def handler(request: Request) -> Response:
         core: ServiceCore = request.app.state.core
         started = time.perf_counter()
         try:
-            if mutating:
-                request.app.state.access.check(request)
+            if mutating or reveals:
+                request.app.state.access.check(request, changes=mutating)
             response = await fn(request)
         except ProtocolError as exc:
             response = error(exc.status, exc)

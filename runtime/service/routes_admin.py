@@ -121,10 +121,10 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def routes() -> list[Route]:
     return [
-        route("/v1/status", status, ["GET"]),
-        route("/v1/heads", heads, ["GET"]),
+        route("/v1/status", status, ["GET"], reveals=True),
+        route("/v1/heads", heads, ["GET"], reveals=True),
         route("/v1/retrain", retrain, ["POST"], mutating=True),
-        route("/v1/retrain", retrain_status, ["GET"]),
+        route("/v1/retrain", retrain_status, ["GET"], reveals=True),
         route("/v1/rollback", rollback, ["POST"], mutating=True),
         route("/metrics", metrics, ["GET"]),
     ]

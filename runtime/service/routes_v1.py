@@ -91,13 +91,13 @@ async def review_image(request: Request) -> Response:
     found = await core.review(lambda q: q.sample(entry_id))
     if found is None:
         raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review")
-    return Response(found[0], media_type=found[1], headers={"Cache-Control": "max-age=3600"})
+    return Response(found[0], media_type=found[1])  # field data: never cached (access.SECURITY_HEADERS)
 
 
 def routes() -> list[Route]:
     return [
         route("/v1/predict", predict, ["POST"]),
-        route("/v1/review", review_list, ["GET"]),
-        route("/v1/review/{id:int}/image", review_image, ["GET"]),
+        route("/v1/review", review_list, ["GET"], reveals=True),
+        route("/v1/review/{id:int}/image", review_image, ["GET"], reveals=True),
         route("/v1/label", label, ["POST"], mutating=True),
     ]

@@ -101,7 +101,8 @@ def _cases(model: str) -> dict[str, tuple[str, str, bytes, dict, int]]:
                                            b"\r\n\r\na/b\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
                                            b"filename=\"x.jpg\"\r\n\r\n" + GOOD + b"\r\n--b--\r\n",
                                            {"Content-Type": "multipart/form-data; boundary=b"}, 400)
-    c["retrain with unknown options"] = ("POST", "/v1/retrain", b'{"epochs": 9}', {}, 400)
+    c["retrain with unknown options"] = ("POST", "/v1/retrain", b'{"epochs": 9}', {"Content-Type": "application/json"},
+                                         400)
     c["path traversal in the model name"] = ("GET", "/v2/models/..%2F..%2F..%2Fetc%2Fpasswd", b"", {}, 404)
     c["path traversal in a review image"] = ("GET", "/v1/review/..%2F..%2Factive.json/image", b"", {}, 404)
     c["path traversal in the page"] = ("GET", "/../../active.json", b"", {}, 404)

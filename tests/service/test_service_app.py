@@ -43,7 +43,7 @@ def test_the_http_layer_works_through_the_core_device_only(served_state, monkeyp
     core = ServiceCore(served_state)
     core.open()
     try:
-        with TestClient(create_app(core)) as client:
+        with TestClient(create_app(core), base_url="http://localhost") as client:  # not "testserver": a 421
             assert client.get("/v1/heads").json()["heads"][0]["version"] == 1
             assert client.get("/v1/status").json()["head"]["version"] == 1
             assert client.post("/v1/retrain", json={}).status_code == 202
