@@ -28,10 +28,18 @@ from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
 @click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Largest decoded image (decompression bombs get a 400).")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
-              help="File with the token that label/retrain/rollback need (mode 0600).")
+              help="File with the token that label/retrain/rollback need (mode 0600); beyond loopback the "
+                   "review queue, heads and status need it too.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this host name (repeatable). IP addresses, localhost and this "
+                   "machine's name are always answered; other names get a 421 (DNS rebinding).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The PEM private key of --tls-cert.")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
 def device_serve(state, host, port, backend, precision, max_batch, max_queue_delay_ms, review_threshold,
-                 review_capacity, max_body_mb, max_pixels, token_file, access_log):
+                 review_capacity, max_body_mb, max_pixels, token_file, allow_hosts, tls_cert, tls_key, access_log):
     """Serve the device over HTTP: Open Inference Protocol (KServe v2), /v1/predict, /metrics, a web page at /."""
     from edgexfer.runtime.service.core import ServiceConfig
     from edgexfer.runtime.service.server import serve
@@ -40,7 +48,8 @@ def device_serve(state, host, port, backend, precision, max_batch, max_queue_del
                            max_queue_delay_ms=max_queue_delay_ms, review_threshold=review_threshold,
                            review_capacity=review_capacity, max_body_bytes=int(max_body_mb * (1 << 20)),
                            max_pixels=max_pixels)
-    serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log)
+    serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log,
+          allow_hosts=allow_hosts, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @click.command(name="watch")

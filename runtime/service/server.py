@@ -1,12 +1,13 @@
-"""Start ``device serve``: open the engine, bind the socket, run uvicorn until SIGINT/SIGTERM."""
+"""Start ``device serve``: open the engine, bind the socket, run uvicorn (HTTP or HTTPS) until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from edgexfer.runtime.errors import InputError
@@ -32,17 +33,41 @@ def read_token(path: str | Path) -> str:
     return text
 
 
+def check_tls(cert: str | Path | None, key: str | Path | None) -> bool:
+    """Whether TLS is asked for (both files given); the pair is loaded once here, so that a wrong file is a
+    one-line error at start instead of a traceback from uvicorn."""
+    if (cert is None) != (key is None):
+        raise InputError("TLS needs a certificate and its key", got="--tls-cert" if key is None else "--tls-key",
+                         expected="both --tls-cert FILE and --tls-key FILE", todo="give both, or neither")
+    if cert is None:
+        return False
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise InputError("cannot load the TLS certificate and key", got=f"{cert}, {key}: {why}",
+                         expected="a PEM certificate (chain) and its PEM private key, unencrypted",
+                         todo="openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                              "-keyout key.pem -out cert.pem -days 365 -subj /CN=NAME") from None
+    return True
+
+
 def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080, config: ServiceConfig | None = None,
-          token_file: str | Path | None = None, access_log: bool = False,
+          token_file: str | Path | None = None, access_log: bool = False, allow_hosts: Iterable[str] = (),
+          tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the service in this thread until interrupted. ``port=0`` picks a free port; ``on_ready`` gets the URL."""
+    """Run the service in this thread until interrupted. ``port=0`` picks a free port; ``on_ready`` gets the URL.
+    ``allow_hosts``: more ``Host`` names to answer (``--allow-host``); ``tls_cert``, ``tls_key``: serve HTTPS."""
     for module in ("starlette", "uvicorn", "multipart", "prometheus_client"):
         require(module, "edgexfer device serve")
     import uvicorn
 
+    from edgexfer.runtime.service.access import HostAllowList
     from edgexfer.runtime.service.app import create_app, is_loopback
 
     token = read_token(token_file) if token_file is not None else None
+    tls = check_tls(tls_cert, tls_key)
+    hosts = HostAllowList(host, allow_hosts)  # a wrong --allow-host fails here, before the engine opens
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     core = ServiceCore(state, config)
     model = core.open()
@@ -61,16 +86,19 @@ def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080
         raise InputError("cannot listen", got=f"{host}:{port}: {exc.strerror}", expected="a free port on this host",
                          todo="pick another --port, or stop what listens there") from None
     bound = sock.getsockname()[1]
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/"
-    app = create_app(core, token=token, host=host)
+    url = f"{'https' if tls else 'http'}://{host if ':' not in host else f'[{host}]'}:{bound}/"
+    app = create_app(core, token=token, host=host, allow_hosts=hosts.extra)
+    tls_files = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)} if tls else {}
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, **tls_files))
     log = logging.getLogger("edgexfer.serve")
     log.info("model %s head %d on %s/%s (%s); batching max %d, %.1f ms", model.name, model.head_version,
              model.backend, core.config.precision, model.execution.get("inference_precision"),
              core.config.max_batch, core.config.max_queue_delay_ms)
     if not is_loopback(host) and token is None:
-        log.warning("listening on %s without --token-file: label, retrain and rollback answer 403", host)
+        log.warning("listening on %s without --token-file: label, retrain, rollback and the field data "
+                    "(review, heads, status) answer 403", host)
+    log.info("answering Host names: %s", hosts.expected())
     print(f"listening on {url} (pid {os.getpid()})", file=sys.stderr, flush=True)
     if on_ready is not None:
         on_ready(url)
