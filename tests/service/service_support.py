@@ -68,7 +68,7 @@ def running_server(state: Path, *args: str, timeout: float = 60.0) -> Iterator[S
         url = None
         while url is None:
             text = log.read_text(errors="replace")
-            found = re.search(r"listening on (http://\S+)", text)
+            found = re.search(r"listening on (https?://\S+)", text)
             if found:
                 url = found.group(1).rstrip("/")
             elif proc.poll() is not None or time.monotonic() > deadline:

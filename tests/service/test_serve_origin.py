@@ -171,7 +171,7 @@ def test_beyond_loopback_field_data_needs_the_token(two_heads, tmp_path):
             assert isinstance(queued, int)
             for path in [*field, f"/v1/review/{queued}/image"]:
                 resp = client.get(path)
-                assert resp.status_code == 401 and "field data" in _one_line_error(resp), (path, resp.text)
+                assert resp.status_code == 401 and "field data" in _one_line_error(resp), (path, resp.status_code)
                 assert client.get(path, headers={"Authorization": "Bearer wrong-token-00000000"}).status_code == 401
                 assert client.get(path, headers=bearer).status_code == 200, path
             assert client.get(f"/v1/review/{queued}/image", headers=bearer).content == GOOD
