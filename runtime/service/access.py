@@ -62,6 +62,8 @@ SECURITY_HEADERS = (
     ("cross-origin-opener-policy", "same-origin"),
     ("cache-control", "no-store"),
 )
+#: the ``endpoint`` label of requests refused here, before any route (``edgexfer_http_requests_total``)
+REFUSED = "refused"
 #: bodies that change the device without the token: JSON, a multipart upload, or none
 CHANGE_BODIES = ("", "application/json", "multipart/form-data")
 _NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$")
@@ -150,6 +152,7 @@ class BrowserSafety:
         refused = self.refusal(scope)
         if refused is not None:
             await JSONResponse(refused.body(), status_code=refused.status)(scope, receive, send_with_headers)
+            scope["app"].state.core.metrics.request(REFUSED, refused.status, 0.0)  # an attack shows in /metrics
             return
         await self.app(scope, receive, send_with_headers)
 

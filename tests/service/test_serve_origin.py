@@ -129,6 +129,8 @@ def test_a_foreign_host_is_refused(server):
                 assert resp.status_code == 421, (host, path, resp.text)
                 assert "--allow-host" in _one_line_error(resp)
                 assert resp.headers["x-content-type-options"] == "nosniff"
+        metrics = client.get("/metrics").text
+        assert 'edgexfer_http_requests_total{code="421",endpoint="refused"} 25.0' in metrics, metrics[:3000]
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", f"app.localhost:{port}",
                      f"LOCALHOST.:{port}", f"192.168.7.7:{port}"):  # an IP literal cannot be rebound
             assert client.get("/v2/health/ready", headers={"Host": host}).status_code == 200, host
