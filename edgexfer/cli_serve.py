@@ -6,7 +6,11 @@ from pathlib import Path
 import click
 
 from edgexfer.cli_options import device_engine_options, state_option
-from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
+from edgexfer.runtime.names import REVIEW_CHANCE_RATIO
+
+#: what --review-threshold does when left out (the rule: edgexfer.runtime.review.review_threshold)
+_AUTO_THRESHOLD = (f"Default: {REVIEW_CHANCE_RATIO:g} times chance, {REVIEW_CHANCE_RATIO:g}/C for a head of C classes "
+                   f"(4 classes: {REVIEW_CHANCE_RATIO / 4:.4g}, 8: {REVIEW_CHANCE_RATIO / 8:.4g}), so it follows the classes a retrain adds.")
 
 
 @click.command(name="serve")
@@ -19,8 +23,8 @@ from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
               help="Dynamic batching: most images per engine call (1: no batching).")
 @click.option("--max-queue-delay-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
               help="Dynamic batching: how long a request waits for others to join its batch.")
-@click.option("--review-threshold", type=click.FloatRange(0, 1), default=DEFAULT_REVIEW_THRESHOLD,
-              show_default=True, help="Predictions below this probability go to the review queue (0: none).")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Predictions below this top probability go to the review queue (0: none). " + _AUTO_THRESHOLD)
 @click.option("--review-capacity", type=click.IntRange(1), default=200, show_default=True,
               help="Review queue size; the oldest entries go first.")
 @click.option("--max-body-mb", type=click.FloatRange(0.01), default=32.0, show_default=True,
@@ -60,8 +64,8 @@ def device_serve(state, host, port, backend, precision, max_batch, max_queue_del
 @click.option("--max-frames", type=click.IntRange(1), default=None, help="Stop after this many classified frames.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the JSON lines to this file instead of stdout.")
-@click.option("--review-threshold", type=click.FloatRange(0, 1), default=DEFAULT_REVIEW_THRESHOLD,
-              show_default=True, help="Frames below this probability go to the review queue (0: none).")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Frames below this top probability go to the review queue (0: none). " + _AUTO_THRESHOLD)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
               help="Live source: failed reads in a row (1 s apart, reopening every second one) before giving up.")

@@ -25,6 +25,7 @@ RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "resize_shorter_then_center_cro
 #: `edgexfer train --mode`: frozen backbone, partial fine-tuning, or a cross-validated choice
 TRAIN_MODES = ("frozen", "partial", "auto")
 
-#: ``device serve`` / ``device watch``: predictions whose top probability is below this go to the review
-#: queue (runtime/review.py) for a person to label
-DEFAULT_REVIEW_THRESHOLD = 0.5
+#: ``device serve`` / ``device watch``: a prediction goes to the review queue (runtime/review.py) for a person
+#: to label when its top probability is below this many times chance, 1/C for a head of C classes
+#: (:func:`edgexfer.runtime.review.review_threshold`); ``--review-threshold`` sets a fixed threshold instead
+REVIEW_CHANCE_RATIO = 1.25

@@ -20,12 +20,29 @@ from typing import Any
 
 from edgexfer.runtime.cache_sqlite import CacheDatabase
 from edgexfer.runtime.errors import InputError
-from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
+from edgexfer.runtime.names import REVIEW_CHANCE_RATIO
 
-__all__ = ["DEFAULT_REVIEW_CAPACITY", "DEFAULT_REVIEW_THRESHOLD", "ReviewEntry", "ReviewQueue"]
+__all__ = ["DEFAULT_REVIEW_CAPACITY", "REVIEW_CHANCE_RATIO", "ReviewEntry", "ReviewQueue", "review_threshold"]
 
 #: entries kept by default (at ~50 KB per clip-art or camera JPEG, about 10 MB)
 DEFAULT_REVIEW_CAPACITY = 200
+
+
+def review_threshold(class_count: int, ratio: float = REVIEW_CHANCE_RATIO) -> float:
+    """The default low-confidence threshold of a head of ``class_count`` classes: ``ratio`` times chance.
+
+    A prediction is doubtful when its top class is less than ``ratio`` times as likely as a uniform guess over
+    the C classes: top probability < 1.25 / C (2 classes: 0.625, 3: 0.417, 4: 0.3125, 8: 0.156). The top
+    probability of C classes is never below 1/C, so one fixed threshold means something else for every C:
+    0.5 queues nothing of a 2-class head short of a coin toss, and nearly everything of a 4-class head
+    whose answers are right but soft (docs/service.md has the figures of the test bundles). With one class
+    nothing is doubtful (0.0).
+    """
+    if isinstance(class_count, bool) or not isinstance(class_count, int) or class_count < 0:
+        raise InputError("class count", got=repr(class_count), expected="a non-negative integer")
+    if class_count < 2:
+        return 0.0
+    return min(1.0, ratio / class_count)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ Each chosen frame goes BGR -> RGB -> ``PIL.Image`` -> :func:`~edgexfer.runtime.p
 the same preprocessing as image files, and is classified by
 :meth:`~edgexfer.runtime.service.core.ServiceCore.classify_now`, so the head follows the device
 (``device retrain``, ``update``, ``rollback`` take effect at the next frame). Frames whose top
-probability is below the review threshold go to the review queue as JPEG bytes, with source
+probability is below the review threshold (default: 1.25 times chance, 1/C for a head of C classes,
+:func:`~edgexfer.runtime.review.review_threshold`) go to the review queue as JPEG bytes, with source
 ``watch:<source>`` (credentials of a URL removed).
 
 A live source that stops delivering frames is retried (reopened after a few failed reads); after
@@ -41,7 +42,6 @@ from PIL import Image
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.modalities import modality_of
-from edgexfer.runtime.names import DEFAULT_REVIEW_THRESHOLD
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.preprocess import resize_to_spec
 
@@ -181,7 +181,7 @@ class Watch:
     """
 
     def __init__(self, source: str | int, state: str | Path | None, *, fps: float = 2.0,
-                 max_frames: int | None = None, review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+                 max_frames: int | None = None, review_threshold: float | None = None,
                  backend: str = "auto", precision: str = "fp32", top_k: int = 3, retries: int = 5,
                  retry_delay_s: float = 1.0, jpeg_quality: int = 90,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -341,7 +341,7 @@ class Watch:
         row = result.top(self.top_k)[0]
         label, probability = row[0]
         top_k = [{"label": lbl, "probability": round(p, 6)} for lbl, p in row]
-        low = core.wants_review(probability)
+        low = core.wants_review(probability, len(result.classes))
         review_id = None
         if low:
             ok, encoded = cv2.imencode(".jpg", frame, [int(cv2.IMWRITE_JPEG_QUALITY), int(self.jpeg_quality)])

@@ -47,7 +47,7 @@ from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.predictor import classify_values
 from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS
-from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, DEFAULT_REVIEW_THRESHOLD, ReviewQueue
+from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, ReviewQueue, review_threshold
 from edgexfer.runtime.service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -71,8 +71,9 @@ class ServiceConfig:
     max_batch: int = 8
     #: how long the first request of a batch waits for others
     max_queue_delay_ms: float = 2.0
-    #: predictions below this top probability go to the review queue (0: none)
-    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
+    #: predictions below this top probability go to the review queue (0: none); None: 1.25 times chance,
+    #: 1/C for the answering head's C classes (:func:`edgexfer.runtime.review.review_threshold`)
+    review_threshold: float | None = None
     review_capacity: int = DEFAULT_REVIEW_CAPACITY
     max_body_bytes: int = 32 << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -88,7 +89,7 @@ class ServiceConfig:
                 raise InputError(f"serve option {name}", got=repr(value), expected=f"an integer >= {low}")
         if not 0 <= self.max_queue_delay_ms <= 1000:
             raise InputError("serve option max_queue_delay_ms", got=self.max_queue_delay_ms, expected="0..1000 ms")
-        if not 0 <= self.review_threshold <= 1:
+        if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
             raise InputError("serve option review_threshold", got=self.review_threshold, expected="0..1")
 
 
@@ -381,5 +382,12 @@ class ServiceCore:
     async def sample_counts(self) -> dict[str, int]:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: self._db("cache").counts())
 
-    def wants_review(self, probability: float) -> bool:
-        return probability < self.config.review_threshold
+    def review_threshold(self, class_count: int) -> float:
+        """The low-confidence threshold for a head of ``class_count`` classes: ``--review-threshold`` if given,
+        else :func:`~edgexfer.runtime.review.review_threshold` (it follows the head's number of classes)."""
+        fixed = self.config.review_threshold
+        return fixed if fixed is not None else review_threshold(class_count)
+
+    def wants_review(self, probability: float, class_count: int) -> bool:
+        """Whether a prediction of a head of ``class_count`` classes goes to the review queue."""
+        return probability < self.review_threshold(class_count)

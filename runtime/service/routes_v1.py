@@ -82,7 +82,7 @@ async def label(request: Request) -> Response:
 async def review_list(request: Request) -> Response:
     core: ServiceCore = request.app.state.core
     entries = await core.review(lambda q: [e.to_dict() for e in q.entries()])
-    return JSONResponse({"entries": entries, "threshold": core.config.review_threshold})
+    return JSONResponse({"entries": entries, "threshold": core.review_threshold(len(core.model.classes))})
 
 
 async def review_image(request: Request) -> Response:

@@ -42,7 +42,7 @@ async def record(core: ServiceCore, modality: Modality, result: Classified, item
     queued: list[int | None] = []
     for i, row in enumerate(result.top(core.config.top_k)):
         label, p = row[0]
-        low = core.wants_review(p)
+        low = core.wants_review(p, len(result.classes))
         core.metrics.prediction(label, low)
         entry = None
         if low and items is not None:

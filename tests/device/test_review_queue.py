@@ -10,7 +10,7 @@ import pytest
 
 from edgexfer.runtime.cache import SCHEMA_VERSION, FeatureCache, SampleRecord
 from edgexfer.runtime.errors import InputError
-from edgexfer.runtime.review import ReviewQueue
+from edgexfer.runtime.review import ReviewQueue, review_threshold
 
 
 def _add(queue: ReviewQueue, data: bytes, label: str = "cat", p: float = 0.3) -> int | None:
@@ -28,6 +28,18 @@ def test_queue_is_bounded_newest_first_and_keeps_one_entry_per_image(tmp_path: P
         assert queue.entries()[0].top_k == [{"label": "cat", "probability": 0.3}]
         assert queue.remove(ids[4]) and not queue.remove(ids[4])
         assert queue.count() == 2
+
+
+def test_the_default_threshold_is_a_ratio_to_chance() -> None:
+    """1.25 / C: above chance (1/C, the lowest top probability there is) and below certainty for any C >= 2."""
+    assert review_threshold(2) == 0.625 and review_threshold(4) == 0.3125 and review_threshold(8) == 0.15625
+    for c in range(2, 200):
+        assert 1 / c < review_threshold(c) < 1
+        assert review_threshold(c) > review_threshold(c + 1)
+    assert review_threshold(1) == 0.0 and review_threshold(0) == 0.0  # one class: always certain
+    assert review_threshold(4, ratio=2.0) == 0.5
+    with pytest.raises(InputError, match="class count"):
+        review_threshold(-1)
 
 
 def test_capacity_must_be_positive(tmp_path: Path) -> None:

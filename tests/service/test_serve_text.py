@@ -102,6 +102,34 @@ def test_v2_image_inputs_are_refused_by_a_text_model(text_server, text_state):
     assert code == 200 and len(answer["outputs"][0]["data"]) == 1
 
 
+#: typical texts of the test text bundle's 4 topics, none of them in its training set: all right, and all
+#: below 0.5 (top probabilities 0.28-0.47 with the test bundle), so a fixed 0.5 queued every one of them
+TYPICAL_TEXTS = [
+    "The museum opened an exhibition of impressionist paintings.", "She painted a portrait in oils.",
+    "My cat sleeps on the keyboard all afternoon.", "Our dog loves chasing the ball in the park.",
+    "The senate passed the budget bill after a long debate.", "The president vetoed the law.",
+    "A new telescope found water on a distant planet.", "Electrons orbit the nucleus of an atom.",
+]
+
+
+def test_the_default_review_threshold_follows_the_number_of_topics(text_server):
+    """4 topics: 1.25 times chance (0.3125), not a fixed 0.5 that queued every typical text."""
+    status, st = text_server.json("GET", "/v1/status")
+    assert status == 200 and len(st["head"]["classes"]) == 4
+    assert st["review_threshold"] == pytest.approx(1.25 / 4)
+    queued = []
+    for text in TYPICAL_TEXTS:
+        status, answer = text_server.json("POST", "/v1/predict", body=text.encode(),
+                                          headers={"Content-Type": "text/plain"})
+        assert status == 200, answer
+        top = answer["results"][0]["probability"]
+        assert (answer["review_id"] is not None) == (top < 1.25 / 4), answer
+        queued.append(answer["review_id"] is not None)
+    assert sum(queued) <= len(TYPICAL_TEXTS) // 4, f"{sum(queued)} of {len(TYPICAL_TEXTS)} typical texts queued"
+    _, review = text_server.json("GET", "/v1/review")
+    assert review["threshold"] == pytest.approx(1.25 / 4)
+
+
 def test_review_queue_label_and_learn_on_texts(tmp_path, device_text_bundle):
     """Every answer below 1.0 is queued; labelling a queued text teaches the device a new topic."""
     from edgexfer.runtime.device import Device
