@@ -1,4 +1,8 @@
-"""``GET /``: the web page, one file of package data (``static/index.html``, no build step)."""
+"""``GET /``: the web page, files of package data (``static/``: index.html, page.js, page.css; no build step).
+
+The page's script and style are files of their own, never inline, so its Content-Security-Policy
+(:func:`~edgexfer.runtime.service.access.page_policy`) admits them as ``'self'`` and nothing else runs.
+"""
 from __future__ import annotations
 
 from importlib import resources
@@ -8,15 +12,25 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edgexfer.runtime.service.access import page_policy
-from edgexfer.runtime.service.endpoint import route
+from edgexfer.runtime.service.endpoint import Handler, route
+
+#: what the page is made of: URL path -> (file under static/, media type)
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/static/page.css": ("page.css", "text/css; charset=utf-8"),
+}
 
 
-async def page(request: Request) -> Response:
-    html = resources.files("edgexfer.runtime.service").joinpath("static/index.html").read_bytes()
-    # its own inline script and styles may run, by their hashes; nothing else (access.page_policy)
-    return Response(html, media_type="text/html; charset=utf-8",
-                    headers={"Content-Security-Policy": page_policy(html)})
+def _page_file(name: str, media_type: str) -> Handler:
+    """The handler that answers with ``static/NAME``."""
+    async def page(request: Request) -> Response:
+        data = resources.files("edgexfer.runtime.service").joinpath("static", name).read_bytes()
+        # the HTML's policy: its own files (and inline code by its hashes, should any come back); nothing else
+        headers = {"Content-Security-Policy": page_policy(data)} if name.endswith(".html") else {}
+        return Response(data, media_type=media_type, headers=headers)
+    return page
 
 
 def routes() -> list[Route]:
-    return [route("/", page, ["GET"])]
+    return [route(path, _page_file(name, media_type), ["GET"]) for path, (name, media_type) in PAGE_FILES.items()]

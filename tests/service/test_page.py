@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from service_support import DEMO, Server, running_server
+from service_support import DEMO, Server, new_class_images, running_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (the dev extra)")
 
@@ -25,6 +25,8 @@ WAIT_S = 30.0
 FIRST = DEMO / "music" / "a_man_singing_01.jpg"
 QUEUED = [DEMO / "tools" / "axe_peterm_.jpg", DEMO / "hardware" / "8port_switch_denco.jpg"]
 AFTER = DEMO / "beverages" / "bottled_drink.jpg"
+#: a confident answer (not queued at the default threshold); the issue saw it answered "hardware 90.4 %"
+CONFIDENT = DEMO / "vehicles" / "autos_01.jpg"
 #: learned with their true labels before the retrain: enough for the holdout gate to accept the new head
 LEARNED_CLASSES = ("beverages", "music")
 LEARNED_PER_CLASS = 10
@@ -59,6 +61,18 @@ def learn(server: Server, path: Path, label: str, token: str | None = None) -> N
         headers["Authorization"] = f"Bearer {token}"
     status, doc = server.json("POST", "/v1/label", body=body, headers=headers)
     assert status == 200, doc
+
+
+def judged_sentence(report: dict) -> str:
+    """The one sentence the page shows for a retrain report: the evaluation that decided the gate, and its count."""
+    gate, held, loo = report["gate"], report["holdout_count"], report["loo_count"]
+    if gate == "none":
+        return (f"not tested: no held-out sample and no few-shot sample to judge it on; accepted on its training "
+                f"data ({report['train_count']} samples)")
+    what = {"holdout": f"the holdout of {held} samples", "leave-one-out": f"leave-one-out on {loo} few-shot samples",
+            "holdout+leave-one-out": f"{held + loo} samples ({held} held out + {loo} by leave-one-out)"}[gate]
+    return (f"judged by {what}: the new head {100 * report['holdout_accuracy_new']:.1f} % right, the old one "
+            f"{100 * report['holdout_accuracy_old']:.1f} % (allowed loss {100 * report['tolerance']:.1f} %)")
 
 
 def test_page_field_loop(browser, served_state, tmp_path):
@@ -183,7 +197,8 @@ def test_page_field_loop(browser, served_state, tmp_path):
         wait.until(lambda _: browser.find_element(By.ID, "retrain-report").is_displayed())
         assert shown("report-accepted") == "yes", shown("retrain-report")
         assert shown("report-version") == "2"
-        assert shown("report-gate") and shown("report-reason") and shown("report-count").isdigit()
+        _, job = server.json("GET", "/v1/retrain")
+        assert shown("report-judged") == judged_sentence(job["report"]), job["report"]
         until_text("head-version", "2")
         until_text("status-head", "2")
         until_true(lambda: len(head_rows()) == 2, "two heads in the history")
@@ -194,6 +209,7 @@ def test_page_field_loop(browser, served_state, tmp_path):
         # the next answer comes from head 2
         upload(AFTER, "2")
         assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+        after_id = int(shown("answer-queued").rsplit("#", 1)[1])
         screenshot = os.environ.get("EDGEXFER_SCREENSHOT")
         if screenshot:
             wait.until(lambda _: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t)
@@ -211,7 +227,16 @@ def test_page_field_loop(browser, served_state, tmp_path):
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(saved, screenshot)
 
-        # roll back from the page: head 1 again, still two heads in the history
+        # the answer card labels a queued answer by its review id: it leaves the queue
+        wait.until(lambda _: after_id in review_ids())
+        browser.find_element(By.CSS_SELECTOR, f'#answer-buttons button[data-label="{AFTER.parent.name}"]').click()
+        until_true(lambda: shown("answer-learned").startswith(f"learned as {AFTER.parent.name}"), "the label learned")
+        until_true(lambda: after_id not in review_ids(), f"#{after_id} gone from the queue")
+
+        # roll back from the page: the first click only asks, the second rolls back
+        browser.find_element(By.ID, "rollback").click()
+        until_text("rollback", "Really roll back to head 1?")
+        assert server.json("GET", "/v1/status")[1]["head"]["version"] == 2  # nothing happened yet
         browser.find_element(By.ID, "rollback").click()
         until_text("head-version", "1")
         until_true(lambda: active_head_row() == "1", "head 1 active in the history")
@@ -222,6 +247,79 @@ def test_page_field_loop(browser, served_state, tmp_path):
         # no script error on the way (the refused label's 400 is the only failed request)
         logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert [m for m in logged if "/v1/label - Failed to load resource" not in m] == [], logged
+
+
+def test_page_labels_any_answer_and_offers_a_new_class_at_once(browser, device_bundle, tmp_path):
+    """A confident answer (not queued) is labelled from the answer card with its sample; a new class typed there
+    is a button at once, before any retrain; the retrain that follows is reported by the one evaluation that
+    decided it (leave-one-out on the new class's samples), never as a holdout of 0 samples."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from edgexfer.runtime.device import Device
+
+    state = tmp_path / "state"
+    with Device(state) as dev:
+        dev.install(device_bundle)
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+
+    def shown(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    def until(condition, what: str) -> None:
+        try:
+            wait.until(lambda _: condition())
+        except Exception:
+            raise AssertionError(f"the page never showed {what}: #answer shows {shown('answer')!r}, "
+                                 f"#error {shown('error')!r}") from None
+
+    def answer_buttons() -> list[str]:
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#answer-buttons button')].map((b) => b.dataset.label)")
+
+    def upload(path: Path) -> None:
+        browser.execute_script("document.getElementById('answer-label').textContent = ''")
+        browser.find_element(By.ID, "upload").send_keys(str(path))
+        until(lambda: shown("answer-label") != "" and shown("answer-learned") == "", f"the answer for {path.name}")
+
+    robots = []
+    for i, data in enumerate(new_class_images(3, seed=7)):
+        robots.append(tmp_path / f"robot_{i}.jpg")
+        robots[-1].write_bytes(data)
+    with running_server(state) as server:  # the default threshold: 1.25/8, a confident answer is not queued
+        classes = server.json("GET", "/v1/status")[1]["head"]["classes"]
+        browser.get(server.url + "/")
+        until(lambda: shown("head-version") == "1", "head 1")
+        browser.execute_script("localStorage.clear()")
+
+        # a confident answer, right or wrong, has a button per class; its sample is learned as the class picked
+        upload(CONFIDENT)
+        assert shown("answer-queued") == "" and answer_buttons() == classes
+        browser.find_element(By.CSS_SELECTOR, f'#answer-buttons button[data-label="{CONFIDENT.parent.name}"]').click()
+        until(lambda: shown("answer-learned") == f"learned as {CONFIDENT.parent.name}", "the label learned")
+        until(lambda: f"{CONFIDENT.parent.name} 1" in shown("samples"), "the sample counted")
+
+        # a new class typed under an answer: learned, and a button at once (no retrain)
+        upload(robots[0])
+        browser.find_element(By.ID, "answer-new-class").send_keys("robots")
+        browser.find_element(By.ID, "answer-new-class-btn").click()
+        until(lambda: shown("answer-learned") == "learned as robots", "robots learned")
+        until(lambda: answer_buttons() == [*classes, "robots"], "a robots button")
+        upload(robots[1])
+        browser.find_element(By.CSS_SELECTOR, '#answer-buttons button[data-label="robots"]').click()
+        until(lambda: "robots 2" in shown("samples"), "two robots")
+        assert shown("head-version") == "1"
+        learn(server, robots[2], "robots")
+
+        # the retrain judges the few-shot classes by leave-one-out: the report says that, with its count
+        browser.find_element(By.ID, "retrain").click()
+        until(lambda: browser.find_element(By.ID, "retrain-report").is_displayed(), "the retrain report")
+        report = server.json("GET", "/v1/retrain")[1]["report"]
+        assert report["gate"] == "leave-one-out" and report["holdout_count"] == 0 and report["loo_count"] == 4, report
+        assert shown("report-judged") == judged_sentence(report)
+        assert "on 0 samples" not in shown("retrain-report") and "holdout" not in shown("retrain-report")
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+        assert [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
 def test_page_token(browser, served_state, tmp_path):
