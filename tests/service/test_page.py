@@ -291,6 +291,7 @@ def test_page_labels_any_answer_and_offers_a_new_class_at_once(browser, device_b
         browser.get(server.url + "/")
         until(lambda: shown("head-version") == "1", "head 1")
         browser.execute_script("localStorage.clear()")
+        browser.get_log("browser")  # what the page of an earlier test logged
 
         # a confident answer, right or wrong, has a button per class; its sample is learned as the class picked
         upload(CONFIDENT)
@@ -355,7 +356,7 @@ def test_page_token(browser, served_state, tmp_path):
         browser.find_element(By.ID, "token-save").click()
         browser.find_element(By.ID, "retrain").click()
         wait.until(lambda _: browser.find_element(By.ID, "retrain-report").is_displayed())
-        assert shown("report-accepted") in ("yes", "no") and shown("report-reason")
+        assert shown("report-accepted") in ("yes", "no") and shown("report-judged")
         assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
 
         # kept across a reload

@@ -3,7 +3,6 @@
 // comes from the JSON API (runtime/service/routes_*.py).
 "use strict";
 const $ = (id) => document.getElementById(id);
-const MUTATING = ["/v1/label", "/v1/retrain", "/v1/rollback"];
 const TOKEN_KEY = "edgexfer.token";
 const ROLLBACK_CONFIRM_MS = 8000;  // how long "Really roll back …?" waits for its second click
 let classes = [];          // the active head's classes (status.head.classes)
@@ -32,8 +31,7 @@ async function api(method, path, body) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(body);
   }
-  const token = localStorage.getItem(TOKEN_KEY);
-  if (method === "POST" && MUTATING.includes(path) && token) headers["Authorization"] = "Bearer " + token;
+  Object.assign(headers, tokenHeader());
   let resp;
   try {
     resp = await fetch(path, { method, headers, body, cache: "no-store" });
@@ -51,6 +49,12 @@ async function api(method, path, body) {
   }
   if (data === null) throw new Error(`${method} ${path}: the answer is not JSON`);
   return data;
+}
+
+// the token, when one is saved: changes need it, and beyond loopback so does reading the field data
+function tokenHeader() {
+  const token = localStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
 }
 
 function showError(exc) {
@@ -272,11 +276,15 @@ function reviewItem(e) {
   });
   const thumb = shownAs === "text"
     ? el("pre", { className: "text-thumb", textContent: "…" })
-    : el("img", { className: "thumb", src: `/v1/review/${e.id}/image`, alt: `review #${e.id}` });
-  if (shownAs === "text") {  // textContent, never HTML: a queued text is shown as it is
-    fetch(`/v1/review/${e.id}/image`, { cache: "no-store" }).then((resp) => resp.text())
-      .then((t) => { thumb.textContent = t; }, () => { thumb.textContent = "(not readable)"; });
-  }
+    : el("img", { className: "thumb", alt: `review #${e.id}` });
+  // fetched with the token (an <img src> cannot send it); a text as textContent, never HTML
+  fetch(`/v1/review/${e.id}/image`, { cache: "no-store", headers: tokenHeader() })
+    .then((resp) => resp.ok ? (shownAs === "text" ? resp.text() : resp.blob()) : Promise.reject())
+    .then((got) => {
+      if (shownAs === "text") { thumb.textContent = got; return; }
+      thumb.addEventListener("load", () => URL.revokeObjectURL(thumb.src), { once: true });
+      thumb.src = URL.createObjectURL(got);
+    }, () => { if (shownAs === "text") thumb.textContent = "(not readable)"; });
   item.append(
     thumb,
     el("div", { className: "meta" },
@@ -468,7 +476,8 @@ async function tick() {
     await refreshStatus();
     await refreshReview();
   } catch (exc) {
-    $("connection").textContent = "no answer";
+    $("connection").textContent = exc.status === 401 ? "needs the token" : "no answer";
+    if (exc.status === 401) $("token-box").hidden = false;  // beyond loopback even reading needs it
     showError(exc);
   } finally {
     ticking = false;
