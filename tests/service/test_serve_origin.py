@@ -149,10 +149,14 @@ def test_every_answer_carries_the_security_headers(server):
             assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy, (what, policy)
         assert answers[f"/v1/review/{queued}/image"].headers["cache-control"] == "no-store"  # field data
         assert answers["/v1/status"].headers["cache-control"] == "no-store"
-        # the page: its own inline script by hash, nothing inline beyond it, requests to itself only
+        # the page: its own script and style files, nothing inline, requests to itself only
         policy = dict(d.strip().split(" ", 1) for d in answers["/"].headers["content-security-policy"].split(";"))
-        assert "'sha256-" in policy["script-src"] and "unsafe-inline" not in policy["script-src"]
+        assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'", policy
+        assert policy["style-src-attr"] == "'none'"
         assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+        for path, media in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css")):
+            resp = client.get(path)
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith(media), (path, resp.headers)
 
 
 def test_beyond_loopback_field_data_needs_the_token(two_heads, tmp_path):
