@@ -96,6 +96,12 @@ class ReviewQueue:
                          (self.capacity,))
         return new_id
 
+    def id_of(self, sha256: str) -> int | None:
+        """The id of the entry of the sample ``sha256``; ``None`` if it is not queued."""
+        with self._db.read("review id") as conn:
+            row = conn.execute("SELECT id FROM review WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
+
     def entries(self, limit: int = 100) -> list[ReviewEntry]:
         """The newest ``limit`` entries, newest first, without their sample bytes."""
         with self._db.read("review list") as conn:

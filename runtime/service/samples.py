@@ -47,11 +47,12 @@ async def record(core: ServiceCore, modality: Modality, result: Classified, item
         entry = None
         if low and items is not None:
             sample = modality.sample_of(items[i], values[i], source)
+            # a sample queued before keeps its entry: the answer names it, so the page labels it by that id
             entry = await core.review(lambda q, sample=sample, row=row: q.add(
                 sha256=sample.sha256, data=sample.data, media_type=media or media_type(sample.data),
                 label=row[0][0], probability=row[0][1],
                 top_k=[{"label": lbl, "probability": round(pp, 6)} for lbl, pp in row],
-                head=result.head_version, source=source))
+                head=result.head_version, source=source) or q.id_of(sample.sha256))
         queued.append(entry)
     return queued
 

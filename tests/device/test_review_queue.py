@@ -22,6 +22,8 @@ def test_queue_is_bounded_newest_first_and_keeps_one_entry_per_image(tmp_path: P
     with ReviewQueue(tmp_path / "features.sqlite", capacity=3) as queue:
         ids = [_add(queue, f"image {i}".encode()) for i in range(5)]
         assert _add(queue, b"image 4") is None  # the same image again: not queued twice
+        assert queue.id_of(hashlib.sha256(b"image 4").hexdigest()) == ids[4]  # ... its entry is found
+        assert queue.id_of(hashlib.sha256(b"image 0").hexdigest()) is None  # dropped
         assert queue.count() == 3
         assert [e.id for e in queue.entries()] == ids[:1:-1]  # the two oldest were dropped
         assert queue.sample(ids[0]) is None and queue.sample(ids[4]) == (b"image 4", "image/png")

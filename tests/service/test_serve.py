@@ -214,6 +214,9 @@ def test_field_loop_queue_label_retrain_heads_rollback(tmp_path, device_bundle):
     with running_server(state, "--review-threshold", "1.0") as srv:  # every prediction is queued
         first = srv.json("POST", "/v1/predict", body=images[0].read_bytes())[1]
         assert isinstance(first["review_id"], int)
+        # the same image again is queued once, and its answer names that entry (the page labels it by id)
+        again = srv.json("POST", "/v1/predict", body=images[0].read_bytes())[1]
+        assert again["review_id"] == first["review_id"]
         status, queue = srv.json("GET", "/v1/review")
         assert status == 200 and queue["entries"][0]["id"] == first["review_id"]
         assert queue["entries"][0]["head"] == 1 and queue["entries"][0]["label"] == first["results"][0]["label"]
