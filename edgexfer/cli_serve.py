@@ -18,6 +18,8 @@ _AUTO_THRESHOLD = (f"Default: {REVIEW_CHANCE_RATIO:g} times chance, {REVIEW_CHAN
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Beyond loopback, label/retrain/rollback need --token-file.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve KServe v2 over gRPC (Triton's GRPCInferenceService) on this port; 0 picks a free one.")
 @device_engine_options
 @click.option("--max-batch", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Dynamic batching: most images per engine call (1: no batching).")
@@ -42,9 +44,10 @@ _AUTO_THRESHOLD = (f"Default: {REVIEW_CHANCE_RATIO:g} times chance, {REVIEW_CHAN
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The PEM private key of --tls-cert.")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
-def device_serve(state, host, port, backend, precision, max_batch, max_queue_delay_ms, review_threshold,
+def device_serve(state, host, port, grpc_port, backend, precision, max_batch, max_queue_delay_ms, review_threshold,
                  review_capacity, max_body_mb, max_pixels, token_file, allow_hosts, tls_cert, tls_key, access_log):
-    """Serve the device over HTTP: Open Inference Protocol (KServe v2), /v1/predict, /metrics, a web page at /."""
+    """Serve the device over HTTP: Open Inference Protocol (KServe v2), /v1/predict, /metrics, a web page at /
+    (and KServe v2 over gRPC with --grpc-port)."""
     from edgexfer.runtime.service.core import ServiceConfig
     from edgexfer.runtime.service.server import serve
 
@@ -53,7 +56,7 @@ def device_serve(state, host, port, backend, precision, max_batch, max_queue_del
                            review_capacity=review_capacity, max_body_bytes=int(max_body_mb * (1 << 20)),
                            max_pixels=max_pixels)
     serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log,
-          allow_hosts=allow_hosts, tls_cert=tls_cert, tls_key=tls_key)
+          allow_hosts=allow_hosts, tls_cert=tls_cert, tls_key=tls_key, grpc_port=grpc_port)
 
 
 @click.command(name="watch")

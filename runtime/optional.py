@@ -31,6 +31,8 @@ EXTRAS: dict[str, str] = {
     "uvicorn": "serve",
     "multipart": "serve",
     "prometheus_client": "serve",
+    "grpc": "serve",
+    "google": "serve",  # google.protobuf, the messages of the gRPC service
     "cv2": "camera",
     # fleet learning (device federate, fleet serve)
     "flwr": "fleet",

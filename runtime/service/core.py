@@ -131,6 +131,8 @@ class Classified:
     backend: str
     precision: str
     execution: dict[str, Any]
+    #: the engine call of the batch these rows were computed in (Triton's compute_infer)
+    engine_seconds: float = 0.0
 
     def top(self, k: int) -> list[list[tuple[str, float]]]:
         out = []
@@ -186,6 +188,10 @@ class ServiceCore:
 
         self._db_thread.submit(close_db).result()
         self._db_thread.shutdown(wait=True)
+
+    def ready(self) -> bool:
+        """Whether inference requests are answered now (the health/readiness answers of both transports)."""
+        return self._model is not None
 
     @property
     def model(self) -> ActiveModel:
@@ -246,7 +252,7 @@ class ServiceCore:
 
     # ---------------------------------------------------------------------------- classification
     def _run(self, batch: Sequence[Any], modality: Modality | None = None
-             ) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any]:
+             ) -> tuple[np.ndarray, np.ndarray, ActiveModel, Any, float]:
         """One engine call (in chunks) and the head, with the head of this moment. Engine thread only."""
         model = self._current()
         engine = self.device.engine(model.bundle)
@@ -255,14 +261,18 @@ class ServiceCore:
             raise InputError("samples of another modality", got=modality.plural,
                              expected=f"{model.input_modality.plural} for the active bundle {model.name}",
                              todo="send the request again")
+        started = time.perf_counter()
         probabilities, features = classify_values(model.input_modality, engine, model.head, batch,
                                                   timed=self.metrics.stage)
+        seconds = time.perf_counter() - started
         self.metrics.batch(len(batch))
-        return probabilities, features, model, engine
+        self.metrics.statistics.execution(model.name, str(model.head_version), len(batch), seconds)
+        return probabilities, features, model, engine, seconds
 
-    def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any) -> Classified:
+    def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any,
+                    seconds: float = 0.0) -> Classified:
         return Classified(probs, feats, model.classes, model.head_version, engine.name, self.config.precision,
-                          dict(engine.execution))
+                          dict(engine.execution), seconds)
 
     def classify_now(self, pixels: np.ndarray) -> Classified:
         """Classify one batch at once, without the batcher (``device watch``); blocks the calling thread."""
@@ -325,7 +335,7 @@ class ServiceCore:
         if not live:
             return
         try:
-            probs, feats, model, engine = await loop.run_in_executor(
+            probs, feats, model, engine, seconds = await loop.run_in_executor(
                 self._engine_thread, self._run, _concat([it.samples for it in live]), live[0].modality)
         except Exception as exc:  # every waiting request gets the error; the loop goes on
             for it in live:
@@ -336,7 +346,8 @@ class ServiceCore:
         for it in live:
             n = len(it.samples)
             if not it.future.done():
-                it.future.set_result(self._classified(probs[start:start + n], feats[start:start + n], model, engine))
+                it.future.set_result(self._classified(probs[start:start + n], feats[start:start + n], model, engine,
+                                                      seconds))
             start += n
 
     # ---------------------------------------------------------------------------- engine-thread jobs

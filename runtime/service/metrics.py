@@ -11,12 +11,20 @@ Families (all prefixed ``edgexfer_``):
   arithmetic the engine really computes in, as :mod:`edgexfer.runtime.precision` records it);
 * ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``.
 
+* ``grpc_requests_total{method,code}`` and ``grpc_request_duration_seconds{method}``: per gRPC method of
+  the KServe v2 service (``--grpc-port``), ``code`` the gRPC status name.
+
 The web page's p50/p99 come from :meth:`ServiceMetrics.latency_percentiles`, over the last
-:data:`RECENT` inference requests (``/v1/predict`` and ``/v2/.../infer``).
+:data:`RECENT` inference requests (``/v1/predict``, ``/v2/.../infer`` and gRPC ``ModelInfer``).
+
+Triton's model statistics (``GET /v2/models/{name}/stats``, gRPC ``ModelStatistics``) come from
+:class:`ModelStatistics` (``ServiceMetrics.statistics``): per (model, version) the v2 inference requests
+(HTTP and gRPC) that succeeded or failed, their time queued and computing, and the engine's batches.
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -29,6 +37,92 @@ RECENT = 1000
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INFERENCE_ENDPOINTS = ("/v1/predict", "/v2/models/{name}/infer")
+#: the gRPC method whose latencies join the page's percentiles
+GRPC_INFER = "ModelInfer"
+
+
+class _Duration:
+    """Triton's ``StatisticDuration``: how many, and their nanoseconds in all."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(0, int(seconds * 1e9))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+class _VersionStatistics:
+    def __init__(self) -> None:
+        self.last_inference = 0  #: ms since the epoch
+        self.inference_count = 0  #: samples of the successful requests
+        self.execution_count = 0  #: engine calls (batches); a batch may hold several requests
+        self.durations = {k: _Duration() for k in ("success", "fail", "queue", "compute_input", "compute_infer",
+                                                   "compute_output")}
+        self.batches: dict[int, _Duration] = {}  #: batch size -> engine calls of that size and their time
+
+
+class ModelStatistics:
+    """Triton's model statistics, kept per (model name, version): the counters behind ``/v2/models/{name}/stats``.
+
+    Per request (``request``): ``success``/``fail`` count requests and their whole time in the server;
+    ``queue`` is the time waiting for the engine, ``compute_input`` decoding, ``compute_infer`` the engine
+    call of the request's batch, ``compute_output`` the answer's tensors and the review queue. Per batch
+    (``execution``): ``execution_count`` and ``batch_stats``; every engine call counts (``/v1/predict``'s too),
+    as Triton counts every execution of the model.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], _VersionStatistics] = {}
+
+    def _of(self, name: str, version: str) -> _VersionStatistics:
+        key = (name, version)
+        if key not in self._models:
+            self._models[key] = _VersionStatistics()
+        return self._models[key]
+
+    def execution(self, name: str, version: str, batch_size: int, seconds: float) -> None:
+        with self._lock:
+            stats = self._of(name, version)
+            stats.execution_count += 1
+            stats.batches.setdefault(batch_size, _Duration()).add(seconds)
+
+    def request(self, name: str, version: str, *, ok: bool, samples: int, total: float, queue: float = 0.0,
+                compute_input: float = 0.0, compute_infer: float = 0.0, compute_output: float = 0.0) -> None:
+        with self._lock:
+            stats = self._of(name, version)
+            stats.last_inference = int(time.time() * 1000)
+            if not ok:
+                stats.durations["fail"].add(total)
+                return
+            stats.inference_count += samples
+            for key, seconds in (("success", total), ("queue", queue), ("compute_input", compute_input),
+                                 ("compute_infer", compute_infer), ("compute_output", compute_output)):
+                stats.durations[key].add(seconds)
+
+    def report(self, name: str, version: str | None = None, served: str | None = None) -> list[dict[str, Any]]:
+        """Triton's ``model_stats`` entries of ``name``: one per version that answered since start and the
+        one ``served`` now (zeros before its first request), or only the ``version`` asked for."""
+        with self._lock:
+            keys = {k for k in self._models if k[0] == name} | ({(name, served)} if served is not None else set())
+            out = []
+            for key in sorted((k for k in keys if version in (None, k[1])), key=lambda k: (len(k[1]), k[1])):
+                stats = self._models.get(key) or _VersionStatistics()
+                out.append({
+                    "name": key[0], "version": key[1], "last_inference": stats.last_inference,
+                    "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+                    "inference_stats": {k: d.as_dict() for k, d in stats.durations.items()},
+                    "batch_stats": [{"batch_size": size, "compute_input": {"count": d.count, "ns": 0},
+                                     "compute_infer": d.as_dict(), "compute_output": {"count": d.count, "ns": 0}}
+                                    for size, d in sorted(stats.batches.items())]})
+            return out
 
 
 class ServiceMetrics:
@@ -56,6 +150,11 @@ class ServiceMetrics:
         self.review_entries = Gauge(f"{PREFIX}_review_queue_entries", "Inputs waiting in the review queue",
                                     registry=r)
         self.retrains = Counter(f"{PREFIX}_retrains", "Retrains run by the service, by result", ["result"], registry=r)
+        self.grpc_requests = Counter(f"{PREFIX}_grpc_requests", "gRPC requests by method and status code",
+                                     ["method", "code"], registry=r)
+        self.grpc_latency = Histogram(f"{PREFIX}_grpc_request_duration_seconds", "gRPC request latency by method",
+                                      ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.statistics = ModelStatistics()
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=RECENT)
         self._total = 0
@@ -66,6 +165,13 @@ class ServiceMetrics:
         self.requests.labels(endpoint, str(code)).inc()
         self.latency.labels(endpoint).observe(seconds)
         if endpoint in INFERENCE_ENDPOINTS and code < 400:
+            with self._lock:
+                self._recent.append(seconds)
+
+    def grpc_request(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_requests.labels(method, code).inc()
+        self.grpc_latency.labels(method).observe(seconds)
+        if method == GRPC_INFER and code == "OK":
             with self._lock:
                 self._recent.append(seconds)
 

@@ -62,6 +62,8 @@ class InferRequest:
     outputs: dict[str, bool] = field(default_factory=dict)
     binary_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: Triton's classification extension: output name -> its ``parameters.classification`` (top K)
+    class_count: dict[str, int] = field(default_factory=dict)
 
 
 def _bad(what: str, got: object = None, expected: object = None, todo: str | None = None) -> ProtocolError:
@@ -207,14 +209,18 @@ def parse_infer_request(body: bytes, header_length: str | None,
         raise _bad("binary data after the JSON header", got=f"{len(rest) - offset} bytes no input claims",
                    expected="the sum of the inputs' binary_data_size")
     outputs: dict[str, bool] = {}
+    class_count: dict[str, Any] = {}  # checked with the outputs (edgexfer.runtime.service.inference)
     for spec in doc.get("outputs") or []:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise _bad("requested output", got=repr(spec)[:80], expected='an object with "name"')
         p = spec.get("parameters") or {}
         outputs[spec["name"]] = bool(p.get("binary_data", False)) if isinstance(p, dict) else False
+        if isinstance(p, dict) and "classification" in p:
+            class_count[spec["name"]] = p["classification"]
     rid = doc.get("id")
     return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
-                        binary_output=bool(params.get("binary_data_output", False)), parameters=params)
+                        binary_output=bool(params.get("binary_data_output", False)), parameters=params,
+                        class_count=class_count)
 
 
 def encode_infer_response(model_name: str, model_version: str, request: InferRequest,

@@ -1,32 +1,33 @@
 """The Open Inference Protocol (KServe v2, as Triton serves it): server and model metadata, health, inference.
 
 ``GET /v2``, ``/v2/health/live|ready``; ``GET /v2/models/{name}[/versions/{v}]`` and its ``/ready``;
-``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON or binary tensor data, :mod:`.protocol`).
+``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON or binary tensor data, :mod:`.protocol`);
+``GET /v2/models/{name}[/versions/{v}]/config`` and ``/stats`` (Triton's model configuration and statistics).
+Inference itself is :func:`.inference.infer`, which the gRPC service (:mod:`.grpc_service`) calls too.
 """
 from __future__ import annotations
 
-import json
+import time
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgexfer.runtime.errors import InputError
-from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.service.core import ActiveModel, ServiceCore
 from edgexfer.runtime.service.endpoint import read_body, route
+from edgexfer.runtime.service.inference import infer as infer_tensors
+from edgexfer.runtime.service.inference import model_config, model_statistics
 from edgexfer.runtime.service.protocol import (
     HEADER_LENGTH,
     ProtocolError,
-    Tensor,
     encode_infer_response,
     parse_infer_request,
 )
-from edgexfer.runtime.service.samples import decode_all, record
 
 INFER = "/v2/models/{name}/infer"
-OUTPUTS = ("label", "probabilities", "features")
+#: the protocol extensions served (HTTP and gRPC)
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics",
+              "model_repository_health"]
 
 
 def model_named(core: ServiceCore, name: str, version: str | None = None) -> ActiveModel:
@@ -49,8 +50,7 @@ def _path_model(request: Request) -> ActiveModel:
 async def server_metadata(request: Request) -> Response:
     from edgexfer import __version__
 
-    return JSONResponse({"name": "edgexfer", "version": __version__,
-                         "extensions": ["binary_tensor_data", "model_repository_health"]})
+    return JSONResponse({"name": "edgexfer", "version": __version__, "extensions": EXTENSIONS})
 
 
 async def live(request: Request) -> Response:
@@ -62,9 +62,13 @@ async def ready(request: Request) -> Response:
 
 
 async def model_metadata(request: Request) -> Response:
-    model = _path_model(request)
+    return JSONResponse(metadata(request.app.state.core, _path_model(request)))
+
+
+def metadata(core: ServiceCore, model: ActiveModel) -> dict:
+    """The model metadata document (also the gRPC ``ModelMetadata`` answer)."""
     inputs = [dict(i) for i in model.input_modality.service_input().inputs]
-    return JSONResponse({
+    return {
         "name": model.name, "versions": [str(model.head_version)],
         "platform": f"edgexfer_{model.backend}",
         "inputs": inputs,
@@ -73,7 +77,7 @@ async def model_metadata(request: Request) -> Response:
                     {"name": "features", "datatype": "FP32",
                      "shape": [-1, model.bundle.manifest.backbone.feature_dim]}],
         "parameters": {"classes": model.classes, "head_version": model.head_version, "modality": model.modality,
-                       "precision": request.app.state.config.precision}})
+                       "precision": core.config.precision}}
 
 
 async def model_ready(request: Request) -> Response:
@@ -88,57 +92,27 @@ async def infer(request: Request) -> Response:
 
 
 async def _infer(request: Request, core: ServiceCore) -> Response:
-    _path_model(request)
-    modality = core.model.input_modality  # the one this request's samples are decoded and run with
-    described = modality.service_input()
+    started = time.perf_counter()
+    model = _path_model(request)
+    described = model.input_modality.service_input()
     req = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH), described.json_strings)
-    if set(req.inputs) - {i["name"] for i in described.inputs} or len(req.inputs) != 1:
-        raise ProtocolError(400, "inference inputs", got=sorted(req.inputs), expected=described.expected)
-    wanted = list(req.outputs) or ["label", "probabilities"]
-    bad = [n for n in wanted if n not in OUTPUTS]
-    if bad:
-        raise ProtocolError(400, "requested outputs", got=bad, expected="label, probabilities, features")
-    tensor = next(iter(req.inputs.values()))
-    items: list[bytes] | None = None
-    if tensor.name == described.inputs[0]["name"]:  # encoded samples, one per element
-        if tensor.datatype != "BYTES":
-            raise ProtocolError(400, f"input '{tensor.name}' datatype", got=tensor.datatype, expected=described.datatype)
-        items = list(tensor.data)
-        values = await decode_all(core, modality, items)
-    else:
-        values = _batch_tensor(core, modality, tensor, described.inputs)
-    result = await core.classify(values, modality, want_features="features" in wanted)
-    await record(core, modality, result, items, values, "serve:v2")
-    n = len(result.probabilities)
-    labels = [result.classes[int(j)].encode() for j in np.argmax(result.probabilities, axis=1)]
-    made = {"label": Tensor("label", "BYTES", [n], labels),
-            "probabilities": Tensor("probabilities", "FP32", [n, len(result.classes)], result.probabilities),
-            "features": Tensor("features", "FP32", list(result.features.shape), result.features)}
-    content, headers = encode_infer_response(
-        core.model.name, str(result.head_version), req, [made[w] for w in wanted],
-        {"head_version": result.head_version, "classes": json.dumps(result.classes),
-         "backend": result.backend, "precision": result.precision})
-    headers["X-Edgexfer-Head"] = str(result.head_version)
+    answer = await infer_tensors(core, model, req.inputs, list(req.outputs), req.class_count, "serve:v2", started)
+    content, headers = encode_infer_response(answer.model_name, answer.model_version, req, answer.outputs,
+                                             answer.parameters)
+    headers["X-Edgexfer-Head"] = str(answer.head_version)
     return Response(content, media_type="application/json" if HEADER_LENGTH not in headers
                     else "application/octet-stream", headers=headers)
 
 
-def _batch_tensor(core: ServiceCore, modality: Modality, tensor: Tensor, inputs: tuple[dict, ...]) -> np.ndarray:
-    """Sample values sent as one tensor (an image model's ``pixels``), checked by the modality."""
-    (spec,) = [i for i in inputs if i["name"] == tensor.name]
-    if tensor.datatype != spec["datatype"]:
-        raise ProtocolError(400, f"input '{tensor.name}' datatype", got=tensor.datatype, expected=spec["datatype"])
-    rank = len(spec["shape"])
-    if len(tensor.shape) == rank and tensor.shape[0] > core.config.max_images:
-        raise ProtocolError(413, f"too many {modality.plural} in one request", got=tensor.shape[0],
-                            expected=f"at most {core.config.max_images}")
-    if len(tensor.shape) == rank and tensor.shape[0] == 0:
-        raise ProtocolError(400, f"no {modality.noun} in the request", got=f"0 {modality.plural}",
-                            expected="at least one")
-    try:
-        return modality.check_batch(np.asarray(tensor.data))
-    except InputError as exc:
-        raise ProtocolError(400, exc.what, got=exc.got, expected=exc.expected, todo=exc.todo) from None
+async def config(request: Request) -> Response:
+    """Triton's model configuration (tritonclient's ``get_model_config``)."""
+    return JSONResponse(model_config(request.app.state.core, _path_model(request)))
+
+
+async def stats(request: Request) -> Response:
+    """Triton's model statistics (tritonclient's ``get_inference_statistics``)."""
+    model = _path_model(request)
+    return JSONResponse(model_statistics(request.app.state.core, model, request.path_params.get("version")))
 
 
 def routes() -> list[Route]:
@@ -152,4 +126,8 @@ def routes() -> list[Route]:
         route("/v2/models/{name}/versions/{version}/ready", model_ready, ["GET"], template="/v2/models/{name}/ready"),
         route(INFER, infer, ["POST"]),
         route("/v2/models/{name}/versions/{version}/infer", infer, ["POST"], template=INFER),
+        route("/v2/models/{name}/config", config, ["GET"]),
+        route("/v2/models/{name}/versions/{version}/config", config, ["GET"], template="/v2/models/{name}/config"),
+        route("/v2/models/{name}/stats", stats, ["GET"]),
+        route("/v2/models/{name}/versions/{version}/stats", stats, ["GET"], template="/v2/models/{name}/stats"),
     ]

@@ -55,10 +55,12 @@ def check_tls(cert: str | Path | None, key: str | Path | None) -> bool:
 def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080, config: ServiceConfig | None = None,
           token_file: str | Path | None = None, access_log: bool = False, allow_hosts: Iterable[str] = (),
           tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, grpc_port: int | None = None) -> None:
     """Run the service in this thread until interrupted. ``port=0`` picks a free port; ``on_ready`` gets the URL.
-    ``allow_hosts``: more ``Host`` names to answer (``--allow-host``); ``tls_cert``, ``tls_key``: serve HTTPS."""
-    for module in ("starlette", "uvicorn", "multipart", "prometheus_client"):
+    ``allow_hosts``: more ``Host`` names to answer (``--allow-host``); ``tls_cert``, ``tls_key``: serve HTTPS.
+    ``grpc_port``: serve KServe v2 over gRPC there too (0: a free port), in the same event loop."""
+    for module in ("starlette", "uvicorn", "multipart", "prometheus_client",
+                   *(("grpc", "google.protobuf") if grpc_port is not None else ())):
         require(module, "edgexfer device serve")
     import uvicorn
 
@@ -99,11 +101,22 @@ def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080
         log.warning("listening on %s without --token-file: label, retrain, rollback and the field data "
                     "(review, heads, status) answer 403", host)
     log.info("answering Host names: %s", hosts.expected())
-    print(f"listening on {url} (pid {os.getpid()})", file=sys.stderr, flush=True)
-    if on_ready is not None:
-        on_ready(url)
+
+    def announce(grpc_address: str | None = None) -> None:
+        if grpc_address is not None:
+            print(f"gRPC (KServe v2) listening on {grpc_address}", file=sys.stderr, flush=True)
+        print(f"listening on {url} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        if on_ready is not None:
+            on_ready(url)
+
     try:
-        server.run(sockets=[sock])
+        if grpc_port is None:
+            announce()
+            server.run(sockets=[sock])
+        else:
+            from edgexfer.runtime.service.grpc_service import serve_both
+
+            serve_both(server, [sock], core, host, grpc_port, announce)
     finally:
         core.close()
         sock.close()

@@ -20,6 +20,8 @@ def test_routes_keep_their_urls_methods_and_metric_templates():
         ("/v2/models/{name}", "GET"), ("/v2/models/{name}/ready", "GET"),
         ("/v2/models/{name}/versions/{version}", "GET"), ("/v2/models/{name}/versions/{version}/ready", "GET"),
         ("/v2/models/{name}/infer", "POST"), ("/v2/models/{name}/versions/{version}/infer", "POST"),
+        ("/v2/models/{name}/config", "GET"), ("/v2/models/{name}/versions/{version}/config", "GET"),
+        ("/v2/models/{name}/stats", "GET"), ("/v2/models/{name}/versions/{version}/stats", "GET"),
         ("/v1/predict", "POST"), ("/v1/status", "GET"), ("/v1/heads", "GET"), ("/v1/review", "GET"),
         ("/v1/review/{id:int}/image", "GET"), ("/v1/label", "POST"), ("/v1/retrain", "POST"),
         ("/v1/retrain", "GET"), ("/v1/rollback", "POST"), ("/metrics", "GET")])
