@@ -250,3 +250,20 @@ def test_our_messages_are_wire_compatible_with_tritons(name):
 
     ours, theirs = fields(MESSAGE_CLASSES[name].DESCRIPTOR), fields(_triton_descriptor(name))
     assert {k: theirs.get(k) for k in ours} == ours
+
+
+def test_a_taken_grpc_port_stops_the_server_with_one_line(served_state):
+    import socket
+    import subprocess
+    import sys
+
+    from service_support import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = subprocess.run([sys.executable, "-m", "edgexfer.cli", "device", "serve", "--state", str(served_state),
+                              "--port", "0", "--grpc-port", str(taken.getsockname()[1])],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode != 0
+    assert "cannot listen for gRPC | got 127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
