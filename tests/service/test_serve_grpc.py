@@ -267,3 +267,40 @@ def test_a_taken_grpc_port_stops_the_server_with_one_line(served_state):
                              capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode != 0
     assert "cannot listen for gRPC | got 127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_http_and_grpc_requests_share_engine_batches(served_state):
+    """One batcher for both transports: an HTTP and a gRPC request of 4 images each, sent at once, run as one
+    engine call of 8 (the batcher waits up to 1 s for a request that has arrived and is still decoding)."""
+    import threading
+
+    name, _, _ = _active(served_state)
+    images = np.array([p.read_bytes() for p in demo_images()[:4]], dtype=np.object_)
+    with running_server(served_state, "--grpc-port", "0", "--max-batch", "8", "--max-queue-delay-ms", "1000") as srv:
+        srv.grpc = _grpc_address(srv)
+        grpc_client = triton_grpc.InferenceServerClient(srv.grpc)
+        http_client = triton_http.InferenceServerClient(srv.hostport)
+
+        def over_grpc() -> None:
+            tensor = triton_grpc.InferInput("image", [4], "BYTES")
+            tensor.set_data_from_numpy(images)
+            start.wait()
+            grpc_client.infer(name, [tensor])
+
+        def over_http() -> None:
+            tensor = triton_http.InferInput("image", [4], "BYTES")
+            tensor.set_data_from_numpy(images)
+            start.wait()
+            http_client.infer(name, [tensor])
+
+        for _ in range(3):  # a loaded machine may start one thread late: the same pair again
+            start = threading.Barrier(2)
+            threads = [threading.Thread(target=over_grpc), threading.Thread(target=over_http)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sizes = {b["batch_size"] for b in _stats_http(srv, name)["batch_stats"]}
+            if 8 in sizes:
+                break
+        assert 8 in sizes, sizes
