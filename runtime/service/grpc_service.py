@@ -25,6 +25,7 @@ import math
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -205,8 +206,12 @@ def _handler(core: ServiceCore, name: str, fn: Method) -> grpc.RpcMethodHandler:
                                                response_serializer=response_type.SerializeToString)
 
 
-async def start(core: ServiceCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC service on ``host:port`` (0: a free port) in the running loop; returns it and its port."""
+async def start(core: ServiceCore, host: str, port: int, tls: tuple[Path, Path] | None = None
+                ) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC service on ``host:port`` (0: a free port) in the running loop; returns it and its port.
+
+    ``tls``: (certificate, key) PEM files, the ones HTTPS serves (``--tls-cert``/``--tls-key``): then the port
+    speaks TLS only, as the HTTP port does."""
     limit = core.config.max_body_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 4 * limit), ("grpc.so_reuseport", 0)])
@@ -214,7 +219,11 @@ async def start(core: ServiceCore, host: str, port: int) -> tuple[grpc.aio.Serve
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"{PACKAGE}.{SERVICE}", handlers),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key = (Path(f).read_bytes() for f in tls)
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     except RuntimeError:  # grpcio raises where it cannot bind (older releases return 0)
         bound = 0
     if not bound:
@@ -225,13 +234,13 @@ async def start(core: ServiceCore, host: str, port: int) -> tuple[grpc.aio.Serve
 
 
 def serve_both(http: Any, sockets: list, core: ServiceCore, host: str, port: int,
-               announce: Callable[[str], None]) -> None:
+               announce: Callable[[str], None], tls: tuple[Path, Path] | None = None) -> None:
     """Run uvicorn's ``http`` server and the gRPC service in one event loop until uvicorn stops (SIGINT/SIGTERM).
 
-    ``announce`` gets the gRPC address once it listens (before uvicorn starts accepting).
+    ``announce`` gets the gRPC address once it listens (before uvicorn starts accepting); ``tls``: see :func:`start`.
     """
     async def main() -> None:
-        server, bound = await start(core, host, port)
+        server, bound = await start(core, host, port, tls)
         announce(f"{host if ':' not in host else f'[{host}]'}:{bound}")
         try:
             await http.serve(sockets=sockets)

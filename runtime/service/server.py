@@ -116,7 +116,8 @@ def serve(state: str | Path | None, *, host: str = "127.0.0.1", port: int = 8080
         else:
             from edgexfer.runtime.service.grpc_service import serve_both
 
-            serve_both(server, [sock], core, host, grpc_port, announce)
+            serve_both(server, [sock], core, host, grpc_port, announce,
+                       (Path(tls_cert), Path(tls_key)) if tls else None)
     finally:
         core.close()
         sock.close()

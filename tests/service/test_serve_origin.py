@@ -10,6 +10,7 @@ import http.server
 import ipaddress
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -234,11 +235,26 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _grpc_speaks_tls_only(srv, cert: Path) -> None:
+    """The gRPC port of a TLS server answers tritonclient over TLS with that certificate, and nothing in plain text."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    address = re.search(r"gRPC \(KServe v2\) listening on (\S+)", srv.log.read_text()).group(1)
+    secure = grpcclient.InferenceServerClient(address.replace("127.0.0.1", "localhost"), ssl=True,
+                                              root_certificates=str(cert))
+    assert secure.is_server_live()
+    plain = grpcclient.InferenceServerClient(address)
+    with pytest.raises(InferenceServerException):
+        plain.is_server_live(client_timeout=5)
+
+
 def test_tls(served_state, tmp_path):
     """--tls-cert/--tls-key: HTTPS with the given certificate; a missing half or a wrong file is a one-line error."""
     cert, key = _self_signed(tmp_path)
-    with running_server(served_state, "--tls-cert", str(cert), "--tls-key", str(key)) as srv:
+    with running_server(served_state, "--tls-cert", str(cert), "--tls-key", str(key), "--grpc-port", "0") as srv:
         assert srv.url.startswith("https://127.0.0.1:")
+        _grpc_speaks_tls_only(srv, cert)
         trust = ssl.create_default_context(cafile=str(cert))
         with httpx.Client(base_url=srv.url, verify=trust, timeout=30) as client:
             assert client.get("/v2/health/ready").status_code == 200
