@@ -1,13 +1,19 @@
-"""The service's engine side: one engine, a dynamic batcher, the head that follows the device's state.
+"""The service's engine side: one engine, a dynamic batcher, and the model that follows the device's state.
 
 Threads, and what each owns:
 
 * the **engine thread** (one): the server's one :class:`~edgexfer.runtime.device.Device`'s engine,
-  and the active head. Every batch and every ``learn`` runs here, one at a time, so the engine never sees two
-  callers. Before each batch it stats ``active.json`` (one ``stat``); when another process (``device
-  retrain``, ``update``, ``rollback``) replaced it, the new head (or bundle) is loaded before the batch
-  runs. A batch runs with one head, and every result names that head's version. If the new state
-  cannot be read, the previous head keeps serving and the error is logged.
+  and the served (bundle, head). Every batch, every ``learn`` and every switch of the model runs here, one at
+  a time, so the engine never sees two callers. A batch runs with one head and one engine, and every result
+  names that head's version: requests in flight when the device's state changes finish on the engine they
+  were batched for, and the switch comes between two batches.
+* the **follower** (one thread, :meth:`ServiceCore.open` starts it): every :data:`FOLLOW_INTERVAL` s it
+  stats ``active.json`` (one ``stat``). When another process (``device install``, ``retrain``, ``update``,
+  ``rollback``) replaced it, the follower has the engine thread load the new head, or open the new bundle's
+  engine, at once: what the server answers, its metadata, versions and metrics follow the device within a
+  fraction of a second, with no request to trigger it. Requests, metadata and ``/v1/status`` also check
+  the ``stat`` themselves (:meth:`ServiceCore.served`), so the first of them after a change is answered by
+  the new state even before the follower's next look.
 * the **database thread** (one): the review queue and the per-class sample counts, one SQLite
   connection each (connections belong to the thread that opened them).
 * the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` samples or
@@ -16,11 +22,18 @@ Threads, and what each owns:
   requests already on their way (received, still decoding: :meth:`ServiceCore.incoming`): a lone
   request runs at once instead of paying the queue delay.
 
+The server is **ready** (:meth:`ServiceCore.ready`) while the model it serves is the one ``active.json``
+names: not while a new bundle's engine is being opened, nor while the new state cannot be loaded. Then the
+previous model keeps answering (the error is logged once, and loading is tried again every
+:data:`RETRY_INTERVAL` s and at every change of ``active.json``).
+
 Decoding (Pillow) runs in the web framework's worker threads, in parallel, before a request joins the queue.
 
 The bundle's modality (:mod:`edgexfer.runtime.modalities`) decides what a sample is: it decodes the bytes
 a request sent (an image to its resized uint8 pixels ``[H, W, 3]``, UTF-8 to a normalised text) and
 feeds a batch to the engine (texts are tokenized in the engine thread, a batch padded to its longest text).
+Samples decoded for a model that was switched out before their batch ran are refused with
+:class:`ModelSwitched`; the routes then decode the same bytes again for the new model.
 """
 from __future__ import annotations
 
@@ -56,6 +69,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgexfer.serve")
 T = TypeVar("T")
+#: seconds between two looks of the follower at ``active.json`` (one ``stat`` each)
+FOLLOW_INTERVAL = 0.25
+#: seconds before a state that could not be loaded is tried again (sooner if ``active.json`` changes again)
+RETRY_INTERVAL = 5.0
 
 
 def _concat(parts: Sequence[Sequence[Any]]) -> list[Any]:
@@ -142,6 +159,10 @@ class Classified:
         return out
 
 
+class ModelSwitched(InputError):
+    """Samples decoded for a model that another bundle replaced before their batch ran (decode them again)."""
+
+
 @dataclass
 class _Pending:
     samples: Sequence[Any]  #: N sample values (pixels [H, W, 3], texts, ...), or an [N, ...] tensor of them
@@ -157,13 +178,20 @@ class ServiceCore:
                  metrics: ServiceMetrics | None = None) -> None:
         self.config = config or ServiceConfig()
         self.metrics = metrics or ServiceMetrics()
+        self.metrics.follow_readiness(self.ready)
         self.device = Device(state_dir, backend=self.config.backend, precision=self.config.precision)
         self.state = self.device.state
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="edgexfer-engine")
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="edgexfer-db")
         self._db_local = threading.local()
         self._model: ActiveModel | None = None
+        #: ``active.json``'s stat when the served model was loaded from it
         self._signature: tuple[int, int, int] | None = None
+        #: a stat whose state could not be loaded, and when to try it again
+        self._failed: tuple[int, int, int] | None = None
+        self._retry_at = 0.0
+        self._follower: threading.Thread | None = None
+        self._closing = threading.Event()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task | None = None
         #: inference requests received and not yet answered by the engine (event-loop thread only)
@@ -172,10 +200,19 @@ class ServiceCore:
 
     # ---------------------------------------------------------------------------- lifecycle
     def open(self) -> ActiveModel:
-        """Open the engine and load the active head (in the engine thread); raises if the device has none."""
-        return self._engine_thread.submit(self._current).result()
+        """Open the engine and load the active head (in the engine thread), and start following the device's
+        state; raises if the device has none."""
+        model = self._engine_thread.submit(self._current).result()
+        if self._follower is None:
+            self._follower = threading.Thread(target=self._follow, name="edgexfer-follow", daemon=True)
+            self._follower.start()
+        return model
 
     def close(self) -> None:
+        self._closing.set()
+        if self._follower is not None:
+            self._follower.join()
+            self._follower = None
         if self._batcher is not None:
             self._batcher.cancel()
             self._batcher = None
@@ -201,15 +238,28 @@ class ServiceCore:
         return self._model
 
     # ---------------------------------------------------------------------------- the active head
-    def _current(self) -> ActiveModel:
-        """The active (bundle, head), reloaded when ``active.json`` changed. Engine thread only."""
+    def _stat(self) -> tuple[int, int, int] | None:
+        """``active.json``'s identity now (None: there is none); any thread."""
         try:
             st = os.stat(self.state.active_path)
-            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            signature = None
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def ready(self) -> bool:
+        """Whether the served model is the one ``active.json`` names (its engine open); any thread, one ``stat``.
+
+        False while a new state is being loaded, and while it cannot be (the previous model still answers).
+        """
+        return self._model is not None and self._stat() == self._signature
+
+    def _current(self) -> ActiveModel:
+        """The active (bundle, head), reloaded when ``active.json`` changed. Engine thread only."""
+        signature = self._stat()
         if signature is not None and signature == self._signature and self._model is not None:
             return self._model
+        if self._model is not None and signature == self._failed and time.monotonic() < self._retry_at:
+            return self._model  # this state failed to load a moment ago: the previous model goes on
         try:
             active = self.state.active()
             model = self._model
@@ -217,32 +267,55 @@ class ServiceCore:
                 bundle = self.state.bundle(active.bundle)
                 head = self.state.load_head(active.head, feature_dim=bundle.manifest.backbone.feature_dim)
                 engine = self.device.engine(bundle)  # reopened only if the bundle changed
-                if model is not None:
-                    log.info("active head %s -> %s", model.head_version, active.head)
                 # the same backbone and input: its modality goes on (a tokenizer is read and checked once)
                 same = model is not None and model.bundle.manifest.backbone == bundle.manifest.backbone
                 modality = model.input_modality if same else modality_of(bundle)
                 self._model = ActiveModel(bundle, active.bundle, head, active.head, engine.name,
                                           dict(engine.execution), modality)
                 self.metrics.set_model(self._model, engine.name, self.config.precision, engine.execution)
-            self._signature = signature
-        except EdgexferError as exc:
+                if model is not None:
+                    log.info("serving %s head %s (was %s head %s)", self._model.name, active.head, model.name,
+                             model.head_version)
+            self._signature, self._failed = signature, None
+        except Exception as exc:
             if self._model is None:
                 raise
-            # keep serving what worked; the next batch tries again
-            log.warning("cannot switch to the new active head, still serving head %s: %s",
-                        self._model.head_version, exc)
+            if signature != self._failed:
+                # keep serving what worked (not ready meanwhile); tried again later or at the next change
+                log.warning("cannot switch to the new active state, still serving %s head %s: %s",
+                            self._model.name, self._model.head_version,
+                            exc if isinstance(exc, EdgexferError) else f"{type(exc).__name__}: {exc}")
+            self._failed, self._retry_at = signature, time.monotonic() + RETRY_INTERVAL
         return self._model
+
+    def _follow(self) -> None:
+        """The follower thread: load what another process made active, without waiting for a request."""
+        while not self._closing.wait(FOLLOW_INTERVAL):
+            if self._stat() == self._signature and self._model is not None:
+                continue
+            try:
+                self._engine_thread.submit(self._current).result()
+            except RuntimeError:  # the engine thread is shut down: the core is closing
+                return
+            except Exception:  # never raised by _current once a model is served; logged, and the loop goes on
+                log.exception("cannot follow the device's state")
 
     async def refresh(self) -> ActiveModel:
         """The active model now (reloaded if another process switched it), between batches."""
         return await self.in_engine_thread(self._current)
 
+    async def served(self) -> ActiveModel:
+        """The model that answers now: reloaded first (in the engine thread, between batches) when
+        ``active.json`` changed since it was loaded, so a request after a change is answered by the new state."""
+        if self._model is None or self._stat() != self._signature:
+            return await self.refresh()
+        return self._model
+
     # ---------------------------------------------------------------------------- decoding (any thread)
     def decode(self, data: bytes, source: str, modality: Modality) -> Any:
         """Bytes sent for one sample -> its value (:meth:`Modality.decode`; images bounded by ``max_pixels``).
 
-        ``modality``: the active one when the request arrived. Raises :class:`InputError` for a bad,
+        ``modality``: the served one's when the request was read (:meth:`served`). Raises :class:`InputError` for a bad,
         oversized or undecodable sample.
         """
         started = time.perf_counter()
@@ -256,11 +329,12 @@ class ServiceCore:
         """One engine call (in chunks) and the head, with the head of this moment. Engine thread only."""
         model = self._current()
         engine = self.device.engine(model.bundle)
-        if modality is not None and type(modality) is not type(model.input_modality):
-            # the bundle changed modality between decoding and this batch (another bundle installed)
-            raise InputError("samples of another modality", got=modality.plural,
-                             expected=f"{model.input_modality.plural} for the active bundle {model.name}",
-                             todo="send the request again")
+        if modality is not None and modality is not model.input_modality:
+            # another bundle was installed between decoding and this batch: its input may differ (the
+            # modality, the input size); the routes decode the request again for it
+            raise ModelSwitched("samples decoded for the previous model", got=modality.plural,
+                                expected=f"{model.input_modality.plural} for the active bundle {model.name}",
+                                todo="send the request again")
         started = time.perf_counter()
         probabilities, features = classify_values(model.input_modality, engine, model.head, batch,
                                                   timed=self.metrics.stage)
@@ -361,7 +435,7 @@ class ServiceCore:
     # ---------------------------------------------------------------------------- the device's state
     # Retrain, rollback and heads work on the state directory and the feature cache (under the state's
     # lock where they write) and never touch the engine, so they run outside the engine thread and
-    # batches go on meanwhile; the engine thread sees the new head at its next batch (``_current``).
+    # batches go on meanwhile; the follower (or the next batch) loads the new head (``_current``).
     def retrain(self, **options: Any) -> RetrainReport:
         """``device retrain`` in the calling thread (the server's background retrain job)."""
         return self.device.retrain(**options)

@@ -8,7 +8,10 @@ Families (all prefixed ``edgexfer_``):
 * ``batch_size``: images per engine call (the dynamic batcher at work);
 * ``predictions_total{label}``, ``low_confidence_total`` and ``low_confidence_ratio``;
 * ``active_head_version`` and ``model_info{model,backend,precision,execution}`` (``execution``: the
-  arithmetic the engine really computes in, as :mod:`edgexfer.runtime.precision` records it);
+  arithmetic the engine really computes in, as :mod:`edgexfer.runtime.precision` records it): the model
+  that answers, set when it is switched (the service follows the device's state while idle too);
+* ``model_ready``: 1 while that model is the one the device made active, 0 while a new one is loaded or
+  cannot be (read at each scrape, as ``/v2/health/ready`` answers);
 * ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``.
 
 * ``grpc_requests_total{method,code}`` and ``grpc_request_duration_seconds{method}``: per gRPC method of
@@ -26,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -143,6 +147,8 @@ class ServiceMetrics:
         self.low_confidence_ratio = Gauge(f"{PREFIX}_low_confidence_ratio",
                                           "Share of predictions below the review threshold since start", registry=r)
         self.head_version = Gauge(f"{PREFIX}_active_head_version", "Version of the head that answers", registry=r)
+        self.model_ready = Gauge(f"{PREFIX}_model_ready",
+                                 "1 while the model that answers is the one the device made active", registry=r)
         self.model_info = Gauge(f"{PREFIX}_model_info", "The model that answers (value 1)",
                                 ["model", "backend", "precision", "execution"], registry=r)
         self.cache_samples = Gauge(f"{PREFIX}_cache_samples", "Labelled samples in the feature cache per class",
@@ -194,6 +200,10 @@ class ServiceMetrics:
         self.head_version.set(model.head_version)
         self.model_info.clear()
         self.model_info.labels(model.name, backend, precision, str(execution.get("inference_precision", precision))).set(1)
+
+    def follow_readiness(self, ready: Callable[[], bool]) -> None:
+        """``model_ready`` is ``ready()`` at every scrape."""
+        self.model_ready.set_function(lambda: float(ready()))
 
     def set_counts(self, counts: dict[str, int], review_entries: int) -> None:
         self.cache_samples.clear()
