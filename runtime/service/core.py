@@ -226,10 +226,6 @@ class ServiceCore:
         self._db_thread.submit(close_db).result()
         self._db_thread.shutdown(wait=True)
 
-    def ready(self) -> bool:
-        """Whether inference requests are answered now (the health/readiness answers of both transports)."""
-        return self._model is not None
-
     @property
     def model(self) -> ActiveModel:
         """The model of the last batch (or of :meth:`open`)."""
@@ -247,7 +243,8 @@ class ServiceCore:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def ready(self) -> bool:
-        """Whether the served model is the one ``active.json`` names (its engine open); any thread, one ``stat``.
+        """Whether the served model is the one ``active.json`` names (its engine open): the health/readiness
+        answers of both transports (HTTP and gRPC). Any thread, one ``stat``.
 
         False while a new state is being loaded, and while it cannot be (the previous model still answers).
         """

@@ -33,7 +33,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from edgexfer.runtime.errors import EdgexferError, InputError
-from edgexfer.runtime.service.core import ServiceCore
+from edgexfer.runtime.service.core import ModelSwitched, ServiceCore
 from edgexfer.runtime.service.grpc_schema import METHODS, PACKAGE, SERVICE, message
 from edgexfer.runtime.service.inference import infer, model_config, model_statistics
 from edgexfer.runtime.service.protocol import DTYPES, ProtocolError, Tensor, _split_bytes
@@ -74,18 +74,18 @@ async def server_metadata(core: ServiceCore, request: Any) -> Any:
 
 
 async def model_metadata(core: ServiceCore, request: Any) -> Any:
-    doc = metadata(core, model_named(core, request.name, request.version or None))
+    doc = metadata(core, model_named(core, request.name, request.version or None, await core.served()))
     doc.pop("parameters")  # the gRPC message has none
     return json_format.ParseDict(doc, message("ModelMetadataResponse")())
 
 
 async def config(core: ServiceCore, request: Any) -> Any:
-    doc = model_config(core, model_named(core, request.name, request.version or None))
+    doc = model_config(core, model_named(core, request.name, request.version or None, await core.served()))
     return message("ModelConfigResponse")(config=json_format.ParseDict(doc, message("ModelConfig")()))
 
 
 async def statistics(core: ServiceCore, request: Any) -> Any:
-    model = model_named(core, request.name, None)
+    model = model_named(core, request.name, None, await core.served())
     doc = model_statistics(core, model, request.version or None)
     return json_format.ParseDict(doc, message("ModelStatisticsResponse")())
 
@@ -93,15 +93,21 @@ async def statistics(core: ServiceCore, request: Any) -> Any:
 async def model_infer(core: ServiceCore, request: Any) -> Any:
     with core.incoming():
         started = time.perf_counter()
-        model = model_named(core, request.model_name, request.model_version or None)
         asked = {}
         for out in request.outputs:
             if "classification" in out.parameters:
                 param = out.parameters["classification"]
                 kind = param.WhichOneof("parameter_choice")
                 asked[out.name] = getattr(param, kind) if kind else None
-        answer = await infer(core, model, request_tensors(request), [o.name for o in request.outputs], asked,
-                             "serve:grpc", started)
+        for again in (False, True):
+            model = model_named(core, request.model_name, request.model_version or None, await core.served())
+            try:
+                answer = await infer(core, model, request_tensors(request), [o.name for o in request.outputs],
+                                     asked, "serve:grpc", started)
+                break
+            except ModelSwitched:  # another bundle came in while this request was decoded: once more, for it
+                if again:
+                    raise
     response = message("ModelInferResponse")(model_name=answer.model_name, model_version=answer.model_version,
                                              id=request.id)
     for key, value in answer.parameters.items():

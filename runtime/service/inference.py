@@ -22,7 +22,7 @@ import numpy as np
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.modalities.base import Modality
-from edgexfer.runtime.service.core import ActiveModel, Classified, ServiceCore
+from edgexfer.runtime.service.core import ActiveModel, Classified, ModelSwitched, ServiceCore
 from edgexfer.runtime.service.protocol import ProtocolError, Tensor
 from edgexfer.runtime.service.samples import decode_all, record
 
@@ -54,7 +54,7 @@ class _Timing:
 
 async def infer(core: ServiceCore, model: ActiveModel, inputs: Mapping[str, Tensor], outputs: Sequence[str],
                 class_count: Mapping[str, Any], source: str, started: float) -> Answer:
-    """Answer one request to ``model`` (the active model when it arrived, as the path or message named it).
+    """Answer one request to ``model`` (the served model, :meth:`ServiceCore.served`, as the path or message named it).
 
     ``outputs``: the names asked for (none: label and probabilities); ``class_count``: output name -> the
     top K asked of it; ``source``: the review queue's source; ``started``: ``time.perf_counter()`` when the
@@ -63,6 +63,8 @@ async def infer(core: ServiceCore, model: ActiveModel, inputs: Mapping[str, Tens
     timing = _Timing()
     try:
         answer, samples = await _answer(core, model, inputs, outputs, class_count, source, timing)
+    except ModelSwitched:  # the transport asks again, for the new model: one request, counted once
+        raise
     except Exception:
         core.metrics.statistics.request(model.name, str(model.head_version), ok=False, samples=0,
                                         total=time.perf_counter() - started)

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgexfer.runtime.predictor import Prediction
-from edgexfer.runtime.service.core import ServiceCore
+from edgexfer.runtime.service.core import ModelSwitched, ServiceCore
 from edgexfer.runtime.service.endpoint import (
     is_multipart,
     json_object,
@@ -32,9 +32,15 @@ async def predict(request: Request) -> Response:
 
 async def _predict(request: Request, core: ServiceCore) -> Response:
     data, name = await read_upload(request)
-    modality = core.model.input_modality
-    values = await decode_all(core, modality, [data])
-    result = await core.classify(values, modality)
+    for again in (False, True):
+        modality = (await core.served()).input_modality  # the model that answers now, switched first if need be
+        values = await decode_all(core, modality, [data])
+        try:
+            result = await core.classify(values, modality)
+            break
+        except ModelSwitched:  # another bundle came in while this request was decoded: once more, for it
+            if again:
+                raise
     queued = await record(core, modality, result, [data], values, f"serve:{name}")
     top = result.top(core.config.top_k)[0]
     pred = Prediction(name, top[0][0], top[0][1], top, result.backend, result.precision)

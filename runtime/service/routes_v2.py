@@ -4,6 +4,12 @@
 ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON or binary tensor data, :mod:`.protocol`);
 ``GET /v2/models/{name}[/versions/{v}]/config`` and ``/stats`` (Triton's model configuration and statistics).
 Inference itself is :func:`.inference.infer`, which the gRPC service (:mod:`.grpc_service`) calls too.
+
+The model is the one the device serves now (:meth:`ServiceCore.served`): after another process installs a
+bundle or switches the head, metadata, versions and inference answer for the new one. Readiness is 200
+``{"ready": true}`` while the served model is the one the device made active, else 503 ``{"ready": false}``
+(tritonclient's ``is_server_ready``/``is_model_ready`` read any status but 200 as false, and so does a
+Kubernetes readiness probe).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgexfer.runtime.service.core import ActiveModel, ServiceCore
+from edgexfer.runtime.service.core import ActiveModel, ModelSwitched, ServiceCore
 from edgexfer.runtime.service.endpoint import read_body, route
 from edgexfer.runtime.service.inference import infer as infer_tensors
 from edgexfer.runtime.service.inference import model_config, model_statistics
@@ -30,9 +36,11 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "st
               "model_repository_health"]
 
 
-def model_named(core: ServiceCore, name: str, version: str | None = None) -> ActiveModel:
-    """The active model if the path names it (and its active head, when a version is given); else 404."""
-    model = core.model
+def model_named(core: ServiceCore, name: str, version: str | None = None,
+                model: ActiveModel | None = None) -> ActiveModel:
+    """The served model (``model``, default the last one; :meth:`ServiceCore.served` gives it switched if the
+    device's state changed) if the path names it (and its active head, when a version is given); else 404."""
+    model = model or core.model
     if name != model.name:
         raise ProtocolError(404, "unknown model", got=repr(name[:80]), expected=repr(model.name),
                             todo="GET /v2/models/" + model.name + " for its metadata")
@@ -43,8 +51,17 @@ def model_named(core: ServiceCore, name: str, version: str | None = None) -> Act
     return model
 
 
-def _path_model(request: Request) -> ActiveModel:
-    return model_named(request.app.state.core, request.path_params["name"], request.path_params.get("version"))
+async def _path_model(request: Request) -> ActiveModel:
+    """The model the path names, as the device serves it now (switched first if the device's state changed)."""
+    core: ServiceCore = request.app.state.core
+    return model_named(core, request.path_params["name"], request.path_params.get("version"), await core.served())
+
+
+def not_ready(core: ServiceCore) -> str:
+    """Why the server is not ready (the error of a 503 readiness answer)."""
+    return ("model not ready | got the device's active state changed and is being loaded, or cannot be | "
+            f"expected the served model ({core.model.name} head {core.model.head_version}) to be the active one | "
+            "wait and ask again; the server's log says why a state cannot be loaded")
 
 
 async def server_metadata(request: Request) -> Response:
@@ -58,11 +75,14 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    return JSONResponse({"ready": True})
+    core: ServiceCore = request.app.state.core
+    if core.ready():
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False, "error": not_ready(core)}, status_code=503)
 
 
 async def model_metadata(request: Request) -> Response:
-    return JSONResponse(metadata(request.app.state.core, _path_model(request)))
+    return JSONResponse(metadata(request.app.state.core, await _path_model(request)))
 
 
 def metadata(core: ServiceCore, model: ActiveModel) -> dict:
@@ -81,8 +101,12 @@ def metadata(core: ServiceCore, model: ActiveModel) -> dict:
 
 
 async def model_ready(request: Request) -> Response:
-    model = _path_model(request)
-    return JSONResponse({"name": model.name, "ready": True})
+    """Only looks: never waits for a switch, so a probe answers at once."""
+    core: ServiceCore = request.app.state.core
+    model = model_named(core, request.path_params["name"], request.path_params.get("version"))
+    if core.ready():
+        return JSONResponse({"name": model.name, "ready": True})
+    return JSONResponse({"name": model.name, "ready": False, "error": not_ready(core)}, status_code=503)
 
 
 async def infer(request: Request) -> Response:
@@ -93,10 +117,20 @@ async def infer(request: Request) -> Response:
 
 async def _infer(request: Request, core: ServiceCore) -> Response:
     started = time.perf_counter()
-    model = _path_model(request)
-    described = model.input_modality.service_input()
-    req = parse_infer_request(await read_body(request), request.headers.get(HEADER_LENGTH), described.json_strings)
-    answer = await infer_tensors(core, model, req.inputs, list(req.outputs), req.class_count, "serve:v2", started)
+    body = None
+    for again in (False, True):
+        model = await _path_model(request)
+        if body is None:
+            body = await read_body(request)
+        described = model.input_modality.service_input()
+        req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), described.json_strings)
+        try:
+            answer = await infer_tensors(core, model, req.inputs, list(req.outputs), req.class_count, "serve:v2",
+                                         started)
+            break
+        except ModelSwitched:  # another bundle came in while this request was decoded: once more, for it
+            if again:
+                raise
     content, headers = encode_infer_response(answer.model_name, answer.model_version, req, answer.outputs,
                                              answer.parameters)
     headers["X-Edgexfer-Head"] = str(answer.head_version)
@@ -106,12 +140,12 @@ async def _infer(request: Request, core: ServiceCore) -> Response:
 
 async def config(request: Request) -> Response:
     """Triton's model configuration (tritonclient's ``get_model_config``)."""
-    return JSONResponse(model_config(request.app.state.core, _path_model(request)))
+    return JSONResponse(model_config(request.app.state.core, await _path_model(request)))
 
 
 async def stats(request: Request) -> Response:
     """Triton's model statistics (tritonclient's ``get_inference_statistics``)."""
-    model = _path_model(request)
+    model = await _path_model(request)
     return JSONResponse(model_statistics(request.app.state.core, model, request.path_params.get("version")))
 
 
