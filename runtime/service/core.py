@@ -432,13 +432,19 @@ class ServiceCore:
     # ---------------------------------------------------------------------------- the device's state
     # Retrain, rollback and heads work on the state directory and the feature cache (under the state's
     # lock where they write) and never touch the engine, so they run outside the engine thread and
-    # batches go on meanwhile; the follower (or the next batch) loads the new head (``_current``).
+    # batches go on meanwhile. The new head is then loaded in the engine thread (``_current``) before they
+    # return, so what the server answers, describes and calls ready is the new head once they have answered.
     def retrain(self, **options: Any) -> RetrainReport:
         """``device retrain`` in the calling thread (the server's background retrain job)."""
-        return self.device.retrain(**options)
+        report = self.device.retrain(**options)
+        with contextlib.suppress(RuntimeError):  # the engine thread is shut down: the server is stopping
+            self._engine_thread.submit(self._current).result()
+        return report
 
     async def rollback(self) -> ActiveState:
-        return await asyncio.to_thread(self.device.rollback)
+        active = await asyncio.to_thread(self.device.rollback)
+        await self.refresh()
+        return active
 
     async def heads(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.device.heads)

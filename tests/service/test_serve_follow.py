@@ -119,6 +119,13 @@ def test_metadata_versions_and_metrics_follow_a_rollback_while_idle(tmp_path, de
         _until(lambda: _gauge(srv, "active_head_version") == 3.0)
         assert srv.json("GET", f"/v2/models/{name}")[1]["versions"] == ["3"]
 
+        # a rollback through the server is served, counted and ready once it has answered
+        status, back = srv.json("POST", "/v1/rollback")
+        assert status == 200 and back["head"] == 1
+        assert srv.request("GET", "/v2/health/ready")[0] == 200
+        assert srv.request("GET", f"/v2/models/{name}/versions/1/ready")[0] == 200
+        assert _gauge(srv, "active_head_version") == 1.0
+
 
 def test_requests_in_flight_across_a_bundle_switch_never_fail_because_of_it(
         tmp_path, device_bundle, device_text_bundle):
