@@ -54,7 +54,8 @@ class _Timing:
 
 async def infer(core: ServiceCore, model: ActiveModel, inputs: Mapping[str, Tensor], outputs: Sequence[str],
                 class_count: Mapping[str, Any], source: str, started: float) -> Answer:
-    """Answer one request to ``model`` (the served model, :meth:`ServiceCore.served`, as the path or message named it).
+    """Answer one request to ``model`` (the served model, :meth:`ServiceCore.served`, as the path or message
+    named it). Raises :class:`ModelSwitched` if another bundle came in before its batch ran: ask again.
 
     ``outputs``: the names asked for (none: label and probabilities); ``class_count``: output name -> the
     top K asked of it; ``source``: the review queue's source; ``started``: ``time.perf_counter()`` when the
