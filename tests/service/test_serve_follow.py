@@ -52,7 +52,7 @@ def test_the_first_request_after_another_process_installs_a_bundle_is_answered_b
     text_pair = states.active()
     text, image = _name(device_text_bundle), _name(device_bundle)
     jpeg = demo_images()[0]
-    with running_server(state) as srv:
+    with running_server(state, "--grpc-port", "0") as srv:
         client = tritonclient.InferenceServerClient(srv.hostport)
         assert client.is_server_ready() and client.is_model_ready(text)
         assert srv.json("POST", "/v1/predict", body=b"the weather tomorrow")[0] == 200
@@ -66,21 +66,37 @@ def test_the_first_request_after_another_process_installs_a_bundle_is_answered_b
         assert client.is_server_ready() and client.is_model_ready(image) and not client.is_model_ready(text)
         assert srv.request("GET", f"/v2/models/{text}/ready")[0] == 404
 
-        # the text pair made active again, then the image pair, by another writer of active.json: the first
-        # request, a JPEG in tritonclient's binary tensor data, is answered by the image bundle
+        # the text pair made active again (and served), then the image pair, by another writer of active.json:
+        # the first request, a JPEG in tritonclient's binary tensor data, is answered by the image bundle
         good = states.active()
-        states.set_active(text_pair)
-        states.set_active(good)
+
+        def text_and_back() -> None:
+            states.set_active(text_pair)
+            assert srv.json("POST", "/v1/predict", body=b"the weather tomorrow")[1]["head"] == text_pair.head
+            states.set_active(good)
+
+        text_and_back()
         tensor = tritonclient.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([jpeg.read_bytes()], dtype=np.object_))
         result = client.infer(image, [tensor])
         assert result.as_numpy("label")[0].decode() == jpeg.parent.name
+
+        # and over gRPC (device serve --grpc-port): the same
+        text_and_back()
+        triton_grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is the gRPC test client")
+        grpc_client = triton_grpc.InferenceServerClient(
+            re.search(r"gRPC \(KServe v2\) listening on (\S+)", srv.log.read_text()).group(1))
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([jpeg.read_bytes()], dtype=np.object_))
+        assert grpc_client.infer(image, [tensor]).as_numpy("label")[0].decode() == jpeg.parent.name
+        assert grpc_client.is_server_ready() and grpc_client.is_model_ready(image)
 
         # a state that cannot be loaded (a head that is not there): not ready, and the served model goes on
         states.set_active(ActiveState(bundle=good.bundle, head=99, previous_head=None))
         assert srv.request("GET", "/v2/health/ready")[0] == 503
         status, not_ready = srv.json("GET", f"/v2/models/{image}/ready")
         assert status == 503 and not_ready["ready"] is False and not client.is_server_ready()
+        assert not grpc_client.is_server_ready() and not grpc_client.is_model_ready(image)
         assert _gauge(srv, "model_ready") == 0.0
         status, body = srv.json("POST", "/v1/predict", body=jpeg.read_bytes())
         assert status == 200 and body["head"] == good.head
