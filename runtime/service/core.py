@@ -187,7 +187,8 @@ class ServiceCore:
         self._model: ActiveModel | None = None
         #: ``active.json``'s stat when the served model was loaded from it
         self._signature: tuple[int, int, int] | None = None
-        #: a stat whose state could not be loaded, and when to try it again
+        #: whether the last state tried could not be loaded: its stat, and when to try it again
+        self._failing = False
         self._failed: tuple[int, int, int] | None = None
         self._retry_at = 0.0
         self._follower: threading.Thread | None = None
@@ -255,7 +256,7 @@ class ServiceCore:
         signature = self._stat()
         if signature is not None and signature == self._signature and self._model is not None:
             return self._model
-        if self._model is not None and signature == self._failed and time.monotonic() < self._retry_at:
+        if self._failing and signature == self._failed and time.monotonic() < self._retry_at:
             return self._model  # this state failed to load a moment ago: the previous model goes on
         try:
             active = self.state.active()
@@ -273,16 +274,16 @@ class ServiceCore:
                 if model is not None:
                     log.info("serving %s head %s (was %s head %s)", self._model.name, active.head, model.name,
                              model.head_version)
-            self._signature, self._failed = signature, None
+            self._signature, self._failing = signature, False
         except Exception as exc:
             if self._model is None:
                 raise
-            if signature != self._failed:
+            if not self._failing or signature != self._failed:
                 # keep serving what worked (not ready meanwhile); tried again later or at the next change
                 log.warning("cannot switch to the new active state, still serving %s head %s: %s",
                             self._model.name, self._model.head_version,
                             exc if isinstance(exc, EdgexferError) else f"{type(exc).__name__}: {exc}")
-            self._failed, self._retry_at = signature, time.monotonic() + RETRY_INTERVAL
+            self._failing, self._failed, self._retry_at = True, signature, time.monotonic() + RETRY_INTERVAL
         return self._model
 
     def _follow(self) -> None:
@@ -312,8 +313,8 @@ class ServiceCore:
     def decode(self, data: bytes, source: str, modality: Modality) -> Any:
         """Bytes sent for one sample -> its value (:meth:`Modality.decode`; images bounded by ``max_pixels``).
 
-        ``modality``: the served one's when the request was read (:meth:`served`). Raises :class:`InputError` for a bad,
-        oversized or undecodable sample.
+        ``modality``: the served one's when the request was read (:meth:`served`). Raises :class:`InputError`
+        for a bad, oversized or undecodable sample.
         """
         started = time.perf_counter()
         value = modality.decode(data, source, max_pixels=self.config.max_pixels)
