@@ -58,6 +58,10 @@ HTTP_SCHEMES = frozenset({"http", "https"})
 _SECRET_KEYS = re.compile(r"pass|pwd|token|secret|key|auth|sig|cred", re.IGNORECASE)
 #: a file's timestamps are compared with this slack (ms), so 300.00000000000006 counts as 300
 _TS_SLACK_MS = 0.5
+#: FFmpeg codecs that draw a text file as frames (its tty demuxer takes .txt, .nfo, .asc, ...): no video
+TEXT_CODECS = frozenset({"ansi", "bint", "xbin", "idf "})
+#: magic bytes of still-image files (FFmpeg opens them as a video of one frame)
+_STILL_IMAGES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 _EXPECTED_SOURCE = ("a video file, an rtsp:// or http:// URL, /dev/videoN or a camera index N, "
                     "or a GStreamer pipeline ending in appsink")
 
@@ -167,6 +171,21 @@ def _open_capture(cv2: Any, src: _Source) -> Any:
     return cv2.VideoCapture(src.target)
 
 
+def _refuse_non_video(cv2: Any, cap: Any, src: _Source) -> None:
+    """A file FFmpeg opened that is not a video: a text file (drawn as ANSI art) or a still image."""
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+    codec = fourcc.to_bytes(4, "little").decode("latin-1").lower()
+    if codec in TEXT_CODECS:
+        raise InputError("watch source is a text file, not a video",
+                         got=f"{src.name} (FFmpeg would draw its characters as frames)", expected=_EXPECTED_SOURCE,
+                         todo="pass a video file; classify texts with device predict")
+    with open(src.target, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_STILL_IMAGES) and cap.get(cv2.CAP_PROP_FRAME_COUNT) <= 1:
+        raise InputError("watch source is a still image, not a video", got=src.name, expected=_EXPECTED_SOURCE,
+                         todo=f"classify it with: edgexfer device predict {src.name}")
+
+
 def _has_gstreamer(cv2: Any) -> bool:
     try:
         return re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()) is not None
@@ -231,6 +250,12 @@ class Watch:
             raise InputError("cannot open the watch source", got=f"{src.name} (OpenCV could not open it)",
                              expected=_EXPECTED_SOURCE,
                              todo="check the path, the URL and its credentials, or the camera (v4l2-ctl --list-devices)")
+        if src.kind == "file":
+            try:
+                _refuse_non_video(cv2, cap, src)
+            except InputError:
+                cap.release()
+                raise
         return cap
 
     # ------------------------------------------------------------------------------ the loop

@@ -163,13 +163,21 @@ def test_cli_writes_json_lines_and_a_summary(video, state, tmp_path):
     assert "21 frame(s) read, 5 classified, 0 queued" in summary and "(max frames)" in summary
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-a-video", "rtsp-refused"])
+@pytest.mark.parametrize("kind", ["missing", "not-a-video", "text-file", "still-image", "rtsp-refused"])
 def test_a_bad_source_is_one_line_error_and_exit_1(state, tmp_path, kind):
+    """A text file is the case that matters: FFmpeg's tty demuxer opens any .txt as 25 fps ANSI art, and
+    before the check the watch "classified" its frames and exited 0."""
+    says = {"text-file": "is a text file, not a video", "still-image": "is a still image"}.get(kind, "")
     if kind == "missing":
         source = str(tmp_path / "nothing.avi")
     elif kind == "not-a-video":
         source = str(tmp_path / "garbage.avi")
         (tmp_path / "garbage.avi").write_bytes(b"not a video " * 100)
+    elif kind == "text-file":
+        source = str(tmp_path / "notes.txt")
+        (tmp_path / "notes.txt").write_text("\n".join(f"note {i}: buy milk, call the plumber" for i in range(300)))
+    elif kind == "still-image":
+        source = str(sorted((DEMO / CLASSES[0]).glob("*.jpg"))[0])
     else:  # nothing listens on port 9: refused at once; the password must not show
         source = "rtsp://viewer:s3cret@127.0.0.1:9/stream"
     proc = cli("device", "watch", source, "--state", str(state), check=False)
@@ -177,6 +185,7 @@ def test_a_bad_source_is_one_line_error_and_exit_1(state, tmp_path, kind):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and " | got " in lines[0] and " | expected " in lines[0]
+    assert says in lines[0]
     assert "s3cret" not in proc.stderr and proc.stdout == ""
 
 
