@@ -23,7 +23,7 @@ import numpy as np
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.service.core import ActiveModel, Classified, ModelSwitched, ServiceCore
-from edgexfer.runtime.service.protocol import ProtocolError, Tensor
+from edgexfer.runtime.service.protocol import ProtocolError, Tensor, brief
 from edgexfer.runtime.service.samples import decode_all, record
 
 OUTPUTS = ("label", "probabilities", "features")
@@ -82,11 +82,11 @@ async def _answer(core: ServiceCore, model: ActiveModel, inputs: Mapping[str, Te
     modality = model.input_modality  # the one this request's samples are decoded and run with
     described = modality.service_input()
     if set(inputs) - {i["name"] for i in described.inputs} or len(inputs) != 1:
-        raise ProtocolError(400, "inference inputs", got=sorted(inputs), expected=described.expected)
+        raise ProtocolError(400, "inference inputs", got=sorted(inputs)[:4], expected=described.expected)
     wanted = list(outputs) or ["label", "probabilities"]
     bad = [n for n in wanted if n not in OUTPUTS]
     if bad:
-        raise ProtocolError(400, "requested outputs", got=bad, expected="label, probabilities, features")
+        raise ProtocolError(400, "requested outputs", got=bad[:4], expected="label, probabilities, features")
     top = _class_count(class_count, wanted)
     tensor = next(iter(inputs.values()))
     items: list[bytes] | None = None
@@ -131,7 +131,7 @@ def _class_count(asked: Mapping[str, Any], wanted: list[str]) -> int | None:
             raise ProtocolError(400, "class_count (parameters.classification) of an output", got=repr(name[:40]),
                                 expected=f"only on the requested output '{CLASSIFIED}'")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1 << 31:
-            raise ProtocolError(400, f"class_count of '{name}'", got=repr(k)[:40], expected="an integer >= 1")
+            raise ProtocolError(400, f"class_count of '{name}'", got=brief(k), expected="an integer >= 1")
         return k
     return None
 

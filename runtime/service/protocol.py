@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ import numpy as np
 from edgexfer.runtime.errors import EdgexferError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: dimensions of one tensor at most (Triton's clients send 1-4)
+MAX_RANK = 8
+#: elements of one tensor at most, counting a zero dimension as one (numpy cannot shape more)
+MAX_ELEMENTS = 2**31 - 1
 #: protocol datatypes this service takes or gives, with their numpy dtypes (BYTES: object)
 DTYPES: dict[str, Any] = {"UINT8": np.uint8, "FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
 
@@ -70,10 +75,55 @@ def _bad(what: str, got: object = None, expected: object = None, todo: str | Non
     return ProtocolError(400, what, got=got, expected=expected, todo=todo)
 
 
-def _shape(raw: object, name: str) -> list[int]:
+def brief(value: object) -> str:
+    """A short, safe description of a JSON value a client sent, for the ``got`` of an error.
+
+    Never the whole value: a request may hold megabytes, nesting Python's ``repr`` cannot recurse into,
+    or integers of thousands of digits.
+    """
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, dict):
+        keys = ", ".join(repr(str(k)[:20]) for k in list(value)[:6])
+        return f"an object with keys [{keys}{', ...' if len(value) > 6 else ''}]"
+    if isinstance(value, list):
+        return f"a list of {len(value)} element(s)"
+    return type(value).__name__
+
+
+def parse_json(raw: bytes, what: str, todo: str | None = None) -> Any:
+    """``json.loads`` with every failure a 400 that describes the body, not Python's exception."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        got = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    except UnicodeDecodeError:
+        got = "bytes that are not UTF-8"
+    except RecursionError:
+        got = "arrays or objects nested deeper than the parser takes"
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        got = "a number with too many digits"
+    raise _bad(f"{what} is not JSON", got=got, expected="a JSON object", todo=todo)
+
+
+def _shape(raw: object, name: str, body_size: int) -> tuple[list[int], int]:
+    """The shape and its element count, bounded by what a body of ``body_size`` bytes can carry."""
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise _bad(f"input '{name}' shape", got=repr(raw)[:80], expected="a list of non-negative integers")
-    return list(raw)
+        raise _bad(f"input '{name}' shape", got=brief(raw), expected="a list of non-negative integers")
+    if len(raw) > MAX_RANK:
+        raise _bad(f"input '{name}' shape", got=f"{len(raw)} dimensions", expected=f"at most {MAX_RANK}")
+    count = math.prod(raw)
+    # every element takes at least one byte of the body, whatever the encoding; a zero dimension makes
+    # the count 0, but numpy still refuses the other dimensions' product past its index range
+    if count > body_size or math.prod(d or 1 for d in raw) > MAX_ELEMENTS:
+        elements = f"{count:,}" if count.bit_length() <= 64 else "more than 2**64"
+        raise _bad(f"input '{name}' shape", got=f"{len(raw)} dimensions, {elements} elements",
+                   expected=f"at most {min(body_size, MAX_ELEMENTS):,} elements (what the request's body can carry)")
+    return list(raw), count
 
 
 def _split_bytes(blob: bytes, count: int, name: str) -> list[bytes]:
@@ -121,7 +171,16 @@ def _json_data(raw: object, datatype: str, count: int, name: str, plain: bool = 
         return out
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
         raise _bad(f"input '{name}' data", got="a non-numeric element", expected=f"{datatype} numbers")
-    arr = np.asarray(flat, dtype=np.float64)
+    if datatype == "INT64":
+        if not all(isinstance(v, int) and -2**63 <= v < 2**63 for v in flat):
+            raise _bad(f"input '{name}' data out of range", got="a fraction or an integer beyond 64 bits",
+                       expected="integers -2**63..2**63-1")
+        return np.asarray(flat, dtype=np.int64)
+    try:
+        arr = np.asarray(flat, dtype=np.float64)
+    except OverflowError:  # an integer beyond a double's range
+        raise _bad(f"input '{name}' data out of range", got="an integer beyond 1.8e308",
+                   expected=f"{datatype} numbers") from None
     if datatype == "UINT8" and (not np.all(arr == np.round(arr)) or arr.min(initial=0) < 0 or arr.max(initial=0) > 255):
         raise _bad(f"input '{name}' data out of range", got=f"{arr.min():g}..{arr.max():g}", expected="integers 0..255")
     return arr.astype(DTYPES[datatype])
@@ -158,34 +217,32 @@ def parse_infer_request(body: bytes, header_length: str | None,
         head, rest = body[:n], body[n:]
     else:
         head, rest = body, b""
-    try:
-        doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad("inference request is not JSON", got=str(exc)[:80], expected="a JSON object",
-                   todo=f"send JSON, with {HEADER_LENGTH} when binary data follows") from None
+    doc = parse_json(head, "inference request", todo=f"send JSON, with {HEADER_LENGTH} when binary data follows")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
-        raise _bad("inference request", got=repr(doc)[:80], expected='an object with a non-empty "inputs" list')
+        raise _bad("inference request", got=brief(doc), expected='an object with a non-empty "inputs" list')
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("request parameters", got=type(params).__name__, expected="an object")
+    rid = doc.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise _bad("request id", got=brief(rid), expected="a string")
     inputs: dict[str, Tensor] = {}
     offset = 0
     for spec in doc["inputs"]:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise _bad("input", got=repr(spec)[:80], expected='an object with "name", "datatype", "shape"')
-        name = spec["name"]
+            raise _bad("input", got=brief(spec), expected='an object with "name", "datatype", "shape"')
+        name = spec["name"][:80]
         if name in inputs:
             raise _bad(f"input '{name}' given twice", got="2", expected="once")
         datatype = spec.get("datatype")
-        if datatype not in DTYPES:
-            raise _bad(f"input '{name}' datatype", got=repr(datatype), expected=f"one of {sorted(DTYPES)}")
-        shape = _shape(spec.get("shape"), name)
-        count = int(np.prod(shape)) if shape else 1
+        if not isinstance(datatype, str) or datatype not in DTYPES:
+            raise _bad(f"input '{name}' datatype", got=brief(datatype), expected=f"one of {sorted(DTYPES)}")
+        shape, count = _shape(spec.get("shape"), name, len(body))
         p = spec.get("parameters") or {}
         size = p.get("binary_data_size") if isinstance(p, dict) else None
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(rest):
-                raise _bad(f"input '{name}' binary_data_size", got=size,
+                raise _bad(f"input '{name}' binary_data_size", got=brief(size),
                            expected=f"at most the {len(rest) - offset} binary bytes left")
             blob = rest[offset:offset + size]
             offset += size
@@ -194,7 +251,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
             else:
                 itemsize = np.dtype(DTYPES[datatype]).itemsize
                 if size != count * itemsize:
-                    raise _bad(f"input '{name}' binary_data_size", got=size,
+                    raise _bad(f"input '{name}' binary_data_size", got=brief(size),
                                expected=f"{count * itemsize} bytes for shape {shape} of {datatype}")
                 data = np.frombuffer(blob, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).astype(DTYPES[datatype])
         elif "data" in spec:
@@ -210,14 +267,16 @@ def parse_infer_request(body: bytes, header_length: str | None,
                    expected="the sum of the inputs' binary_data_size")
     outputs: dict[str, bool] = {}
     class_count: dict[str, Any] = {}  # checked with the outputs (edgexfer.runtime.service.inference)
-    for spec in doc.get("outputs") or []:
+    wanted = doc.get("outputs")
+    if wanted is not None and not isinstance(wanted, list):
+        raise _bad("requested outputs", got=brief(wanted), expected='a list of objects with "name"')
+    for spec in wanted or []:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise _bad("requested output", got=repr(spec)[:80], expected='an object with "name"')
+            raise _bad("requested output", got=brief(spec), expected='an object with "name"')
         p = spec.get("parameters") or {}
-        outputs[spec["name"]] = bool(p.get("binary_data", False)) if isinstance(p, dict) else False
+        outputs[spec["name"][:80]] = bool(p.get("binary_data", False)) if isinstance(p, dict) else False
         if isinstance(p, dict) and "classification" in p:
-            class_count[spec["name"]] = p["classification"]
-    rid = doc.get("id")
+            class_count[spec["name"][:80]] = p["classification"]
     return InferRequest(id=str(rid) if rid is not None else None, inputs=inputs, outputs=outputs,
                         binary_output=bool(params.get("binary_data_output", False)), parameters=params,
                         class_count=class_count)

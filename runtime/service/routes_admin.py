@@ -6,6 +6,7 @@ core's one :class:`~edgexfer.runtime.device.Device`.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -14,9 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgexfer.runtime.errors import EdgexferError
 from edgexfer.runtime.service.core import ServiceCore
 from edgexfer.runtime.service.endpoint import RetrainJobs, json_object, read_body, route
-from edgexfer.runtime.service.protocol import ProtocolError
+from edgexfer.runtime.service.protocol import ProtocolError, brief
+
+log = logging.getLogger("edgexfer.serve")
+#: a retrain seed at most (numpy's legacy generators take 32 bits)
+MAX_SEED = 2**32 - 1
 
 
 async def retrain(request: Request) -> Response:
@@ -37,8 +43,13 @@ async def retrain(request: Request) -> Response:
             report = core.retrain(**options).to_dict()
             state = {"state": "done", "report": report}
             core.metrics.retrains.labels("accepted" if report["accepted"] else "rejected").inc()
-        except Exception as exc:  # reported, never raised into the server
+        except EdgexferError as exc:  # reported, never raised into the server
             state = {"state": "failed", "error": str(exc)}
+            core.metrics.retrains.labels("failed").inc()
+        except Exception:  # a fault of ours: its text stays in the log
+            log.exception("retrain job %d failed", job)
+            state = {"state": "failed", "error": f"internal error | got a fault in retrain job {job} | "
+                                                 "expected none | see the server's log"}
             core.metrics.retrains.labels("failed").inc()
         with jobs.lock:
             jobs.retrain = {**jobs.retrain, **state, "finished": time.time()}
@@ -102,15 +113,16 @@ def _retrain_options(doc: dict[str, Any]) -> dict[str, Any]:
 
     unknown = sorted(set(doc) - {"policy", "tolerance", "seed"})
     if unknown:
-        raise ProtocolError(400, "retrain options", got=unknown, expected="policy, tolerance, seed")
+        raise ProtocolError(400, "retrain options", got=[u[:20] for u in unknown[:6]],
+                            expected="policy, tolerance, seed")
     if "policy" in doc and doc["policy"] not in HEAD_POLICIES:
-        raise ProtocolError(400, "retrain policy", got=repr(doc["policy"])[:40], expected=f"one of {list(HEAD_POLICIES)}")
+        raise ProtocolError(400, "retrain policy", got=brief(doc["policy"]), expected=f"one of {list(HEAD_POLICIES)}")
     tol = doc.get("tolerance", 0.01)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
-        raise ProtocolError(400, "retrain tolerance", got=repr(tol)[:40], expected="a number 0..1")
+        raise ProtocolError(400, "retrain tolerance", got=brief(tol), expected="a number 0..1")
     seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ProtocolError(400, "retrain seed", got=repr(seed)[:40], expected="a non-negative integer")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ProtocolError(400, "retrain seed", got=brief(seed), expected=f"an integer 0..{MAX_SEED}")
     return {k: v for k, v in {"policy": doc.get("policy"), "tolerance": float(tol), "seed": seed}.items()
             if v is not None}
 

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import unicodedata
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,8 +22,30 @@ from edgexfer.runtime.service.endpoint import (
     read_upload,
     route,
 )
-from edgexfer.runtime.service.protocol import ProtocolError
+from edgexfer.runtime.service.protocol import ProtocolError, brief
 from edgexfer.runtime.service.samples import decode_all, record
+
+#: review entries are SQLite rowids: 1 .. 2**63 - 1 (a larger integer cannot even be looked up)
+MAX_ENTRY_ID = 2**63 - 1
+#: a class name sent to /v1/label at most (it becomes a button, a file name in exports, a head's class)
+MAX_LABEL_CHARS = 100
+
+
+def entry_id_of(value: object) -> int:
+    """A review entry id a client sent, checked: an integer a SQLite rowid can be."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ENTRY_ID:
+        raise ProtocolError(400, "review entry id", got=brief(value),
+                            expected=f'{{"id": <integer 0..{MAX_ENTRY_ID} from GET /v1/review>, "label": "<class>"}}')
+    return value
+
+
+def label_of(value: object) -> str:
+    """A class name a client sent, checked for what the service can show and store (the device checks the rest)."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_LABEL_CHARS
+            or any(unicodedata.category(c).startswith("C") for c in value)):
+        raise ProtocolError(400, "label", got=brief(value),
+                            expected=f"a class name of 1..{MAX_LABEL_CHARS} printable characters")
+    return value
 
 
 async def predict(request: Request) -> Response:
@@ -63,18 +87,13 @@ async def label(request: Request) -> Response:
         data, source = await files[0].read(), f"serve:upload:{files[0].filename or 'upload'}"[:160]
     else:
         doc = json_object(raw)
-        name, entry_id = doc.get("label"), doc.get("id")
-        if isinstance(entry_id, bool) or not isinstance(entry_id, int):
-            raise ProtocolError(400, "review entry id", got=repr(entry_id)[:40],
-                                expected='{"id": <integer from GET /v1/review>, "label": "<class>"}')
+        name, entry_id = doc.get("label"), entry_id_of(doc.get("id"))
         found = await core.review(lambda q: q.sample(entry_id))
         if found is None:
             raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review",
                                 todo="the entry was labelled already or dropped (the queue is bounded)")
         data, source = found[0], f"serve:review:{entry_id}"
-    if not isinstance(name, str):
-        raise ProtocolError(400, "label", got=repr(name)[:40], expected="a class name")
-    report = await core.learn([data], name, source)
+    report = await core.learn([data], label_of(name), source)
     if report.errors:
         modality = core.model.input_modality
         raise ProtocolError(400, f"cannot learn this {modality.noun}", got=report.errors[0]["error"],
@@ -93,7 +112,11 @@ async def review_list(request: Request) -> Response:
 
 async def review_image(request: Request) -> Response:
     core: ServiceCore = request.app.state.core
-    entry_id = request.path_params["id"]
+    text = request.path_params["id"]
+    # parsed here, not by the router's int convertor: that one turns 5,000 digits into a 500
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ENTRY_ID:
+        raise ProtocolError(404, "no such review entry", got=brief(text), expected="an id from GET /v1/review")
+    entry_id = int(text)
     found = await core.review(lambda q: q.sample(entry_id))
     if found is None:
         raise ProtocolError(404, "no such review entry", got=entry_id, expected="an id from GET /v1/review")
@@ -104,6 +127,6 @@ def routes() -> list[Route]:
     return [
         route("/v1/predict", predict, ["POST"]),
         route("/v1/review", review_list, ["GET"], reveals=True),
-        route("/v1/review/{id:int}/image", review_image, ["GET"], reveals=True),
+        route("/v1/review/{id}/image", review_image, ["GET"], reveals=True),
         route("/v1/label", label, ["POST"], mutating=True),
     ]

@@ -7,12 +7,15 @@ What a sample is, and how messages name it, is the active bundle's modality's to
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from edgexfer.runtime.errors import InputError
 from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.service.core import Classified, ServiceCore
 from edgexfer.runtime.service.protocol import ProtocolError
+
+log = logging.getLogger("edgexfer.serve")
 
 
 async def decode_all(core: ServiceCore, modality: Modality, items: list[bytes]) -> list[Any]:
@@ -30,7 +33,11 @@ async def decode_all(core: ServiceCore, modality: Modality, items: list[bytes]) 
             values.append(await asyncio.to_thread(core.decode, data, str(i), modality))
         except InputError as exc:
             what = f"{modality.noun} {i}: {exc.what}" if numbered else exc.what
-            raise ProtocolError(400, what, got=exc.got, expected=exc.expected, todo=exc.todo) from None
+            got = exc.got
+            if exc.__cause__ is not None:  # a decoder's own exception (Pillow's): its text stays in the log
+                log.info("%s %d of a request does not decode: %s", modality.noun, i, exc.got)
+                got = f"{len(data):,} bytes that do not decode as {modality.noun}"
+            raise ProtocolError(400, what, got=got, expected=exc.expected, todo=exc.todo) from None
     return values
 
 
