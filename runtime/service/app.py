@@ -9,6 +9,7 @@ Routes (docs/service.md has examples of each):
 ``POST /v2/models/{name}[/versions/{v}]/infer``  inference, JSON or binary tensor data (protocol.py)
 ``POST /v1/predict``                        raw image bytes (or UTF-8 text) or a multipart upload -> ``device predict --json``'s JSON
 ``GET /metrics``                            Prometheus text format
+``GET /openapi.json``                       an OpenAPI 3.1 document of all of these (:mod:`.openapi`)
 ``GET /v1/status``, ``/v1/heads``           the device, as ``device status`` / ``device heads`` say it
 ``GET /v1/review``, ``/v1/review/{id}/image``  the review queue and its images
 ``POST /v1/label``                          a queued (``{"id", "label"}``) or uploaded image -> ``device learn``
@@ -41,7 +42,7 @@ from collections.abc import Iterable
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from edgexfer.runtime.service import routes_admin, routes_page, routes_v1, routes_v2
+from edgexfer.runtime.service import openapi, routes_admin, routes_page, routes_v1, routes_v2
 from edgexfer.runtime.service.access import Access, BrowserSafety, HostAllowList, is_loopback
 from edgexfer.runtime.service.core import ServiceCore
 from edgexfer.runtime.service.endpoint import RetrainJobs, SampleCounts, not_found
@@ -58,7 +59,8 @@ def create_app(core: ServiceCore, *, token: str | None = None, host: str = "127.
     token those endpoints answer 403 unless ``host`` is a loopback address. Beyond loopback the endpoints
     that reveal field data need it too. ``allow_hosts``: ``Host`` names answered besides IP addresses,
     ``localhost``, ``host`` and this machine's name (``--allow-host``)."""
-    routes = [*routes_page.routes(), *routes_v2.routes(), *routes_v1.routes(), *routes_admin.routes()]
+    routes = [*routes_page.routes(), *routes_v2.routes(), *routes_v1.routes(), *routes_admin.routes(),
+              *openapi.routes()]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
                     middleware=[Middleware(BrowserSafety, hosts=HostAllowList(host, allow_hosts))])
     # what the handlers work with (edgexfer.runtime.service.endpoint says who reads what)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import unicodedata
 
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from edgexfer.runtime.service.endpoint import (
 from edgexfer.runtime.service.protocol import ProtocolError, brief
 from edgexfer.runtime.service.samples import decode_all, record
 
+log = logging.getLogger("edgexfer.serve")
 #: review entries are SQLite rowids: 1 .. 2**63 - 1 (a larger integer cannot even be looked up)
 MAX_ENTRY_ID = 2**63 - 1
 #: a class name sent to /v1/label at most (it becomes a button, a file name in exports, a head's class)
@@ -94,9 +96,11 @@ async def label(request: Request) -> Response:
                                 todo="the entry was labelled already or dropped (the queue is bounded)")
         data, source = found[0], f"serve:review:{entry_id}"
     report = await core.learn([data], label_of(name), source)
-    if report.errors:
+    if report.errors:  # the decoder's text (Pillow's) stays in the log
         modality = core.model.input_modality
-        raise ProtocolError(400, f"cannot learn this {modality.noun}", got=report.errors[0]["error"],
+        log.info("cannot learn an uploaded %s: %s", modality.noun, report.errors[0]["error"])
+        raise ProtocolError(400, f"cannot learn this {modality.noun}",
+                            got=f"{len(data):,} bytes that do not decode as {modality.noun}",
                             expected=modality.service_input().sample)
     if entry_id is not None:
         await core.review(lambda q: q.remove(entry_id))

@@ -150,6 +150,10 @@ def _cases(model: str) -> dict[str, tuple[str, str, bytes, dict, int]]:
                                            b"\r\n\r\nbell\x07\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
                                            b"filename=\"x.jpg\"\r\n\r\n" + GOOD + b"\r\n--b--\r\n",
                                            {"Content-Type": "multipart/form-data; boundary=b"}, 400)
+    c["label of a truncated image"] = ("POST", "/v1/label", b"--b\r\nContent-Disposition: form-data; name=\"label\""
+                                       b"\r\n\r\nbeverages\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                                       b"filename=\"x.jpg\"\r\n\r\n" + GOOD[:6] + b"\r\n--b--\r\n",
+                                       {"Content-Type": "multipart/form-data; boundary=b"}, 400)
     c["multipart without a boundary"] = ("POST", "/v1/predict", b"xx", {"Content-Type": "multipart/form-data"}, 400)
     c["a truncated image"] = ("POST", "/v1/predict", GOOD[: len(GOOD) // 2], {}, 400)
     # compressed bodies: a zip bomb stops at the limit, an encoding the server does not decode is 415
@@ -168,7 +172,7 @@ SAYS = {"unknown model": "unknown model", "pixels of the wrong datatype": "datat
         "no such review entry", "JSON nested 100000 deep": "not JSON", "a number of 5000 digits": "not JSON",
         "an integer beyond a double": "out of range", "an integer beyond INT64": "out of range",
         "retrain seed beyond 32 bits": "seed", "label with a control character": "label",
-        "multipart without a boundary": "malformed multipart", "a truncated image": "image",
+        "multipart without a boundary": "malformed multipart", "a truncated image": "image", "label of a truncated image": "cannot learn",
         "gzip bomb": "decompressed", "truncated gzip": "gzip", "unknown Content-Encoding": "Content-Encoding"}
 #: Python's exception text in a body: a class name (ValueError, MultiPartException) or a traceback
 LEAK = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|Traceback|Missing boundary|image file is truncated")

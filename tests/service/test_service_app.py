@@ -24,7 +24,8 @@ def test_routes_keep_their_urls_methods_and_metric_templates():
         ("/v2/models/{name}/stats", "GET"), ("/v2/models/{name}/versions/{version}/stats", "GET"),
         ("/v1/predict", "POST"), ("/v1/status", "GET"), ("/v1/heads", "GET"), ("/v1/review", "GET"),
         ("/v1/review/{id}/image", "GET"), ("/v1/label", "POST"), ("/v1/retrain", "POST"),
-        ("/v1/retrain", "GET"), ("/v1/rollback", "POST"), ("/metrics", "GET")])
+        ("/v1/retrain", "GET"), ("/v1/rollback", "POST"), ("/metrics", "GET"),
+        ("/openapi.json", "GET")])
 
 
 def test_the_http_layer_works_through_the_core_device_only(served_state, monkeypatch):
