@@ -233,3 +233,31 @@ def test_beyond_loopback_the_endpoints_that_change_the_device_need_the_token(ser
                                 headers={"Authorization": "Bearer s3cret-token-0123456789"})
         assert status == 404 and "no such review entry" in body["error"]  # past the token check
         assert srv.json("POST", "/v1/predict", body=GOOD)[0] == 200
+
+
+def test_a_fault_of_the_server_is_a_500_without_its_text_and_the_log_has_it(caplog):
+    """The generic answer of endpoint.route to an exception no check caught: its id, never its text (a path, a
+    value of the request, a library's internals); the traceback goes to the log under the same id."""
+    pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from edgexfer.runtime.service.endpoint import route
+    from edgexfer.runtime.service.metrics import ServiceMetrics
+
+    async def faulty(request):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER at /var/lib/edgexfer/review.sqlite")
+
+    class Core:
+        metrics = ServiceMetrics()
+
+    app = Starlette(routes=[route("/v1/faulty", faulty, ["GET"])])
+    app.state.core = Core()
+    with caplog.at_level("ERROR", logger="edgexfer.serve"), TestClient(app) as client:
+        answer = client.get("/v1/faulty")
+    message = answer.json()["error"]
+    assert answer.status_code == 500 and message.startswith("internal error | got fault ")
+    assert message.endswith("see the server's log") and "GET /v1/faulty" in message
+    assert not LEAK.search(message) and "SQLite" not in message and "/var/lib" not in message
+    incident = message.split("got fault ")[1].split()[0]
+    assert any(incident in r.getMessage() and "SQLite INTEGER" in r.exc_text for r in caplog.records if r.exc_text)
