@@ -140,6 +140,10 @@ def _paths() -> dict[str, Any]:
         "/": {"get": {"summary": "The web page", "responses": {"200": {
             "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         PATH: {"get": _get("This document", _json())},
+        "/static/page.css": {"get": {"summary": "The page's style sheet", "responses": {"200": {
+            "description": "CSS", "content": {"text/css": {"schema": {"type": "string"}}}}}}},
+        "/static/page.js": {"get": {"summary": "The page's script", "responses": {"200": {
+            "description": "JavaScript", "content": {"text/javascript": {"schema": {"type": "string"}}}}}}},
         "/v2": {"get": _get("Server metadata (KServe v2)", _json())},
         "/v2/health/live": {"get": _get("Liveness", _json())},
         "/v2/health/ready": {"get": _get("Readiness", _json())},
@@ -149,6 +153,14 @@ def _paths() -> dict[str, Any]:
                                                              params=version)},
         "/v2/models/{name}/versions/{version}/ready": {"get": _get("Readiness of a head version", _json(), 404,
                                                                    params=version)},
+        "/v2/models/{name}/config": {"get": _get("Model configuration, in Triton's shape", _json(), 404,
+                                                 params=model)},
+        "/v2/models/{name}/versions/{version}/config": {"get": _get("Model configuration of a head version",
+                                                                    _json(), 404, params=version)},
+        "/v2/models/{name}/stats": {"get": _get("Inference statistics, in Triton's shape", _json(), 404,
+                                                params=model)},
+        "/v2/models/{name}/versions/{version}/stats": {"get": _get("Inference statistics of a head version",
+                                                                   _json(), 404, params=version)},
         "/v2/models/{name}/infer": {"post": _infer(model)},
         "/v2/models/{name}/versions/{version}/infer": {"post": _infer(version)},
         "/v1/predict": {"post": {

@@ -130,7 +130,8 @@ def _cases(model: str) -> dict[str, tuple[str, str, bytes, dict, int]]:
     # more of the same kind, found by reading the code and by tests/service/test_serve_fuzz.py
     c["review image id of 5000 digits"] = ("GET", "/v1/review/" + "7" * 5000 + "/image", b"", {}, 404)
     c["JSON nested 100000 deep"] = ("POST", f"/v2/models/{model}/infer", b"[" * 100000 + b"]" * 100000, {}, 400)
-    c["label JSON nested 100000 deep"] = ("POST", "/v1/label", b"[" * 100000 + b"]" * 100000, {}, 400)
+    c["label JSON nested 100000 deep"] = ("POST", "/v1/label", b"[" * 100000 + b"]" * 100000,
+                                          {"Content-Type": "application/json"}, 400)
     c["a number of 5000 digits"] = ("POST", f"/v2/models/{model}/infer",
                                     b'{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1], "data": [1'
                                     + b"0" * 5000 + b"]}]}", {}, 400)
@@ -145,7 +146,8 @@ def _cases(model: str) -> dict[str, tuple[str, str, bytes, dict, int]]:
                                                             "data": [1]}]), 400)
     c["request id an object"] = ("POST", *_infer(model, [{"name": "pixels", "datatype": "UINT8", "shape": [1],
                                                            "data": [1]}], extra={"id": {"a": [1]}}), 400)
-    c["retrain seed beyond 32 bits"] = ("POST", "/v1/retrain", b'{"seed": 100000000000000000000000000000}', {}, 400)
+    c["retrain seed beyond 32 bits"] = ("POST", "/v1/retrain", b'{"seed": 100000000000000000000000000000}',
+                                        {"Content-Type": "application/json"}, 400)
     c["label with a control character"] = ("POST", "/v1/label", b"--b\r\nContent-Disposition: form-data; name=\"label\""
                                            b"\r\n\r\nbell\x07\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
                                            b"filename=\"x.jpg\"\r\n\r\n" + GOOD + b"\r\n--b--\r\n",
