@@ -403,6 +403,11 @@ def test_no_generated_request_gets_a_5xx(client, facts, path, method):
         response = client.request(method_, url, headers=headers, content=body or None)
         SENT[(path, method)] += 1
         STATUSES[response.status_code] += 1
+        if response.status_code == 503 and path.endswith("/ready"):
+            # readiness says 503 {"ready": false} while the server switches to a head a retrain it was
+            # sent activated: a state of the server, not a fault
+            assert response.json()["ready"] is False
+            return
         assert response.status_code < 500, f"{method_} {url[:200]}: {response.status_code} {response.text[:300]}"
         if response.status_code >= 400 and response.headers.get("content-type", "").startswith("application/json"):
             message = response.json()["error"]
