@@ -16,11 +16,14 @@ Threads, and what each owns:
   the new state even before the follower's next look.
 * the **database thread** (one): the review queue and the per-class sample counts, one SQLite
   connection each (connections belong to the thread that opened them).
-* the **batcher** (an asyncio task): gathers concurrent requests until ``max_batch`` samples or
+* the **batcher** (an asyncio task): gathers concurrent requests until a batch size or
   ``max_queue_delay_ms`` after the first one, as Triton's dynamic batcher does, and hands the batch
-  to the engine thread. Requests that arrive while a batch runs form the next one. It waits only for
-  requests already on their way (received, still decoding: :meth:`ServiceCore.incoming`): a lone
-  request runs at once instead of paying the queue delay.
+  to the engine thread. The size is at most ``max_batch``: the one that cost least per sample so far,
+  from a moving average of each size's measured cost, with other sizes probed now and then
+  (:mod:`edgexfer.runtime.service.batching`), so that batching never serves slower than single calls.
+  Requests that arrive while a batch runs form the next one. It waits only for requests already on
+  their way (received, still decoding: :meth:`ServiceCore.incoming`): a lone request runs at once
+  instead of paying the queue delay.
 
 The server is **ready** (:meth:`ServiceCore.ready`) while the model it serves is the one ``active.json``
 names: not while a new bundle's engine is being opened, nor while the new state cannot be loaded. Then the
@@ -61,6 +64,7 @@ from edgexfer.runtime.modalities.base import Modality
 from edgexfer.runtime.predictor import classify_values
 from edgexfer.runtime.preprocess import DEFAULT_MAX_PIXELS
 from edgexfer.runtime.review import DEFAULT_REVIEW_CAPACITY, ReviewQueue, review_threshold
+from edgexfer.runtime.service.batching import BatchSizer
 from edgexfer.runtime.service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -197,6 +201,8 @@ class ServiceCore:
         self._batcher: asyncio.Task | None = None
         #: inference requests received and not yet answered by the engine (event-loop thread only)
         self._incoming = 0
+        #: the batch size of each engine call, from what each size cost so far (the batcher's only)
+        self._sizer = BatchSizer(self.config.max_batch)
         self.started = time.time()
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -377,11 +383,17 @@ class ServiceCore:
         assert self._queue is not None
         queue = self._queue
         loop = asyncio.get_running_loop()
+        nxt: _Pending | None = None
         while True:
-            first = await queue.get()
+            first = nxt if nxt is not None else await queue.get()
+            nxt = None
+            began = time.perf_counter()  # the batch's cycle: from its first request's turn to the answers
+            # the size that costs least per sample now, or a probe of another (requests on their way: about
+            # the samples that could join)
+            limit = self._sizer.limit(max(self._incoming, len(first.samples)))
             items, count = [first], len(first.samples)
             deadline = loop.time() + self.config.max_queue_delay_ms / 1000
-            while count < self.config.max_batch:
+            while count < limit:
                 if not queue.empty():
                     nxt = queue.get_nowait()
                 else:
@@ -392,20 +404,20 @@ class ServiceCore:
                         nxt = await asyncio.wait_for(queue.get(), left)
                     except asyncio.TimeoutError:
                         break
-                if count + len(nxt.samples) > self.config.max_batch or nxt.modality is not first.modality:
-                    # it waits for the next batch, at its head
-                    await self._run_batch(loop, items)
-                    items, count, first = [nxt], len(nxt.samples), nxt
-                    deadline = loop.time() + self.config.max_queue_delay_ms / 1000
-                    continue
+                if count + len(nxt.samples) > limit or nxt.modality is not first.modality:
+                    break  # it heads the next batch
                 items.append(nxt)
                 count += len(nxt.samples)
-            await self._run_batch(loop, items)
+                nxt = None
+            ran = await self._run_batch(loop, items)
+            if ran is not None:
+                self._sizer.record(ran[1], time.perf_counter() - began, ran[0])
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> tuple[Any, int] | None:
+        """Run one batch and answer its requests: (what identifies the engine that ran it, samples), None: none ran."""
         live = [it for it in items if not it.future.done()]  # a client that went away is not computed
         if not live:
-            return
+            return None
         try:
             probs, feats, model, engine, seconds = await loop.run_in_executor(
                 self._engine_thread, self._run, _concat([it.samples for it in live]), live[0].modality)
@@ -413,7 +425,7 @@ class ServiceCore:
             for it in live:
                 if not it.future.done():
                     it.future.set_exception(exc)
-            return
+            return None
         start = 0
         for it in live:
             n = len(it.samples)
@@ -421,6 +433,12 @@ class ServiceCore:
                 it.future.set_result(self._classified(probs[start:start + n], feats[start:start + n], model, engine,
                                                       seconds))
             start += n
+        return (model.backbone, engine.name), start
+
+    def batching_status(self) -> dict[str, Any]:
+        """The batcher's settings and its measured choice of batch size (``/v1/status``)."""
+        return {"max_batch": self.config.max_batch, "max_queue_delay_ms": self.config.max_queue_delay_ms,
+                **self._sizer.describe()}
 
     # ---------------------------------------------------------------------------- engine-thread jobs
     async def in_engine_thread(self, fn: Callable[[], T]) -> T:
