@@ -1,29 +1,33 @@
-"""How many samples the dynamic batcher puts in one engine call: chosen from what calls of each size cost.
+"""How many samples the dynamic batcher puts in one engine call: chosen from what each batch size costs.
 
 A fixed batch size can lose. On a quiet 2-core EPYC, ``device serve`` with 16 clients gained 1.40x from
 batches of 8; on the same machine at load average 5-8 the same setting gave 0.91x and 0.69x of unbatched
 throughput, because an engine call then cost 13 ms per image in a batch of 8 against 8 ms alone (the
 engine's intra-op threads, the decoding threads of the next requests and other processes all want the two
 cores, and a long call is preempted more). Which size wins depends on the engine, the CPU and the load of
-the moment, so :class:`BatchSizer` measures it while serving instead of trusting a default:
+the moment, so :class:`BatchSizer` measures it while serving instead of trusting a default.
 
-* it keeps, for every batch size it has run, an exponentially weighted moving average (EWMA) of the
-  seconds one batch cycle took: from the moment the batcher held the batch's first request until the
-  engine's answer was back, so the wait for company and the hand-over to the engine thread count too;
-* the size for the next batch is the one with the least seconds **per sample** (the most samples per
-  second): with more requests waiting than that size, the engine thread is busy all the time, and its
-  throughput is exactly samples per cycle / seconds per cycle;
-* it probes now and then: a batch capped at another candidate size (1, 2, 4, ... up to ``max_batch``,
-  the one measured longest ago first, and only when enough requests wait to fill it), so a change of load
-  or engine is seen. A size never measured is tried as soon as enough requests wait for it. Probes are spaced so that
-  they take at most ``probe_share`` (5 %) of the batcher's time: a probe that turns out 1.6x dearer per
-  sample then costs 3 % of throughput, and the comparison stays honest at any load;
-* the first call of each size is not counted (OpenVINO compiles its dynamic-batch model then, and every
+* **What is measured**: for each cap on the batch size (the candidates 1, 2, 4, ... up to ``max_batch``), the
+  batcher's seconds per sample while that cap is in force: the sum of the batch cycles (from the moment
+  the batcher holds a batch's first request until the engine's answer is back: the wait for company, the
+  hand-over to the engine thread and the engine) over the samples they served. With requests waiting,
+  the engine thread is busy all the time and throughput is exactly samples / those seconds.
+* **Windows, not single calls**: a cap is measured over a window of calls (``4 * max_batch`` samples or
+  twice the requests waiting, whichever is more), after the first calls of the window are dropped. A
+  single call says little: the 8 answers of a batch of 8 come back at once, their clients send 8 new
+  requests at once, and the decoding of those lands on whatever call runs next. A first version timed
+  single probe calls and chose batches of 4-8 where single calls served 1.4x faster.
+* **Choice**: the cap with the least seconds per sample (an exponentially weighted average over its
+  windows). Other caps are measured again in windows of their own, the one measured longest ago first,
+  spaced so that they lose at most ``probe_share`` (3 %) of the time, and at once when a window of the
+  chosen cap differs by more than ``change`` (30 %) from its estimate (the load changed: every other
+  estimate is stale). A cap is only tried when enough requests wait to fill it.
+* The first call of each batch size is dropped (OpenVINO compiles its dynamic-batch model then, and every
   engine allocates), and the estimates start again when another engine serves (another bundle).
 
 Why measured, and not per-engine defaults: the defaults would have to be measured on every CPU and at every
 load (the same engine and CPU wanted 8 when quiet and 1 when loaded), and a device's load changes by the
-minute. Measuring costs only the probes. The engine's thread count was measured too (benchmarks/README.md,
+minute. Measuring costs the probes. The engine's thread count was measured too (benchmarks/README.md,
 "Dynamic batching that never loses"): one intra-op thread instead of the default two is ~10-15 % cheaper
 per call under a CPU hog and ~35-40 % dearer on a quiet machine, so no fixed count helps at every load,
 and the engines keep their defaults.
@@ -35,14 +39,18 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-#: the weight of a new observation in a size's moving average (0.3: about the last 3-6 cycles count)
-ALPHA = 0.3
-#: at most this share of the batcher's time goes to probes of sizes that are not the best
-PROBE_SHARE = 0.05
+#: the weight of a new window in a cap's moving average
+ALPHA = 0.5
+#: at most this share of the batcher's time goes to windows of caps that are not the best
+PROBE_SHARE = 0.03
+#: a window ends after this many seconds of measured calls (and at least 2 calls), even if short of samples
+WINDOW_SECONDS = 0.5
+#: a window of the chosen cap this far (relative) from its estimate: the load changed, probe the others soon
+CHANGE = 0.3
 
 
 def candidate_sizes(max_batch: int) -> tuple[int, ...]:
-    """The sizes probed: powers of two below ``max_batch``, and ``max_batch`` itself."""
+    """The caps measured: powers of two below ``max_batch``, and ``max_batch`` itself."""
     sizes, size = {max_batch}, 1
     while size < max_batch:
         sizes.add(size)
@@ -51,88 +59,116 @@ def candidate_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 @dataclass
-class SizeCost:
-    """What one batch size costs: the moving average of seconds per cycle, and how often it was seen."""
+class CapCost:
+    """What serving under one cap costs: seconds per sample (moving average over windows)."""
 
-    seconds: float = 0.0
-    observations: int = 0  #: counted observations (the first call of a size is not one)
-    calls: int = 0  #: every call of this size, counted or not
-    last: int = 0  #: the batch number of the last call of this size
-
-    @property
-    def known(self) -> bool:
-        return self.observations > 0
+    per_sample: float = 0.0
+    windows: int = 0
+    last: int = 0  #: the number of the last window measured under this cap
+    stale: bool = False  #: the load changed since it was measured
 
 
 class BatchSizer:
-    """The batch size for the next engine call, from the measured cost of each size (see the module).
+    """The batch size for the next engine call, from the measured cost of each cap (see the module).
 
-    ``limit()`` before gathering a batch: the most samples it may hold. ``record(size, seconds)`` after it ran.
+    ``limit(waiting)`` before gathering a batch: the most samples it may hold. ``record(size, seconds, engine)``
+    after it ran.
     """
 
-    def __init__(self, max_batch: int, *, alpha: float = ALPHA, probe_share: float = PROBE_SHARE) -> None:
+    def __init__(self, max_batch: int, *, alpha: float = ALPHA, probe_share: float = PROBE_SHARE,
+                 change: float = CHANGE, window_seconds: float = WINDOW_SECONDS) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch} < 1")
         self.max_batch = max_batch
         self.candidates = candidate_sizes(max_batch)
-        self.alpha = alpha
-        self.probe_share = probe_share
+        self.alpha, self.probe_share, self.change = alpha, probe_share, change
+        self.window_seconds = window_seconds
         self.reset()
 
     def reset(self, engine: Hashable = None) -> None:
         """Forget every estimate (another engine serves)."""
         self.engine = engine
-        self.costs: dict[int, SizeCost] = {}
+        self.costs: dict[int, CapCost] = {}
+        self.seen_sizes: set[int] = set()  # batch sizes that ran at least once (their first call is dropped)
         self.batches = 0
+        self.windows = 0
         self.probes = 0
-        #: batcher seconds since the last probe
-        self._since_probe = 0.0
-        #: the size the last limit() returned as a probe (None: the best size)
-        self._probing: int | None = None
+        self.cap = self.max_batch
+        self._probing = False
+        self._window_samples = 0  # none open: the first limit() opens one
+        self._skip = 0  # samples still to drop at the start of the window
+        self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
+        self._since_probe = 0.0  # seconds of batches under the best cap since the last probe window
 
     # ------------------------------------------------------------------------------------------ estimates
-    def per_sample(self, size: int) -> float | None:
-        """Estimated seconds per sample in a batch of ``size`` (None: not measured yet)."""
-        cost = self.costs.get(size)
-        return cost.seconds / size if cost is not None and cost.known else None
+    def per_sample(self, cap: int) -> float | None:
+        """Estimated seconds per sample under ``cap`` (None: not measured yet)."""
+        cost = self.costs.get(cap)
+        return cost.per_sample if cost is not None and cost.windows else None
 
     def best(self) -> int:
-        """The size with the least estimated seconds per sample; ``max_batch`` before anything is measured."""
-        known = [(self.per_sample(s), -s) for s in self.costs if s <= self.max_batch and self.costs[s].known]
-        if not known:
-            return self.max_batch
-        return -min(known)[1]  # a tie goes to the larger batch
+        """The cap with the least estimated seconds per sample; ``max_batch`` before anything is measured."""
+        known = [(c.per_sample, -cap) for cap, c in self.costs.items() if c.windows]
+        return -min(known)[1] if known else self.max_batch  # a tie goes to the larger batch
 
     # ------------------------------------------------------------------------------------------ choosing
     def limit(self, waiting: int | None = None) -> int:
-        """The most samples the next batch may hold: the best size, or a probe of another candidate.
+        """The most samples the next batch may hold: the best cap, or another one being measured.
 
-        ``waiting``: the samples that could join this batch now (None: enough for any size). A probe is only
-        made of a size that can fill: a size never measured as soon as that many wait, another one when a
-        probe is due (the one measured longest ago).
+        ``waiting``: the samples that could join batches now (None: enough for any cap).
         """
-        best = self.best()
-        self._probing = None
+        if self._samples < self._window_samples and (self._seconds < self.window_seconds or self._calls < 2):
+            return self.cap  # the window goes on
         room = self.max_batch if waiting is None else max(1, waiting)
-        others = [s for s in self.candidates if s != best and s <= room]
-        if not others:
-            return best
-        unknown = [s for s in others if not self._cost(s).known]
-        if unknown:  # learn every size first: two calls each (the first one is not counted)
-            return self._probe(unknown[0])
-        target = min(others, key=lambda s: self._cost(s).last)
-        # space probes so that they take at most probe_share of the time: a probe of `target` costs about its
-        # own estimate, so it is due after estimate / probe_share seconds of batches since the last one
-        if self._since_probe * self.probe_share >= self._cost(target).seconds:
-            return self._probe(target)
-        return best
+        if self._samples:
+            self._close_window()
+        best = self.best()
+        others = [cap for cap in self.candidates if cap != best and cap <= room]
+        target, probe = best, False
+        unknown = [cap for cap in others if cap not in self.costs]
+        if unknown:  # never measured: now
+            target, probe = unknown[0], True
+        elif others:
+            # stale ones first (measured before the load changed), then the one measured longest ago
+            oldest = min(others, key=lambda cap: (not self.costs[cap].stale, self.costs[cap].last))
+            if self._since_probe * self.probe_share >= self._probe_loss(oldest, best):
+                target, probe = oldest, True
+        self._open_window(target, probe, room)
+        return target
 
-    def _cost(self, size: int) -> SizeCost:
-        return self.costs.get(size) or SizeCost()
+    def _probe_loss(self, cap: int, best: int) -> float:
+        """What a window of ``cap`` is expected to lose against the best cap, in seconds (at least 1 % of it):
+        a cap nearly as good is probed often, a much worse one seldom."""
+        ps, ps_best = self.costs[cap].per_sample, self.costs[best].per_sample
+        samples = self._window_samples or 4 * self.max_batch
+        window = min(samples * ps, self.window_seconds)
+        # a stale figure says little (it was measured at another load): a quarter of its loss, probed sooner
+        return window * max(0.01, 1 - ps_best / ps) / (4 if self.costs[cap].stale else 1)
 
-    def _probe(self, size: int) -> int:
-        self._probing = size
-        return size
+    def _open_window(self, cap: int, probe: bool, room: int) -> None:
+        self.cap, self._probing = cap, probe
+        self.probes += probe
+        if probe:
+            self._since_probe = 0.0
+        # drop the calls that still carry the previous cap's burst of answers: about one round of the waiting
+        # requests; then measure at least 4 * max_batch samples or two rounds of them
+        self._skip = max(self.max_batch, room)
+        self._window_samples = max(4 * self.max_batch, 2 * room)
+        self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
+
+    def _close_window(self) -> None:
+        self.windows += 1
+        measured = self._seconds / self._samples
+        cost = self.costs.setdefault(self.cap, CapCost())
+        if cost.windows and not self._probing and abs(measured - cost.per_sample) > self.change * cost.per_sample:
+            for cap, other in self.costs.items():  # the load changed: the other caps' figures are stale
+                other.stale = other.stale or cap != self.cap
+        cost.per_sample = measured if not cost.windows or cost.stale else \
+            (1 - self.alpha) * cost.per_sample + self.alpha * measured
+        cost.windows += 1
+        cost.stale = False
+        cost.last = self.windows
+        self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
 
     def record(self, size: int, seconds: float, engine: Hashable = None) -> None:
         """A batch of ``size`` samples took ``seconds`` (from its first request's turn to the engine's answer)."""
@@ -141,22 +177,22 @@ class BatchSizer:
         if size < 1 or seconds < 0:
             return
         self.batches += 1
-        cost = self.costs.setdefault(size, SizeCost())
-        cost.calls += 1
-        cost.last = self.batches
-        if self._probing is not None:
-            self.probes += 1
-            self._since_probe = 0.0
-            self._probing = None
-        else:
+        if not self._probing:
             self._since_probe += seconds
-        if cost.calls == 1:
-            return  # the first call of a size compiles or allocates: not what the size costs
-        cost.seconds = seconds if not cost.known else (1 - self.alpha) * cost.seconds + self.alpha * seconds
-        cost.observations += 1
+        if size not in self.seen_sizes:  # the first call of a size compiles or allocates: not what it costs
+            self.seen_sizes.add(size)
+            return
+        if self._skip > 0 and self._skipped < 2:  # at most 2 calls: a slow cap must not hold the batcher long
+            self._skip -= size
+            self._skipped += 1
+            return
+        self._samples += size
+        self._seconds += seconds
+        self._calls += 1
 
     def describe(self) -> dict:
         """The estimates and the current choice, for ``/v1/status``."""
-        return {"best_batch": self.best(), "batches": self.batches, "probes": self.probes,
-                "ms_per_sample": {str(s): round(self.per_sample(s) * 1000, 3)
-                                  for s in sorted(self.costs) if self.costs[s].known}}
+        return {"best_batch": self.best(), "batch_limit_now": self.cap, "batches": self.batches,
+                "windows": self.windows, "probe_windows": self.probes,
+                "ms_per_sample": {str(cap): round(c.per_sample * 1000, 3)
+                                  for cap, c in sorted(self.costs.items()) if c.windows}}
