@@ -13,15 +13,17 @@ the moment, so :class:`BatchSizer` measures it while serving instead of trusting
   hand-over to the engine thread and the engine) over the samples they served. With requests waiting,
   the engine thread is busy all the time and throughput is exactly samples / those seconds.
 * **Windows, not single calls**: a cap is measured over a window of calls (``4 * max_batch`` samples or
-  twice the requests waiting, whichever is more), after the first calls of the window are dropped. A
+  twice the requests waiting, whichever is more, or 0.5 s), after its first one or two calls are dropped. A
   single call says little: the 8 answers of a batch of 8 come back at once, their clients send 8 new
   requests at once, and the decoding of those lands on whatever call runs next. A first version timed
   single probe calls and chose batches of 4-8 where single calls served 1.4x faster.
-* **Choice**: the cap with the least seconds per sample (an exponentially weighted average over its
-  windows). Other caps are measured again in windows of their own, the one measured longest ago first,
-  spaced so that they lose at most ``probe_share`` (3 %) of the time, and at once when a window of the
-  chosen cap differs by more than ``change`` (30 %) from its estimate (the load changed: every other
-  estimate is stale). A cap is only tried when enough requests wait to fill it.
+* **Choice**: the cap with the least seconds per sample (the median of its last 3 windows: at load
+  average 8-11 single windows were off by 10x when the scheduler starved the server). Other caps are measured again in windows of their own (probes), the one measured longest ago
+  first, spaced by what each is expected to lose against the best (a window's seconds times the share of
+  throughput it gives up) so that probes lose at most ``probe_share`` (3 %) of the time: a cap nearly as
+  good is probed often, a much worse one seldom. A cap's figures are stale when the cap that was best
+  as they were measured now costs more than ``change`` (30 %) more or less (the load changed): stale caps
+  are probed first and sooner, and their old windows are dropped. A cap is only tried when enough requests wait to fill it; a cap never measured is tried at once.
 * The first call of each batch size is dropped (OpenVINO compiles its dynamic-batch model then, and every
   engine allocates), and the estimates start again when another engine serves (another bundle).
 
@@ -36,11 +38,13 @@ Not thread-safe: the batcher (one asyncio task) is its only user.
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-#: the weight of a new window in a cap's moving average
-ALPHA = 0.5
+#: a cap's estimate is the median of its last KEEP windows (a window that the scheduler starved, which
+#: happens at load average 8-11 on 2 cores, moves it by one rank, not by its size)
+KEEP = 3
 #: at most this share of the batcher's time goes to windows of caps that are not the best
 PROBE_SHARE = 0.03
 #: a window ends after this many seconds of measured calls (and at least 2 calls), even if short of samples
@@ -60,12 +64,17 @@ def candidate_sizes(max_batch: int) -> tuple[int, ...]:
 
 @dataclass
 class CapCost:
-    """What serving under one cap costs: seconds per sample (moving average over windows)."""
+    """What serving under one cap costs: seconds per sample, the median of its last windows."""
 
-    per_sample: float = 0.0
+    recent: list[float] = field(default_factory=list)  #: seconds per sample of its last KEEP windows
     windows: int = 0
     last: int = 0  #: the number of the last window measured under this cap
-    stale: bool = False  #: the load changed since it was measured
+    #: (cap, its seconds per sample) of the best cap when this one was measured: the load it saw
+    ref: tuple[int, float] = (0, 0.0)
+
+    @property
+    def per_sample(self) -> float:
+        return float(statistics.median(self.recent))
 
 
 class BatchSizer:
@@ -75,13 +84,13 @@ class BatchSizer:
     after it ran.
     """
 
-    def __init__(self, max_batch: int, *, alpha: float = ALPHA, probe_share: float = PROBE_SHARE,
+    def __init__(self, max_batch: int, *, keep: int = KEEP, probe_share: float = PROBE_SHARE,
                  change: float = CHANGE, window_seconds: float = WINDOW_SECONDS) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch} < 1")
         self.max_batch = max_batch
         self.candidates = candidate_sizes(max_batch)
-        self.alpha, self.probe_share, self.change = alpha, probe_share, change
+        self.keep, self.probe_share, self.change = keep, probe_share, change
         self.window_seconds = window_seconds
         self.reset()
 
@@ -104,11 +113,11 @@ class BatchSizer:
     def per_sample(self, cap: int) -> float | None:
         """Estimated seconds per sample under ``cap`` (None: not measured yet)."""
         cost = self.costs.get(cap)
-        return cost.per_sample if cost is not None and cost.windows else None
+        return cost.per_sample if cost is not None and cost.recent else None
 
     def best(self) -> int:
         """The cap with the least estimated seconds per sample; ``max_batch`` before anything is measured."""
-        known = [(c.per_sample, -cap) for cap, c in self.costs.items() if c.windows]
+        known = [(c.per_sample, -cap) for cap, c in self.costs.items() if c.recent]
         return -min(known)[1] if known else self.max_batch  # a tie goes to the larger batch
 
     # ------------------------------------------------------------------------------------------ choosing
@@ -130,7 +139,7 @@ class BatchSizer:
             target, probe = unknown[0], True
         elif others:
             # stale ones first (measured before the load changed), then the one measured longest ago
-            oldest = min(others, key=lambda cap: (not self.costs[cap].stale, self.costs[cap].last))
+            oldest = min(others, key=lambda cap: (not self.stale(cap), self.costs[cap].last))
             if self._since_probe * self.probe_share >= self._probe_loss(oldest, best):
                 target, probe = oldest, True
         self._open_window(target, probe, room)
@@ -143,7 +152,14 @@ class BatchSizer:
         samples = self._window_samples or 4 * self.max_batch
         window = min(samples * ps, self.window_seconds)
         # a stale figure says little (it was measured at another load): a quarter of its loss, probed sooner
-        return window * max(0.01, 1 - ps_best / ps) / (4 if self.costs[cap].stale else 1)
+        return window * max(0.01, 1 - ps_best / ps) / (4 if self.stale(cap) else 1)
+
+    def stale(self, cap: int) -> bool:
+        """Whether ``cap`` was measured at another load: the cap that was best then now costs more than
+        ``change`` (30 %) more or less than it did."""
+        ref_cap, ref = self.costs[cap].ref
+        now = self.per_sample(ref_cap)
+        return ref_cap != cap and now is not None and abs(now - ref) > self.change * ref
 
     def _open_window(self, cap: int, probe: bool, room: int) -> None:
         self.cap, self._probing = cap, probe
@@ -160,14 +176,13 @@ class BatchSizer:
         self.windows += 1
         measured = self._seconds / self._samples
         cost = self.costs.setdefault(self.cap, CapCost())
-        if cost.windows and not self._probing and abs(measured - cost.per_sample) > self.change * cost.per_sample:
-            for cap, other in self.costs.items():  # the load changed: the other caps' figures are stale
-                other.stale = other.stale or cap != self.cap
-        cost.per_sample = measured if not cost.windows or cost.stale else \
-            (1 - self.alpha) * cost.per_sample + self.alpha * measured
+        if cost.windows and self.stale(self.cap):
+            cost.recent.clear()  # its figures are from another load
+        cost.recent = [*cost.recent, measured][-self.keep:]
         cost.windows += 1
-        cost.stale = False
         cost.last = self.windows
+        best = self.best()
+        cost.ref = (best, self.costs[best].per_sample)
         self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
 
     def record(self, size: int, seconds: float, engine: Hashable = None) -> None:
@@ -195,4 +210,4 @@ class BatchSizer:
         return {"best_batch": self.best(), "batch_limit_now": self.cap, "batches": self.batches,
                 "windows": self.windows, "probe_windows": self.probes,
                 "ms_per_sample": {str(cap): round(c.per_sample * 1000, 3)
-                                  for cap, c in sorted(self.costs.items()) if c.windows}}
+                                  for cap, c in sorted(self.costs.items()) if c.recent}}

@@ -57,7 +57,7 @@ def test_probes_follow_a_change_of_load_both_ways():
     _serve(sizer, LOADED, 400)  # the machine gets loaded
     assert sizer.best() == 1
     probes = sizer.probes
-    _serve(sizer, QUIET, 400)  # and quiet again
+    _serve(sizer, QUIET, 700)  # and quiet again
     assert sizer.best() == 8 and sizer.probes > probes
 
 
