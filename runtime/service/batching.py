@@ -126,9 +126,13 @@ class BatchSizer:
 
         ``waiting``: the samples that could join batches now (None: enough for any cap).
         """
-        if self._samples < self._window_samples and (self._seconds < self.window_seconds or self._calls < 2):
-            return self.cap  # the window goes on
         room = self.max_batch if waiting is None else max(1, waiting)
+        if self._samples < self._window_samples and (self._seconds < self.window_seconds or self._calls < 2):
+            # the window goes on, unless enough requests wait for a cap never measured (a burst after a
+            # quiet spell) and this window already measured something
+            fresh = [c for c in self.candidates if c <= room and c != self.cap and c not in self.costs]
+            if not fresh or (self.cap not in self.costs and self._calls < 2):
+                return self.cap
         if self._samples:
             self._close_window()
         best = self.best()

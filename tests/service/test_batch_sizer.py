@@ -102,3 +102,11 @@ def test_another_engine_starts_the_estimates_again():
 def test_max_batch_1_never_batches():
     sizer = BatchSizer(1)
     assert _serve(sizer, {1: 0.01}, 50)["limits"] == [1] * 50
+
+
+def test_a_burst_after_single_requests_tries_the_caps_never_measured_at_once():
+    """Sequential requests measure only batches of 1; the first burst of 16 must not run as 16 single calls."""
+    sizer = BatchSizer(8)
+    _serve(sizer, QUIET, 5, waiting=1)  # a few lone requests: cap 1's window has begun
+    burst = _serve(sizer, QUIET, 3, waiting=16)
+    assert burst["limits"][0] > 1 and max(burst["limits"]) > 1
