@@ -18,7 +18,9 @@ the moment, so :class:`BatchSizer` measures it while serving instead of trusting
   requests at once, and the decoding of those lands on whatever call runs next. A first version timed
   single probe calls and chose batches of 4-8 where single calls served 1.4x faster.
 * **Choice**: the cap with the least seconds per sample (the median of its last 3 windows: at load
-  average 8-11 single windows were off by 10x when the scheduler starved the server). Other caps are measured again in windows of their own (probes), the one measured longest ago
+  average 8-11 single windows were off by 10x when the scheduler starved the server), where a cap
+  above 1 must be ``margin`` (10 %) cheaper than single calls: when the figures are that noisy the
+  batcher serves as unbatched does, and a real gain (1.4x on a quiet machine) clears the margin easily. Other caps are measured again in windows of their own (probes), the one measured longest ago
   first, spaced by what each is expected to lose against the best (a window's seconds times the share of
   throughput it gives up) so that probes lose at most ``probe_share`` (3 %) of the time: a cap nearly as
   good is probed often, a much worse one seldom. A cap's figures are stale when the cap that was best
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 KEEP = 3
 #: at most this share of the batcher's time goes to windows of caps that are not the best
 PROBE_SHARE = 0.03
+#: a batch cap must be estimated this much cheaper per sample than single calls to be chosen over them
+MARGIN = 0.1
 #: a window ends after this many seconds of measured calls (and at least 2 calls), even if short of samples
 WINDOW_SECONDS = 0.5
 #: a window of the chosen cap this far (relative) from its estimate: the load changed, probe the others soon
@@ -85,12 +89,12 @@ class BatchSizer:
     """
 
     def __init__(self, max_batch: int, *, keep: int = KEEP, probe_share: float = PROBE_SHARE,
-                 change: float = CHANGE, window_seconds: float = WINDOW_SECONDS) -> None:
+                 change: float = CHANGE, window_seconds: float = WINDOW_SECONDS, margin: float = MARGIN) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch} < 1")
         self.max_batch = max_batch
         self.candidates = candidate_sizes(max_batch)
-        self.keep, self.probe_share, self.change = keep, probe_share, change
+        self.keep, self.probe_share, self.change, self.margin = keep, probe_share, change, margin
         self.window_seconds = window_seconds
         self.reset()
 
@@ -116,9 +120,20 @@ class BatchSizer:
         return cost.per_sample if cost is not None and cost.recent else None
 
     def best(self) -> int:
-        """The cap with the least estimated seconds per sample; ``max_batch`` before anything is measured."""
+        """The cap with the least estimated seconds per sample; ``max_batch`` before anything is measured.
+
+        Batching must win by ``margin``: a cap above 1 is chosen over single calls only when it is estimated
+        at least that much cheaper, so that noise (at load average 8-11 windows of the same cap differ by 2x)
+        makes the batcher serve as unbatched, never slower.
+        """
         known = [(c.per_sample, -cap) for cap, c in self.costs.items() if c.recent]
-        return -min(known)[1] if known else self.max_batch  # a tie goes to the larger batch
+        if not known:
+            return self.max_batch
+        cost, cap = min(known)
+        single = self.per_sample(1)
+        if -cap != 1 and single is not None and cost > (1 - self.margin) * single:
+            return 1
+        return -cap  # a tie goes to the larger batch
 
     # ------------------------------------------------------------------------------------------ choosing
     def limit(self, waiting: int | None = None) -> int:

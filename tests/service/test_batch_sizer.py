@@ -110,3 +110,13 @@ def test_a_burst_after_single_requests_tries_the_caps_never_measured_at_once():
     _serve(sizer, QUIET, 5, waiting=1)  # a few lone requests: cap 1's window has begun
     burst = _serve(sizer, QUIET, 3, waiting=16)
     assert burst["limits"][0] > 1 and max(burst["limits"]) > 1
+
+
+def test_batching_must_win_by_a_margin_over_single_calls():
+    """Within the noise (5 % cheaper per sample) single calls stay; a clear gain (20 %) batches."""
+    sizer = BatchSizer(8)
+    _serve(sizer, {1: 0.010, 2: 0.0205, 4: 0.040, 8: 0.076}, 400)  # 8: 9.5 ms per sample against 10
+    assert sizer.best() == 1
+    sizer = BatchSizer(8)
+    _serve(sizer, {1: 0.010, 2: 0.0205, 4: 0.040, 8: 0.064}, 400)  # 8: 8 ms per sample against 10
+    assert sizer.best() == 8
