@@ -25,7 +25,9 @@ the moment, so :class:`BatchSizer` measures it while serving instead of trusting
   throughput it gives up) so that probes lose at most ``probe_share`` (3 %) of the time: a cap nearly as
   good is probed often, a much worse one seldom. A cap's figures are stale when the cap that was best
   as they were measured now costs more than ``change`` (30 %) more or less (the load changed): stale caps
-  are probed first and sooner, and their old windows are dropped. A cap is only tried when enough requests wait to fill it; a cap never measured is tried at once.
+  are probed first and sooner, and their old windows are dropped. A cap is only tried when enough
+  requests wait to fill it. The first window is ``max_batch`` (what a fixed batcher would run); a cap
+  never measured is tried as soon as enough requests wait for it, the largest first.
 * The first call of each batch size is dropped (OpenVINO compiles its dynamic-batch model then, and every
   engine allocates), and the estimates start again when another engine serves (another bundle).
 
@@ -154,8 +156,10 @@ class BatchSizer:
         others = [cap for cap in self.candidates if cap != best and cap <= room]
         target, probe = best, False
         unknown = [cap for cap in others if cap not in self.costs]
-        if unknown:  # never measured: now
-            target, probe = unknown[0], True
+        if not self.costs:  # the first window: max_batch, as a fixed batcher would (quiet machines gain 1.4x)
+            pass
+        elif unknown:  # never measured: now, the largest first (a burst of requests is what lets them fill)
+            target, probe = unknown[-1], True
         elif others:
             # stale ones first (measured before the load changed), then the one measured longest ago
             oldest = min(others, key=lambda cap: (not self.stale(cap), self.costs[cap].last))
