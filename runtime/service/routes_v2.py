@@ -13,6 +13,8 @@ Kubernetes readiness probe).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 from starlette.requests import Request
@@ -97,7 +99,10 @@ def metadata(core: ServiceCore, model: ActiveModel) -> dict:
                     {"name": "features", "datatype": "FP32",
                      "shape": [-1, model.bundle.manifest.backbone.feature_dim]}],
         "parameters": {"classes": model.classes, "head_version": model.head_version, "modality": model.modality,
-                       "precision": core.config.precision}}
+                       "precision": core.config.precision,
+                       # what a client must do to its samples before sending them as a tensor (``pixels``:
+                       # the letterbox policy, size and fill, docs/service.md), as the manifest records it
+                       "input": dataclasses.asdict(model.bundle.manifest.backbone.input)}}
 
 
 async def model_ready(request: Request) -> Response:

@@ -102,7 +102,10 @@ def test_the_documented_pixels_letterbox_is_what_the_device_sees(server, model, 
     meta = tritonclient.InferenceServerClient(server.hostport).get_model_metadata(model)
     h, w = meta["inputs"][1]["shape"][1:3]
     assert (h, w) == spec.size and spec.resize == "letterbox"
-    batch = np.stack([letterbox(p, w, h, spec.fill) for p in IMAGES])
+    # the metadata tells a client the policy and the fill, not only the size
+    told = meta["parameters"]["input"]
+    assert told["resize"] == "letterbox" and tuple(told["size"]) == (h, w)
+    batch = np.stack([letterbox(p, w, h, tuple(told["fill"])) for p in IMAGES])
     for p, row in zip(IMAGES, batch):
         assert np.array_equal(row, load_image(p, spec)), p.name
     stretched = np.asarray(Image.open(IMAGES[0]).convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
