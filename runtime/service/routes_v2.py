@@ -14,7 +14,6 @@ Kubernetes readiness probe).
 from __future__ import annotations
 
 import dataclasses
-
 import time
 
 from starlette.requests import Request
