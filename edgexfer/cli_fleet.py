@@ -219,9 +219,11 @@ def fleet():
               help="Devices to wait for before round 1; a round merges only if this many answered.")
 @click.option("--address", default="0.0.0.0:9092", show_default=True, help="SuperLink HOST:PORT (Fleet and Control API).")
 @click.option("--tls-dir", type=click.Path(path_type=Path), default=None,
-              help="ca.crt, server.pem, server.key (edgexfer fleet tls). Without it the link is plain HTTP: tests only.")
+              help="ca.crt, server.pem, server.key (edgexfer fleet tls). Required unless --insecure.")
 @click.option("--auth-keys", type=click.Path(path_type=Path), default=None,
-              help="Directory of the devices' public keys (*.pub): SuperNode authentication on, only these join.")
+              help="Directory of the devices' public keys (*.pub): only these join. Required unless --insecure.")
+@click.option("--insecure", is_flag=True,
+              help="Start without --tls-dir / --auth-keys (plain HTTP, any device joins): a test network only.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree to measure each round's head on (features computed here, once).")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
@@ -241,13 +243,19 @@ def fleet():
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Inverse L2 strength of the devices' linear heads (as in device retrain).")
 @json_option
-def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, val_dir, round_timeout,
+def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, insecure, val_dir, round_timeout,
                 wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, as_json):
-    """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head."""
-    from edgexfer.fleet.deployment import serve
+    """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head.
 
+    TLS (--tls-dir) and node keys (--auth-keys) are required unless --insecure; the SuperLink's Control
+    API answers only this host. Stopping this command stops every Flower process it started.
+    """
+    from edgexfer.fleet.deployment import absolute, serve
+
+    # Flower's processes run in another directory: every path is made absolute here
+    bundle_dir, out_dir, tls_dir, auth_keys, val_dir = (absolute(p) for p in (bundle_dir, out_dir, tls_dir, auth_keys, val_dir))
     r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
-              auth_keys=auth_keys, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
+              auth_keys=auth_keys, insecure=insecure, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
               momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, log=lambda line: click.echo(line, err=True))
     last = r["rounds"][-1]
     acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""

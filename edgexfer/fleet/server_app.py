@@ -6,7 +6,9 @@ connected device, waits at most ``round_timeout`` seconds for replies, checks ea
 (:func:`~edgexfer.runtime.federated.check_update`), merges the good ones (:class:`HeadFedAvg`) and
 evaluates the result on the validation features. Devices that do not answer in time, answer with an
 error or send a bad head are named in the round's record; the round goes on without them. The last
-head is written as a bundle (:func:`~edgexfer.fleet.result_bundle.write_result_bundle`).
+head is written as a bundle (:func:`~edgexfer.fleet.result_bundle.write_result_bundle`); a federation in
+which no round merged fails and writes nothing. Devices are named by the names ``fleet serve``
+registered their keys under (``device_names``), else ``node-ID``.
 
 Each event is one line on stdout (``flwr run --stream`` carries it to ``edgexfer fleet serve``):
 ``fleet round=2/5 asked=8 merged=7 empty=0 rejected=1 silent=0 val_accuracy=0.912 seconds=3.41``.
@@ -56,6 +58,14 @@ class FleetSettings:
     dp_clip: float = 0.0  #: central DP: clipping norm of each device's step (0: off)
     dp_noise: float = 0.0  #: central DP: noise multiplier (std = dp_noise·dp_clip/devices)
     max_iter: int = 200
+    device_names: str = ""  #: JSON {node id: registered name} (fleet serve's --auth-keys); others are node-ID
+
+    def names(self) -> dict[int, str]:
+        try:
+            return {int(k): str(v) for k, v in json.loads(self.device_names or "{}").items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InputError("the federation's device names are malformed", got=self.device_names[:80],
+                             expected="a JSON object of node id to name", todo="start it with edgexfer fleet serve") from exc
 
     @classmethod
     def from_run_config(cls, config: Any) -> FleetSettings:
@@ -67,7 +77,7 @@ class FleetSettings:
                        C=float(get("C", 1.0)), proximal=float(get("proximal", 1.0)),
                        momentum=float(get("momentum", 0.8)), rows=str(get("rows", "all")),
                        dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
-                       max_iter=int(get("max-iter", 200)))
+                       max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
                              expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
@@ -76,7 +86,8 @@ class FleetSettings:
         return {"bundle": self.bundle, "out": self.out, "rounds": self.rounds, "min-devices": self.min_devices,
                 "round-timeout": self.round_timeout, "wait-timeout": self.wait_timeout,
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
-                "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter}
+                "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter,
+                "device-names": self.device_names}
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -150,6 +161,11 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
                              todo="start edgexfer device federate on more devices, or lower --min-devices")
         time.sleep(0.5)
 
+    names = settings.names()
+
+    def name(node: int) -> str:
+        return names.get(int(node), f"node-{node}")
+
     rounds: list[dict[str, Any]] = []
     fleet_samples = 0  # the last round's total: devices scale their L2 strength to their share of it
     for server_round in range(1, settings.rounds + 1):
@@ -167,7 +183,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         for reply in replies:
             node = sent.get(reply.metadata.reply_to_message_id or "", int(reply.metadata.src_node_id))
             answered.add(node)
-            device = f"node-{node}"
+            device = name(node)
             try:
                 update, info = _reply_to_update(reply, device, head, sha)
             except EdgexferError as exc:
@@ -176,7 +192,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
                 continue
             updates.append(update)
             devices[device] = {"counts": update.counts, **info}
-        silent = [f"node-{n}" for n in nodes if n not in answered]
+        silent = [name(n) for n in nodes if n not in answered]
         result = strategy.aggregate(head, updates, rejected)
         head = result.head
         if result.accepted:
@@ -191,6 +207,11 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
             f"empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
             + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"
             + ("" if record["merged"] else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
+    if not any(r["merged"] for r in rounds):
+        raise InputError("no round of the federation merged", got="; ".join(
+            f"round {r['round']}: {len(r['accepted'])} of {r['asked']} merged" for r in rounds),
+            expected=f">= {settings.min_devices} good replies (--min-devices) in at least one round",
+            todo="see each round's rejected and silent devices; no bundle was written")
     record = {"rounds": rounds, "settings": settings.to_run_config(), "start_val_accuracy": start_accuracy,
               "final_counts": rounds[-1]["counts"] if rounds else {}}
     out = write_result_bundle(bundle, head, Path(settings.out), record)
