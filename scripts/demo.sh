@@ -136,14 +136,22 @@ for k in 0 1 2; do
   done
   echo "   device $k: ${FLEET_CLASSES[$k]} (10 images each)"
 done
+# secure by default: TLS (a CA and the server's certificate) and one key pair per device; only the
+# registered keys join, and the SuperLink's Control API answers only this host
+edgexfer fleet tls --out "$OUT/fleet-tls" > /dev/null
+for k in 0 1 2; do
+  edgexfer fleet keygen --out "$OUT/fleet-keys/device-$k.key" > /dev/null
+done
+mkdir -p "$OUT/fleet-server-keys" && cp "$OUT"/fleet-keys/*.pub "$OUT/fleet-server-keys/"
 edgexfer fleet serve --bundle "$OUT/bundle" --out "$OUT/bundle-fleet" --rounds 3 --min-devices 3 \
-  --address "127.0.0.1:$FLEET_PORT" --round-timeout 120 > "$OUT/fleet-serve.txt" 2> "$OUT/fleet-serve.log" &
+  --address "127.0.0.1:$FLEET_PORT" --round-timeout 120 --tls-dir "$OUT/fleet-tls" --auth-keys "$OUT/fleet-server-keys" \
+  > "$OUT/fleet-serve.txt" 2> "$OUT/fleet-serve.log" &
 FLEET=$!
 NODES=()
 for k in 0 1 2; do
-  # --insecure: plain HTTP on loopback for the demo; real devices use --tls-ca and --auth-key
-  edgexfer device federate --state "$OUT/fleet-device-$k" --server "127.0.0.1:$FLEET_PORT" --insecure \
-    > "$OUT/fleet-device-$k.log" 2>&1 &
+  # a device started before the server registered its key retries activation (1, 2, 4 ... s)
+  edgexfer device federate --state "$OUT/fleet-device-$k" --server "127.0.0.1:$FLEET_PORT" \
+    --tls-ca "$OUT/fleet-tls/ca.crt" --auth-key "$OUT/fleet-keys/device-$k.key" > "$OUT/fleet-device-$k.log" 2>&1 &
   NODES+=($!)
 done
 trap 'kill $FLEET "${NODES[@]}" 2>/dev/null || true' EXIT

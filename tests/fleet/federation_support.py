@@ -96,11 +96,12 @@ class Deployment:
     server: subprocess.Popen | None = None
     nodes: list[subprocess.Popen] = field(default_factory=list)
 
-    def serve(self, *args: str) -> None:
+    def serve(self, *args: str, host: str = "127.0.0.1", cwd: Path | None = None) -> subprocess.Popen:
         self.server_log = self.root / "serve.log"
         self.server = subprocess.Popen(
-            edgexfer_cmd("fleet", "serve", "--address", f"127.0.0.1:{self.port}", "--json", *args),
-            stdout=subprocess.PIPE, stderr=open(self.server_log, "wb"), start_new_session=True, text=True)
+            edgexfer_cmd("fleet", "serve", "--address", f"{host}:{self.port}", "--json", *args),
+            stdout=subprocess.PIPE, stderr=open(self.server_log, "wb"), start_new_session=True, text=True, cwd=cwd)
+        return self.server
 
     def join(self, state: Path, *args: str, clock_offset_s: float | None = None) -> subprocess.Popen:
         """Start ``device federate``; with ``clock_offset_s`` the device's wall clock (and its ClientApp
@@ -154,3 +155,53 @@ class Deployment:
 
 def accuracy(head, features: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(head.classes)[head.logits(features).argmax(1)] == labels))
+
+
+def process_tree(pid: int) -> set[int]:
+    """Live descendants of ``pid`` from /proc (Flower detaches its children into new sessions: not the group)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def running(pids: set[int]) -> set[int]:
+    """The pids of ``pids`` that still run (zombies count as gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def host_address() -> str | None:
+    """This machine's address on its default route (not loopback): where another host would reach it."""
+    import ipaddress
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))  # UDP: nothing is sent, the kernel only picks the interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def flower_home(path: Path, address: str, ca: Path) -> Path:
+    """An FLWR_HOME whose default SuperLink is ``address`` over TLS with ``ca``: what ``flwr`` on another host has."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.toml").write_text(f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca.resolve()}"\n')
+    return path

@@ -193,7 +193,7 @@ def test_eight_supernodes_learn_a_head_within_two_points_of_central_training(fle
     try:
         deployment.serve("--bundle", str(start), "--out", str(tmp_path / "out"), "--rounds", str(rounds),
                          "--min-devices", "8", "--val", str(fleet8.val_dir), "--round-timeout", "120",
-                         "--wait-timeout", "180")
+                         "--wait-timeout", "180", "--insecure")
         for state in fleet8.states:
             deployment.join(state, "--insecure")
         code, out = deployment.result(timeout=rounds * 40 + 240)
@@ -243,7 +243,7 @@ def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_fede
     deployment = Deployment(tmp_path)
     try:
         deployment.serve("--bundle", str(device_bundle), "--out", str(tmp_path / "out"), "--rounds", "3",
-                         "--min-devices", "3", "--round-timeout", "25", "--wait-timeout", "120")
+                         "--min-devices", "3", "--round-timeout", "25", "--wait-timeout", "120", "--insecure")
         nodes = [deployment.join(state, "--insecure") for state in fleet8.states[:3]]
         deployment.wait_for_log("fleet superlink listening", timeout=120)
         late = deployment.join(fleet8.states[3], "--insecure", clock_offset_s=offset)

@@ -67,7 +67,7 @@ def test_three_text_devices_federate_a_head_that_learns_a_topic_one_device_taugh
     deployment = Deployment(tmp_path)
     try:
         deployment.serve("--bundle", str(device_text_bundle), "--out", str(tmp_path / "out"), "--rounds", "3",
-                         "--min-devices", "3", "--val", str(val), "--round-timeout", "90", "--wait-timeout", "180")
+                         "--min-devices", "3", "--val", str(val), "--round-timeout", "90", "--wait-timeout", "180", "--insecure")
         for state in states:
             deployment.join(state, "--insecure")
         code, out = deployment.result(timeout=3 * 60 + 240)
