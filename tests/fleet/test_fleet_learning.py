@@ -165,6 +165,35 @@ def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet
     assert published["backbone_sha256"] == out.manifest.backbone.sha256 and published["classes"] == list(out.head().classes)
 
 
+def test_a_federation_where_no_round_merges_fails_writes_no_bundle_and_names_devices_by_their_keys(
+        fleet8, device_bundle, tmp_path):
+    from flwr.app import Array
+
+    from edgexfer.fleet.server_app import FleetSettings, run_federation
+    from edgexfer.runtime.errors import EdgexferError
+
+    def poison(node, reply):  # every reply NaN: no round can merge
+        W = reply.content["head"]["W"].numpy().copy()
+        W[0, 0] = np.nan
+        reply.content["head"]["W"] = Array(W)
+        return reply
+
+    # the names fleet serve registered the devices' keys under (--auth-keys), by node id
+    names = json.dumps({"1000": "kitchen-cam", "1001": "porch-cam"})
+    settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2,
+                             device_names=names)
+    lines = []
+    with warnings.catch_warnings(), pytest.raises(EdgexferError, match="no round of the federation merged") as failed:
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run_federation(ReplayGrid(fleet8.states[:2], poison), settings, log=lines.append)
+    assert "round 1: 0 of 2 merged; round 2: 0 of 2 merged" in failed.value.one_line()
+    assert not (tmp_path / "out").exists()  # no bundle to publish by mistake
+    rejected = [line for line in lines if " rejected device=" in line]
+    assert len(rejected) == 4 and all("device=kitchen-cam" in x or "device=porch-cam" in x for x in rejected)
+    assert "update from device porch-cam: tensor 'W' holds NaN" in rejected[1]
+    assert not any("node-100" in line for line in lines)
+
+
 # ------------------------------------------------------------------------------------ real deployments
 
 def _zero_head_bundle(device_bundle, out, reseal):

@@ -42,6 +42,13 @@ def _status(url: str, ca: Path) -> int:
         return answer.code
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     deadline = time.monotonic() + timeout
     while running(pids) and time.monotonic() < deadline:
@@ -105,9 +112,13 @@ def test_stopping_serve_stops_every_flower_process_and_a_new_serve_never_uses_an
             # the second serve starts on the same port: the first one's processes are gone
             deployment.serve(*args, "--out", str(tmp_path / out))
             deployment.wait_for_log("fleet superlink listening", timeout=120)
-            time.sleep(2)  # `flwr run` submitted, the ServerApp waiting for devices
+            deadline = time.monotonic() + 60
+            while not any("flwr-serverapp" in _cmdline(p) for p in process_tree(deployment.server.pid)):
+                assert time.monotonic() < deadline, "no ServerApp process started"
+                time.sleep(0.2)  # until `flwr run` submitted the run and the ServerApp waits for devices
             tree = process_tree(deployment.server.pid)
-            assert len(tree) >= 2, tree  # the SuperLink and its SuperExec at least
+            # the SuperLink, its SuperExec, the ServerApp (all in sessions of their own) and flwr run
+            assert len(tree) >= 4, [_cmdline(p) for p in tree]
             os.kill(deployment.server.pid, sig)  # serve alone: not its group, as a service manager may do
             code = deployment.server.wait(30)
             assert code == -sig or code == 128 + sig, code
