@@ -60,12 +60,14 @@ class FleetSettings:
     max_iter: int = 200
     device_names: str = ""  #: JSON {node id: registered name} (fleet serve's --auth-keys); others are node-ID
 
-    def names(self) -> dict[int, str]:
+    def namer(self) -> Callable[[int], str]:
+        """node id -> the name its key was registered under, else ``node-ID``."""
         try:
-            return {int(k): str(v) for k, v in json.loads(self.device_names or "{}").items()}
+            names = {int(k): str(v) for k, v in json.loads(self.device_names or "{}").items()}
         except (ValueError, TypeError, AttributeError) as exc:
             raise InputError("the federation's device names are malformed", got=self.device_names[:80],
                              expected="a JSON object of node id to name", todo="start it with edgexfer fleet serve") from exc
+        return lambda node: names.get(int(node), f"node-{node}")
 
     @classmethod
     def from_run_config(cls, config: Any) -> FleetSettings:
@@ -133,6 +135,15 @@ def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str) 
     return update, {"metrics": metrics, "received": received}
 
 
+def require_a_merged_round(rounds: list[dict[str, Any]], min_devices: int) -> None:
+    """A federation in which no round merged has nothing to write: fail, naming each round's count."""
+    if not any(r["merged"] for r in rounds):
+        raise InputError("no round of the federation merged", got="; ".join(
+            f"round {r['round']}: {len(r['accepted'])} of {r['asked']} merged" for r in rounds),
+            expected=f">= {min_devices} good replies (--min-devices) in at least one round",
+            todo="see each round's rejected and silent devices; no bundle was written")
+
+
 def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``settings.rounds`` rounds on ``grid`` and write the result bundle; returns the record."""
     from edgexfer.fleet.result_bundle import write_result_bundle
@@ -161,11 +172,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
                              todo="start edgexfer device federate on more devices, or lower --min-devices")
         time.sleep(0.5)
 
-    names = settings.names()
-
-    def name(node: int) -> str:
-        return names.get(int(node), f"node-{node}")
-
+    name = settings.namer()
     rounds: list[dict[str, Any]] = []
     fleet_samples = 0  # the last round's total: devices scale their L2 strength to their share of it
     for server_round in range(1, settings.rounds + 1):
@@ -207,11 +214,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
             f"empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
             + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"
             + ("" if record["merged"] else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
-    if not any(r["merged"] for r in rounds):
-        raise InputError("no round of the federation merged", got="; ".join(
-            f"round {r['round']}: {len(r['accepted'])} of {r['asked']} merged" for r in rounds),
-            expected=f">= {settings.min_devices} good replies (--min-devices) in at least one round",
-            todo="see each round's rejected and silent devices; no bundle was written")
+    require_a_merged_round(rounds, settings.min_devices)
     record = {"rounds": rounds, "settings": settings.to_run_config(), "start_val_accuracy": start_accuracy,
               "final_counts": rounds[-1]["counts"] if rounds else {}}
     out = write_result_bundle(bundle, head, Path(settings.out), record)

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from federation_support import Deployment, flower_home, host_address, process_tree, running
+from federation_support import Deployment, flower_home, free_port, host_address, process_tree, running
 
 pytest.importorskip("flwr", reason="fleet learning needs the `fleet` extra (flwr)")
 
@@ -131,7 +131,6 @@ def test_stopping_serve_stops_every_flower_process_and_a_new_serve_never_uses_an
 
 def test_a_device_started_before_its_key_is_registered_retries_and_joins(make_device, tmp_path):
     from edgexfer.fleet.deployment import make_node_key, make_tls, register_supernodes, start_superlink
-    from federation_support import free_port
 
     make_tls(tmp_path / "tls", ["127.0.0.1"])
     make_node_key(tmp_path / "keys" / "device-0.key")
