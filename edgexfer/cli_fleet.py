@@ -224,6 +224,8 @@ def fleet():
               help="Directory of the devices' public keys (*.pub): only these join. Required unless --insecure.")
 @click.option("--insecure", is_flag=True,
               help="Start without --tls-dir / --auth-keys (plain HTTP, any device joins): a test network only.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted federation with the same --out from its last completed round.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="ImageFolder tree to measure each round's head on (features computed here, once).")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
@@ -243,7 +245,7 @@ def fleet():
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Inverse L2 strength of the devices' linear heads (as in device retrain).")
 @json_option
-def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, insecure, val_dir, round_timeout,
+def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, insecure, resume, val_dir, round_timeout,
                 wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, as_json):
     """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head.
 
@@ -255,7 +257,7 @@ def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth
     # Flower's processes run in another directory: every path is made absolute here
     bundle_dir, out_dir, tls_dir, auth_keys, val_dir = (absolute(p) for p in (bundle_dir, out_dir, tls_dir, auth_keys, val_dir))
     r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
-              auth_keys=auth_keys, insecure=insecure, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
+              auth_keys=auth_keys, insecure=insecure, resume=resume, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
               momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, log=lambda line: click.echo(line, err=True))
     last = r["rounds"][-1]
     acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
@@ -271,7 +273,7 @@ def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth
 @json_option
 def fleet_tls(out_dir, hosts, days, as_json):
     """Make a CA and the SuperLink's certificate (ECDSA P-256). Give devices ca.crt; keep ca.key offline."""
-    from edgexfer.fleet.deployment import make_tls
+    from edgexfer.fleet.keys import make_tls
 
     r = make_tls(out_dir, list(hosts), days)
     emit(r, as_json, f"TLS files in {out_dir}: give devices {r['ca.crt']} (--tls-ca); move ca.key offline")
@@ -282,7 +284,7 @@ def fleet_tls(out_dir, hosts, days, as_json):
 @json_option
 def fleet_keygen(out_file, as_json):
     """Make a device's SuperNode key pair (ECDSA P-384, OpenSSH format) for --auth-keys / --auth-key."""
-    from edgexfer.fleet.deployment import make_node_key
+    from edgexfer.fleet.keys import make_node_key
 
     r = make_node_key(out_file)
     emit(r, as_json, f"key pair {r['private']} (stays on the device) and {r['public']} (to the server's --auth-keys)")

@@ -338,6 +338,18 @@ class HeadFedAvg:
         return Head("prototype", classes, {"P": P.astype(np.float32),
                                            "scale": np.array(global_head.tensors["scale"], dtype=np.float32)})
 
+    def state(self) -> dict[str, Any]:
+        """What the strategy carries from round to round, for a checkpoint (``fleet serve --resume``):
+        ``{"velocity": {class or "*": step}, "rng": the noise generator's state}``."""
+        return {"velocity": {c: np.asarray(v).tolist() for c, v in self._velocity.items()},
+                "rng": self._rng.bit_generator.state}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state` of an earlier run with the same settings."""
+        self._velocity = {str(c): np.asarray(v, dtype=np.float64) for c, v in state.get("velocity", {}).items()}
+        if state.get("rng"):
+            self._rng.bit_generator.state = state["rng"]
+
 
 def update_bytes(arrays: Mapping[str, np.ndarray], config: Mapping[str, str]) -> int:
     """Payload size of one reply (tensor bytes plus config strings), for the round report and the study."""

@@ -24,11 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgexfer.fleet.keys import make_node_key, make_tls  # noqa: F401 (their home before issue 24)
 from edgexfer.fleet.processes import FleetError, parent_death_signal, require_free_port, stop
 from edgexfer.runtime.errors import InputError
 
@@ -229,6 +230,25 @@ def require_secure(tls_dir: Path | None, auth_keys: Path | None, insecure: bool)
                          todo="make them as docs/fleet.md says, or pass --insecure on a test network only")
 
 
+def fresh_workdir(workdir: Path, resume: bool) -> None:
+    """A new working directory for a federation; with ``resume`` only its checkpoints are kept."""
+    if resume:
+        if not any((workdir / "checkpoints").glob("round-*")):
+            raise InputError("there is no federation to resume", got=f"no checkpoint in {workdir / 'checkpoints'}",
+                             expected="a completed round of an earlier fleet serve with the same --out",
+                             todo="start without --resume")
+        for entry in workdir.iterdir():
+            if entry.name != "checkpoints":
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        return
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+
+
 class _Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -250,13 +270,14 @@ def _on_sigterm() -> Callable[[], None]:
 # long: one federation from start to end (checks, SuperLink, keys, App, run, result), each step short
 def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: str = DEFAULT_ADDRESS,
           tls_dir: Path | None = None, val: Path | None = None, auth_keys: Path | None = None, insecure: bool = False,
-          round_timeout: float = 60.0, wait_timeout: float = 300.0, C: float = 1.0, proximal: float = 1.0,
+          resume: bool = False, round_timeout: float = 60.0, wait_timeout: float = 300.0, C: float = 1.0, proximal: float = 1.0,
           momentum: float = 0.8, rows: str = "all", dp_clip: float = 0.0, dp_noise: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a whole federation; returns a summary with the result bundle's path and the round records.
 
     Without ``tls_dir`` and ``auth_keys`` it refuses to start unless ``insecure``. Every path is made
     absolute first. SIGTERM (or SIGKILL: the children get a parent-death signal) stops every Flower
-    process it started; a federation in which no round merged fails and writes no bundle.
+    process it started; a federation in which no round merged fails and writes no bundle. Each completed
+    round is checkpointed beside ``out`` (``.OUT.fleet/checkpoints``); ``resume`` continues from the last.
     """
     import json
 
@@ -275,9 +296,8 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
     if tls_dir is not None:
         check_tls_dir(tls_dir)
     workdir = out.with_name(f".{out.name}.fleet")
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    checkpoints = workdir / "checkpoints"
+    fresh_workdir(workdir, resume)
     val_features = ""
     if val is not None:
         val_path = workdir / "val-features.npz"
@@ -299,7 +319,8 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
         settings = FleetSettings(bundle=str(source.root), out=str(out), rounds=rounds, min_devices=min_devices,
                                  round_timeout=round_timeout, wait_timeout=wait_timeout, val_features=val_features,
                                  C=C, proximal=proximal, momentum=momentum, rows=rows,
-                                 dp_clip=dp_clip, dp_noise=dp_noise, device_names=json.dumps(names, sort_keys=True))
+                                 dp_clip=dp_clip, dp_noise=dp_noise, device_names=json.dumps(names, sort_keys=True),
+                                 checkpoint=str(checkpoints))
         app_dir = workdir / "app"
         app_dir.mkdir()
         # the run's settings are the App's config (Flower refuses run-config keys the App does not declare)
@@ -521,72 +542,3 @@ def federate(state: Path, server: str, *, tls_ca: Path | None = None, auth_key: 
                 process.kill()
                 process.wait()
         _clean_apps(home)
-
-
-# --------------------------------------------------------------------------------------------- keys, TLS
-
-def make_tls(out: Path, hosts: Sequence[str], days: int = 365) -> dict[str, str]:
-    """A CA and a server certificate for the SuperLink (ECDSA P-256), like the openssl commands of docs/fleet.md."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgexfer fleet CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for h in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    private = {"encoding": pem, "format": serialization.PrivateFormat.PKCS8,
-               "encryption_algorithm": serialization.NoEncryption()}
-    files = {"ca.crt": ca.public_bytes(pem), "ca.key": ca_key.private_bytes(**private),
-             "server.pem": cert.public_bytes(pem), "server.key": key.private_bytes(**private)}
-    for name, data in files.items():
-        path = out / name
-        path.write_bytes(data)
-        path.chmod(0o600 if name.endswith(".key") else 0o644)
-    return {name: str(out / name) for name in files}
-
-
-def make_node_key(out: Path) -> dict[str, str]:
-    """A SuperNode's authentication key pair (ECDSA P-384, OpenSSH format): ``out`` and ``out.pub``."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if out.exists():
-        raise InputError("the key file exists", got=str(out), expected="a new path", todo="choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
-    pub = out.with_name(out.name + ".pub")
-    pub.write_bytes(public + f" {out.stem}\n".encode())
-    return {"private": str(out), "public": str(pub)}

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgexfer.fleet import checkpoint
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.federated import (
     HeadFedAvg,
@@ -59,6 +60,7 @@ class FleetSettings:
     dp_noise: float = 0.0  #: central DP: noise multiplier (std = dp_noise·dp_clip/devices)
     max_iter: int = 200
     device_names: str = ""  #: JSON {node id: registered name} (fleet serve's --auth-keys); others are node-ID
+    checkpoint: str = ""  #: directory of a checkpoint per completed round; a run continues from the last one
 
     def namer(self) -> Callable[[int], str]:
         """node id -> the name its key was registered under, else ``node-ID``."""
@@ -79,7 +81,8 @@ class FleetSettings:
                        C=float(get("C", 1.0)), proximal=float(get("proximal", 1.0)),
                        momentum=float(get("momentum", 0.8)), rows=str(get("rows", "all")),
                        dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
-                       max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")))
+                       max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")),
+                       checkpoint=str(get("checkpoint", "")))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
                              expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
@@ -89,7 +92,7 @@ class FleetSettings:
                 "round-timeout": self.round_timeout, "wait-timeout": self.wait_timeout,
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
                 "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter,
-                "device-names": self.device_names}
+                "device-names": self.device_names, "checkpoint": self.checkpoint}
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -144,6 +147,16 @@ def require_a_merged_round(rounds: list[dict[str, Any]], min_devices: int) -> No
             todo="see each round's rejected and silent devices; no bundle was written")
 
 
+def _resume(settings: FleetSettings, head: Head, strategy: HeadFedAvg, sha: str,
+            log: Callable[[str], None]) -> tuple[Head, list[dict[str, Any]], int]:
+    """(head, round records, fleet samples) of the last checkpoint, or of a new federation."""
+    found = checkpoint.load(Path(settings.checkpoint), sha, strategy) if settings.checkpoint else None
+    if found is None:
+        return head, [], 0
+    log(f"fleet resume after_round={len(found.rounds)} checkpoint={settings.checkpoint}")
+    return found.head, found.rounds, found.fleet_samples
+
+
 def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``settings.rounds`` rounds on ``grid`` and write the result bundle; returns the record."""
     from edgexfer.fleet.result_bundle import write_result_bundle
@@ -173,9 +186,9 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         time.sleep(0.5)
 
     name = settings.namer()
-    rounds: list[dict[str, Any]] = []
-    fleet_samples = 0  # the last round's total: devices scale their L2 strength to their share of it
-    for server_round in range(1, settings.rounds + 1):
+    # fleet_samples: the last round's total: devices scale their L2 strength to their share of it
+    head, rounds, fleet_samples = _resume(settings, head, strategy, sha, log)
+    for server_round in range(len(rounds) + 1, settings.rounds + 1):
         started = time.perf_counter()
         nodes = sorted(grid.get_node_ids())
         messages = [_round_message(head, settings, sha, node, server_round, fleet_samples) for node in nodes]
@@ -210,6 +223,8 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
                   "seconds": round(seconds, 3), "val_accuracy": accuracy, "devices": devices,
                   "merged": len(result.accepted) >= settings.min_devices}
         rounds.append(record)
+        if settings.checkpoint:
+            checkpoint.save(Path(settings.checkpoint), head, rounds, fleet_samples, strategy, sha)
         log(f"fleet round={server_round}/{settings.rounds} asked={len(nodes)} merged={len(result.accepted)} "
             f"empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
             + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"

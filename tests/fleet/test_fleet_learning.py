@@ -323,3 +323,41 @@ def test_supernode_without_a_registered_key_is_refused_over_tls(fleet8, device_b
     superlink = (tmp_path / ".out.fleet" / "superlink.log").read_text(errors="replace")
     assert "Attempted to register SuperNode with public key" in superlink
     assert "Failed to activate" not in (tmp_path / "node-1.log").read_text(errors="replace")
+
+
+def test_serve_resumes_after_a_sigkill_from_its_last_round_and_ends_with_the_same_head(fleet8, device_bundle, tmp_path):
+    """Acceptance (issue 24): --resume after a SIGKILL of fleet serve ends with the head of an uninterrupted run."""
+    import signal
+
+    states = fleet8.states[:2]
+    args = ("--bundle", str(device_bundle), "--rounds", "3", "--min-devices", "2", "--round-timeout", "60",
+            "--wait-timeout", "120", "--insecure")
+
+    def federation(root, *extra, kill_after_round=None):
+        root.mkdir()
+        deployment = Deployment(root)
+        try:
+            deployment.serve(*args, *extra)
+            for state in states:
+                deployment.join(state, "--insecure")
+            if kill_after_round is None:
+                return deployment.result(timeout=240)
+            deployment.wait_for_log(f"fleet round={kill_after_round}/3", timeout=180)
+            os.kill(deployment.server.pid, signal.SIGKILL)  # no cleanup, no goodbye
+            deployment.server.wait()
+            return None
+        finally:
+            deployment.close()
+
+    code, _ = federation(tmp_path / "whole", "--out", str(tmp_path / "whole-out"))
+    assert code == 0
+    federation(tmp_path / "killed", "--out", str(tmp_path / "out"), kill_after_round=2)
+    assert not (tmp_path / "out").exists()
+    code, out = federation(tmp_path / "resumed", "--out", str(tmp_path / "out"), "--resume")
+    assert code == 0, (tmp_path / "resumed" / "serve.log").read_text()[-3000:]
+    assert "fleet resume after_round=2" in (tmp_path / "resumed" / "serve.log").read_text()
+    assert [r["round"] for r in json.loads(out)["rounds"]] == [1, 2, 3]
+    whole, resumed = Bundle.open(tmp_path / "whole-out").head(), Bundle.open(tmp_path / "out").head()
+    assert whole.classes == resumed.classes
+    for name, tensor in whole.tensors.items():  # the merge sums devices in node-id order: last bits may differ
+        np.testing.assert_allclose(resumed.tensors[name], tensor, rtol=1e-5, atol=1e-6)
