@@ -12,8 +12,11 @@ accurate than the active head on the holdout, and fits the candidate's temperatu
 Two heads on the same samples are compared with McNemar's exact test (:func:`mcnemar_worse`): only
 the samples on which exactly one head is right carry information, and under "both heads are equally
 good" each of them goes either way with probability 1/2. The test is one-sided: it asks whether the
-new head is *significantly worse*, not whether the two differ. Below :data:`MIN_HOLDOUT_SAMPLES` no
-comparison is made at all: one sample would be worth more than any difference worth detecting.
+new head is *significantly worse*, not whether the two differ. Below :data:`MIN_HOLDOUT_SAMPLES` holdout
+samples the test cannot decide (among 5 discordant samples all 5 must favour the previous head); the
+update health check then compares the two heads' accuracy on **all** the device's labelled samples,
+with :data:`SMALL_SAMPLE_TOLERANCE` (:func:`accuracy_worse`), as retrain's gate does on its few-shot
+samples.
 """
 from __future__ import annotations
 
@@ -42,6 +45,12 @@ MIN_HOLDOUT_SAMPLES = 20
 ALPHA = 0.05
 #: retrain's gate: the new head may be at most this much less accurate than the active one on the holdout
 DEFAULT_TOLERANCE = 0.01
+#: the update health check below MIN_HOLDOUT_SAMPLES holdout samples: a signed head may be at most this much
+#: less accurate than the active one on all the device's labelled samples. Wider than retrain's: the active
+#: head may have been trained on some of them (it is favoured there), and one sample of 11 is 9 points, so
+#: a head may lose one sample in ten to the active head, not two (issue 24: a poisoned fleet head 25 points
+#: worse on held-out images installed because the check was skipped below 20 holdout samples)
+SMALL_SAMPLE_TOLERANCE = 0.1
 #: below this many holdout samples, retrain does not fit the new head's temperature
 MIN_TEMPERATURE_SAMPLES = 10
 
@@ -200,6 +209,45 @@ def mcnemar_worse(previous_correct: np.ndarray, new_correct: np.ndarray, alpha: 
     return PairedComparison(samples=n, accuracy_new=float(new.mean()) if n else 0.0,
                             accuracy_previous=float(prev.mean()) if n else 0.0, previous_only=previous_only,
                             new_only=new_only, p_value=mcnemar_p_value(previous_only, new_only), alpha=float(alpha))
+
+
+@dataclass(frozen=True)
+class AccuracyComparison:
+    """Two heads on the same (few) samples: the new head fails if it is more than ``tolerance`` less accurate."""
+
+    samples: int
+    accuracy_new: float
+    accuracy_previous: float
+    previous_only: int  #: samples only the previous head gets right
+    new_only: int  #: samples only the new head gets right
+    tolerance: float
+
+    @property
+    def new_is_worse(self) -> bool:
+        # in whole samples, so that float rounding of the two accuracies cannot decide
+        return self.previous_only - self.new_only > self.tolerance * self.samples
+
+    def describe(self) -> str:
+        verdict = "more" if self.new_is_worse else "not more"
+        return (f"accuracy on all {self.samples} labelled samples {self.accuracy_new:.3f} new vs "
+                f"{self.accuracy_previous:.3f} previous ({self.previous_only} only the previous head gets right, "
+                f"{self.new_only} only the new one): {verdict} than {self.tolerance:.2f} worse")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "new_is_worse": self.new_is_worse}
+
+
+def accuracy_worse(previous_correct: np.ndarray, new_correct: np.ndarray,
+                   tolerance: float = SMALL_SAMPLE_TOLERANCE) -> AccuracyComparison:
+    """Is the new head more than ``tolerance`` less accurate than the previous one on these samples?"""
+    prev = np.asarray(previous_correct, dtype=bool)
+    new = np.asarray(new_correct, dtype=bool)
+    if prev.shape != new.shape or prev.ndim != 1 or not len(prev):
+        raise InputError("accuracy comparison needs one result per sample from each head",
+                         got=f"shapes {prev.shape} and {new.shape}", expected="two equal, non-empty 1-D arrays")
+    return AccuracyComparison(samples=len(prev), accuracy_new=float(new.mean()), accuracy_previous=float(prev.mean()),
+                              previous_only=int(np.sum(prev & ~new)), new_only=int(np.sum(new & ~prev)),
+                              tolerance=float(tolerance))
 
 
 @dataclass(frozen=True)

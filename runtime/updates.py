@@ -16,11 +16,12 @@ switch        ``active.json`` points to the new head (atomic rename)
 health-check  (1) the new head on the bundle's stored golden reference features reproduces the signed
               logits within the fp32 tolerance (head integrity); (2) the device's engine, at the
               device's precision, plus the new head reproduces them within that precision's tolerance
-              (:func:`edgexfer.runtime.compare.tolerance_for`); (3) only when the device's labelled
+              (:func:`edgexfer.runtime.compare.tolerance_for`); (3) when the device's labelled
               holdout (the split ``retrain`` uses) has at least 20 samples: the new head is rolled back
               if it is significantly worse than the previous one there (one-sided exact McNemar test,
-              p <= 0.05). Otherwise no local comparison is made and the report says why; the
-              publisher's signed validation figures stand
+              p <= 0.05); with fewer, it is rolled back if it is more than 10 points less accurate on
+              all the device's labelled samples; with none, no local comparison is made and the report
+              says why (the publisher's signed validation figures stand)
 commit        the head is marked accepted and its update version stored in ``trust/accepted.json``
               (anti-rollback); on failure the old active pair is restored and the head's sha256 is
               recorded in ``trust/rejected.json`` so it is never tried again
@@ -53,7 +54,15 @@ from edgexfer.runtime.errors import EdgexferError, HeadError
 from edgexfer.runtime.fsutil import PRIVATE_FILE, file_sha256, private_dir, write_atomic
 from edgexfer.runtime.golden import golden_inputs
 from edgexfer.runtime.heads import Head
-from edgexfer.runtime.holdout import ALPHA, MIN_HOLDOUT_SAMPLES, LocalSplit, correct, mcnemar_worse
+from edgexfer.runtime.holdout import (
+    ALPHA,
+    MIN_HOLDOUT_SAMPLES,
+    SMALL_SAMPLE_TOLERANCE,
+    LocalSplit,
+    accuracy_worse,
+    correct,
+    mcnemar_worse,
+)
 from edgexfer.runtime.manifest import check_relative_path
 from edgexfer.runtime.optional import require
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
@@ -282,9 +291,12 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
        logits within the fp32 tolerance;
     2. engine: this device's engine at ``precision`` plus the candidate reproduces them within that
        precision's tolerance (a broken engine or head fails; a head with more classes passes);
-    3. local: the previous and the candidate head on the device's labelled holdout, only when it has
-       at least :data:`~edgexfer.runtime.holdout.MIN_HOLDOUT_SAMPLES` samples; the candidate fails if it
-       is significantly worse (one-sided exact McNemar test at :data:`~edgexfer.runtime.holdout.ALPHA`).
+    3. local: the previous and the candidate head on the device's own labelled samples: with at least
+       :data:`~edgexfer.runtime.holdout.MIN_HOLDOUT_SAMPLES` holdout samples the candidate fails if it is
+       significantly worse there (one-sided exact McNemar test at :data:`~edgexfer.runtime.holdout.ALPHA`);
+       with fewer, if it is more than :data:`~edgexfer.runtime.holdout.SMALL_SAMPLE_TOLERANCE` less
+       accurate on all the labelled samples (a poisoned fleet head must not pass a device for want of a
+       holdout); with no labelled sample, not compared.
     """
     from edgexfer.runtime.device import Device
 
@@ -318,7 +330,8 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
     local = _local_comparison(state, active, bundle, previous, new)
     figures["local"] = local
     if local.get("new_is_worse"):
-        failures.append(f"new head worse on the local holdout: {local['reason']}")
+        where = "holdout" if local.get("method") == "holdout" else "labelled samples"
+        failures.append(f"new head worse on the local {where}: {local['reason']}")
     if failures:
         return False, figures, "; ".join(failures)
     return True, figures, f"health check passed; {local['reason']}"
@@ -326,7 +339,12 @@ def health_check(state: DeviceState, active: ActiveState, candidate: int, *, bac
 
 def _local_comparison(state: DeviceState, active: ActiveState, bundle: Bundle, previous: Head | None,
                       new: Head) -> dict[str, Any]:
-    """The previous and the new head on the device's labelled holdout, when that means something."""
+    """The previous and the new head on the device's own labelled samples.
+
+    From :data:`MIN_HOLDOUT_SAMPLES` holdout samples on: McNemar's test on the holdout. Below that, on
+    all the labelled samples (holdout and training), the new head failing if it is more than
+    :data:`SMALL_SAMPLE_TOLERANCE` less accurate (:func:`~edgexfer.runtime.holdout.accuracy_worse`).
+    """
     if previous is None:
         return {"compared": False, "holdout_count": 0,
                 "reason": "local comparison skipped: no previous head to compare with"}
@@ -336,13 +354,19 @@ def _local_comparison(state: DeviceState, active: ActiveState, bundle: Bundle, p
     hold = split.hold
     out: dict[str, Any] = {"holdout_count": int(len(hold)), "holdout_digest": split.digest,
                            "min_holdout_count": MIN_HOLDOUT_SAMPLES}
-    if len(hold) < MIN_HOLDOUT_SAMPLES:
+    if len(hold) >= MIN_HOLDOUT_SAMPLES:
+        X, y = split.holdout_features, split.holdout_labels
+        paired = mcnemar_worse(correct(previous, X, y), correct(new, X, y), ALPHA)
+        return {**out, "compared": True, "method": "holdout", **paired.to_dict(), "reason": paired.describe()}
+    if not split.labels:
         return {**out, "compared": False,
-                "reason": f"local comparison skipped: {len(hold)} holdout samples < {MIN_HOLDOUT_SAMPLES}; "
-                          "the publisher's signed figures stand"}
-    X, y = split.holdout_features, split.holdout_labels
-    paired = mcnemar_worse(correct(previous, X, y), correct(new, X, y), ALPHA)
-    return {**out, "compared": True, **paired.to_dict(), "reason": paired.describe()}
+                "reason": "local comparison skipped: no labelled samples on the device; the publisher's signed "
+                          "figures stand"}
+    # too few held out for a test: a head much worse on the device's own samples is refused all the same
+    X, y = split.features, split.labels
+    few = accuracy_worse(correct(previous, X, y), correct(new, X, y), SMALL_SAMPLE_TOLERANCE)
+    return {**out, "compared": True, "method": "all-samples", **few.to_dict(),
+            "reason": f"{few.describe()} ({len(hold)} holdout samples < {MIN_HOLDOUT_SAMPLES})"}
 
 
 # -------------------------------------------------------------------------------------------- update

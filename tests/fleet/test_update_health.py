@@ -41,18 +41,30 @@ def _rescaled(head: Head, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the local holdout
-def test_small_holdout_skips_the_local_comparison_and_says_so(repo, server, bundle, make_device, tmp_path):
-    """9 holdout samples cannot tell two heads apart: the signed figures stand, the report says why."""
+def test_small_holdout_compares_on_all_labelled_samples(repo, server, bundle, make_device, tmp_path):
+    """9 holdout samples cannot decide McNemar's test: the heads are compared on all 36 labelled samples. A
+    signed head that does not know "drums", a class the device learned, gets its drums wrong: rolled back."""
     state = make_device()
     _learn(state, 12, {"fruit": "fruit", "tools": "tools", "music": "drums"})
     with Device(state) as dev:
-        dev.retrain()  # accepted or not: the holdout is what matters here
-    published = repo.publish(variant_head(bundle, tmp_path / "v.safetensors"), group="all", bundle=bundle.root)
+        retrained = dev.retrain()
+    assert retrained.accepted and "drums" in DeviceState(state).load_head(DeviceState(state).active().head).classes
+    repo.publish(variant_head(bundle, tmp_path / "v.safetensors"), group="all", bundle=bundle.root)
     r = update(state, server.url, root=repo.root_path())
+    assert r.status == "rolled-back", r
+    local = r.health["local"]
+    assert local["compared"] and local["method"] == "all-samples" and local["holdout_count"] == 9
+    assert local["samples"] == 36 and local["new_is_worse"]
+    assert local["previous_only"] - local["new_only"] > 0.1 * 36 and local["accuracy_new"] <= 2 / 3  # drums
+    assert r.reason.endswith("(9 holdout samples < 20)") and "new head worse on the local labelled samples" in r.reason
+    # a head that decides as the active one does passes the same comparison, and the report says how it was judged
+    current = DeviceState(state).load_head(DeviceState(state).active().head)
+    published = repo.publish(_rescaled(current, tmp_path / "same.safetensors"), group="all", bundle=bundle.root)
+    r = update(state, server.url)
     assert r.status == "updated", r
-    assert r.reason == ("health check passed; local comparison skipped: 9 holdout samples < 20; "
-                        "the publisher's signed figures stand")
-    assert r.health["local"]["compared"] is False and r.health["local"]["holdout_count"] == 9
+    assert r.reason.startswith("health check passed; accuracy on all 36 labelled samples ")
+    assert r.reason.endswith("(0 only the previous head gets right, 0 only the new one): not more than 0.10 worse "
+                             "(9 holdout samples < 20)")
     assert r.health["publisher"] == json.loads(published["metrics"])
     assert DeviceState(state).head_record(r.active_head).status == "accepted"
 
@@ -129,7 +141,7 @@ def test_head_with_more_classes_reaches_the_device(three_then_six_classes, tmp_p
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
     assert r["status"] == "updated" and r["active_head"] == 2, r
-    assert r["reason"].startswith("health check passed; local comparison skipped: 0 holdout samples < 20")
+    assert r["reason"].startswith("health check passed; local comparison skipped: no labelled samples on the device")
     assert r["health"]["engine"]["outputs"]["logits"]["top1_agreement"] == 1.0
     with Device(state) as dev:
         status = dev.status()
@@ -151,3 +163,46 @@ def test_publish_refuses_a_bundle_of_another_backbone(repo, bundle, tmp_path, re
     (other / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     with pytest.raises(HeadsRepoError, match=r"^the bundle has another backbone than the head \| got bundle backbone"):
         repo.publish(bundle.root, bundle=other)
+
+
+# ------------------------------------------------------------------------------------------ a poisoned fleet head
+def _poisoned(bundle, path: Path, classes: list[str]) -> Path:
+    """The bundle's head with the rows of ``classes`` rotated among them: intact, signed, and wrong on them."""
+    head = bundle.head()
+    order = list(range(len(head.classes)))
+    where = [head.classes.index(c) for c in classes]
+    for i, j in zip(where, where[1:] + where[:1]):
+        order[i] = j
+    W, b = head.tensors["W"][order], head.tensors["b"][order]
+    Head(head.kind, head.classes, {"W": W, "b": b}, head.temperature).save(path)
+    return path
+
+
+def test_a_poisoned_fleet_head_is_refused_by_a_device_with_11_labelled_samples(repo, server, bundle, make_device,
+                                                                               tmp_path):
+    """Issue 24: a fleet head signed with ``fleet_samples: 54000043`` and 0.595 accuracy (the active head
+    0.845) installed, because the device had fewer than 20 holdout samples and skipped the comparison.
+    Now it is compared on all 11 labelled samples and rolled back; a head as good as the active one passes."""
+    state = make_device()
+    with Device(state) as dev:
+        for folder, n in (("fruit", 4), ("tools", 4), ("music", 3)):
+            dev.learn(sorted((DEMO / folder).iterdir())[:n], folder)
+    repo.publish(variant_head(bundle, tmp_path / "good.safetensors", scale=1.02), group="all", bundle=bundle.root,
+                 metrics={"fleet_samples": 412, "val_accuracy": 0.845})
+    good = update(state, server.url, root=repo.root_path())
+    assert good.status == "updated", good
+    assert good.health["local"]["method"] == "all-samples" and good.health["local"]["samples"] == 11
+    assert not good.health["local"]["new_is_worse"] and good.health["local"]["holdout_count"] < MIN_HOLDOUT_SAMPLES
+    active = DeviceState(state).active()
+
+    poisoned = _poisoned(bundle, tmp_path / "poisoned.safetensors", ["fruit", "tools", "hardware"])
+    repo.publish(poisoned, group="all", bundle=bundle.root, metrics={"fleet_samples": 54000043, "val_accuracy": 0.595})
+    r = update(state, server.url)
+    assert r.status == "rolled-back", r
+    local = r.health["local"]
+    assert local["compared"] and local["method"] == "all-samples" and local["new_is_worse"]
+    assert local["samples"] == 11 and local["accuracy_new"] < local["accuracy_previous"] - 0.1
+    assert "new head worse on the local labelled samples: accuracy on all 11 labelled samples" in r.reason
+    assert r.health["integrity"]["passed"] and r.health["engine"]["passed"]  # signed and intact: only wrong
+    assert r.health["publisher"]["fleet_samples"] == 54000043
+    assert DeviceState(state).active() == active
