@@ -15,7 +15,12 @@ head was trained on); the rest spread over the devices so that each device holds
 a class's images split evenly among the devices holding it. Central: ``fit_linear`` (the host's trainer)
 on the union of the devices' samples. Bytes: the float32 tensors plus the strings of each message.
 
+Robustness (``--attacks``, issue 24 D3): device 0 of 4 lies (:data:`ATTACKS`, :func:`lie`); accuracy per
+round for each start head (zero, the bundle's, its first half of classes: the devices add the others)
+and split seed 0-3, against the honest fleet and the fleet without the device (``absent``).
+
 Usage: python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR [--rounds 20] [--devices 8 32] [--out benchmarks/results]
+       python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR --attacks --rounds 5
 """
 from __future__ import annotations
 
@@ -83,13 +88,48 @@ def zero_head(head: Head) -> Head:
     return Head(head.kind, head.classes, {k: np.zeros_like(v) for k, v in head.tensors.items()})
 
 
+#: how the lying device (device 0) of the robustness runs answers: (claimed count per class, its tensors)
+ATTACKS = ("d3", "huge-norm", "sign-flip", "counts", "absent")
+
+
+def lie(attack: str, global_head: Head, local: Head, counts: dict[str, int]) -> tuple[Head, dict[str, int]]:
+    """Device 0's reply in a robustness run, made from its honest round (``local``, ``counts``).
+
+    ``d3``: issue 24's D3, 9,000,000 samples claimed per class and every tensor scaled by -50;
+    ``huge-norm``: its step from the global head times 1000, honest counts; ``sign-flip``: its step
+    negated, 9,000,000 samples per class; ``counts``: honest tensors, 9,000,000 samples per class;
+    ``absent``: no samples (the device is not merged), the reference a liar is measured against.
+    """
+    huge = {c: 9_000_000 for c in local.classes}
+    if attack == "absent":  # the reference: what the fleet loses without the device's samples
+        return global_head, {c: 0 for c in global_head.classes}
+    if attack == "counts":
+        return local, huge
+    if attack == "d3":
+        return Head(local.kind, local.classes, {k: (-50 * v).astype(np.float32) for k, v in local.tensors.items()}), huge
+    factor = 1000.0 if attack == "huge-norm" else -1.0
+    known = global_head.num_classes
+    tensors = {}
+    for k, v in local.tensors.items():
+        t = v.astype(np.float64).copy()
+        t[:known] = global_head.tensors[k] + factor * (t[:known] - global_head.tensors[k])
+        tensors[k] = t.astype(np.float32)
+    return Head(local.kind, local.classes, tensors), (counts if attack == "huge-norm" else huge)
+
+
+def half_head(head: Head) -> Head:
+    """The head's first half of classes only: the devices hold the others too, and add them (new classes)."""
+    keep = len(head.classes) // 2
+    return Head(head.kind, head.classes[:keep], {k: v[:keep] for k, v in head.tensors.items()})
+
+
 def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, proximal: float, momentum: float,
              rows: str = "all", start: str = "zero", dp_clip: float | None = None, dp_noise: float = 0.0,
-             quiet: bool = False):
-    val, parts = split(labels, names, n_devices)
-    head = bundle.head() if start == "bundle" else zero_head(bundle.head())
+             quiet: bool = False, attack: str | None = None, seed: int = 0):
+    val, parts = split(labels, names, n_devices, seed)
+    head = {"bundle": bundle.head, "zero": lambda: zero_head(bundle.head()), "half": lambda: half_head(bundle.head())}[start]()
     sha = bundle.manifest.backbone.sha256
-    classes = head.classes
+    classes = tuple(bundle.head().classes)
     union = np.concatenate(parts)
     central = fit_linear(X[union], np.array([classes.index(c) for c in labels[union]]), classes)
     strategy = HeadFedAvg(min_devices=1, rows=rows, momentum=momentum, dp_clip=dp_clip, dp_noise=dp_noise, seed=0)
@@ -105,6 +145,8 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
             t = time.perf_counter()
             local, counts, _ = train_on_samples(head, X[p], list(labels[p]), proximal=proximal, rows=rows,
                                                 fleet_samples=fleet_samples)
+            if attack and k == 0:
+                local, counts = lie(attack, head, local, counts)
             train_seconds.append(time.perf_counter() - t)
             arrays, config = pack_update(local, counts, sha)
             up_bytes.append(update_bytes(arrays, config))
@@ -113,7 +155,7 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
         result = strategy.aggregate(head, updates)
         aggregate_seconds = time.perf_counter() - t
         head = result.head
-        fleet_samples = int(sum(result.counts.values()))
+        fleet_samples = result.fleet_samples
         out["rounds"].append({
             "round": r, "accuracy": accuracy(head, X[val], labels[val]),
             "bytes_up_per_device": int(np.mean(up_bytes)), "bytes_down_per_device": update_bytes(down_arrays, down_config),
@@ -156,6 +198,33 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def robustness(bundle: Bundle, X, labels, names, args, cpu) -> None:
+    """One lying device (device 0) against the merge: accuracy per round, honest and for each attack."""
+    devices = args.devices if args.devices != [8, 32] else [4]
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for n in devices:
+            for seed in range(4):
+                for start in ("zero", "half", "bundle"):
+                    for attack in ("honest", *ATTACKS):
+                        run = simulate(bundle, X, labels, names, n, args.rounds, proximal=args.proximal,
+                                       momentum=args.momentum, start=start, quiet=True, seed=seed,
+                                       attack=None if attack == "honest" else attack)
+                        acc = [round(r["accuracy"], 4) for r in run["rounds"]]
+                        runs.append({"devices": n, "seed": seed, "start": start, "attack": attack,
+                                     "central_accuracy": run["central_accuracy"], "accuracy_per_round": acc})
+                        print(f"{n} devices seed {seed} start {start:6s} {attack:9s} "
+                              f"{' '.join(f'{a:.3f}' for a in acc)}", flush=True)
+    results = {"study": "fleet_robustness", "method": "in-process simulation of the deployment's code (no Ray)",
+               "settings": {"proximal": args.proximal, "momentum": args.momentum, "rows": "all", "rounds": args.rounds},
+               "environment": {"cpu_model": cpu.model, "isa_flags": list(cpu.flags),
+                               "date": datetime.date.today().isoformat()}, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet_robustness.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out / 'fleet_robustness.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -173,12 +242,18 @@ def main() -> None:
                         help="clipping norm of the differential-privacy runs (device steps measured 0.2-0.6)")
     parser.add_argument("--dp-noise", type=float, nargs="*", default=[0.0, 0.1, 0.3, 1.0],
                         help="noise multipliers of the differential-privacy runs (none: skip them)")
+    parser.add_argument("--attacks", action="store_true",
+                        help="instead: one lying device of --devices (default 4) for each attack of ATTACKS, from "
+                             "each start head and split seed 0-3; writes fleet_robustness.json")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     bundle = Bundle.open(args.bundle)
     with tempfile.TemporaryDirectory() as tmp:
         X, labels, names = features_of(bundle, args.data, Path(tmp) / "features.npz")
     cpu = cpu_features()
+    if args.attacks:
+        robustness(bundle, X, labels, names, args, cpu)
+        return
     results = {"study": "fleet_study", "method": "in-process simulation of the deployment's code (no Ray)",
                "settings": {"proximal": args.proximal, "momentum": args.momentum, "rows": "all", "C": 1.0,
                             "start": args.start},

@@ -216,7 +216,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         result = strategy.aggregate(head, updates, rejected)
         head = result.head
         if result.accepted:
-            fleet_samples = int(sum(result.counts.values()))
+            fleet_samples = result.fleet_samples
         seconds = time.perf_counter() - started
         accuracy = validation_accuracy(head, *val) if val is not None else None
         record = {"round": server_round, "asked": len(nodes), **result.report(), "silent": silent,

@@ -50,9 +50,12 @@ def test_holders_policy_averages_each_row_over_only_the_devices_holding_its_clas
                HeadUpdate("b", b, {"cat": 30, "dog": 0, "fox": 0})]
     result = HeadFedAvg(rows="holders").aggregate(GLOBAL, updates)
     W, bias = result.head.tensors["W"], result.head.tensors["b"]
-    # cat: (10·1 + 30·4) / 40; dog: only device a holds it; fox: nobody, the global row stays
-    np.testing.assert_allclose(W[0], 3.25)
-    np.testing.assert_allclose(bias[0], 3.25)
+    # b's step is 4 times a's: clipped to 1.5 times the lower median step (a's), so its rows count as 1.5;
+    # cat: its holders' counts capped at their lower median (10, 10): (1 + 1.5) / 2; dog: only device a
+    # holds it; fox: nobody, the global row stays
+    assert result.clipped == {"b": 0.375}
+    np.testing.assert_allclose(W[0], 1.25)
+    np.testing.assert_allclose(bias[0], 1.25)
     np.testing.assert_allclose(W[1], 1.0)
     np.testing.assert_allclose(bias[1], 1.0)
     np.testing.assert_allclose(W[2], 0.0)
@@ -63,17 +66,24 @@ def test_holders_policy_averages_each_row_over_only_the_devices_holding_its_clas
 
 def test_all_policy_is_fedavg_of_every_known_row_weighted_by_device_samples_with_server_momentum():
     a = linear(np.full((3, D), 1.0), [1.0, 1.0, 1.0])
-    b = linear(np.full((3, D), 4.0), [4.0, 4.0, 4.0])
+    b = linear(np.full((3, D), 1.2), [1.2, 1.2, 1.2])
+    c = linear(np.full((3, D), 2.0), [2.0, 2.0, 2.0])
     updates = [HeadUpdate("a", a, {"cat": 10, "dog": 30, "fox": 0}),  # 40 samples
-               HeadUpdate("b", b, {"cat": 20, "dog": 0, "fox": 0})]  # 20 samples
+               HeadUpdate("b", b, {"cat": 20, "dog": 0, "fox": 0}),  # 20 samples
+               HeadUpdate("c", c, {"cat": 5, "dog": 5, "fox": 0})]  # 10 samples
     strategy = HeadFedAvg(rows="all", momentum=0.5)
-    first = strategy.aggregate(GLOBAL, updates).head
-    np.testing.assert_allclose(first.tensors["W"], 2.0)  # (40·1 + 20·4) / 60, fox too: both trained it
-    np.testing.assert_allclose(first.tensors["b"], 2.0)
-    # the same replies again: step 2 - 2 = 0, plus half the previous step (2)
-    second = strategy.aggregate(first, [HeadUpdate("a", linear(np.full((3, D), 2.0), [2.0] * 3), {"cat": 1, "dog": 1}),
-                                        HeadUpdate("b", linear(np.full((3, D), 2.0), [2.0] * 3), {"cat": 1})]).head
-    np.testing.assert_allclose(second.tensors["W"], 3.0)
+    result = strategy.aggregate(GLOBAL, updates)
+    first = result.head
+    # a's 40 samples weigh as the median device's 20; c's step (2) is clipped to 1.5 times the median step (1.2)
+    assert result.weights == {"a": 20.0, "b": 20.0, "c": 10.0} and result.fleet_samples == 50
+    assert result.clipped == {"c": 0.9}
+    np.testing.assert_allclose(first.tensors["W"], (20 * 1 + 20 * 1.2 + 10 * 1.8) / 50, rtol=1e-6)  # fox too
+    np.testing.assert_allclose(first.tensors["b"], 1.24, rtol=1e-6)
+    # replies equal to the merged head: step 0, plus half the previous step (1.24)
+    same = linear(np.full((3, D), 1.24), [1.24] * 3)
+    second = strategy.aggregate(first, [HeadUpdate("a", same, {"cat": 1, "dog": 1}),
+                                        HeadUpdate("b", same, {"cat": 1})]).head
+    np.testing.assert_allclose(second.tensors["W"], 1.86, rtol=1e-6)
 
 
 def test_a_class_new_to_the_fleet_is_added_after_the_global_classes_in_name_order():
@@ -81,18 +91,21 @@ def test_a_class_new_to_the_fleet_is_added_after_the_global_classes_in_name_orde
     a = linear(np.arange(5 * D).reshape(5, D), np.arange(5), wide)
     result = HeadFedAvg().aggregate(GLOBAL, [HeadUpdate("a", a, {"cat": 3, "dog": 3, "fox": 0, "owl": 5, "bee": 2})])
     assert result.head.classes == ("cat", "dog", "fox", "bee", "owl")
-    np.testing.assert_allclose(result.head.tensors["W"][3], a.tensors["W"][4])  # bee
-    np.testing.assert_allclose(result.head.tensors["W"][4], a.tensors["W"][3])  # owl
+    # a new row (W, b) is scaled down to the norm of the largest known row of the merged head (fox's here)
+    bound = np.linalg.norm(np.append(a.tensors["W"][2], a.tensors["b"][2]))
+    for row, source in ((3, 4), (4, 3)):  # bee, owl
+        full = np.append(a.tensors["W"][source], a.tensors["b"][source])
+        np.testing.assert_allclose(result.head.tensors["W"][row], full[:-1] * bound / np.linalg.norm(full), rtol=1e-5)
     assert result.added_classes == ["bee", "owl"]
 
 
-def test_prototypes_merge_as_count_weighted_class_means():
+def test_prototypes_merge_as_class_means_weighted_by_counts_capped_at_the_median():
     g = prototype(np.eye(3, D))
     a = prototype([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
     b = prototype([[0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]])
     result = HeadFedAvg().aggregate(g, [HeadUpdate("a", a, {"cat": 1, "dog": 1, "fox": 0}),
                                         HeadUpdate("b", b, {"cat": 3, "dog": 1, "fox": 0})])
-    expected = np.array([1.0, 0, 0, 3.0]) / np.sqrt(10.0)
+    expected = np.array([1.0, 0, 0, 1.0]) / np.sqrt(2.0)  # b's 3 samples of cat weigh as a's 1
     np.testing.assert_allclose(result.head.tensors["P"][0], expected, atol=1e-6)
     assert float(result.head.tensors["scale"]) == 10.0
 
