@@ -180,24 +180,29 @@ SIGINT_IMAGES = 200
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="needs POSIX signals")
 def test_sigint_keeps_the_finished_batches_and_the_rerun_runs_the_backbone_on_the_rest(installed, tmp_path):
     folder = tmp_path / "in"
-    _write_pngs(folder, SIGINT_IMAGES)
+    paths = _write_pngs(folder, SIGINT_IMAGES)
     root = _clone(installed, tmp_path / "state")
     cache_path = root / "features.sqlite"
-    child = subprocess.Popen([sys.executable, "-m", "edgexfer.cli", "device", "learn", str(folder), "--label", "noise",
-                              "--state", str(root), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the paths come on stdin (--from-list -): after two batches' worth the learner waits for more, and the
+    # SIGINT lands while it waits, however fast or loaded the machine (a poll racing a running learner could
+    # see it finish first)
+    child = subprocess.Popen([sys.executable, "-m", "edgexfer.cli", "device", "learn", "--from-list", "-", "--label",
+                              "noise", "--state", str(root), "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdin.write("".join(f"{p}\n" for p in paths[:32]))
+    child.stdin.flush()
     deadline = time.monotonic() + 120
     committed = 0
-    while child.poll() is None and time.monotonic() < deadline:
+    while child.poll() is None and time.monotonic() < deadline and committed < 32:
         committed = sum(n for (n,) in _raw(cache_path, "SELECT members FROM label_stats WHERE label = 'noise'"))
-        if committed >= 32:  # two batches of 16 are in: interrupt the rest
-            child.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.02)
+        time.sleep(0.05)
+    assert committed == 32, f"two batches of 16 were not committed: {committed} (exit {child.poll()})"
+    child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130, f"the learner was not interrupted in time: exit {child.returncode}\n{err[-2000:]}"
     assert "interrupted:" in err and "the same command again skips" in err
     kept, orphans = _learned(root)
-    assert orphans == [] and len(kept) % 16 == 0 and 32 <= len(kept) < SIGINT_IMAGES
+    assert orphans == [] and len(kept) == 32
     partial = json.loads(out)
     assert partial["interrupted"] and partial["added"] == len(kept)
 
