@@ -43,6 +43,7 @@ Not thread-safe: the batcher (one asyncio task) is its only user.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,8 @@ PROBE_SHARE = 0.01
 MARGIN = 0.1
 #: a window ends after this many seconds of measured calls (and at least 2 calls), even if short of samples
 WINDOW_SECONDS = 0.5
+#: a window that counted no call for this many seconds starts again under the best cap (traffic paused)
+IDLE_SECONDS = 1.0
 #: a window of the chosen cap this far (relative) from its estimate: the load changed, probe the others soon
 CHANGE = 0.5
 
@@ -116,6 +119,8 @@ class BatchSizer:
         self._skip = 0  # samples still to drop at the start of the window
         self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
         self._since_probe = 0.0  # seconds of batches under the best cap since the last probe window
+        self._lone = False  # the next record() is of a lone request's call: not measured
+        self._last_counted = time.monotonic()  # when a call last counted in a window
 
     # ------------------------------------------------------------------------------------------ estimates
     def per_sample(self, cap: int) -> float | None:
@@ -142,6 +147,15 @@ class BatchSizer:
         ``waiting``: the samples that could join batches now (None: enough for any cap).
         """
         room = self.max_batch if waiting is None else max(1, waiting)
+        if room == 1:
+            # one request: every cap runs it alone, so the call measures no cap (lone requests would
+            # make single calls and batches look alike) and the window in force waits for company
+            self._lone = True
+            return self.cap
+        if self._samples < self._window_samples and time.monotonic() - self._last_counted > IDLE_SECONDS:
+            # the window in force saw no company for a while (a probe of single calls must not meet the
+            # next burst): it starts again under the best cap
+            self._open_window(self.best(), False, room)
         if self._samples < self._window_samples and (self._seconds < self.window_seconds or self._calls < 2):
             # the window goes on, unless enough requests wait for a cap never measured (a burst after a
             # quiet spell) and this window already measured something
@@ -213,6 +227,10 @@ class BatchSizer:
         if size < 1 or seconds < 0:
             return
         self.batches += 1
+        if self._lone:
+            self._lone = False
+            return
+        self._last_counted = time.monotonic()
         if not self._probing:
             self._since_probe += seconds
         if size not in self.seen_sizes:  # the first call of a size compiles or allocates: not what it costs

@@ -177,6 +177,12 @@ def test_committed_batches_survive_an_interruption_and_a_rerun_skips_them(instal
 SIGINT_IMAGES = 200
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell starts background jobs with SIGINT
+    ignored (a CI script started with `&`), Python then keeps it ignored, and Ctrl-C could not be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32", reason="needs POSIX signals")
 def test_sigint_keeps_the_finished_batches_and_the_rerun_runs_the_backbone_on_the_rest(installed, tmp_path):
     folder = tmp_path / "in"
@@ -188,7 +194,7 @@ def test_sigint_keeps_the_finished_batches_and_the_rerun_runs_the_backbone_on_th
     # see it finish first)
     child = subprocess.Popen([sys.executable, "-m", "edgexfer.cli", "device", "learn", "--from-list", "-", "--label",
                               "noise", "--state", str(root), "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     child.stdin.write("".join(f"{p}\n" for p in paths[:32]))
     child.stdin.flush()
     deadline = time.monotonic() + 120
