@@ -159,19 +159,9 @@ def accuracy(head, features: np.ndarray, labels: np.ndarray) -> float:
 
 def process_tree(pid: int) -> set[int]:
     """Live descendants of ``pid`` from /proc (Flower detaches its children into new sessions: not the group)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parents.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+    from edgexfer.fleet.processes import descendants
+
+    return set(descendants(pid))
 
 
 def running(pids: set[int]) -> set[int]:
