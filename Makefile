@@ -9,11 +9,8 @@ STAMP := $(VENV)/.installed
 # httpx, the service's test clients).
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
-TEST_BUNDLE := build/test-bundle
-# the text bundle of the device tests: minilm_l6 on the text demo set (data/fortunes-demo)
-TEST_TEXT_BUNDLE := build/test-text-bundle
-# the device side of signed updates and of fleet learning (merge, local rounds), run without torch as a device runs it
-DEVICE_FLEET_TESTS := tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py tests/fleet/test_text_updates.py
+# the device suite's bundles (scripts/test_device.sh builds them): build/test-bundle (the image demo) and
+# build/test-text-bundle (minilm_l6 on the text demo set, data/fortunes-demo)
 
 .PHONY: demo test test-host test-device check-arm64 lint clean
 
@@ -41,7 +38,10 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 endef
 
-test: test-host test-device
+# The whole suite in two streams: the host suite, and beside it tests/fleet then the device suite
+# (scripts/test_all.sh says why).
+test: $(STAMP) $(DEVICE_STAMP)
+	bash scripts/test_all.sh $(PY) $(DEVICE_VENV)/bin/python
 
 # tests/fleet run beside the rest (they wait on Flower's polls; the script says why)
 test-host: $(STAMP)
@@ -49,12 +49,7 @@ test-host: $(STAMP)
 
 # The runtime tests again, in the torch-free device venv, against an image and a text bundle the host venv builds.
 test-device: $(STAMP) $(DEVICE_STAMP)
-	rm -rf build/test-run $(TEST_BUNDLE) build/test-text-run $(TEST_TEXT_BUNDLE)
-	$(VENV)/bin/edgexfer train data/clipart8-demo --out build/test-run --cache build/test-cache.sqlite --quiet >/dev/null
-	$(VENV)/bin/edgexfer export build/test-run --out $(TEST_BUNDLE) --quiet >/dev/null
-	$(VENV)/bin/edgexfer train data/fortunes-demo --out build/test-text-run --cache build/test-cache.sqlite --quiet >/dev/null
-	$(VENV)/bin/edgexfer export build/test-text-run --out $(TEST_TEXT_BUNDLE) --quiet >/dev/null
-	EDGEXFER_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) EDGEXFER_TEST_TEXT_BUNDLE=$(CURDIR)/$(TEST_TEXT_BUNDLE) $(call run_pytest,$(DEVICE_VENV)/bin/python,tests/device tests/service tests/test_boundaries.py $(DEVICE_FLEET_TESTS))
+	bash scripts/test_device.sh $(PY) $(DEVICE_VENV)/bin/python
 
 # The device side on arm64, emulated with qemu-user (scripts/check_arm64.sh, docs/jetson.md); downloads are
 # kept under build/arm64/.

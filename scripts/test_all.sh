@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make test`: the whole suite in two streams on the CI machine's two cores. Usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON
+#
+#   1. the device suite's two bundles, built by the host venv (scripts/test_device.sh --bundles-only);
+#   2. stream A: the host suite without tests/fleet (CPU-bound: training, conversions, benchmarks);
+#      stream B, beside it: tests/fleet, then the device suite in the torch-free venv.
+# tests/fleet are mostly waiting (a real Flower SuperNode polls its SuperLink every 3 seconds, a constant in
+# Flower), so stream B costs stream A little; run one after the other they cost minutes of wall time
+# (2026-12-07, 2-core AMD EPYC: host 868 s with fleet 678 s beside, then device setup ~90 s and device 127 s).
+# Stream B's output follows stream A's.
+set -u
+HOST=${1:?usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON}
+DEVICE=${2:?usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON}
+cd "$(dirname "$0")/.."
+mkdir -p build
+start=$(date +%s)
+bash scripts/test_device.sh "$HOST" "$DEVICE" --bundles-only || { echo "building the device suite's bundles failed"; exit 1; }
+echo "device suite's bundles built in $(( $(date +%s) - start )) s"
+
+log=build/test-side.log
+(
+  "$HOST" -m pytest -q --durations=10 tests/fleet; frc=$?
+  echo "---------------- device suite (torch-free venv) ----------------"
+  bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only; drc=$?
+  echo "side-stream exit codes: fleet $frc device $drc"
+  [ "$frc" -ne 5 ] && [ "$frc" -eq 0 ] && [ "$drc" -eq 0 ]
+) >"$log" 2>&1 &
+side=$!
+trap 'kill $side 2>/dev/null' INT TERM
+"$HOST" -m pytest -q --durations=20 tests --ignore=tests/fleet
+rc=$?
+echo "host suite done after $(( $(date +%s) - start )) s; waiting for tests/fleet and the device suite"
+wait $side
+src=$?
+echo "---------------- tests/fleet, then the device suite (ran beside the host suite; $log) ----------------"
+cat "$log"
+echo "whole suite: $(( $(date +%s) - start )) s"
+# pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
+[ "$rc" -eq 0 ] && [ "$src" -eq 0 ]
