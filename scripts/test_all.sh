@@ -2,7 +2,8 @@
 # `make test`: the whole suite in two streams on the CI machine's two cores. Usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON
 #
 #   1. the device suite's two bundles, built by the host venv (scripts/test_device.sh --bundles-only);
-#   2. stream A: the host suite without tests/fleet (CPU-bound: training, conversions, benchmarks);
+#   2. stream A: the host suite without tests/fleet (CPU-bound: training, conversions, benchmarks) and without the
+#      device suite's tests/device and tests/service but for the few that need host packages;
 #      stream B, beside it: tests/fleet, then the device suite in the torch-free venv.
 # tests/fleet are mostly waiting (a real Flower SuperNode polls its SuperLink every 3 seconds, a constant in
 # Flower), so stream B costs stream A little; run one after the other they cost minutes of wall time
@@ -27,7 +28,15 @@ log=build/test-side.log
 ) >"$log" 2>&1 &
 side=$!
 trap 'kill $side 2>/dev/null' INT TERM
-"$HOST" -m pytest -q --durations=20 tests --ignore=tests/fleet
+# tests/device and tests/service run in the device venv; of them the host stream runs only what needs the host
+# venv's packages (selenium for the page and browser tests, openvino for the engine store), not all 500 twice
+host_args=(tests/test_*.py)
+for dir in tests/*/; do
+  case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
+done
+host_args+=(tests/service/test_page.py tests/device/test_engine_store.py
+            tests/service/test_serve_origin.py::test_a_page_from_another_site_cannot_change_the_device_in_chromium)
+"$HOST" -m pytest -q --durations=20 "${host_args[@]}"
 rc=$?
 echo "host suite done after $(( $(date +%s) - start )) s; waiting for tests/fleet and the device suite"
 wait $side
