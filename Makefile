@@ -38,7 +38,7 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 endef
 
-# The whole suite in two streams: the host suite, and beside it tests/fleet then the device suite
+# The whole suite in two streams: the host suite then the device suite, and beside them tests/fleet
 # (scripts/test_all.sh says why).
 test: $(STAMP) $(DEVICE_STAMP)
 	bash scripts/test_all.sh $(PY) $(DEVICE_VENV)/bin/python

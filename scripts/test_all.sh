@@ -3,8 +3,8 @@
 #
 #   1. the device suite's two bundles, built by the host venv (scripts/test_device.sh --bundles-only);
 #   2. stream A: the host suite without tests/fleet (CPU-bound: training, conversions, benchmarks) and without the
-#      device suite's tests/device and tests/service but for the few that need host packages;
-#      stream B, beside it: tests/fleet, then the device suite in the torch-free venv.
+#      device suite's tests/device and tests/service but for the few that need host packages, then the device
+#      suite in the torch-free venv; stream B, beside it: tests/fleet.
 # tests/fleet are mostly waiting (a real Flower SuperNode polls its SuperLink every 3 seconds, a constant in
 # Flower), so stream B costs stream A little; run one after the other they cost minutes of wall time
 # (2026-12-07, 2-core AMD EPYC: host 868 s with fleet 678 s beside, then device setup ~90 s and device 127 s).
@@ -18,18 +18,13 @@ start=$(date +%s)
 bash scripts/test_device.sh "$HOST" "$DEVICE" --bundles-only || { echo "building the device suite's bundles failed"; exit 1; }
 echo "device suite's bundles built in $(( $(date +%s) - start )) s"
 
-log=build/test-side.log
-(
-  "$HOST" -m pytest -q --durations=10 tests/fleet; frc=$?
-  echo "---------------- device suite (torch-free venv) ----------------"
-  bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only; drc=$?
-  echo "side-stream exit codes: fleet $frc device $drc"
-  [ "$frc" -ne 5 ] && [ "$frc" -eq 0 ] && [ "$drc" -eq 0 ]
-) >"$log" 2>&1 &
-side=$!
-trap 'kill $side 2>/dev/null' INT TERM
-# tests/device and tests/service run in the device venv; of them the host stream runs only what needs the host
-# venv's packages (selenium for the page and browser tests, openvino for the engine store), not all 500 twice
+log=build/test-fleet.log
+"$HOST" -m pytest -q --durations=10 tests/fleet >"$log" 2>&1 &
+fleet=$!
+trap 'kill $fleet 2>/dev/null' INT TERM
+
+# tests/device and tests/service run in the device venv; of them the host venv runs only what needs its packages
+# (selenium for the page and browser tests, openvino for the engine store), not all ~480 twice
 host_args=(tests/test_*.py)
 for dir in tests/*/; do
   case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
@@ -38,12 +33,17 @@ host_args+=(tests/service/test_page.py tests/device/test_engine_store.py
             tests/service/test_serve_origin.py::test_a_page_from_another_site_cannot_change_the_device_in_chromium)
 "$HOST" -m pytest -q --durations=20 "${host_args[@]}"
 rc=$?
-echo "host suite done after $(( $(date +%s) - start )) s; waiting for tests/fleet and the device suite"
-wait $side
-src=$?
-echo "---------------- tests/fleet, then the device suite (ran beside the host suite; $log) ----------------"
+echo "---------------- host suite done after $(( $(date +%s) - start )) s; the device suite (torch-free venv) ----------------"
+bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only
+drc=$?
+echo "device suite done after $(( $(date +%s) - start )) s; waiting for tests/fleet"
+wait $fleet
+frc=$?
+echo "---------------- tests/fleet (ran beside the rest; $log) ----------------"
 cat "$log"
 echo "whole suite: $(( $(date +%s) - start )) s"
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code
-if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
-[ "$rc" -eq 0 ] && [ "$src" -eq 0 ]
+for code in $rc $frc; do
+  if [ "$code" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
+done
+[ "$rc" -eq 0 ] && [ "$drc" -eq 0 ] && [ "$frc" -eq 0 ]
