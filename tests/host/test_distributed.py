@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch build has no gloo backend")
 
 #: the same small partial recipe for both runs: 240 demo images, half of them validation (1 image = 0.83 points)
-ARGS = ["--mode", "partial", "--unfreeze", "1", "--epochs", "3", "--views", "1", "--val-fraction", "0.5",
+ARGS = ["--mode", "partial", "--unfreeze", "1", "--epochs", "2", "--views", "1", "--val-fraction", "0.5",
         "--device", "cpu", "--seed", "0"]
 
 
