@@ -423,6 +423,35 @@ def device_status(state, backend, precision, as_json):
     emit(st, as_json, text)
 
 
+@device.command(name="drift")
+@state_option
+@click.option("--window", type=click.IntRange(min=2), default=30, show_default=True,
+              help="Test the latest N inputs that predict, serve and watch classified.")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Significance level: drift when the p-value is below it.")
+@click.option("--permutations", type=click.IntRange(min=19, max=100_000), default=500, show_default=True,
+              help="Permutations of the test's p-value (the least p-value is 1/(N+1)).")
+@json_option
+def device_drift(state, window, alpha, permutations, as_json):
+    """Has the input changed since training? The latest inputs' features against the bundle's (MMD test)."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        report = dev.drift(window=window, alpha=alpha, permutations=permutations)
+    d = report.to_dict()
+    if report.drift is None:
+        text = f"no verdict: {report.note}"
+    else:
+        moved = sorted(d["class_mix"].items(), key=lambda kv: -abs(kv[1]["window"] - kv[1]["reference"]))[:3]
+        text = (f"{'DRIFT' if report.drift else 'no drift'}: p = {report.p_value:.4f} (alpha {alpha}), MMD² "
+                f"{report.statistic:.4g}, the latest {report.window} inputs against {report.reference} training "
+                f"samples\nanswers  " + ", ".join(f"{c} {v['window']:.0%} (training {v['reference']:.0%})"
+                                                    for c, v in moved)
+                + f"; label shift {report.label_shift:.2f}\nconfidence  {d['confidence']['window']:.2f} "
+                f"(training {d['confidence']['reference']:.2f})")
+    emit(d, as_json, text)
+
+
 @device.command(name="heads")
 @state_option
 @json_option

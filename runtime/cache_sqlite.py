@@ -30,8 +30,9 @@ from edgexfer.runtime.errors import CacheError
 
 #: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused; a lower
 #: one is brought up to date by :data:`_MIGRATIONS` when it is opened (2: the service's review queue;
-#: 3: ``label_stats.members``, kept by triggers, so the capacity reservoir admits in constant time).
-SCHEMA_VERSION = 3
+#: 3: ``label_stats.members``, kept by triggers, so the capacity reservoir admits in constant time;
+#: 4: ``recent_inputs``, the features of the latest inputs that the drift test reads).
+SCHEMA_VERSION = 4
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 
@@ -117,8 +118,22 @@ _REVIEW_SCHEMA = (
         created_utc TEXT NOT NULL
     )""",
 )
+# The features of the latest inputs that ``device predict``, ``serve`` and ``watch`` classified
+# (edgexfer.runtime.drift): a ring buffer the drift test compares with the bundle's reference. Features,
+# the answer and its confidence only, never the sample.
+_RECENT_SCHEMA = (
+    """CREATE TABLE recent_inputs (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        backbone_sha256 TEXT NOT NULL,
+        dim             INTEGER NOT NULL CHECK (dim > 0),
+        vec             BLOB NOT NULL CHECK (length(vec) = 2 * dim),
+        label           TEXT NOT NULL,
+        probability     REAL NOT NULL,
+        created_utc     TEXT NOT NULL
+    )""",
+)
 #: statements that bring a file of schema version ``v`` to ``v + 1``
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _REVIEW_SCHEMA, 2: _MEMBERS_MIGRATION}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _REVIEW_SCHEMA, 2: _MEMBERS_MIGRATION, 3: _RECENT_SCHEMA}
 
 
 class CacheDatabase:
@@ -319,7 +334,7 @@ class CacheDatabase:
             if version == SCHEMA_VERSION:
                 return
             if version == 0:
-                for statement in _SCHEMA + _MEMBER_TRIGGERS + _REVIEW_SCHEMA:
+                for statement in _SCHEMA + _MEMBER_TRIGGERS + _REVIEW_SCHEMA + _RECENT_SCHEMA:
                     conn.execute(statement)
             else:
                 for step in range(version, SCHEMA_VERSION):

@@ -14,19 +14,31 @@ the update health check uses too: with the default seed and fraction both hold o
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgexfer.runtime.augment import DEFAULT_AUGMENT, MAX_AUGMENT
 from edgexfer.runtime.backends.base import EngineRunner
 from edgexfer.runtime.backends.registry import available_backends, backend_spec, choose_backend, open_backend
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import DEFAULT_PER_CLASS_CAPACITY, FeatureCache
+from edgexfer.runtime.drift import (
+    DEFAULT_ALPHA,
+    DEFAULT_PERMUTATIONS,
+    DEFAULT_WINDOW,
+    DriftReport,
+    RecentInputs,
+    drift_report,
+    reference_rows,
+)
 from edgexfer.runtime.engine_store import EngineKey, EngineStore
-from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.errors import BundleError, EdgexferError, InputError
 from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
@@ -38,6 +50,8 @@ from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
 from edgexfer.runtime.timing import StepTimer
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # retrain loads the trainers when it runs: predicting never needs them
     from edgexfer.runtime.retrain import RetrainReport
@@ -216,7 +230,8 @@ class Device:
         bundle = self.state.bundle(active.bundle)
         _, head = self.active_head(active)
         engine = self.engine(bundle)
-        predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details))
+        predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details),
+                              observer=self._recorder(bundle))
         return predictor.predict(items, top_k=top_k)
 
     def predict_texts(self, texts: Sequence[str], top_k: int = 3,
@@ -226,8 +241,42 @@ class Device:
         bundle = self.state.bundle(active.bundle)
         _, head = self.active_head(active)
         engine = self.engine(bundle)
-        predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details))
+        predictor = Predictor(bundle, engine, head, engine.name, self.precision, details=dict(engine.details),
+                              observer=self._recorder(bundle))
         return predictor.predict_texts(texts, top_k=top_k, sources=sources)
+
+    def _recorder(self, bundle: Bundle) -> Callable[[np.ndarray, np.ndarray, list[str]], None]:
+        """What keeps classified inputs' features for the drift test (:class:`~edgexfer.runtime.drift.RecentInputs`)."""
+        backbone = bundle.manifest.backbone.sha256
+
+        def record(features: np.ndarray, probs: np.ndarray, labels: list[str]) -> None:
+            # a prediction never fails for its record: a read-only state or a full disk costs the drift test
+            # these rows, with a warning
+            try:
+                with RecentInputs(self.state.cache_path) as recent:
+                    recent.add(backbone, features, labels, np.max(probs, axis=1))
+            except EdgexferError as exc:
+                log.warning("the drift test's record of %d input(s) was not kept: %s", len(labels), exc)
+        return record
+
+    def drift(self, *, window: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA,
+              permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> DriftReport:
+        """``device drift``: the latest ``window`` inputs against the active bundle's exemplars (:mod:`edgexfer.runtime.drift`)."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise InputError("window", got=repr(window), expected="an integer >= 2", todo="pass e.g. --window 30")
+        active = self.state.active()
+        bundle = self.state.bundle(active.bundle)
+        _, head = self.active_head(active)
+        exemplars = bundle.exemplars()
+        if exemplars is None:
+            raise BundleError("drift test", got=f"bundle {active.bundle} without exemplars.npz",
+                              expected="a bundle with its training exemplars (edgexfer export writes them)",
+                              todo="export the bundle again")
+        reference, _ = reference_rows(*exemplars)
+        with RecentInputs(self.state.cache_path) as recent:
+            feats, labels, conf = recent.window(bundle.manifest.backbone.sha256, window)
+        return drift_report(reference, head.probabilities(reference), head.classes, feats, labels, conf,
+                            alpha=alpha, permutations=permutations, seed=seed)
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Iterable[ImageInput], label: str, source: str = "device", *,

@@ -64,6 +64,8 @@ class Predictor:
     #: samples per engine call; None: the modality's own (16 images, 32 texts)
     batch_size: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: hears (features, probabilities, labels) of every classified chunk (``Device`` keeps them for the drift test)
+    observer: Callable[[np.ndarray, np.ndarray, list[str]], None] | None = None
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = HOST_DEFAULT, precision: str = "fp32",
@@ -141,8 +143,11 @@ class Predictor:
             except OSError as exc:  # a plug-in modality that let an unreadable file through
                 results[i] = SampleError(source, f"cannot read file {source} | got {exc.strerror or exc}", "InputError")
         if good:
-            probs, _ = classify_values(modality_of(self.bundle), self.engine, self.head, values, self.batch_size)
+            probs, features = classify_values(modality_of(self.bundle), self.engine, self.head, values,
+                                              self.batch_size)
             self._label(probs, good, items, results, top_k)
+            if self.observer is not None:
+                self.observer(features, probs, [self.head.classes[j] for j in np.argmax(probs, axis=1)])
 
     def _label(self, probs: np.ndarray, good: list[int], items: list[tuple[str, Any]], results: list,
                top_k: int) -> None:
