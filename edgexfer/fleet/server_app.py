@@ -67,6 +67,9 @@ class FleetSettings:
     #: 1.0 asks every device. A large fleet samples: each round costs what the devices asked cost.
     fraction: float = 1.0
     sample_seed: int = 0  #: seed of the devices drawn each round (round r draws with seed sample_seed + r)
+    #: devices to wait for before round 1 when more than min_devices (Flower's min_available_nodes): a sampled
+    #: fleet's first draw is then over the whole fleet, not the first devices to connect
+    min_available: int = 0
 
     def namer(self) -> Callable[[int], str]:
         """node id -> the name its key was registered under, else ``node-ID``."""
@@ -89,7 +92,7 @@ class FleetSettings:
                        dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
                        max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")),
                        checkpoint=str(get("checkpoint", "")), fraction=float(get("fraction-train", 1.0)),
-                       sample_seed=int(get("sample-seed", 0)))
+                       sample_seed=int(get("sample-seed", 0)), min_available=int(get("min-available", 0)))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
                              expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
@@ -100,7 +103,7 @@ class FleetSettings:
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
                 "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter,
                 "device-names": self.device_names, "checkpoint": self.checkpoint, "fraction-train": self.fraction,
-                "sample-seed": self.sample_seed}
+                "sample-seed": self.sample_seed, "min-available": self.min_available}
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -199,10 +202,11 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         + (f" val_accuracy={start_accuracy:.4f}" if start_accuracy is not None else ""))
 
     deadline = time.monotonic() + settings.wait_timeout
-    while len(list(grid.get_node_ids())) < settings.min_devices:
+    wanted = max(settings.min_devices, settings.min_available)
+    while len(list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
             raise InputError("too few devices joined the federation", got=f"{len(list(grid.get_node_ids()))} device(s)",
-                             expected=f">= {settings.min_devices} within {settings.wait_timeout:g} s",
+                             expected=f">= {wanted} within {settings.wait_timeout:g} s",
                              todo="start edgexfer device federate on more devices, or lower --min-devices")
         time.sleep(0.5)
 
