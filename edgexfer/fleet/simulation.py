@@ -124,6 +124,16 @@ def _pss_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, from ``/proc/PID/stat``; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd on: utime, stime are the 14th, 15th
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _kind(pid: int) -> str:
     """What a process is: Ray names its workers ``ray::ClassName`` (``ray::IDLE`` before they start)."""
     try:
@@ -141,7 +151,8 @@ class MemorySampler:
     """Samples the memory of this process and its descendants every ``interval`` seconds (a thread).
 
     ``peaks()``: the peak of the total PSS, the driver's peak RSS, and per kind of process the most
-    processes seen at once and the peak PSS and RSS of one of them.
+    processes seen at once, the peak PSS and RSS of one of them and the CPU seconds of all of them
+    (the driver's: the ServerApp thread and Flower's simulation engine; as last sampled).
     """
 
     def __init__(self, interval: float = 0.5) -> None:
@@ -151,6 +162,7 @@ class MemorySampler:
         self.total_pss_kb = 0
         self.driver_rss_kb = 0
         self.kinds: dict[str, dict[str, int]] = {}
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds when last seen)
         self.samples = 0
 
     def __enter__(self) -> MemorySampler:
@@ -171,10 +183,12 @@ class MemorySampler:
             total += pss
             if pid == me:
                 self.driver_rss_kb = max(self.driver_rss_kb, rss)
+                self.cpu[pid] = ("driver", _cpu_seconds(pid))
                 continue
             kind = _kind(pid)
             if kind == "gone" or not pss:
                 continue
+            self.cpu[pid] = (kind, max(self.cpu.get(pid, ("", 0.0))[1], _cpu_seconds(pid)))
             seen[kind] = seen.get(kind, 0) + 1
             entry = self.kinds.setdefault(kind, {"processes": 0, "pss_kb": 0, "rss_kb": 0})
             entry["pss_kb"], entry["rss_kb"] = max(entry["pss_kb"], pss), max(entry["rss_kb"], rss)
@@ -190,9 +204,13 @@ class MemorySampler:
 
     def peaks(self) -> dict[str, Any]:
         mb = 1 / 1024
+        cpu: dict[str, float] = {}
+        for kind, seconds in self.cpu.values():
+            cpu[kind] = cpu.get(kind, 0.0) + seconds
         return {"total_pss_mb": round(self.total_pss_kb * mb, 1), "driver_rss_mb": round(self.driver_rss_kb * mb, 1),
                 "by_process": {k: {"processes": v["processes"], "peak_pss_mb": round(v["pss_kb"] * mb, 1),
                                    "peak_rss_mb": round(v["rss_kb"] * mb, 1)} for k, v in sorted(self.kinds.items())},
+                "cpu_seconds": {k: round(v, 1) for k, v in sorted(cpu.items())},
                 "samples": self.samples, "interval_s": self.interval}
 
 
@@ -214,9 +232,13 @@ def simulate(settings: Any, pool: Path, num_devices: int, *, backend: dict[str, 
     if partitions != num_devices:
         raise InputError("the pool's partitions do not match the virtual nodes", got=f"{partitions} partitions",
                          expected=f"{num_devices}", todo="write the pool with one partition per node")
+    from threadpoolctl import threadpool_limits
+
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with MemorySampler() as memory:
+    # one BLAS thread in the driver: the ServerApp's products are small, and a threaded OpenBLAS call from
+    # the ServerApp's thread once spun for minutes in exec_blas before round 1 (seen with 1,000 nodes)
+    with MemorySampler(interval=1.0) as memory, threadpool_limits(limits=1, user_api="blas"):
         run_simulation(server_app=build_server_app(settings, on_record=records.append),
                        client_app=build_client_app(pool_training_set(pool)), num_supernodes=num_devices,
                        backend_config=backend or backend_config(), verbose_logging=verbose)
