@@ -1,7 +1,7 @@
 """Fleet learning of a linear head: accuracy per round against central training, for 8 and 32 devices.
 
-Flower's simulation engine needs Ray (``flwr[simulation]``), which this project does not install; this
-study is therefore an **in-process simulation that runs the same code as a real deployment**: each
+Flower's simulation engine needs Ray (``flwr[simulation]``, the ``fleet-sim`` extra: ``benchmarks/fleet_sim.py``
+runs 1,000 devices on it); this study is an **in-process simulation that runs the same code as a real deployment**: each
 device's round is :func:`edgexfer.runtime.fleet_client.train_on_samples` (what the ClientApp runs on the
 device's feature cache), its reply goes through :func:`~edgexfer.runtime.federated.pack_update` and
 :func:`~edgexfer.runtime.federated.check_update` (what the ServerApp receives and checks), and the

@@ -244,9 +244,15 @@ def fleet():
               help="Noise multiplier with --dp-clip: Gaussian noise of std dp_noise*dp_clip/devices on the mean step.")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Inverse L2 strength of the devices' linear heads (as in device retrain).")
+@click.option("--fraction", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Share of the connected devices asked each round (drawn anew per round, at least --min-devices): "
+                   "a large fleet samples (docs/fleet.md).")
+@click.option("--min-available", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Devices to wait for before round 1 when more than --min-devices (with --fraction: the first "
+                   "draw is then over the fleet, not the first devices to connect).")
 @json_option
 def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, insecure, resume, val_dir, round_timeout,
-                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, as_json):
+                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, fraction, min_available, as_json):
     """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head.
 
     TLS (--tls-dir) and node keys (--auth-keys) are required unless --insecure; the SuperLink's Control
@@ -258,7 +264,8 @@ def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth
     bundle_dir, out_dir, tls_dir, auth_keys, val_dir = (absolute(p) for p in (bundle_dir, out_dir, tls_dir, auth_keys, val_dir))
     r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
               auth_keys=auth_keys, insecure=insecure, resume=resume, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
-              momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, log=lambda line: click.echo(line, err=True))
+              momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, fraction=fraction, min_available=min_available,
+              log=lambda line: click.echo(line, err=True))
     last = r["rounds"][-1]
     acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
     emit(r, as_json, f"federated head written to {r['out']} after {len(r['rounds'])} rounds "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,17 @@ def train_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: st
                 fleet_samples: int = 0) -> LocalRound:
     """Train ``global_head`` on this device's cached features; read-only on the device state."""
     started = time.perf_counter()
+    return round_on_samples(*local_training_set(state_dir), global_head, backbone_sha256=backbone_sha256, C=C,
+                            proximal=proximal, max_iter=max_iter, rows=rows, fleet_samples=fleet_samples,
+                            started=started)
+
+
+def round_on_samples(sha: str, X: np.ndarray, labels: list[str], global_head: Head, *, backbone_sha256: str,
+                     C: float = DEFAULT_C, proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER,
+                     rows: str = DEFAULT_ROWS, fleet_samples: int = 0, started: float | None = None) -> LocalRound:
+    """:func:`train_round` on a training set already read (``sha`` is the backbone its features came from)."""
+    started = time.perf_counter() if started is None else started
     require_federated_kind(global_head.kind)
-    sha, X, labels = local_training_set(state_dir)
     if sha != backbone_sha256:
         raise InputError("the device runs another backbone than the fleet round", got=f"backbone {sha[:12]}…",
                          expected=f"backbone {backbone_sha256[:12]}…",
@@ -158,7 +168,21 @@ def head_from_records(arrays: Any, config: Any) -> tuple[Head, dict[str, Any]]:
     return head, settings
 
 
-def _build_app() -> Any:
+def state_training_set(context: Any) -> tuple[str, np.ndarray, list[str]]:
+    """The training set of a SuperNode's device: the labelled features of its state (node config ``state``)."""
+    state_dir = context.node_config.get("state")
+    if not state_dir:
+        raise InputError("the SuperNode has no device state", got="no node-config 'state'",
+                         expected="--node-config 'state=\"/var/lib/edgexfer\"'", todo="use edgexfer device federate")
+    return local_training_set(state_dir)
+
+
+def build_client_app(training_set: Callable[[Any], tuple[str, np.ndarray, list[str]]] = state_training_set) -> Any:
+    """The ``ClientApp``; ``training_set(context)`` gives ``(backbone sha256, features, labels)`` of the node.
+
+    A device reads its state (:func:`state_training_set`); Flower's simulation engine passes a function
+    of the virtual node's ``partition-id`` (:mod:`edgexfer.fleet.simulation`): the rest is the same code.
+    """
     from edgexfer.runtime.optional import require
 
     require("flwr", "fleet learning (edgexfer device federate)")
@@ -169,13 +193,10 @@ def _build_app() -> Any:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        state_dir = context.node_config.get("state")
-        if not state_dir:
-            raise InputError("the SuperNode has no device state", got="no node-config 'state'",
-                             expected="--node-config 'state=\"/var/lib/edgexfer\"'", todo="use edgexfer device federate")
+        started = time.perf_counter()
         global_head, settings = head_from_records(msg.content["head"], msg.content["config"])
         try:
-            result = train_round(state_dir, global_head, **settings)
+            result = round_on_samples(*training_set(context), global_head, started=started, **settings)
         except EdgexferError as exc:
             # the one-line reason reaches the server's round report
             reply = RecordDict({"error": ConfigRecord({"reason": exc.one_line()})})
@@ -191,9 +212,9 @@ def _build_app() -> Any:
 
 
 # Flower loads "edgexfer.runtime.fleet_client:app": built on first access, so that importing this module needs no flwr
-__getattr__ = lazy_attribute(__name__, "app", _build_app)
+__getattr__ = lazy_attribute(__name__, "app", build_client_app)
 
 
 # "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
-__all__ = ["LocalRound", "SENT_KEYS", "app", "head_from_records", "local_training_set", "train_on_samples",  # noqa: F822
-           "train_round"]
+__all__ = ["LocalRound", "SENT_KEYS", "app", "build_client_app", "head_from_records", "local_training_set",  # noqa: F822
+           "round_on_samples", "state_training_set", "train_on_samples", "train_round"]

@@ -271,7 +271,8 @@ def _on_sigterm() -> Callable[[], None]:
 def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: str = DEFAULT_ADDRESS,
           tls_dir: Path | None = None, val: Path | None = None, auth_keys: Path | None = None, insecure: bool = False,
           resume: bool = False, round_timeout: float = 60.0, wait_timeout: float = 300.0, C: float = 1.0, proximal: float = 1.0,
-          momentum: float = 0.8, rows: str = "all", dp_clip: float = 0.0, dp_noise: float = 0.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+          momentum: float = 0.8, rows: str = "all", dp_clip: float = 0.0, dp_noise: float = 0.0, fraction: float = 1.0, min_available: int = 0,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a whole federation; returns a summary with the result bundle's path and the round records.
 
     Without ``tls_dir`` and ``auth_keys`` it refuses to start unless ``insecure``. Every path is made
@@ -320,7 +321,8 @@ def serve(bundle: Path, out: Path, *, rounds: int, min_devices: int, address: st
                                  round_timeout=round_timeout, wait_timeout=wait_timeout, val_features=val_features,
                                  C=C, proximal=proximal, momentum=momentum, rows=rows,
                                  dp_clip=dp_clip, dp_noise=dp_noise, device_names=json.dumps(names, sort_keys=True),
-                                 checkpoint=str(checkpoints))
+                                 checkpoint=str(checkpoints), fraction=fraction,
+                                 min_available=min_available)
         app_dir = workdir / "app"
         app_dir.mkdir()
         # the run's settings are the App's config (Flower refuses run-config keys the App does not declare)

@@ -16,6 +16,8 @@ Each event is one line on stdout (``flwr run --stream`` carries it to ``edgexfer
 from __future__ import annotations
 
 import json
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +63,13 @@ class FleetSettings:
     max_iter: int = 200
     device_names: str = ""  #: JSON {node id: registered name} (fleet serve's --auth-keys); others are node-ID
     checkpoint: str = ""  #: directory of a checkpoint per completed round; a run continues from the last one
+    #: share of the connected devices asked each round (Flower's fraction_train), at least min_devices of them;
+    #: 1.0 asks every device. A large fleet samples: each round costs what the devices asked cost.
+    fraction: float = 1.0
+    sample_seed: int = 0  #: seed of the devices drawn each round (round r draws with seed sample_seed + r)
+    #: devices to wait for before round 1 when more than min_devices (Flower's min_available_nodes): a sampled
+    #: fleet's first draw is then over the whole fleet, not the first devices to connect
+    min_available: int = 0
 
     def namer(self) -> Callable[[int], str]:
         """node id -> the name its key was registered under, else ``node-ID``."""
@@ -82,7 +91,8 @@ class FleetSettings:
                        momentum=float(get("momentum", 0.8)), rows=str(get("rows", "all")),
                        dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
                        max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")),
-                       checkpoint=str(get("checkpoint", "")))
+                       checkpoint=str(get("checkpoint", "")), fraction=float(get("fraction-train", 1.0)),
+                       sample_seed=int(get("sample-seed", 0)), min_available=int(get("min-available", 0)))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
                              expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
@@ -92,7 +102,8 @@ class FleetSettings:
                 "round-timeout": self.round_timeout, "wait-timeout": self.wait_timeout,
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
                 "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter,
-                "device-names": self.device_names, "checkpoint": self.checkpoint}
+                "device-names": self.device_names, "checkpoint": self.checkpoint, "fraction-train": self.fraction,
+                "sample-seed": self.sample_seed, "min-available": self.min_available}
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -138,6 +149,19 @@ def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str) 
     return update, {"metrics": metrics, "received": received}
 
 
+def sample_nodes(node_ids: Any, settings: FleetSettings, server_round: int) -> list[int]:
+    """The devices asked in ``server_round``: all of them, or a ``settings.fraction`` drawn with the round's seed."""
+    nodes = sorted(int(n) for n in node_ids)
+    if not 0.0 < settings.fraction <= 1.0:
+        raise InputError("the share of devices asked per round is out of range", got=settings.fraction,
+                         expected="0 < fraction <= 1", todo="pass --fraction between 0 and 1")
+    if settings.fraction >= 1.0:
+        return nodes
+    k = min(len(nodes), max(settings.min_devices, math.ceil(settings.fraction * len(nodes))))
+    rng = random.Random(settings.sample_seed + server_round)
+    return sorted(rng.sample(nodes, k))
+
+
 def require_a_merged_round(rounds: list[dict[str, Any]], min_devices: int) -> None:
     """A federation in which no round merged has nothing to write: fail, naming each round's count."""
     if not any(r["merged"] for r in rounds):
@@ -178,10 +202,11 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         + (f" val_accuracy={start_accuracy:.4f}" if start_accuracy is not None else ""))
 
     deadline = time.monotonic() + settings.wait_timeout
-    while len(list(grid.get_node_ids())) < settings.min_devices:
+    wanted = max(settings.min_devices, settings.min_available)
+    while len(list(grid.get_node_ids())) < wanted:
         if time.monotonic() > deadline:
             raise InputError("too few devices joined the federation", got=f"{len(list(grid.get_node_ids()))} device(s)",
-                             expected=f">= {settings.min_devices} within {settings.wait_timeout:g} s",
+                             expected=f">= {wanted} within {settings.wait_timeout:g} s",
                              todo="start edgexfer device federate on more devices, or lower --min-devices")
         time.sleep(0.5)
 
@@ -190,7 +215,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
     head, rounds, fleet_samples = _resume(settings, head, strategy, sha, log)
     for server_round in range(len(rounds) + 1, settings.rounds + 1):
         started = time.perf_counter()
-        nodes = sorted(grid.get_node_ids())
+        nodes = sample_nodes(grid.get_node_ids(), settings, server_round)
         messages = [_round_message(head, settings, sha, node, server_round, fleet_samples) for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
         # which node a reply is about: an error the SuperLink writes for a node that stopped answering
@@ -237,7 +262,9 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
     return record
 
 
-def _build_app() -> Any:
+def build_server_app(settings: FleetSettings | None = None, on_record: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """The ``ServerApp``: its settings from Flower's run config (``fleet serve``), or ``settings`` when given
+    (Flower's simulation engine, whose Python entry point passes no run config); ``on_record`` gets the record."""
     from edgexfer.runtime.optional import require
 
     require("flwr", "fleet learning (edgexfer fleet serve)")
@@ -248,19 +275,21 @@ def _build_app() -> Any:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = FleetSettings.from_run_config(context.run_config)
+        run_settings = settings or FleetSettings.from_run_config(context.run_config)
         try:
-            run_federation(grid, settings, log=lambda line: print(line, flush=True))
+            record = run_federation(grid, run_settings, log=lambda line: print(line, flush=True))
         except EdgexferError as exc:
             print(f"fleet failed reason={exc.one_line()}", flush=True)
             raise
+        if on_record is not None:
+            on_record(record)
 
     return server_app
 
 
 # Flower loads "edgexfer.fleet.server_app:app": built on first access, so that importing this module needs no flwr
-__getattr__ = lazy_attribute(__name__, "app", _build_app)
+__getattr__ = lazy_attribute(__name__, "app", build_server_app)
 
 
 # "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
-__all__ = ["FleetSettings", "app", "run_federation", "validation_accuracy"]  # noqa: F822 (module __getattr__)
+__all__ = ["FleetSettings", "app", "build_server_app", "run_federation", "sample_nodes", "validation_accuracy"]  # noqa: F822 (module __getattr__)
