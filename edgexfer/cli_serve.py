@@ -44,8 +44,13 @@ _AUTO_THRESHOLD = (f"Default: {REVIEW_CHANCE_RATIO:g} times chance, {REVIEW_CHAN
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The PEM private key of --tls-cert.")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+@click.option("--drift-every", type=click.IntRange(0), default=50, show_default=True,
+              help="Test the latest inputs for drift again after this many (0: never; device drift tests on demand).")
+@click.option("--drift-window", type=click.IntRange(2), default=30, show_default=True,
+              help="How many of the latest inputs the drift test compares with the training exemplars.")
 def device_serve(state, host, port, grpc_port, backend, precision, max_batch, max_queue_delay_ms, review_threshold,
-                 review_capacity, max_body_mb, max_pixels, token_file, allow_hosts, tls_cert, tls_key, access_log):
+                 review_capacity, max_body_mb, max_pixels, token_file, allow_hosts, tls_cert, tls_key, access_log,
+                 drift_every, drift_window):
     """Serve the device over HTTP: Open Inference Protocol (KServe v2), /v1/predict, /metrics, a web page at /
     (and KServe v2 over gRPC with --grpc-port)."""
     from edgexfer.runtime.service.core import ServiceConfig
@@ -54,7 +59,7 @@ def device_serve(state, host, port, grpc_port, backend, precision, max_batch, ma
     config = ServiceConfig(backend=backend, precision=precision, max_batch=max_batch,
                            max_queue_delay_ms=max_queue_delay_ms, review_threshold=review_threshold,
                            review_capacity=review_capacity, max_body_bytes=int(max_body_mb * (1 << 20)),
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, drift_every=drift_every, drift_window=drift_window)
     serve(state, host=host, port=port, config=config, token_file=token_file, access_log=access_log,
           allow_hosts=allow_hosts, tls_cert=tls_cert, tls_key=tls_key, grpc_port=grpc_port)
 

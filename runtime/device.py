@@ -34,11 +34,10 @@ from edgexfer.runtime.drift import (
     DEFAULT_WINDOW,
     DriftReport,
     RecentInputs,
-    drift_report,
-    reference_rows,
+    check_recent,
 )
 from edgexfer.runtime.engine_store import EngineKey, EngineStore
-from edgexfer.runtime.errors import BundleError, EdgexferError, InputError
+from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.features import cached_features
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
@@ -262,21 +261,11 @@ class Device:
     def drift(self, *, window: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA,
               permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> DriftReport:
         """``device drift``: the latest ``window`` inputs against the active bundle's exemplars (:mod:`edgexfer.runtime.drift`)."""
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise InputError("window", got=repr(window), expected="an integer >= 2", todo="pass e.g. --window 30")
         active = self.state.active()
         bundle = self.state.bundle(active.bundle)
         _, head = self.active_head(active)
-        exemplars = bundle.exemplars()
-        if exemplars is None:
-            raise BundleError("drift test", got=f"bundle {active.bundle} without exemplars.npz",
-                              expected="a bundle with its training exemplars (edgexfer export writes them)",
-                              todo="export the bundle again")
-        reference, _ = reference_rows(*exemplars)
         with RecentInputs(self.state.cache_path) as recent:
-            feats, labels, conf = recent.window(bundle.manifest.backbone.sha256, window)
-        return drift_report(reference, head.probabilities(reference), head.classes, feats, labels, conf,
-                            alpha=alpha, permutations=permutations, seed=seed)
+            return check_recent(recent, bundle, head, window=window, alpha=alpha, permutations=permutations, seed=seed)
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Iterable[ImageInput], label: str, source: str = "device", *,

@@ -22,6 +22,7 @@ Pure numpy; ``edgexfer device drift`` (:meth:`edgexfer.runtime.device.Device.dri
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgexfer.runtime.cache_sqlite import CacheDatabase
-from edgexfer.runtime.errors import InputError
+from edgexfer.runtime.errors import BundleError, InputError
 
 #: inputs the ring buffer keeps by default
 DEFAULT_RECENT_CAPACITY = 1000
@@ -43,6 +44,8 @@ DEFAULT_PERMUTATIONS = 500
 MAX_REFERENCE = 512
 #: the least window the test is run on (fewer inputs: no verdict)
 MIN_WINDOW = 10
+#: ``device serve`` and ``watch`` test again after this many inputs
+DEFAULT_EVERY = 50
 
 
 class RecentInputs:
@@ -193,3 +196,79 @@ def drift_report(reference: np.ndarray, reference_probs: np.ndarray, classes: Se
     stat, p = mmd_test(reference, window, permutations=permutations, seed=seed)
     shift = 0.5 * sum(abs(mix_w[c] - mix_r[c]) for c in names)
     return DriftReport(bool(p < alpha), round(p, 6), stat, label_shift=round(shift, 4), **common)
+
+
+def check_recent(recent: RecentInputs, bundle: Any, head: Any, *, window: int = DEFAULT_WINDOW,
+                alpha: float = DEFAULT_ALPHA, permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> DriftReport:
+    """The latest ``window`` inputs of ``bundle``'s backbone against its exemplars, answered by ``head``
+    (``device drift``, and ``device serve``/``watch`` every :data:`DEFAULT_EVERY` inputs)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise InputError("window", got=repr(window), expected="an integer >= 2", todo="pass e.g. --window 30")
+    exemplars = bundle.exemplars()
+    if exemplars is None:
+        raise BundleError("drift test", got=f"bundle {bundle.manifest.name} without exemplars.npz",
+                          expected="a bundle with its training exemplars (edgexfer export writes them)",
+                          todo="export the bundle again")
+    reference, _ = reference_rows(*exemplars)
+    feats, labels, conf = recent.window(bundle.manifest.backbone.sha256, window)
+    return drift_report(reference, head.probabilities(reference), head.classes, feats, labels, conf,
+                        alpha=alpha, permutations=permutations, seed=seed)
+
+
+class DriftMonitor:
+    """A running service's side of the test: every engine call's features go to the ring buffer, and the
+    latest window is tested again every ``every`` inputs (``device serve``, ``device watch``).
+
+    :meth:`observe` runs in one thread (the service's database thread: the SQLite connection is that
+    thread's); :meth:`status` from any thread. ``every`` 0: the inputs are kept, never tested.
+    """
+
+    def __init__(self, path: str | Path, *, every: int = DEFAULT_EVERY, window: int = DEFAULT_WINDOW,
+                 alpha: float = DEFAULT_ALPHA, permutations: int = DEFAULT_PERMUTATIONS) -> None:
+        for name, value, low in (("drift every", every, 0), ("drift window", window, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(name, got=repr(value), expected=f"an integer >= {low}",
+                                 todo="pass e.g. --drift-every 50 --drift-window 30")
+        self.path, self.every, self.window, self.alpha, self.permutations = Path(path), every, window, alpha, permutations
+        self._recent: RecentInputs | None = None
+        self._lock = threading.Lock()
+        self._since = 0
+        self._last: DriftReport | None = None
+        self._tested_utc: str | None = None
+        self._error: str | None = None
+
+    def observe(self, bundle: Any, head: Any, features: np.ndarray, probabilities: np.ndarray) -> None:
+        if self._recent is None:
+            self._recent = RecentInputs(self.path)
+        labels = [head.classes[j] for j in np.argmax(probabilities, axis=1)]
+        self._recent.add(bundle.manifest.backbone.sha256, features, labels, np.max(probabilities, axis=1))
+        self._since += len(labels)
+        if not self.every or self._since < self.every:
+            return
+        self._since = 0
+        try:
+            report, error = check_recent(self._recent, bundle, head, window=self.window, alpha=self.alpha,
+                                        permutations=self.permutations), None
+        except (InputError, BundleError) as exc:
+            report, error = None, str(exc)
+        with self._lock:
+            self._last, self._error = report, error
+            self._tested_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    @property
+    def last(self) -> DriftReport | None:
+        with self._lock:
+            return self._last
+
+    def status(self) -> dict[str, Any]:
+        """For ``/v1/status``: the settings, the last test (None before the first) and when it ran."""
+        with self._lock:
+            return {"every": self.every, "window": self.window, "alpha": self.alpha,
+                    "tested_utc": self._tested_utc, "error": self._error,
+                    "last": self._last.to_dict() if self._last is not None else None}
+
+    def close(self) -> None:
+        if self._recent is not None:
+            self._recent.close()
+            self._recent = None
+

@@ -57,6 +57,7 @@ import numpy as np
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.device import Device, LearnReport
+from edgexfer.runtime.drift import DEFAULT_EVERY, DEFAULT_WINDOW, DriftMonitor
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.modalities import modality_of
@@ -101,10 +102,14 @@ class ServiceConfig:
     #: samples (images or texts) in one request at most
     max_images: int = 64
     top_k: int = 3
+    #: the drift test (:mod:`edgexfer.runtime.drift`) runs again after this many inputs (0: never), on the latest
+    #: ``drift_window`` of them
+    drift_every: int = DEFAULT_EVERY
+    drift_window: int = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         for name, low in (("max_batch", 1), ("review_capacity", 1), ("max_body_bytes", 1024), ("max_pixels", 1),
-                          ("max_images", 1), ("top_k", 1)):
+                          ("max_images", 1), ("top_k", 1), ("drift_every", 0), ("drift_window", 2)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"serve option {name}", got=repr(value), expected=f"an integer >= {low}")
@@ -203,6 +208,9 @@ class ServiceCore:
         self._incoming = 0
         #: the batch size of each engine call, from what each size cost so far (the batcher's only)
         self._sizer = BatchSizer(self.config.max_batch)
+        #: every engine call's features, kept and tested in the database thread (``/v1/status``, ``/metrics``)
+        self.drift = DriftMonitor(self.state.cache_path, every=self.config.drift_every, window=self.config.drift_window)
+        self.metrics.follow_drift(lambda: self.drift.last)
         self.started = time.time()
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -229,6 +237,7 @@ class ServiceCore:
         def close_db() -> None:
             for obj in vars(self._db_local).values():
                 obj.close()
+            self.drift.close()
 
         self._db_thread.submit(close_db).result()
         self._db_thread.shutdown(wait=True)
@@ -345,6 +354,10 @@ class ServiceCore:
         seconds = time.perf_counter() - started
         self.metrics.batch(len(batch))
         self.metrics.statistics.execution(model.name, str(model.head_version), len(batch), seconds)
+        try:  # kept for the drift test in the database thread; the answer does not wait for it
+            self._db_thread.submit(self.drift.observe, model.bundle, model.head, features, probabilities)
+        except RuntimeError:  # the database thread is shut down: the core is closing
+            pass
         return probabilities, features, model, engine, seconds
 
     def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any,

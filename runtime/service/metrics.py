@@ -12,7 +12,9 @@ Families (all prefixed ``edgexfer_``):
   that answers, set when it is switched (the service follows the device's state while idle too);
 * ``model_ready``: 1 while that model is the one the device made active, 0 while a new one is loaded or
   cannot be (read at each scrape, as ``/v2/health/ready`` answers);
-* ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``.
+* ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``;
+* ``drift_detected``, ``drift_p_value``, ``drift_statistic``, ``drift_label_shift``, ``drift_window_confidence``:
+  the last drift test (``--drift-every`` inputs), NaN before its first verdict.
 
 * ``grpc_requests_total{method,code}`` and ``grpc_request_duration_seconds{method}``: per gRPC method of
   the KServe v2 service (``--grpc-port``), ``code`` the gRPC status name.
@@ -155,6 +157,17 @@ class ServiceMetrics:
                                    ["label"], registry=r)
         self.review_entries = Gauge(f"{PREFIX}_review_queue_entries", "Inputs waiting in the review queue",
                                     registry=r)
+        # the last drift test (edgexfer.runtime.drift), read at every scrape: NaN before the first verdict
+        self.drift_detected = Gauge(f"{PREFIX}_drift_detected",
+                                    "1 when the last drift test found the inputs changed since training", registry=r)
+        self.drift_p_value = Gauge(f"{PREFIX}_drift_p_value", "p-value of the last drift test (MMD, permutations)",
+                                   registry=r)
+        self.drift_statistic = Gauge(f"{PREFIX}_drift_statistic", "MMD^2 of the last drift test", registry=r)
+        self.drift_label_shift = Gauge(f"{PREFIX}_drift_label_shift",
+                                       "Total variation between the tested window's answers and the training ones",
+                                       registry=r)
+        self.drift_confidence = Gauge(f"{PREFIX}_drift_window_confidence",
+                                      "Mean confidence of the answers in the tested window", registry=r)
         self.retrains = Counter(f"{PREFIX}_retrains", "Retrains run by the service, by result", ["result"], registry=r)
         self.grpc_requests = Counter(f"{PREFIX}_grpc_requests", "gRPC requests by method and status code",
                                      ["method", "code"], registry=r)
@@ -204,6 +217,21 @@ class ServiceMetrics:
     def follow_readiness(self, ready: Callable[[], bool]) -> None:
         """``model_ready`` is ``ready()`` at every scrape."""
         self.model_ready.set_function(lambda: float(ready()))
+
+    def follow_drift(self, last: Callable[[], Any]) -> None:
+        """The drift gauges are ``last()``'s report (a :class:`~edgexfer.runtime.drift.DriftReport` or None) at
+        every scrape."""
+        def read(pick: Callable[[Any], Any]) -> Callable[[], float]:
+            def value() -> float:
+                report = last()
+                got = None if report is None or report.drift is None else pick(report)
+                return float("nan") if got is None else float(got)
+            return value
+        self.drift_detected.set_function(read(lambda r: r.drift))
+        self.drift_p_value.set_function(read(lambda r: r.p_value))
+        self.drift_statistic.set_function(read(lambda r: r.statistic))
+        self.drift_label_shift.set_function(read(lambda r: r.label_shift))
+        self.drift_confidence.set_function(read(lambda r: r.confidence["window"]))
 
     def set_counts(self, counts: dict[str, int], review_entries: int) -> None:
         self.cache_samples.clear()

@@ -90,7 +90,7 @@ async def status(request: Request) -> Response:
         "latency": core.metrics.latency_percentiles(),
         "cache": {"samples_per_class": counts}, "review_queue": entries,
         "retrain": retrain_state, "token_required": request.app.state.access.required,
-        "batching": core.batching_status(),
+        "batching": core.batching_status(), "drift": core.drift.status(),
         "review_threshold": core.review_threshold(len(model.classes)), "uptime_s": round(time.time() - core.started, 1)})
 
 

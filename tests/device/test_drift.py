@@ -6,39 +6,18 @@ quality), both classified by ``Device.predict`` so their features come from the 
 """
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageFilter
+from shift_support import DEMO, camera_shift, held_out
 
 from edgexfer.runtime.device import Device
 from edgexfer.runtime.drift import RecentInputs, drift_report, reference_rows
 
-DEMO = Path(__file__).resolve().parents[2] / "data" / "clipart8-demo"
 WINDOW, WINDOWS = 30, 20
-
-
-def held_out(clipart8: Path) -> list[Path]:
-    demo = {p.name for p in DEMO.rglob("*.jpg")}
-    return sorted(p for p in clipart8.rglob("*.jpg") if p.name not in demo)
-
-
-def camera_shift(data: bytes, rng: np.random.Generator) -> bytes:
-    """A seeded camera-like degradation of one image file."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    img = img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=(255, 255, 255))
-    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.0, 2.5))))
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.55, 0.8)))
-    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.6, 0.9)))
-    pixels = np.asarray(img, dtype=np.float32) * np.array([1.08, 1.0, 0.85]) + rng.normal(0, 10, (img.height, img.width, 3))
-    out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=int(rng.integers(15, 35)))
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -395,3 +395,42 @@ def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, text_state):
             "return [...document.querySelectorAll('#review .review-item pre')].map((e) => e.textContent)")
             .count(sample) == 1)
         assert not browser.find_elements(By.CSS_SELECTOR, "#review .review-item img")
+
+
+def test_page_shows_a_drift_banner_after_shifted_inputs_and_metrics_say_so(browser, tmp_path_factory, device_bundle,
+                                                                           clipart8):
+    """30 camera-degraded images through /v1/predict: the service's drift test (every 30 inputs here) finds the
+    change; /v1/status, the Prometheus gauges and a banner on the page say so (issue 27)."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from shift_support import camera_shift, held_out
+
+    from edgexfer.runtime.device import Device
+
+    state = tmp_path_factory.mktemp("drift-page") / "state"
+    with Device(state) as dev:  # a state of its own: the drift test reads the latest inputs of this service only
+        dev.install(device_bundle)
+    rng = np.random.default_rng(3)
+    files = held_out(clipart8)
+    shifted = [camera_shift(files[i].read_bytes(), rng) for i in rng.choice(len(files), 30, replace=False)]
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+    with running_server(state, "--drift-every", "30", "--drift-window", "30") as server:
+        browser.get(server.url + "/")
+        wait.until(lambda _: browser.find_element(By.ID, "bundle-name").text.strip() == "clipart8-demo")
+        assert not browser.find_element(By.ID, "drift").is_displayed()
+        _, metrics = server.request("GET", "/metrics")[::2]
+        assert b"edgexfer_drift_detected NaN" in metrics  # no verdict before the first test
+        for data in shifted:
+            assert server.request("POST", "/v1/predict", data, {"Content-Type": "application/octet-stream"})[0] == 200
+        wait.until(lambda _: server.json("GET", "/v1/status")[1]["drift"]["last"] is not None)
+        drift = server.json("GET", "/v1/status")[1]["drift"]
+        assert drift["last"]["drift"] is True and drift["last"]["window"] == 30 and drift["every"] == 30, drift
+        gauges = dict(line.split(" ") for line in server.request("GET", "/metrics")[2].decode().splitlines()
+                      if line.startswith("edgexfer_drift_"))
+        assert float(gauges["edgexfer_drift_detected"]) == 1.0 and float(gauges["edgexfer_drift_p_value"]) < 0.01
+        assert float(gauges["edgexfer_drift_window_confidence"]) < 1.0
+        wait.until(lambda _: browser.find_element(By.ID, "drift").is_displayed())
+        banner = browser.find_element(By.ID, "drift").text
+        assert "changed since training" in banner and "latest 30 inputs" in banner, banner
+        assert [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -80,6 +80,18 @@ const ms = (v) => (v === null || v === undefined) ? "–" : v.toFixed(1) + " ms"
 const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
 // ------------------------------------------------------------------ status
+// the service's last drift test (/v1/status drift.last): a banner while it says the inputs changed
+function drawDrift(d) {
+  const last = d && d.last;
+  $("drift").hidden = !(last && last.drift === true);
+  if (!last || last.drift !== true) return;
+  const conf = last.confidence || {};
+  const pct = (x) => (x === null || x === undefined ? "?" : `${Math.round(x * 100)} %`);
+  text("drift-text", `The latest ${last.window} inputs differ from the training samples (p = ${last.p_value}, ` +
+       `alpha ${last.alpha}); confidence ${pct(conf.window)} against ${pct(conf.reference)} in training. ` +
+       "Label some of them below and retrain, or check the camera.");
+}
+
 async function refreshStatus() {
   const overtaken = begin("status");
   const s = await api("GET", "/v1/status");
@@ -115,6 +127,7 @@ async function refreshStatus() {
   text("samples", counts.length ? counts.map(([c, n]) => `${c} ${n}`).join(" · ") : "none learned yet");
   text("review-count", s.review_queue);
   $("token-box").hidden = !s.token_required;
+  drawDrift(s.drift);
   $("connection").textContent = `up ${Math.round(s.uptime_s)} s`;
   const previous = s.head.previous === undefined ? null : s.head.previous;
   if (previous !== previousHead) {
