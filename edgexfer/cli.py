@@ -418,6 +418,14 @@ def device_status(state, backend, precision, as_json):
             f"engines  " + ("; ".join(f"{e['key']} ({e['bytes'] / 1e6:.1f} MB)" for e in st["engines"]) or "none built here")
             + "\nretrain  " + (f"head {last['version']} {'accepted' if last['accepted'] else 'rejected'}: {last['reason']}"
                             if last else "never"))
+    field, est = st["field_accuracy"], st["estimated_accuracy"]
+    if field["n"]:
+        lo, hi = field["ci95"]
+        text += (f"\nfield    {field['accuracy']:.0%} of {field['n']} samples labelled here were answered right before "
+                 f"learning (95 % CI {lo:.0%}-{hi:.0%})")
+    if est["mean_confidence"] is not None:
+        text += (f"\nlatest   mean confidence {est['mean_confidence']:.0%} over the last {est['window']} inputs "
+                 "(an upper bound of their accuracy)")
     for warning in st["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     emit(st, as_json, text)

@@ -31,7 +31,8 @@ from edgexfer.runtime.errors import CacheError
 #: Layout version kept in ``PRAGMA user_version``. A file with a higher number is refused; a lower
 #: one is brought up to date by :data:`_MIGRATIONS` when it is opened (2: the service's review queue;
 #: 3: ``label_stats.members``, kept by triggers, so the capacity reservoir admits in constant time;
-#: 4: ``recent_inputs``, the features of the latest inputs that the drift test reads).
+#: 4: ``recent_inputs``, the features of the latest inputs that the drift test reads, and ``field_labels``, what
+#: the active head answered for each sample labelled on site).
 SCHEMA_VERSION = 4
 #: How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -130,6 +131,16 @@ _RECENT_SCHEMA = (
         label           TEXT NOT NULL,
         probability     REAL NOT NULL,
         created_utc     TEXT NOT NULL
+    )""",
+    # edgexfer.runtime.field_accuracy: each sample labelled on site, judged once, by the head active then
+    """CREATE TABLE field_labels (
+        sample_sha256 TEXT NOT NULL,
+        label         TEXT NOT NULL,
+        predicted     TEXT NOT NULL,
+        probability   REAL NOT NULL,
+        head          INTEGER NOT NULL,
+        created_utc   TEXT NOT NULL,
+        PRIMARY KEY (sample_sha256, label)
     )""",
 )
 #: statements that bring a file of schema version ``v`` to ``v + 1``

@@ -39,6 +39,7 @@ from edgexfer.runtime.drift import (
 from edgexfer.runtime.engine_store import EngineKey, EngineStore
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.features import cached_features
+from edgexfer.runtime.field_accuracy import FieldLabels, estimated_accuracy
 from edgexfer.runtime.golden import compare_golden
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.holdout import DEFAULT_HOLDOUT, DEFAULT_SEED, DEFAULT_TOLERANCE
@@ -306,8 +307,27 @@ class Device:
         inputs = learn_inputs(modality, items, texts, text_sources)
         with self.cache() as cache:
             learner = BatchLearner(lambda: self.engine(bundle), cache, modality, bundle.manifest.backbone.sha256,
-                                   label, source, augment=augment, batch_size=batch_size)
+                                   label, source, augment=augment, batch_size=batch_size,
+                                   on_kept=self._judge(cache, bundle, label))
             return learner.run(inputs, self.per_class_capacity, on_batch)
+
+    def _judge(self, cache: FeatureCache, bundle: Bundle, label: str) -> Callable[[list[str]], None]:
+        """What keeps the active head's answer for each sample labelled now (:mod:`edgexfer.runtime.field_accuracy`)."""
+        active, head = self.active_head()
+        key = modality_of(bundle).preprocess.key()
+
+        def judge(shas: list[str]) -> None:
+            # learning never fails for its verdicts: a full disk costs the field accuracy these rows, with a warning
+            try:
+                feats = cache.get_features(bundle.manifest.backbone.sha256, key, shas)
+                have = [sha for sha in shas if sha in feats]
+                if have:
+                    probs = head.probabilities(np.stack([feats[sha] for sha in have]))
+                    with FieldLabels(self.state.cache_path) as verdicts:
+                        verdicts.judge(have, label, probs, head.classes, active.head)
+            except EdgexferError as exc:
+                log.warning("the field accuracy's verdicts on %d sample(s) were not kept: %s", len(shas), exc)
+        return judge
 
     # ---------------------------------------------------------------------------- retrain
     def retrain(self, *, kind: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
@@ -345,6 +365,10 @@ class Device:
         with self.cache() as cache:
             counts = cache.counts()
             n_features = cache.features_count(active.bundle)
+        with FieldLabels(self.state.cache_path) as verdicts:
+            field = verdicts.report()
+        with RecentInputs(self.state.cache_path) as recent:
+            _, _, confidences = recent.window(active.bundle, DEFAULT_WINDOW)
         last = json.loads(self.state.last_retrain_path.read_text()) if self.state.last_retrain_path.is_file() else None
         try:
             backend = self.choose_backend(bundle)
@@ -359,6 +383,10 @@ class Device:
             "cache": {"samples_per_class": counts, "features_for_backbone": n_features},
             "engines": self.engines.entries(),
             "last_retrain": last,
+            # labels given on site against the answers of the head active then; the label-free estimate of the
+            # latest inputs beside it (an upper bound: runtime/field_accuracy.py)
+            "field_accuracy": field,
+            "estimated_accuracy": {"window": len(confidences), "mean_confidence": estimated_accuracy(confidences)},
             "warnings": self._warnings(),
         }
 

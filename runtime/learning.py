@@ -180,7 +180,8 @@ class BatchLearner:
     """Learns a stream of inputs under one label, one committed batch at a time (see the module's docstring)."""
 
     def __init__(self, engine: Callable[[], EngineRunner], cache: FeatureCache, modality: Modality, backbone: str,
-                 label: str, source: str, *, augment: int = 0, batch_size: int | None = None):
+                 label: str, source: str, *, augment: int = 0, batch_size: int | None = None,
+                 on_kept: Callable[[list[str]], None] | None = None):
         self.engine = engine  # opened on first use: a call that finds everything cached never loads the backbone
         self.cache = cache
         self.modality = modality
@@ -193,6 +194,8 @@ class BatchLearner:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError("learn batch size", got=repr(batch_size), expected="a positive integer")
         self.tally = _Tally()
+        #: hears the samples each committed batch kept (``Device.learn`` judges them with the active head)
+        self.on_kept = on_kept
 
     def run(self, inputs: Iterable[Input], capacity: int | None,
             on_batch: Callable[[LearnReport], None] | None = None) -> LearnReport:
@@ -217,6 +220,8 @@ class BatchLearner:
         kept = self._commit(samples)
         crash_point("learn-committed")  # the crash tests kill field learning here: this batch is confirmed
         self.tally.batches += 1
+        if self.on_kept is not None and kept:
+            self.on_kept(kept)
         if self.augment and kept:
             self._add_views([samples[sha] for sha in kept])
 

@@ -59,6 +59,7 @@ from edgexfer.runtime.cache import FeatureCache
 from edgexfer.runtime.device import Device, LearnReport
 from edgexfer.runtime.drift import DEFAULT_EVERY, DEFAULT_WINDOW, DriftMonitor
 from edgexfer.runtime.errors import EdgexferError, InputError
+from edgexfer.runtime.field_accuracy import FieldLabels
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.modalities.base import Modality
@@ -487,6 +488,8 @@ class ServiceCore:
         if obj is None:
             if name == "review":
                 obj = ReviewQueue(self.state.cache_path, capacity=self.config.review_capacity)
+            elif name == "field":
+                obj = FieldLabels(self.state.cache_path)
             else:
                 obj = FeatureCache(self.state.cache_path)
             setattr(self._db_local, name, obj)
@@ -498,6 +501,10 @@ class ServiceCore:
     async def review(self, fn: Callable[[ReviewQueue], T]) -> T:
         """Run ``fn(queue)`` in the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: fn(self._db("review")))
+
+    async def field_accuracy(self) -> dict[str, Any]:
+        """Labels given on site against the answers of the head active then (:mod:`edgexfer.runtime.field_accuracy`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: self._db("field").report())
 
     async def sample_counts(self) -> dict[str, int]:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, lambda: self._db("cache").counts())

@@ -91,6 +91,7 @@ async def status(request: Request) -> Response:
         "cache": {"samples_per_class": counts}, "review_queue": entries,
         "retrain": retrain_state, "token_required": request.app.state.access.required,
         "batching": core.batching_status(), "drift": core.drift.status(),
+        "field_accuracy": await core.field_accuracy(),
         "review_threshold": core.review_threshold(len(model.classes)), "uptime_s": round(time.time() - core.started, 1)})
 
 

@@ -117,3 +117,39 @@ def test_a_prediction_stands_when_its_record_cannot_be_kept(tmp_path, device_bun
         (prediction,) = dev.predict([image])
         assert prediction.label in dev.active_head()[1].classes
     assert "drift test's record of 1 input(s) was not kept" in caplog.text
+
+
+def test_the_label_free_estimate_is_an_upper_bound_that_falls_on_shifted_inputs(pools, clipart8):
+    """runtime/field_accuracy.py's figures: the mean confidence against the accuracy on both pools."""
+    from edgexfer.runtime.field_accuracy import estimated_accuracy
+
+    _, out = pools
+    truth = [p.parent.name for p in held_out(clipart8)]
+    figures = {}
+    for name, (_, labels, conf) in out.items():
+        accuracy = float(np.mean([a == b for a, b in zip(labels, truth)]))
+        figures[name] = (accuracy, estimated_accuracy(conf))
+    print("accuracy, estimate:", figures)
+    (clean_acc, clean_est), (shift_acc, shift_est) = figures["clean"], figures["shifted"]
+    assert shift_acc < clean_acc - 0.05 and shift_est < clean_est - 0.05  # the estimate falls with the accuracy
+    assert clean_acc <= clean_est <= clean_acc + 0.15 and shift_acc <= shift_est <= shift_acc + 0.2
+
+
+def test_field_accuracy_judges_each_labelled_sample_once_with_the_head_active_then(tmp_path, device_bundle, clipart8):
+    files = [p for p in held_out(clipart8) if p.parent.name == "fruit"][:12]
+    with Device(tmp_path / "state") as dev:
+        dev.install(device_bundle)
+        before = dev.predict(files)
+        right = sum(p.label == "fruit" for p in before)
+        dev.learn(files, "fruit")
+        dev.retrain()  # a head that learned them would get more of them right
+        dev.learn(files, "fruit")  # judged already: the first verdict stands
+        status = dev.status()
+    field = status["field_accuracy"]
+    assert field["per_class"]["fruit"]["n"] == 12 and field["per_class"]["fruit"]["correct"] == right, field
+    lo, hi = field["ci95"]
+    assert lo <= right / 12 <= hi and 0 <= lo < hi <= 1
+    assert status["estimated_accuracy"]["mean_confidence"] == pytest.approx(
+        np.mean([p.probability for p in before]), abs=1e-3)  # the ring buffer's latest inputs are these 12
+    proc = _cli("device", "status", "--state", str(tmp_path / "state"))
+    assert proc.returncode == 0 and "of 12 samples labelled here" in proc.stdout, proc.stdout

@@ -55,8 +55,9 @@ def test_a_schema_1_cache_gains_the_queue_and_keeps_its_samples(tmp_path: Path) 
     with FeatureCache(path) as cache:
         cache.add_samples([SampleRecord("a" * 64, "cat", "test")])
     with closing(sqlite3.connect(path)) as raw:  # back to the schema 1 layout (no queue, no member counts,
-        raw.execute("DROP TABLE review")  # no recent inputs)
+        raw.execute("DROP TABLE review")  # no recent inputs, no field labels)
         raw.execute("DROP TABLE recent_inputs")
+        raw.execute("DROP TABLE field_labels")
         for trigger in ("samples_member_insert", "samples_member_delete", "samples_member_relabel"):
             raw.execute(f"DROP TRIGGER {trigger}")
         raw.execute("ALTER TABLE label_stats DROP COLUMN members")
@@ -68,5 +69,6 @@ def test_a_schema_1_cache_gains_the_queue_and_keeps_its_samples(tmp_path: Path) 
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     with FeatureCache(path) as cache:
         assert cache.counts() == {"cat": 1}
-    with closing(sqlite3.connect(path)) as raw:  # every migration ran: 4 added the drift test's ring buffer
+    with closing(sqlite3.connect(path)) as raw:  # every migration ran: 4 added the drift test's two tables
         assert raw.execute("SELECT COUNT(*) FROM recent_inputs").fetchone() == (0,)
+        assert raw.execute("SELECT COUNT(*) FROM field_labels").fetchone() == (0,)

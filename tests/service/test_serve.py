@@ -257,3 +257,25 @@ def _png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (width, height)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_a_label_given_on_the_page_counts_in_field_accuracy_with_the_answer_before_it(server):
+    """POST /v1/label (an upload, as the page's label buttons send it): /v1/status field_accuracy counts it,
+    judged by the head that answered before the label (issue 27)."""
+    image = demo_images()[7]
+    status, answer = server.json("POST", "/v1/predict", body=image.read_bytes(),
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert status == 200
+    guessed = answer["results"][0]["label"]
+    before = server.json("GET", "/v1/status")[1]["field_accuracy"]
+    boundary = "edgexferfield"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"\r\n\r\nfield-check\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{image.name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    status, _ = server.json("POST", "/v1/label", body=form,
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200
+    after = server.json("GET", "/v1/status")[1]["field_accuracy"]
+    assert after["n"] == before["n"] + 1 and after["per_class"]["field-check"] == {
+        "n": 1, "correct": 0, "accuracy": 0.0, "ci95": [0.0, 0.7935]}, after  # a class the head never knew
+    assert guessed != "field-check"
