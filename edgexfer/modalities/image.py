@@ -55,6 +55,12 @@ class ImageModality(HostModality):
     def describe_backbone(self, bb) -> str:
         return f"input {bb.input_size[0]}x{bb.input_size[1]}, {bb.feature_dim} features, {bb.num_blocks} blocks"
 
+    def check_config(self, cfg, bb) -> None:
+        if cfg.mode == "partial" and cfg.unfreeze == "all" and bb.builder_loads_weights:
+            raise InputError(f"--unfreeze all with the brought backbone {bb.name}", got="all",
+                             expected=f"a number of last top-level children 1..{bb.num_blocks}",
+                             todo=f"use --unfreeze {bb.num_blocks} to fine-tune every child")
+
     def backbone_record(self, bb) -> dict[str, Any]:
         return {"mean": list(bb.mean), "std": list(bb.std)}
 
@@ -150,7 +156,7 @@ def pixel_backbone(bb, weights: Path | None):
     from edgexfer.backbones import build_backbone
     from edgexfer.pixel_model import PixelBackbone
 
-    return PixelBackbone(build_backbone(bb.name, weights=weights), bb.mean, bb.std)
+    return PixelBackbone(build_backbone(bb, weights=weights), bb.mean, bb.std)
 
 
 def _write_tuned(model, bb, out: Path) -> None:
