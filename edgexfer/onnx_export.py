@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgexfer.runtime.errors import ValidationError
@@ -32,7 +33,7 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
     pixel_model = pixel_model.eval()
     example = torch.zeros((2, *input_size, 3), dtype=torch.uint8)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _no_attention_fastpath(torch):
         # the TorchScript exporter is the one that needs no extra packages; its deprecation notice is noise here
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -51,6 +52,19 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
                               todo="report this as a bug with the backbone name")
     write_atomic(path, model.SerializeToString())
     return path
+
+
+@contextmanager
+def _no_attention_fastpath(torch):
+    """nn.TransformerEncoder(Layer) and nn.MultiheadAttention take a fused kernel in eval mode under no_grad
+    (``aten::_transformer_encoder_layer_fwd``) that has no ONNX form; the exporter must trace the plain ops."""
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def check_contract(model, input_size: tuple[int, int]) -> list[str]:
