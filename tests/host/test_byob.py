@@ -144,7 +144,7 @@ def test_every_engine_is_validated_or_refused_with_its_reason(byob, tmp_path):
         calib = byob["data"] if precision in ("int8", "bf16") else None
         before = Bundle.open(bundle).manifest.engines
         try:
-            result = convert(bundle, backend, precision, calib=calib, calib_size=32, val_size=48, progress=False)
+            result = convert(bundle, backend, precision, calib=calib, calib_size=32, val_size=24, progress=False)
         except EdgexferError as exc:
             text = str(exc)
             assert "\n" not in text and " | got " in text and "tolerance" in text, text
@@ -184,3 +184,72 @@ def test_a_device_install_predicts_what_the_host_predicts(byob, tmp_path):
         dev.install(byob["bundle"])
         device = [p.label for p in dev.predict(paths, top_k=1)]
     assert device == host
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("factory, options, message", [
+    ("raises", PREP, "factory raised | got raises(): RuntimeError: no such model"),
+    ("returns_none", PREP, "factory returned no module | got NoneType"),
+    ("tokens", PREP, "output is not poolable to [N, D] | got a tensor of shape [2, 3, 4096]"),
+    ("nan_features", PREP, "NaN or infinite features (on a random normalised batch) | got 6 non-finite values"),
+    ("no_such_factory", PREP, "factory not found | got no_such_factory in"),
+    ("resnet", PREP[:2], "needs its preprocessing | got no --mean, --std"),
+    ("resnet", ["--input-size", "64", *PREP[2:]], "--input-size | got ('64',)"),
+])
+def test_a_bad_py_backbone_is_one_line_naming_what_to_change(tmp_path, demo_data, factory, options, message):
+    from click.testing import CliRunner
+
+    from edgexfer.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(demo_data), "--out", str(tmp_path / "run"), "--backbone",
+                                       f"py:{MODELS}:{factory}", *options, "--quiet"])
+    assert result.exit_code != 0
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "run").exists()  # refused before any image was read
+
+
+def test_a_checkpoint_loads_strictly_but_for_keys_the_features_never_use(tmp_path):
+    """A checkpoint with a classifier the features do not use loads (the extra keys reported); one of another
+    architecture is refused in one line; the identity is the checkpoint file's sha256."""
+    import torch
+
+    from edgexfer.backbones import backbone_config
+    from edgexfer.backbones.foreign import PySource
+    from edgexfer.backbones.py_module import call_factory
+    from edgexfer.runtime.errors import InputError
+    from edgexfer.runtime.fsutil import file_sha256
+
+    state = {k: v + 0.01 for k, v in call_factory(PySource(str(MODELS), "resnet")).state_dict().items()}
+    good = tmp_path / "resnet.pth"
+    torch.save({**state, "fc.weight": torch.zeros(8, 64), "fc.bias": torch.zeros(8)}, good)
+    cfg = backbone_config(f"py:{MODELS}:resnet", weights=good, input_size=SIZE, mean=MEAN, std=STD)
+    assert cfg.weight_sha256 == file_sha256(good) and cfg.num_blocks == 4
+    assert cfg.builder_kwargs["weights_report"] == {"unused": ["fc.bias", "fc.weight"], "unused_count": 2,
+                                                    "missing": []}
+    vit_ckpt = tmp_path / "vit.pth"
+    torch.save(call_factory(PySource(str(MODELS), "vit")).state_dict(), vit_ckpt)
+    with pytest.raises(InputError, match=r"checkpoint does not fit the py: backbone .* \| got \d+ key\(s\) missing"):
+        backbone_config(f"py:{MODELS}:resnet", weights=vit_ckpt, input_size=SIZE, mean=MEAN, std=STD)
+    with pytest.raises(InputError, match="preprocessing options: a packaged backbone carries"):
+        backbone_config("efficientnet_lite0", input_size=SIZE, mean=MEAN, std=STD)
+
+
+# ------------------------------------------------------------------------------------------ partial
+def test_partial_fine_tuning_of_a_py_resnet_runs_and_exports_with_parity(tmp_path, demo_data):
+    """--mode partial --unfreeze 2: the last two top-level children (BasicBlocks) train on the stored views of
+    the frozen prefix; the tuned backbone exports and matches PyTorch."""
+    from edgexfer.runtime.compare import tolerance_for
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    _cli("train", str(demo_data), "--out", str(run), "--backbone", f"py:{MODELS}:resnet", *PREP, "--mode", "partial",
+         "--unfreeze", "2", "--epochs", "2", "--views", "1", "--device", "cpu", "--quiet")
+    record = json.loads((run / "run.json").read_text())
+    assert record["backbone"]["fine_tuned"] and record["backbone"]["py"]["num_blocks"] == 4
+    _cli("export", str(run), "--out", str(bundle), "--quiet")
+    parity = json.loads((bundle / "reports" / "export.json").read_text())
+    assert parity["max_abs_diff"] <= tolerance_for("fp32").atol and parity["top1_agreement"] == 1.0
+    # the bundle holds the tuned blocks: its accuracy is the tuned run's (the head fits only the tuned features)
+    assert abs(parity["val_accuracy_onnx"] - record["val_accuracy"]) <= 0.03, (parity, record["val_accuracy"])
+    with pytest.raises(AssertionError, match="no blocks that partial fine-tuning can cut"):
+        _cli("train", str(demo_data), "--out", str(tmp_path / "vit"), "--backbone", f"py:{MODELS}:vit", *PREP,
+             "--mode", "partial", "--quiet")
