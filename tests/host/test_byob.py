@@ -253,3 +253,16 @@ def test_partial_fine_tuning_of_a_py_resnet_runs_and_exports_with_parity(tmp_pat
     with pytest.raises(AssertionError, match="no blocks that partial fine-tuning can cut"):
         _cli("train", str(demo_data), "--out", str(tmp_path / "vit"), "--backbone", f"py:{MODELS}:vit", *PREP,
              "--mode", "partial", "--quiet")
+
+
+def test_backbones_shows_how_to_bring_your_own_and_the_documented_example_builds():
+    """``edgexfer backbones`` explains py: backbones; docs/backbones.md's example file is a valid one."""
+    from edgexfer.backbones import backbone_config
+
+    output = _cli("backbones")
+    assert "efficientnet_lite0" in output and "--backbone py:MODULE_OR_FILE:FACTORY" in output
+    assert "--input-size H,W --mean R,G,B --std R,G,B" in output
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "small_resnet.py"
+    assert f"py:docs/examples/{example.name}:build" in (example.parents[1] / "backbones.md").read_text()
+    cfg = backbone_config(f"py:{example}:build", input_size=(96, 96), mean=MEAN, std=STD)
+    assert (cfg.feature_dim, cfg.num_blocks, cfg.name) == (128, 4, "py:small_resnet.py:build")
