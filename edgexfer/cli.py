@@ -62,6 +62,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--input-size", default=None, help="py: backbones: H,W the model takes.")
 @click.option("--mean", default=None, help="py: backbones: per-channel mean R,G,B of [0, 1] pixels.")
 @click.option("--std", default=None, help="py: backbones: per-channel std R,G,B of [0, 1] pixels.")
+@click.option("--output", "onnx_output", default=None, help="onnx: backbones: the features output, if several.")
 @click.option("--resize", type=click.Choice(["letterbox", "crop"]), default="letterbox", show_default=True,
               help="letterbox onto white, or resize the shorter side and centre-crop.")
 @click.option("--mode", type=click.Choice(list(TRAIN_MODES)), default="frozen", show_default=True,
@@ -94,8 +95,8 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Threads that read and decode samples while the backbone runs (default: the cores, at most 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(data_dir, out, backbone, input_size, mean, std, resize, mode, head, unfreeze, epochs, seed, val_fraction, lr,
-          backbone_lr, views, device,
+def train(data_dir, out, backbone, input_size, mean, std, onnx_output, resize, mode, head, unfreeze, epochs, seed,
+          val_fraction, lr, backbone_lr, views, device,
           batch_size, C, cache, weights, folds, budget, workers, as_json, quiet):
     """Fine-tune on an ImageFolder tree (one folder per class), or on texts: a folder per class of .txt files
     (one sample per file) or a .csv/.jsonl file of text,label."""
@@ -107,7 +108,7 @@ def train(data_dir, out, backbone, input_size, mean, std, resize, mode, head, un
                       val_fraction=val_fraction, backbone_lr=backbone_lr, views=views, device=device,
                       batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds, budget=budget,
                       workers=workers, progress=not quiet, resize=RESIZE_OPTIONS[resize],
-                      input_size=_split(input_size), mean=_split(mean), std=_split(std),
+                      input_size=_split(input_size), mean=_split(mean), std=_split(std), output=onnx_output,
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     if not result.written:  # a torchrun process other than rank 0: rank 0 reports

@@ -29,7 +29,6 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
     """Trace ``pixel_model`` (eval mode) and write the simplified ONNX model to ``path`` atomically."""
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
-    onnxslim = require("onnxslim", "ONNX export")
     pixel_model = pixel_model.eval()
     example = torch.zeros((2, *input_size, 3), dtype=torch.uint8)
     buffer = io.BytesIO()
@@ -42,16 +41,23 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
         )
-    model = onnx.load_from_string(buffer.getvalue())
-    model = onnxslim.slim(model)
-    model.producer_name = "edgexfer"
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_model(onnx.load_from_string(buffer.getvalue()))
     problems = check_contract(model, input_size)
     if problems:
         raise ValidationError("exported backbone.onnx breaks the bundle contract", problems,
                               todo="report this as a bug with the backbone name")
     write_atomic(path, model.SerializeToString())
     return path
+
+
+def finish_model(model):
+    """Simplify with onnxslim (BatchNorm and padding folded), name the producer, check the whole model."""
+    onnx = require("onnx", "ONNX export")
+    onnxslim = require("onnxslim", "ONNX export")
+    model = onnxslim.slim(model)
+    model.producer_name = "edgexfer"
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 @contextmanager

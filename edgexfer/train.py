@@ -77,6 +77,7 @@ class TrainConfig:
     input_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    output: str | None = None  #: an ``onnx:`` backbone's features output, when it has several
     folds: int = 5  #: auto mode: folds of the cross-validation
     budget: float = 1200.0  #: auto mode: seconds for cross-validating the partial candidate (0: frozen heads only)
     workers: int | None = None  #: threads that read and decode samples (default: the cores, at most 4)
@@ -149,7 +150,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     modality = modality_of_data(Path(cfg.data_dir))
     cfg.backbone = cfg.backbone or modality.default_backbone
-    bb = backbone_config(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    bb = backbone_config(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                         output=cfg.output)
     if bb.modality != modality.name:
         raise InputError(f"backbone {bb.name} reads {host_modality(bb.modality).plural}",
                          got=f"{modality.noun} data in {cfg.data_dir}", expected=f"a {modality.noun} backbone",

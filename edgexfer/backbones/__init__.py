@@ -63,6 +63,11 @@ class BackboneConfig:
     #: a backbone outside the registry (``py:``) keeps its recipe in run.json's backbone record under this key
     #: (:func:`backbone_record`, :func:`run_config`); None: the registry name is enough
     record_key: str | None = None
+    #: "module:function(cfg, path)" that writes backbone.onnx without torch (an ``onnx:`` model, wrapped);
+    #: None: the builder's torch module is traced
+    exporter: str | None = None
+    #: "module:function(cfg)" -> uint8 NHWC batch -> features: export's parity reference when there is no torch module
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in modality_names():
@@ -180,12 +185,20 @@ register_backbone(BackboneConfig(
 
 
 def backbone_config(name: str, *, weights: str | Path | None = None, input_size=None, mean=None,
-                    std=None) -> BackboneConfig:
+                    std=None, output: str | None = None) -> BackboneConfig:
     """The config of ``--backbone``: a registered name, or ``py:MODULE_OR_FILE:FACTORY`` with its preprocessing
     (:mod:`edgexfer.backbones.foreign`). Preprocessing options are refused for a registered backbone, whose
     weights came with their own."""
-    from edgexfer.backbones import foreign
+    from edgexfer.backbones import foreign, onnx_model
 
+    if onnx_model.is_onnx_spec(name):
+        if weights is not None:
+            raise InputError("--weights with an onnx: backbone", got=str(weights), expected="no --weights: the "
+                             "ONNX file holds its weights", todo="leave --weights out")
+        return foreign.onnx_config(name, output=output, input_size=input_size, mean=mean, std=std)
+    if output is not None:
+        raise InputError("--output", got=repr(output), expected="--output only with --backbone onnx:MODEL.onnx",
+                         todo="leave --output out")
     if foreign.is_py_spec(name):
         return foreign.py_config(name, weights=Path(weights) if weights is not None else None,
                                  input_size=input_size, mean=mean, std=std)
@@ -209,11 +222,13 @@ def backbone_record(cfg: BackboneConfig) -> dict[str, Any]:
 
 def run_config(run: dict[str, Any]) -> BackboneConfig:
     """The backbone config of a run (run.json): a registered name, or the recorded recipe of a brought one."""
-    from edgexfer.backbones import foreign
+    from edgexfer.backbones import foreign, onnx_model
 
     rec = run["backbone"]
     if foreign.RECORD_KEY in rec:
         return foreign.config_from_record(rec[foreign.RECORD_KEY])
+    if onnx_model.RECORD_KEY in rec:
+        return foreign.onnx_config_from_record(rec[onnx_model.RECORD_KEY])
     return get_config(rec["arch"])
 
 

@@ -108,6 +108,8 @@ def py_config(spec: str, *, weights: Path | None, input_size, mean, std):
 def record(cfg) -> dict[str, Any]:
     """What run.json keeps to rebuild the config without running the factory (see :func:`config_from_record`)."""
     kw = cfg.builder_kwargs
+    if "record" in kw:
+        return dict(kw["record"])
     return {"target": kw["target"], "factory": kw["factory"], "input_size": list(cfg.input_size),
             "mean": list(cfg.mean), "std": list(cfg.std), "feature_dim": cfg.feature_dim,
             "num_blocks": cfg.num_blocks, "weights_sha256": cfg.weight_sha256, "weights_report": kw["weights_report"]}
@@ -128,10 +130,35 @@ def config_from_record(rec: dict[str, Any]):
     )
 
 
+def onnx_config(spec: str, *, output: str | None, input_size, mean, std):
+    """The config of ``onnx:MODEL.onnx``: the model checked once with ONNX Runtime (no torch)."""
+    from edgexfer.backbones import onnx_model
+
+    path = Path(spec[len(onnx_model.ONNX_PREFIX):]).expanduser().resolve()
+    size, mean3, std3 = check_preprocessing(input_size, mean, std)
+    facts = onnx_model.inspect_onnx(path, output, size, mean3, std3)
+    facts["map"] = onnx_model.output_is_map(path, facts["output"], size, mean3, std3)
+    return onnx_config_from_record({"input_size": list(size), "mean": list(mean3), "std": list(std3), **facts})
+
+
+def onnx_config_from_record(rec: dict[str, Any]):
+    from edgexfer.backbones import BackboneConfig, onnx_model
+
+    return BackboneConfig(
+        name=f"{onnx_model.ONNX_PREFIX}{Path(rec['path']).name}", builder="", feature_dim=int(rec["feature_dim"]),
+        num_blocks=0, weight_package="", weight_file="", weight_sha256=rec["weights_sha256"],
+        license="the model owner's", input_size=tuple(rec["input_size"]), mean=tuple(rec["mean"]),
+        std=tuple(rec["std"]), builder_kwargs={**rec, "record": rec}, record_key=onnx_model.RECORD_KEY,
+        exporter="edgexfer.backbones.onnx_model:write_wrapped", reference="edgexfer.backbones.onnx_model:reference",
+    )
+
+
 HOW_TO = """\
 bring your own:
   --backbone py:MODULE_OR_FILE:FACTORY [--weights CKPT.pth|.safetensors]
       --input-size H,W --mean R,G,B --std R,G,B [--resize letterbox|crop]
   FACTORY() returns a torch nn.Module: float32 NCHW RGB normalised by mean/std -> [N, D], [N, D, 1, 1] or a
   [N, C, H, W] map (averaged). --unfreeze N fine-tunes its last N top-level children (they must run in sequence).
+  --backbone onnx:MODEL.onnx [--output NAME] --input-size H,W --mean R,G,B --std R,G,B
+      an ONNX feature extractor with one float32 NCHW image input (frozen training only).
   See docs/backbones.md."""

@@ -76,6 +76,11 @@ class ImageModality(HostModality):
         return {"path": str(Path(data.samples.paths[i]).resolve()), "sha256": data.shas[i], "label": int(data.labels[i])}
 
     def export_pretrained(self, bb, weights, path: Path) -> None:
+        if bb.exporter:  # a backbone that is an ONNX model already: wrapped, not traced
+            from edgexfer.backbones import _resolve
+
+            _resolve(bb.exporter)(bb, path)
+            return
         from edgexfer.onnx_export import export_backbone
 
         export_backbone(pixel_backbone(bb, weights), bb.input_size, path)
@@ -229,6 +234,12 @@ class ImageReader(ExportReader):
 
     @contextmanager
     def torch_runner(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        from edgexfer.backbones import _resolve, run_config
+
+        cfg = run_config(self.run)
+        if cfg.reference:  # no torch module (an onnx: backbone): the original model is the reference
+            yield _resolve(cfg.reference)(cfg)
+            return
         import torch
 
         from edgexfer.pixel_model import PixelBackbone
