@@ -266,3 +266,65 @@ def test_backbones_shows_how_to_bring_your_own_and_the_documented_example_builds
     assert f"py:docs/examples/{example.name}:build" in (example.parents[1] / "backbones.md").read_text()
     cfg = backbone_config(f"py:{example}:build", input_size=(96, 96), mean=MEAN, std=STD)
     assert (cfg.feature_dim, cfg.num_blocks, cfg.name) == (128, 4, "py:small_resnet.py:build")
+
+
+# ------------------------------------------------------------------------------------------ onnx:
+@pytest.fixture(scope="module")
+def resnet_onnx(tmp_path_factory) -> Path:
+    """The test ResNet (seed 0) exported elsewhere-style: float32 NCHW 'pixel_values', a [N, 64, 8, 8] map out,
+    opset 13 and a fixed batch of 1 (the kit converts the opset and makes the batch dynamic)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("byob_models_onnx", MODELS)
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("onnx-model") / "resnet.onnx"
+    torch.onnx.export(models.resnet().eval(), (torch.zeros(1, 3, *SIZE),), str(path), dynamo=False, opset_version=13,
+                      input_names=["pixel_values"], output_names=["map"])
+    return path
+
+
+def test_an_onnx_feature_extractor_is_wrapped_checked_and_runs_on_the_device(resnet_onnx, tmp_path, demo_data):
+    """--backbone onnx:MODEL.onnx: the wrapped backbone.onnx (uint8 NHWC in) gives the original model's features
+    (the test's own normalisation and pooling around ONNX Runtime) within the fp32 tolerance; the bundle names
+    the file's sha256; a device installs it, predicts, learns a class and retrains its head."""
+    import onnxruntime as ort
+
+    from edgexfer.runtime.backends.registry import open_reference
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.compare import tolerance_for
+    from edgexfer.runtime.device import Device
+    from edgexfer.runtime.fsutil import file_sha256
+    from edgexfer.runtime.preprocess import PreprocessSpec, load_image, stack
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    _cli("train", str(demo_data), "--out", str(run), "--backbone", f"onnx:{resnet_onnx}", *PREP,
+         "--cache", str(tmp_path / "cache.sqlite"), "--quiet")
+    _cli("export", str(run), "--out", str(bundle), "--quiet")
+    manifest = Bundle.open(bundle).manifest
+    assert manifest.backbone.arch == "onnx:resnet.onnx" and manifest.backbone.weights_sha256 == file_sha256(resnet_onnx)
+    record = json.loads((run / "run.json").read_text())
+    paths = [v["path"] for v in record["val"]]
+    pixels = stack([load_image(p, PreprocessSpec(size=SIZE)) for p in paths])
+    x = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(MEAN).reshape(1, 3, 1, 1)) / np.array(STD).reshape(1, 3, 1, 1)
+    original = ort.InferenceSession(str(resnet_onnx), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([original.run(None, {"pixel_values": x[i:i + 1].astype(np.float32)})[0]
+                          for i in range(len(x))]).mean(axis=(2, 3))
+    with open_reference(bundle / "backbone.onnx") as engine:
+        wrapped = engine.run(pixels)
+    assert np.abs(wrapped - ref).max() <= tolerance_for("fp32").atol
+    host = [record["classes"][i] for i in Bundle.open(bundle).head().logits(ref).argmax(1)]
+    new = sorted((demo_data / "fruit").iterdir())[:6]
+    with Device(tmp_path / "state") as dev:
+        dev.install(bundle)
+        assert [p.label for p in dev.predict(paths, top_k=1)] == host
+        assert dev.learn(new, "apples", augment=0).added == 6
+        report = dev.retrain()  # the holdout gate decides whether the new head is activated
+        assert "apples" in report.classes and report.train_count > 0
+    with pytest.raises(AssertionError, match=r"onnx: file is not a valid ONNX model \| got not.onnx"):
+        (tmp_path / "not.onnx").write_text("no model here")
+        _cli("train", str(demo_data), "--out", str(tmp_path / "bad"), "--backbone", f"onnx:{tmp_path / 'not.onnx'}",
+             *PREP, "--quiet")
