@@ -127,6 +127,7 @@ CONVERSIONS = [("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "bf16"),
                ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
 
 
+@pytest.mark.slow
 def test_every_engine_is_validated_or_refused_with_its_reason(byob, tmp_path):
     """OpenVINO fp32/fp16/bf16/int8 and ONNX Runtime fp32/int8 of a brought backbone (a ViT's LayerNorm,
     attention and GELU included): each engine is validated and recorded, or refused by the comparator in one
