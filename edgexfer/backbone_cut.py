@@ -1,7 +1,10 @@
-"""EfficientNet-Lite cut before block ``cut``: the frozen prefix as a fast function of pixels, the trainable tail.
+"""A backbone cut before block ``cut``: the frozen prefix as a fast function of pixels, the trainable tail.
 
 :mod:`edgexfer.finetune` runs the prefix once per stored view (:func:`prefix_runner`) and trains the
-:class:`Tail` (blocks from ``cut`` on, the head convolution, pooling) on those activations.
+:class:`Tail` on those activations. The backbone says where it cuts (``cut_prefix``, ``cut_tail``,
+``load_tail``): EfficientNet-Lite's tail is its blocks from ``cut`` on, the head convolution and pooling;
+a brought ``py:`` module's is its last top-level children and pooling
+(:class:`edgexfer.backbones.py_module.ForeignBackbone`).
 """
 from __future__ import annotations
 
@@ -11,24 +14,10 @@ __all__ = ["Tail", "prefix_runner", "has_module"]
 
 
 class Tail:
-    """The trainable end of the backbone: blocks[cut:], head conv + BN + ReLU6, global average pool."""
+    """The trainable end of the backbone (``net.cut_tail(cut)``: it shares the net's modules)."""
 
     def __init__(self, net, cut: int):
-        import torch
-        from torch import nn
-
-        class TailNet(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.blocks = nn.ModuleList(list(net._blocks)[cut:])
-                self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net.act
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                for block in self.blocks:
-                    x = block(x)
-                return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
-
-        self.module = TailNet()
+        self.module = net.cut_tail(cut)
 
 
 def prefix_runner(net, bb, cut: int, device: str, engine: str):
@@ -45,15 +34,10 @@ def prefix_runner(net, bb, cut: int, device: str, engine: str):
             std = torch.tensor(bb.std, dtype=torch.float32)
             self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
             self.register_buffer("shift", (-torch.tensor(bb.mean, dtype=torch.float32) / std).view(1, 3, 1, 1))
-            self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net.act
-            self.blocks = nn.ModuleList(list(net._blocks)[:cut])
+            self.body = net.cut_prefix(cut)
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            x = image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-            x = self.act(self.bn0(self.stem(x)))
-            for block in self.blocks:
-                x = block(x)
-            return x
+            return self.body(image.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift)
 
     module = Prefix().eval()
     use_ort = engine == "onnxruntime" or (engine == "auto" and device == "cpu" and has_module("onnxruntime"))

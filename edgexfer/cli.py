@@ -57,7 +57,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--backbone", default=None,
-              help="Default: efficientnet_lite0 for images, minilm_l6 for texts (edgexfer backbones lists them).")
+              help="Default: efficientnet_lite0 for images, minilm_l6 for texts (edgexfer backbones lists them); "
+                   "py:MODULE_OR_FILE:FACTORY brings your own (with --input-size, --mean, --std).")
+@click.option("--input-size", default=None, help="py: backbones: H,W the model takes.")
+@click.option("--mean", default=None, help="py: backbones: per-channel mean R,G,B of [0, 1] pixels.")
+@click.option("--std", default=None, help="py: backbones: per-channel std R,G,B of [0, 1] pixels.")
+@click.option("--output", "onnx_output", default=None, help="onnx: backbones: the features output, if several.")
+@click.option("--resize", type=click.Choice(["letterbox", "crop"]), default="letterbox", show_default=True,
+              help="letterbox onto white, or resize the shorter side and centre-crop.")
 @click.option("--mode", type=click.Choice(list(TRAIN_MODES)), default="frozen", show_default=True,
               help="frozen: head on fixed features; partial: fine-tune the last blocks; auto: choose by k-fold "
                    "cross-validation (docs/training.md).")
@@ -88,7 +95,8 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Threads that read and decode samples while the backbone runs (default: the cores, at most 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fraction, lr, backbone_lr, views, device,
+def train(data_dir, out, backbone, input_size, mean, std, onnx_output, resize, mode, head, unfreeze, epochs, seed,
+          val_fraction, lr, backbone_lr, views, device,
           batch_size, C, cache, weights, folds, budget, workers, as_json, quiet):
     """Fine-tune on an ImageFolder tree (one folder per class), or on texts: a folder per class of .txt files
     (one sample per file) or a .csv/.jsonl file of text,label."""
@@ -99,7 +107,8 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
     cfg = TrainConfig(data_dir=data_dir, out=out, backbone=backbone, mode=mode, head=head, epochs=epochs, seed=seed,
                       val_fraction=val_fraction, backbone_lr=backbone_lr, views=views, device=device,
                       batch_size=batch_size, C=C, cache=cache, weights=weights, folds=folds, budget=budget,
-                      workers=workers, progress=not quiet,
+                      workers=workers, progress=not quiet, resize=RESIZE_OPTIONS[resize],
+                      input_size=_split(input_size), mean=_split(mean), std=_split(std), output=onnx_output,
                       **{k: v for k, v in given.items() if v is not None})
     result = run_train(cfg)
     if not result.written:  # a torchrun process other than rank 0: rank 0 reports
@@ -112,6 +121,15 @@ def train(data_dir, out, backbone, mode, head, unfreeze, epochs, seed, val_fract
             f"{result.metrics['features_from_cache']} feature vector(s) came from the cache\n"
             f"skipped {len(result.skipped)} file(s)\nrun directory: {out}")
     emit(result.metrics, as_json, text)
+
+
+#: --resize choices -> the preprocessing's resize policy (edgexfer.runtime.names.RESIZE_POLICIES)
+RESIZE_OPTIONS = {"letterbox": "letterbox", "crop": "resize_shorter_then_center_crop"}
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    """'224,224' -> ('224', '224'); the backbone config checks the numbers (one-line errors)."""
+    return None if text is None else tuple(part.strip() for part in text.split(","))
 
 
 @main.command()
@@ -493,13 +511,15 @@ def device_rollback(state, as_json):
 
 @main.command(name="backbones")
 def backbones_cmd():
-    """List the registered backbones."""
+    """List the registered backbones and how to bring your own."""
     from edgexfer.backbones import get_config, list_backbones
+    from edgexfer.backbones.foreign import HOW_TO
     from edgexfer.modalities import host_modality
 
     for name in list_backbones():
         cfg = get_config(name)
         click.echo(f"{name}: {host_modality(cfg.modality).describe_backbone(cfg)}")
+    click.echo("\n" + HOW_TO)
 
 
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).

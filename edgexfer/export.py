@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgexfer.backbones import get_config
+from edgexfer.backbones import run_config
 from edgexfer.modalities import host_modality
 from edgexfer.modalities.base import stream_features
 from edgexfer.onnx_export import OPSET
@@ -62,7 +62,8 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     """
     run_dir, out = Path(run_dir), Path(out)
     run = load_run(run_dir)
-    modality = host_modality(get_config(run["backbone"]["arch"]).modality)
+    bb = run_config(run)
+    modality = host_modality(bb.modality)
     reader = modality.export_reader(run, run_dir)
     head = Head.load(run_dir / "head.safetensors", feature_dim=run["backbone"]["feature_dim"])
     val = run["val"]
@@ -94,7 +95,9 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
         name=name or modality.bundle_name(run["data_root"]),
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         backbone=BackboneInfo(arch=run["backbone"]["arch"], sha256=backbone_sha, feature_dim=run["backbone"]["feature_dim"],
-                              input=reader.manifest_input(), modality=modality.name),
+                              input=reader.manifest_input(), modality=modality.name,
+                              # a brought backbone names its weights too: the packaged ones are named by arch
+                              weights_sha256=bb.weight_sha256 if bb.record_key else ""),
         head=HeadInfo(kind=head.kind, classes=tuple(head.classes), version=1, backbone_sha256=backbone_sha, metrics=metrics),
         files=files,
         tools={**run.get("tools", {}), "opset": OPSET},

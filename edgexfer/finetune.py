@@ -133,7 +133,7 @@ class ViewCache:
         recipe = (recipe or PartialRecipe()).check(bb.num_blocks)
         device = resolve_device(device)
         started = time.perf_counter()
-        net = build_backbone(bb.name, weights=weights).eval()
+        net = build_backbone(bb, weights=weights).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         cut = len(net._blocks) - int(recipe.unfreeze)
@@ -242,7 +242,7 @@ class ViewCache:
         if data["backbone"] != bb.name or data["spec"] != spec.to_dict():
             raise InputError("view cache file was made for another backbone or preprocessing", got=str(path),
                              expected=f"{bb.name}, {spec.to_dict()}", todo="build a new ViewCache")
-        net = build_backbone(bb.name, weights=weights).eval()
+        net = build_backbone(bb, weights=weights).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         recipe = data["recipe"]
@@ -519,10 +519,7 @@ class PartialFit:
 
         net = copy.deepcopy(self.cache.net).cpu()
         cut = self.cache.cut
-        for j, block in enumerate(self.tail.blocks):
-            net._blocks[cut + j].load_state_dict(block.state_dict())
-        net._conv_head.load_state_dict(self.tail.conv_head.state_dict())
-        net._bn1.load_state_dict(self.tail.bn1.state_dict())
+        net.load_tail(self.tail, cut)
         bb = self.cache.bb
         return PixelBackbone(net, bb.mean, bb.std).eval()
 

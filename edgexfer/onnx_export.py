@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgexfer.runtime.errors import ValidationError
@@ -28,11 +29,10 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
     """Trace ``pixel_model`` (eval mode) and write the simplified ONNX model to ``path`` atomically."""
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
-    onnxslim = require("onnxslim", "ONNX export")
     pixel_model = pixel_model.eval()
     example = torch.zeros((2, *input_size, 3), dtype=torch.uint8)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _no_attention_fastpath(torch):
         # the TorchScript exporter is the one that needs no extra packages; its deprecation notice is noise here
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -41,16 +41,36 @@ def export_backbone(pixel_model, input_size: tuple[int, int], path: Path) -> Pat
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
         )
-    model = onnx.load_from_string(buffer.getvalue())
-    model = onnxslim.slim(model)
-    model.producer_name = "edgexfer"
-    onnx.checker.check_model(model, full_check=True)
+    model = finish_model(onnx.load_from_string(buffer.getvalue()))
     problems = check_contract(model, input_size)
     if problems:
         raise ValidationError("exported backbone.onnx breaks the bundle contract", problems,
                               todo="report this as a bug with the backbone name")
     write_atomic(path, model.SerializeToString())
     return path
+
+
+def finish_model(model):
+    """Simplify with onnxslim (BatchNorm and padding folded), name the producer, check the whole model."""
+    onnx = require("onnx", "ONNX export")
+    onnxslim = require("onnxslim", "ONNX export")
+    model = onnxslim.slim(model)
+    model.producer_name = "edgexfer"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@contextmanager
+def _no_attention_fastpath(torch):
+    """nn.TransformerEncoder(Layer) and nn.MultiheadAttention take a fused kernel in eval mode under no_grad
+    (``aten::_transformer_encoder_layer_fwd``) that has no ONNX form; the exporter must trace the plain ops."""
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def check_contract(model, input_size: tuple[int, int]) -> list[str]:

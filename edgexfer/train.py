@@ -31,7 +31,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgexfer.backbones import BackboneConfig, get_config
+import numpy as np
+
+from edgexfer.backbones import BackboneConfig, backbone_config, backbone_record
 from edgexfer.data import check_workers, stratified_split
 from edgexfer.metrics import classification_report
 from edgexfer.modalities import host_modality, modality_of_data
@@ -71,6 +73,11 @@ class TrainConfig:
     resize: str = "letterbox"
     cache: Path | None = None
     weights: Path | None = None  #: own checkpoint of the same architecture instead of the packaged one
+    #: a brought backbone's (``py:``) preprocessing: (height, width), per-channel mean and std of [0, 1] RGB
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    output: str | None = None  #: an ``onnx:`` backbone's features output, when it has several
     folds: int = 5  #: auto mode: folds of the cross-validation
     budget: float = 1200.0  #: auto mode: seconds for cross-validating the partial candidate (0: frozen heads only)
     workers: int | None = None  #: threads that read and decode samples (default: the cores, at most 4)
@@ -100,6 +107,11 @@ def _validate(cfg: TrainConfig, bb: BackboneConfig) -> None:
                          expected="--head linear or mlp with --mode partial", todo="use --mode frozen for prototype heads")
     if not 0.05 <= cfg.val_fraction <= 0.5:
         raise InputError("--val-fraction out of range", got=cfg.val_fraction, expected="0.05 to 0.5")
+    if bb.num_blocks == 0 and (cfg.mode == "partial" or (cfg.mode == "auto" and cfg.budget > 0)):
+        raise InputError(f"backbone {bb.name} has no blocks that partial fine-tuning can cut", got=f"--mode {cfg.mode}",
+                         expected="a model whose forward runs its top-level children in sequence (what --unfreeze "
+                         "counts)", todo="use --mode frozen (or --mode auto --budget 0), or write the model as a "
+                         "sequence of blocks")
     if cfg.mode == "partial" and cfg.unfreeze != "all":
         try:
             n = int(cfg.unfreeze)
@@ -138,7 +150,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     modality = modality_of_data(Path(cfg.data_dir))
     cfg.backbone = cfg.backbone or modality.default_backbone
-    bb = get_config(cfg.backbone)
+    bb = backbone_config(cfg.backbone, weights=cfg.weights, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                         output=cfg.output)
     if bb.modality != modality.name:
         raise InputError(f"backbone {bb.name} reads {host_modality(bb.modality).plural}",
                          got=f"{modality.noun} data in {cfg.data_dir}", expected=f"a {modality.noun} backbone",
@@ -229,7 +242,7 @@ def _train(cfg: TrainConfig, bb: BackboneConfig, modality: HostModality, world) 
         "backbone": {"arch": bb.name, "weights_sha256": weights_sha,
                      "fine_tuned": bool(extraction.get("fine_tuned", cfg.mode == "partial")),
                      "onnx_sha256": file_sha256(cfg.out / "backbone.onnx"), **modality.backbone_record(bb),
-                     "feature_dim": bb.feature_dim},
+                     "feature_dim": bb.feature_dim, **backbone_record(bb)},
         "preprocess": data.preprocess,
         "classes": list(data.classes),
         "data_root": str(Path(data.root).resolve()),
@@ -272,6 +285,10 @@ def _frozen_features(cfg: TrainConfig, bb: BackboneConfig, modality: HostModalit
     log(f"features: {rep.extracted} extracted by the backbone, {rep.from_cache} from the cache ({cache_path})",
         cfg.progress)
     data = _drop_failed(cfg, modality, data, failed)
+    if not np.isfinite(feats).all():
+        raise InputError(f"backbone {bb.name} gives NaN or infinite features",
+                         got=f"{int((~np.isfinite(feats)).sum())} non-finite values in {len(feats)} feature vectors",
+                         expected="finite features", todo="check the weights and the preprocessing (--mean, --std)")
     return feats, {"backbone_images_run": rep.extracted, "features_from_cache": rep.from_cache}, data
 
 

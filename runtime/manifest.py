@@ -124,6 +124,9 @@ class BackboneInfo:
     input: InputSpec | TextInputSpec
     #: a registered modality (edgexfer.runtime.modalities); a manifest without the field is an image bundle's
     modality: str = DEFAULT_MODALITY
+    #: sha256 of the weights of a brought backbone (``py:``), "" for a packaged one (its arch names them);
+    #: written only when set, so a packaged backbone's manifest stays what older devices read
+    weights_sha256: str = ""
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> BackboneInfo:
@@ -138,6 +141,7 @@ class BackboneInfo:
             feature_dim=f.take("feature_dim", int, check=lambda v: v > 0, expect="a positive integer"),
             input=spec.parse(f.take("input", dict), f"{where}.input"),
             modality=modality,
+            weights_sha256=f.take("weights_sha256", str, "", check=_is_sha, expect="64 hex digits"),
         )
         f.done()
         return info
@@ -260,6 +264,8 @@ class Manifest:
             # an image manifest stays what it was before text bundles existed: devices running an older
             # edgexfer (whose strict parser refuses unknown fields) keep reading new image bundles
             del d["backbone"]["modality"]
+        if not d["backbone"]["weights_sha256"]:
+            del d["backbone"]["weights_sha256"]
         out = {"schema": d.pop("schema")}
         out.update(d)
         return json.loads(json.dumps(out))  # tuples -> lists

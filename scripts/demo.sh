@@ -182,4 +182,13 @@ sed 's/^/   /' "$OUT/text-after.txt"
 echo "   and a literal text:"
 edgexfer device predict --text "My cat sleeps on the keyboard all day." --state "$OUT/text-device" | sed 's/^/   /'
 
+say "16. Bring your own backbone: a small ResNet written in a file (docs/examples/small_resnet.py, random init: a demo of the path, not of accuracy)"
+edgexfer train "$OUT/host-data" --out "$OUT/byob-run" --cache "$OUT/features.sqlite" --quiet \
+  --backbone py:docs/examples/small_resnet.py:build --input-size 64,64 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \
+  | sed -n '1s/^/   /p'
+edgexfer export "$OUT/byob-run" --out "$OUT/byob-bundle" --name clipart-byob --quiet | tail -1 | sed 's/^/   /'
+edgexfer device install "$OUT/byob-bundle" --state "$OUT/byob-device" > /dev/null
+echo "   installed; the manifest names it $(python3 -c 'import json,sys; b=json.load(open(sys.argv[1]))["backbone"]; print(b["arch"], "weights", b["weights_sha256"][:12] + "…")' "$OUT/byob-bundle/manifest.json")"
+edgexfer device predict "${UNSEEN[0]}" --state "$OUT/byob-device" | sed 's/^/   /'
+
 say "Done. Host run: $OUT/run (metrics.json, plots/*.png); bundle: $OUT/bundle; device state: $OUT/device"

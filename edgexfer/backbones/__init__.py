@@ -58,6 +58,16 @@ class BackboneConfig:
     install_no_deps: bool = False
     license: str = "Apache-2.0"  #: licence of the weights
     builder_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra arguments for the builder
+    #: the builder takes ``(cfg, weights)`` and loads them itself (a brought ``py:`` module: its own key rules)
+    builder_loads_weights: bool = False
+    #: a backbone outside the registry (``py:``) keeps its recipe in run.json's backbone record under this key
+    #: (:func:`backbone_record`, :func:`run_config`); None: the registry name is enough
+    record_key: str | None = None
+    #: "module:function(cfg, path)" that writes backbone.onnx without torch (an ``onnx:`` model, wrapped);
+    #: None: the builder's torch module is traced
+    exporter: str | None = None
+    #: "module:function(cfg)" -> uint8 NHWC batch -> features: export's parity reference when there is no torch module
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in modality_names():
@@ -174,20 +184,72 @@ register_backbone(BackboneConfig(
 ))
 
 
+def backbone_config(name: str, *, weights: str | Path | None = None, input_size=None, mean=None,
+                    std=None, output: str | None = None) -> BackboneConfig:
+    """The config of ``--backbone``: a registered name, or ``py:MODULE_OR_FILE:FACTORY`` with its preprocessing
+    (:mod:`edgexfer.backbones.foreign`). Preprocessing options are refused for a registered backbone, whose
+    weights came with their own."""
+    from edgexfer.backbones import foreign, onnx_model
+
+    if onnx_model.is_onnx_spec(name):
+        if weights is not None:
+            raise InputError("--weights with an onnx: backbone", got=str(weights), expected="no --weights: the "
+                             "ONNX file holds its weights", todo="leave --weights out")
+        return foreign.onnx_config(name, output=output, input_size=input_size, mean=mean, std=std)
+    if output is not None:
+        raise InputError("--output", got=repr(output), expected="--output only with --backbone onnx:MODEL.onnx",
+                         todo="leave --output out")
+    if foreign.is_py_spec(name):
+        return foreign.py_config(name, weights=Path(weights) if weights is not None else None,
+                                 input_size=input_size, mean=mean, std=std)
+    given = [opt for opt, v in (("--input-size", input_size), ("--mean", mean), ("--std", std)) if v is not None]
+    cfg = get_config(name)
+    if given:
+        raise InputError(f"{', '.join(given)} with the packaged backbone {name}", got=", ".join(given),
+                         expected="no preprocessing options: a packaged backbone carries the one it was trained with",
+                         todo="leave them out, or bring your own backbone with --backbone py:...")
+    return cfg
+
+
+def backbone_record(cfg: BackboneConfig) -> dict[str, Any]:
+    """What run.json's backbone record needs beyond the name to rebuild ``cfg`` (nothing for a registered one)."""
+    if cfg.record_key is None:
+        return {}
+    from edgexfer.backbones import foreign
+
+    return {cfg.record_key: foreign.record(cfg)}
+
+
+def run_config(run: dict[str, Any]) -> BackboneConfig:
+    """The backbone config of a run (run.json): a registered name, or the recorded recipe of a brought one."""
+    from edgexfer.backbones import foreign, onnx_model
+
+    rec = run["backbone"]
+    if foreign.RECORD_KEY in rec:
+        return foreign.config_from_record(rec[foreign.RECORD_KEY])
+    if onnx_model.RECORD_KEY in rec:
+        return foreign.onnx_config_from_record(rec[onnx_model.RECORD_KEY])
+    return get_config(rec["arch"])
+
+
 def _resolve(target: str) -> Callable[..., Any]:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def build_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True):
+def build_backbone(name: str | BackboneConfig, weights: str | Path | None = None, pretrained: bool = True):
     """Build a backbone (an image backbone with its ImageNet classifier) and load its weights.
 
-    ``weights`` overrides the packaged file (your own checkpoint of the same architecture: a plain
-    state dict saved with ``torch.save``); the packaged file is checked against its sha256.
+    ``name`` is a registered name or a config (:func:`backbone_config`, :func:`run_config`). ``weights``
+    overrides the packaged file (your own checkpoint of the same architecture: a plain state dict saved
+    with ``torch.save``); the packaged file is checked against its sha256.
     Loading uses ``weights_only=True``: never an arbitrary unpickle.
     """
-    cfg = get_config(name)
+    cfg = name if isinstance(name, BackboneConfig) else get_config(name)
+    name = cfg.name
     torch = require("torch", "building a PyTorch backbone")
+    if cfg.builder_loads_weights:
+        return _resolve(cfg.builder)(cfg, weights=Path(weights) if weights is not None and pretrained else None)
     model = _resolve(cfg.builder)(cfg)
     if not pretrained:
         return model

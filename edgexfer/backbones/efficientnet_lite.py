@@ -147,6 +147,49 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.forward_features(x)))
 
+    # --- the cut partial fine-tuning makes before block ``cut`` (edgexfer.backbone_cut) ---------------------
+    def cut_prefix(self, cut: int) -> nn.Module:
+        """Normalised NCHW -> the activations at the input of block ``cut`` (shares this model's modules)."""
+        return _LitePrefix(self, cut)
+
+    def cut_tail(self, cut: int) -> nn.Module:
+        """Blocks from ``cut`` on, the head convolution and pooling (shares this model's modules)."""
+        return _LiteTail(self, cut)
+
+    def load_tail(self, tail: nn.Module, cut: int) -> None:
+        """Copy a (fine-tuned copy of a) :meth:`cut_tail` back into this model."""
+        for j, block in enumerate(tail.blocks):
+            self._blocks[cut + j].load_state_dict(block.state_dict())
+        self._conv_head.load_state_dict(tail.conv_head.state_dict())
+        self._bn1.load_state_dict(tail.bn1.state_dict())
+
+
+class _LitePrefix(nn.Module):
+    def __init__(self, net: EfficientNetLite, cut: int):
+        super().__init__()
+        self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net.act
+        self.blocks = nn.ModuleList(list(net._blocks)[:cut])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn0(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _LiteTail(nn.Module):
+    """The trainable end: blocks[cut:], head conv + BN + ReLU6, global average pool."""
+
+    def __init__(self, net: EfficientNetLite, cut: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(list(net._blocks)[cut:])
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
 
 def build(cfg) -> EfficientNetLite:
     """Registry builder: an EfficientNet-Lite for a :class:`~edgexfer.backbones.BackboneConfig`."""

@@ -262,9 +262,9 @@ def run_backbone(run: dict[str, Any], run_dir: Path):
     """The PyTorch backbone of a run: the packaged (or the run's own) weights, fine-tuned ones when the run tuned."""
     from safetensors.torch import load_file
 
-    from edgexfer.backbones import build_backbone
+    from edgexfer.backbones import build_backbone, run_config
 
-    net = build_backbone(run["backbone"]["arch"], weights=run["config"].get("weights"))
+    net = build_backbone(run_config(run), weights=run["config"].get("weights"))
     if run["backbone"]["fine_tuned"]:
         net.load_state_dict(load_file(str(run_dir / "backbone.safetensors")), strict=True)
     return net

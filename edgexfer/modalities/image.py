@@ -55,6 +55,12 @@ class ImageModality(HostModality):
     def describe_backbone(self, bb) -> str:
         return f"input {bb.input_size[0]}x{bb.input_size[1]}, {bb.feature_dim} features, {bb.num_blocks} blocks"
 
+    def check_config(self, cfg, bb) -> None:
+        if cfg.mode == "partial" and cfg.unfreeze == "all" and bb.builder_loads_weights:
+            raise InputError(f"--unfreeze all with the brought backbone {bb.name}", got="all",
+                             expected=f"a number of last top-level children 1..{bb.num_blocks}",
+                             todo=f"use --unfreeze {bb.num_blocks} to fine-tune every child")
+
     def backbone_record(self, bb) -> dict[str, Any]:
         return {"mean": list(bb.mean), "std": list(bb.std)}
 
@@ -70,6 +76,11 @@ class ImageModality(HostModality):
         return {"path": str(Path(data.samples.paths[i]).resolve()), "sha256": data.shas[i], "label": int(data.labels[i])}
 
     def export_pretrained(self, bb, weights, path: Path) -> None:
+        if bb.exporter:  # a backbone that is an ONNX model already: wrapped, not traced
+            from edgexfer.backbones import _resolve
+
+            _resolve(bb.exporter)(bb, path)
+            return
         from edgexfer.onnx_export import export_backbone
 
         export_backbone(pixel_backbone(bb, weights), bb.input_size, path)
@@ -150,7 +161,7 @@ def pixel_backbone(bb, weights: Path | None):
     from edgexfer.backbones import build_backbone
     from edgexfer.pixel_model import PixelBackbone
 
-    return PixelBackbone(build_backbone(bb.name, weights=weights), bb.mean, bb.std)
+    return PixelBackbone(build_backbone(bb, weights=weights), bb.mean, bb.std)
 
 
 def _write_tuned(model, bb, out: Path) -> None:
@@ -223,6 +234,12 @@ class ImageReader(ExportReader):
 
     @contextmanager
     def torch_runner(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        from edgexfer.backbones import _resolve, run_config
+
+        cfg = run_config(self.run)
+        if cfg.reference:  # no torch module (an onnx: backbone): the original model is the reference
+            yield _resolve(cfg.reference)(cfg)
+            return
         import torch
 
         from edgexfer.pixel_model import PixelBackbone

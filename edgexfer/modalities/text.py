@@ -164,7 +164,7 @@ def text_model(bb, weights: Path | None):
     """The packaged (or ``weights``) text backbone in eval mode."""
     from edgexfer.backbones import build_backbone
 
-    return build_backbone(bb.name, weights=weights).eval()
+    return build_backbone(bb, weights=weights).eval()
 
 
 def _write_tuned(model, bb, out: Path) -> None:
