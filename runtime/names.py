@@ -14,9 +14,10 @@ HEAD_KINDS: dict[str, tuple[str, ...]] = {
 }
 
 #: how ``device retrain`` fits a linear head (runtime/fewshot.py): "fewshot", "frozen" (rows of classes
-#: without local samples keep the active head's values), or "auto" (the default: fewshot while the
-#: classes learned on the device have few training samples, frozen from then on)
-HEAD_POLICIES: tuple[str, ...] = ("auto", "fewshot", "frozen")
+#: without local samples keep the active head's values), "adapt" (after the inputs changed: stay near the
+#: active head, the local samples weighed as much as the exemplars; runtime/retrain.py), or "auto" (the
+#: default: fewshot while the classes learned on the device have few training samples, frozen from then on)
+HEAD_POLICIES: tuple[str, ...] = ("auto", "fewshot", "frozen", "adapt")
 DEFAULT_HEAD_POLICY = "auto"
 
 #: how an image is fitted to the backbone's input (runtime/preprocess.py)

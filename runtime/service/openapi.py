@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgexfer.runtime.names import HEAD_POLICIES
 from edgexfer.runtime.service.endpoint import route
 from edgexfer.runtime.service.protocol import DTYPES, HEADER_LENGTH, MAX_RANK
 
@@ -75,7 +76,7 @@ _SCHEMAS: dict[str, Any] = {
                "properties": {"file": {"type": "string", "format": "binary"}}},
     "RetrainOptions": {
         "type": "object", "additionalProperties": False,
-        "properties": {"policy": {"enum": ["auto", "fewshot", "frozen"]},
+        "properties": {"policy": {"enum": list(HEAD_POLICIES)},
                        "tolerance": {"type": "number", "minimum": 0, "maximum": 1},
                        "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}}},
     "Object": {"type": "object"},
