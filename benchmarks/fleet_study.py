@@ -39,6 +39,13 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.federated import HeadFedAvg, check_update, pack_update, update_bytes
 from edgexfer.runtime.fleet_client import train_on_samples
+from edgexfer.runtime.fleet_stats import (
+    ClassStatistics,
+    check_statistics,
+    class_statistics,
+    pack_statistics,
+    statistics_round,
+)
 from edgexfer.runtime.head_training import fit_linear
 from edgexfer.runtime.heads import Head
 
@@ -125,7 +132,7 @@ def half_head(head: Head) -> Head:
 
 def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, proximal: float, momentum: float,
              rows: str = "all", start: str = "zero", dp_clip: float | None = None, dp_noise: float = 0.0,
-             quiet: bool = False, attack: str | None = None, seed: int = 0):
+             quiet: bool = False, attack: str | None = None, seed: int = 0, first_round: str = "fedprox"):
     val, parts = split(labels, names, n_devices, seed)
     head = {"bundle": bundle.head, "zero": lambda: zero_head(bundle.head()), "half": lambda: half_head(bundle.head())}[start]()
     sha = bundle.manifest.backbone.sha256
@@ -141,6 +148,14 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
     fleet_samples = 0
     for r in range(1, rounds + 1):
         updates, up_bytes, train_seconds = [], [], []
+        if r == 1 and first_round == "statistics" and dp_clip is None:
+            head, fleet_samples, record = statistics_first(head, X, labels, parts, sha, attack)
+            out["rounds"].append({"round": 1, "kind": "statistics", "accuracy": accuracy(head, X[val], labels[val]),
+                                  "bytes_down_per_device": update_bytes(down_arrays, down_config), **record})
+            if not quiet:
+                print(f"{n_devices} devices round 1 (statistics): accuracy {out['rounds'][-1]['accuracy']:.3f} "
+                      f"(central {out['central_accuracy']:.3f})", flush=True)
+            continue
         for k, p in enumerate(parts):
             t = time.perf_counter()
             local, counts, _ = train_on_samples(head, X[p], list(labels[p]), proximal=proximal, rows=rows,
@@ -167,6 +182,48 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
             print(f"{n_devices} devices round {r}: accuracy {out['rounds'][-1]['accuracy']:.3f} "
                   f"(central {out['central_accuracy']:.3f})", flush=True)
     return out
+
+
+def statistics_first(head: Head, X, labels, parts, sha: str, attack: str | None = None):
+    """The statistics round (runtime/fleet_stats.py) as the deployment runs it: ``(head, fleet samples, record)``.
+    A lying device 0 (``attack``) sends ``lie_statistics``."""
+    updates, up_bytes, seconds = [], [], []
+    for k, p in enumerate(parts):
+        t = time.perf_counter()
+        stats = class_statistics(X[p], list(labels[p]), head.classes)
+        if attack and k == 0:
+            stats = lie_statistics(attack, stats)
+        seconds.append(time.perf_counter() - t)
+        arrays, config = pack_statistics(stats, sha)
+        up_bytes.append(update_bytes(arrays, config))
+        updates.append(check_statistics(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
+    t = time.perf_counter()
+    result = statistics_round(head, updates)
+    return result.head, result.fleet_samples, {
+        "bytes_up_per_device": int(np.mean(up_bytes)), "bytes_up_max": int(np.max(up_bytes)),
+        "device_train_seconds_mean": round(float(np.mean(seconds)), 4),
+        "device_train_seconds_max": round(float(np.max(seconds)), 4),
+        "aggregate_seconds": round(time.perf_counter() - t, 4)}
+
+
+def lie_statistics(attack: str, stats: ClassStatistics) -> ClassStatistics:
+    """Device 0's statistics in a robustness run: ``d3`` 9,000,000 samples claimed per class it holds, its
+    sums and scatter factor times -50; ``huge-norm`` sums and factor times 1000; ``sign-flip`` sums negated;
+    ``counts`` 9,000,000 per class; ``absent`` nothing."""
+    held = np.array([stats.counts[c] > 0 for c in stats.classes])
+    if attack == "absent":
+        return ClassStatistics(stats.classes, {c: 0 for c in stats.classes}, np.zeros_like(stats.sums), stats.factor[:0])
+    counts = {c: (9_000_000 if n else 0) for c, n in stats.counts.items()} if attack in ("d3", "counts", "sign-flip") \
+        else dict(stats.counts)
+    # a claimed count scales the sum, or the mean would shrink to nothing: the liar keeps its means' size
+    sums = stats.sums * np.where(held, [counts[c] / max(stats.counts[c], 1) for c in stats.classes], 0)[:, None]
+    factor = stats.factor
+    if attack in ("d3", "huge-norm"):
+        f = -50.0 if attack == "d3" else 1000.0
+        sums, factor = sums * f, factor * abs(f)
+    elif attack == "sign-flip":
+        sums = -sums
+    return ClassStatistics(stats.classes, counts, sums, factor)
 
 
 def plot(results: dict, path: Path) -> None:
