@@ -19,7 +19,11 @@ Robustness (``--attacks``, issue 24 D3): device 0 of 4 lies (:data:`ATTACKS`, :f
 round for each start head (zero, the bundle's, its first half of classes: the devices add the others)
 and split seed 0-3, against the honest fleet and the fleet without the device (``absent``).
 
+Three rounds (``--three-rounds``, issue 24): from a zero head, the statistics round first
+(runtime/fleet_stats.py) against FedProx from the start, 4 and 8 devices, split seeds 0-9.
+
 Usage: python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR [--rounds 20] [--devices 8 32] [--out benchmarks/results]
+       python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR --three-rounds --rounds 3
        python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR --attacks --rounds 5
 """
 from __future__ import annotations
@@ -282,6 +286,36 @@ def robustness(bundle: Bundle, X, labels, names, args, cpu) -> None:
     print(f"wrote {args.out / 'fleet_robustness.json'}")
 
 
+def three_rounds(bundle: Bundle, X, labels, names, args, cpu) -> None:
+    """Issue 24's three rounds: accuracy per round for each split seed, device count and first round."""
+    devices = args.devices if args.devices != [8, 32] else [4, 8]
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for n in devices:
+            for seed in range(args.seeds):
+                for first in ("statistics", "fedprox"):
+                    for attack in (None, *(args.attack_names or ())):
+                        run = simulate(bundle, X, labels, names, n, args.rounds, proximal=args.proximal,
+                                       momentum=args.momentum, start="zero", quiet=True, seed=seed,
+                                       first_round=first, attack=attack)
+                        acc = [round(r["accuracy"], 4) for r in run["rounds"]]
+                        runs.append({"devices": n, "seed": seed, "first_round": first, "attack": attack or "honest",
+                                     "central_accuracy": run["central_accuracy"], "accuracy_per_round": acc,
+                                     "bytes_up_per_device": [r["bytes_up_per_device"] for r in run["rounds"]],
+                                     "aggregate_seconds": [r["aggregate_seconds"] for r in run["rounds"]]})
+                        print(f"{n} devices seed {seed} first {first:10s} {attack or 'honest':9s} central "
+                              f"{run['central_accuracy']:.3f} " + " ".join(f"{a - run['central_accuracy']:+.3f}" for a in acc),
+                              flush=True)
+    results = {"study": "fleet_three_rounds", "method": "in-process simulation of the deployment's code (no Ray)",
+               "settings": {"proximal": args.proximal, "momentum": args.momentum, "rounds": args.rounds, "start": "zero"},
+               "environment": {"cpu_model": cpu.model, "isa_flags": list(cpu.flags),
+                               "date": datetime.date.today().isoformat()}, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet_three_rounds.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out / 'fleet_three_rounds.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -302,6 +336,12 @@ def main() -> None:
     parser.add_argument("--attacks", action="store_true",
                         help="instead: one lying device of --devices (default 4) for each attack of ATTACKS, from "
                              "each start head and split seed 0-3; writes fleet_robustness.json")
+    parser.add_argument("--three-rounds", action="store_true",
+                        help="instead: --rounds (use 3) from a zero head with the statistics round first and without, "
+                             "for --devices (default 4 8) and --seeds split seeds; writes fleet_three_rounds.json")
+    parser.add_argument("--seeds", type=int, default=10, help="split seeds of --three-rounds")
+    parser.add_argument("--attack-names", nargs="*", choices=ATTACKS, default=[],
+                        help="with --three-rounds: also a lying device 0 per attack")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     bundle = Bundle.open(args.bundle)
@@ -310,6 +350,9 @@ def main() -> None:
     cpu = cpu_features()
     if args.attacks:
         robustness(bundle, X, labels, names, args, cpu)
+        return
+    if args.three_rounds:
+        three_rounds(bundle, X, labels, names, args, cpu)
         return
     results = {"study": "fleet_study", "method": "in-process simulation of the deployment's code (no Ray)",
                "settings": {"proximal": args.proximal, "momentum": args.momentum, "rows": "all", "C": 1.0,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,19 +36,9 @@ def flower_task_identity():
 
 
 @pytest.fixture(scope="module")
-def fleet8(tmp_path_factory, device_bundle, clipart8):
-    root = tmp_path_factory.mktemp("fleet8")
-    return make_fleet(device_bundle, clipart8, root, 8)
-
-
-@pytest.fixture(scope="module")
-def val_features(tmp_path_factory, device_bundle, fleet8):
-    from edgexfer.fleet.deployment import write_val_features
-
-    path = tmp_path_factory.mktemp("val") / "val.npz"
-    write_val_features(Bundle.open(device_bundle), fleet8.val_dir, path)
-    with np.load(path) as data:
-        return data["features"], data["labels"].astype(str)
+def fleet4(tmp_path_factory, device_bundle, clipart8):
+    """4 device states of 2-4 clipart8 classes each (one fleet for the module: making one costs ~20-40 s)."""
+    return make_fleet(device_bundle, clipart8, tmp_path_factory.mktemp("fleet4"), 4)
 
 
 def central_head(states, classes) -> Head:
@@ -79,10 +70,10 @@ def _client_reply(state, message):
                                 run_config={}))
 
 
-def test_the_clientapp_sends_head_weights_and_counts_only_and_keeps_the_active_head(fleet8, device_bundle):
+def test_the_clientapp_sends_head_weights_and_counts_only_and_keeps_the_active_head(fleet4, device_bundle):
     from edgexfer.runtime.fleet_client import SENT_KEYS, local_training_set
 
-    state = fleet8.states[0]
+    state = fleet4.states[0]
     active_before = (state / "active.json").read_bytes()
     bundle = Bundle.open(device_bundle)
     head = bundle.head()
@@ -123,7 +114,7 @@ class ReplayGrid:
             yield self.tamper(node, _client_reply(self.states[node], message))
 
 
-def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet8, device_bundle, tmp_path):
+def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet4, device_bundle, tmp_path):
     from flwr.app import Array
 
     from edgexfer.fleet.server_app import FleetSettings, run_federation
@@ -142,7 +133,7 @@ def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet
     lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        record = run_federation(ReplayGrid(fleet8.states[:4], tamper), settings, log=lines.append)
+        record = run_federation(ReplayGrid(fleet4.states[:4], tamper), settings, log=lines.append)
     for r in record["rounds"]:
         assert r["accepted"] == ["node-1000", "node-1003"]
         reasons = {x["device"]: x["reason"] for x in r["rejected"]}
@@ -166,7 +157,7 @@ def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet
 
 
 def test_a_federation_where_no_round_merges_fails_writes_no_bundle_and_names_devices_by_their_keys(
-        fleet8, device_bundle, tmp_path):
+        fleet4, device_bundle, tmp_path):
     from flwr.app import Array
 
     from edgexfer.fleet.server_app import FleetSettings, run_federation
@@ -185,7 +176,7 @@ def test_a_federation_where_no_round_merges_fails_writes_no_bundle_and_names_dev
     lines = []
     with warnings.catch_warnings(), pytest.raises(EdgexferError, match="no round of the federation merged") as failed:
         warnings.simplefilter("ignore", RuntimeWarning)
-        run_federation(ReplayGrid(fleet8.states[:2], poison), settings, log=lines.append)
+        run_federation(ReplayGrid(fleet4.states[:2], poison), settings, log=lines.append)
     assert "round 1: 0 of 2 merged; round 2: 0 of 2 merged" in failed.value.one_line()
     assert not (tmp_path / "out").exists()  # no bundle to publish by mistake
     rejected = [line for line in lines if " rejected device=" in line]
@@ -211,17 +202,11 @@ def _zero_head_bundle(device_bundle, out, reseal):
     return out
 
 
-@pytest.fixture(scope="module")
-def fleet4(tmp_path_factory, device_bundle, clipart8):
-    return make_fleet(device_bundle, clipart8, tmp_path_factory.mktemp("fleet4"), 4)
-
-
 def test_four_supernodes_come_within_two_points_of_central_training_in_three_rounds(fleet4, device_bundle,
                                                                                    tmp_path, reseal):
     """Acceptance (issue 24, 4): SuperLink + 4 SuperNode processes on loopback, each device 2-4 of clipart8's
     8 classes (non-IID), from a head that knows nothing: round 1 pools the devices' class statistics into a
     head (runtime/fleet_stats.py), rounds 2-3 are FedProx; the best round on --val is the result."""
-    from edgexfer.fleet.deployment import write_val_features
     from edgexfer.runtime.fleet_client import local_training_set
 
     deployment = Deployment(tmp_path)
@@ -239,8 +224,7 @@ def test_four_supernodes_come_within_two_points_of_central_training_in_three_rou
     assert code == 0, deployment.server_log.read_text()[-3000:]
     summary = json.loads(out)
     result = Bundle.open(summary["out"])
-    write_val_features(result, fleet4.val_dir, tmp_path / "val.npz")
-    with np.load(tmp_path / "val.npz") as data:
+    with np.load(Path(summary["workdir"]) / "val-features.npz") as data:  # what the server measured rounds on
         X, labels = data["features"], data["labels"].astype(str)
     central = accuracy(central_head(fleet4.states, result.head().classes), X, labels)
     federated = accuracy(result.head(), X, labels)
@@ -274,7 +258,7 @@ def test_four_supernodes_come_within_two_points_of_central_training_in_three_rou
         len(labels) for labels in cached.values())
 
 
-def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_federation(fleet8, device_bundle, tmp_path):
+def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_federation(fleet4, device_bundle, tmp_path):
     # the fourth device's wall clock is 3 hours ahead (a Jetson without an RTC battery, before NTP answers):
     # Flower refuses its signed requests, so it must say so in one line and the others must go on
     offset = 3 * 3600.0
@@ -287,9 +271,9 @@ def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_fede
     try:
         deployment.serve("--bundle", str(device_bundle), "--out", str(tmp_path / "out"), "--rounds", "3",
                          "--min-devices", "3", "--round-timeout", "25", "--wait-timeout", "120", "--insecure")
-        nodes = [deployment.join(state, "--insecure") for state in fleet8.states[:3]]
+        nodes = [deployment.join(state, "--insecure") for state in fleet4.states[:3]]
         deployment.wait_for_log("fleet superlink listening", timeout=120)
-        late = deployment.join(fleet8.states[3], "--insecure", clock_offset_s=offset)
+        late = deployment.join(fleet4.states[3], "--insecure", clock_offset_s=offset)
         assert late.wait(120) != 0
         deployment.wait_for_log("fleet round=1/3", timeout=180)
         Deployment.kill(nodes[2])  # gone without a word, while round 2 is under way
@@ -310,7 +294,7 @@ def test_a_device_killed_mid_round_or_with_a_wrong_clock_does_not_stall_the_fede
         assert r["merged"] is False  # fewer than --min-devices answered: the head stays, nothing stalls
 
 
-def test_supernode_without_a_registered_key_is_refused_over_tls(fleet8, device_bundle, tmp_path):
+def test_supernode_without_a_registered_key_is_refused_over_tls(fleet4, device_bundle, tmp_path):
     from edgexfer.fleet.deployment import make_node_key, make_tls
 
     make_tls(tmp_path / "tls", ["127.0.0.1"])
@@ -322,9 +306,9 @@ def test_supernode_without_a_registered_key_is_refused_over_tls(fleet8, device_b
                          "--min-devices", "1", "--round-timeout", "60", "--wait-timeout", "120",
                          "--tls-dir", str(tmp_path / "tls"), "--auth-keys", str(tmp_path / "keys"))
         deployment.wait_for_log("fleet registered", timeout=120)
-        deployment.join(fleet8.states[1], "--tls-ca", str(tmp_path / "tls" / "ca.crt"),
+        deployment.join(fleet4.states[1], "--tls-ca", str(tmp_path / "tls" / "ca.crt"),
                                    "--auth-key", str(tmp_path / "stranger" / "device-9.key"))
-        deployment.join(fleet8.states[0], "--tls-ca", str(tmp_path / "tls" / "ca.crt"),
+        deployment.join(fleet4.states[0], "--tls-ca", str(tmp_path / "tls" / "ca.crt"),
                         "--auth-key", str(tmp_path / "keys" / "device-0.key"))
         code, out = deployment.result(timeout=240)
     finally:
@@ -339,11 +323,11 @@ def test_supernode_without_a_registered_key_is_refused_over_tls(fleet8, device_b
     assert "Failed to activate" not in (tmp_path / "node-1.log").read_text(errors="replace")
 
 
-def test_serve_resumes_after_a_sigkill_from_its_last_round_and_ends_with_the_same_head(fleet8, device_bundle, tmp_path):
+def test_serve_resumes_after_a_sigkill_from_its_last_round_and_ends_with_the_same_head(fleet4, device_bundle, tmp_path):
     """Acceptance (issue 24): --resume after a SIGKILL of fleet serve ends with the head of an uninterrupted run."""
     import signal
 
-    states = fleet8.states[:2]
+    states = fleet4.states[:2]
     args = ("--bundle", str(device_bundle), "--rounds", "3", "--min-devices", "2", "--round-timeout", "60",
             "--wait-timeout", "120", "--insecure")
 
