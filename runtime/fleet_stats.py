@@ -175,7 +175,7 @@ class PooledStatistics:
     classes: tuple[str, ...]  #: the classes with statistics (the global ones first)
     counts: dict[str, int]  #: samples per class as merged (capped per device)
     means: np.ndarray  #: [K, D]
-    scatter: np.ndarray  #: [D, D] within-class scatter around the fleet's class means
+    factor: np.ndarray  #: [r, D] with factor.T @ factor = the within-class scatter around the fleet's class means
     weights: dict[str, float] = field(default_factory=dict)  #: per device, its capped sample count
     pulled_in: dict[str, float] = field(default_factory=dict)  #: devices whose means or scatter were scaled down
 
@@ -208,30 +208,49 @@ def pool_statistics(updates: Sequence[StatisticsUpdate], global_classes: Sequenc
                 pulled[u.device] = min(pulled.get(u.device, 1.0), radius / far)
     merged_counts: dict[str, int] = {}
     class_means = np.zeros((len(classes), d))
+    pairs: list[tuple[int, float, np.ndarray]] = []
+    holders: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     between = []  # per device and class: sqrt(weight)·(device mean - fleet mean), rows of the between-device scatter
     for i, c in enumerate(classes):
         who = [k for k, u in enumerate(live) if u.stats.counts.get(c, 0) > 0]
         w = bounded_weights([live[k].stats.counts[c] for k in who])
         rows = np.stack([means[k][c] for k in who])
         class_means[i] = np.median(rows, axis=0) if len(who) >= 3 else (w / w.sum()) @ rows
+        holders.append((who, w, rows))
+        if len(who) == 2:
+            pairs.append((i, float(np.linalg.norm(rows[0] - rows[1])), rows))
         merged_counts[c] = int(round(w.sum()))
         between += [np.sqrt(wk) * (rows[j] - class_means[i]) for j, wk in enumerate(w)]
+    # two holders of a class whose means lie further apart than CLIP_MULTIPLE x the median distance of a
+    # holder's mean from its class's: one of them lies (or holds odd samples); the mean nearer the centre
+    # is the class's (a lie can then only shrink the class towards the centre, not turn it round)
+    gaps = [float(np.linalg.norm(v - class_means[i])) for i, (_, _, rows) in enumerate(holders) if len(rows) > 1
+            for v in rows]
+    for i, gap, rows in pairs:
+        if gaps and gap > 2 * CLIP_MULTIPLE * _lower_median(gaps):
+            class_means[i] = rows[int(np.argmin(np.linalg.norm(rows - centre, axis=1)))]
     # each device's scatter per sample, scaled down to CLIP_MULTIPLE x the median, weighted by its capped total
     totals = [u.total for u in live]
     weights = bounded_weights(totals)
     per_sample = [float(np.sum(u.stats.factor ** 2)) / n for u, n in zip(live, totals)]
     bound = CLIP_MULTIPLE * _lower_median(per_sample)
-    blocks = []
+    stacked = np.stack(between)
     for u, n, w, t in zip(live, totals, weights, per_sample):
         scale = w / n * (min(1.0, bound / t) if t > 0 else 1.0)
         if t > bound:
             pulled[u.device] = min(pulled.get(u.device, 1.0), bound / t)
-        blocks.append(np.sqrt(scale) * u.stats.factor)
-    stacked = np.concatenate(blocks + [np.stack(between)])
-    scatter = stacked.T @ stacked
-    return PooledStatistics(classes, merged_counts, class_means, scatter,
+        stacked = _compact(np.concatenate([stacked, np.sqrt(scale) * u.stats.factor]))
+    return PooledStatistics(classes, merged_counts, class_means, stacked,
                             weights={u.device: float(w) for u, w in zip(live, weights)},
                             pulled_in={k: round(v, 6) for k, v in pulled.items()})
+
+
+def _compact(factor: np.ndarray) -> np.ndarray:
+    """A factor with the same ``factor.T @ factor`` and at most D rows once it has more than 2·D (QR's R):
+    a fleet of any size pools into a [D, D] factor at most."""
+    if factor.shape[0] <= 2 * factor.shape[1]:
+        return factor
+    return np.linalg.qr(factor, mode="r")
 
 
 def statistics_head(pooled: PooledStatistics, global_head: Head, *, C: float = 1.0, seed: int = 0,
@@ -245,14 +264,11 @@ def statistics_head(pooled: PooledStatistics, global_head: Head, *, C: float = 1
     if global_head.kind != "linear":
         raise InputError("the statistics round fits linear heads only", got=repr(global_head.kind), expected="'linear'")
     K = len(pooled.classes)
-    samples = max(pooled.samples - K, 1)
-    eigenvalues, vectors = np.linalg.eigh(pooled.scatter / samples)
-    keep = eigenvalues > 1e-9 * max(float(eigenvalues[-1]), 1e-30)
-    root = vectors[:, keep] * np.sqrt(eigenvalues[keep])  # Σ = root @ root.T
+    root = pooled.factor / np.sqrt(max(pooled.samples - K, 1))  # Σ = root.T @ root: z @ root ~ N(0, Σ)
     rng = np.random.default_rng(seed)
     draws = [min(draws_per_sample * pooled.counts[c], MAX_DRAWS_PER_CLASS) for c in pooled.classes]
     y = np.repeat(np.arange(K), draws)
-    X = (pooled.means[y] + rng.standard_normal((len(y), root.shape[1])) @ root.T).astype(np.float32)
+    X = (pooled.means[y] + rng.standard_normal((len(y), root.shape[0])) @ root).astype(np.float32)
     if K < 2:
         raise InputError("the statistics round needs two classes", got=f"{K} class with statistics", expected=">= 2")
     fitted = fit_linear(X, y, pooled.classes, C=C)
