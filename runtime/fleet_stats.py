@@ -66,6 +66,9 @@ MIN_CLASS_SAMPLES = 5
 DRAWS_PER_SAMPLE = 4
 MAX_DRAWS_PER_CLASS = 2_000
 
+#: two holders' class means further apart than this many times their sampling noise: one of them lies
+PAIR_GAP = 3.0
+
 
 @dataclass(frozen=True, eq=False)
 class ClassStatistics:
@@ -221,18 +224,19 @@ def pool_statistics(updates: Sequence[StatisticsUpdate], global_classes: Sequenc
             pairs.append((i, float(np.linalg.norm(rows[0] - rows[1])), rows))
         merged_counts[c] = int(round(w.sum()))
         between += [np.sqrt(wk) * (rows[j] - class_means[i]) for j, wk in enumerate(w)]
-    # two holders of a class whose means lie further apart than CLIP_MULTIPLE x the median distance of a
-    # holder's mean from its class's: one of them lies (or holds odd samples); the mean nearer the centre
-    # is the class's (a lie can then only shrink the class towards the centre, not turn it round)
-    gaps = [float(np.linalg.norm(v - class_means[i])) for i, (_, _, rows) in enumerate(holders) if len(rows) > 1
-            for v in rows]
+    # two honest holders of a class hold samples of one distribution: their means lie about
+    # sqrt(trace Σ·(1/n1 + 1/n2)) apart (sampling noise). Further than PAIR_GAP times that, one of them
+    # lies (or holds odd samples): the mean nearer the fleet's centre is the class's, so a lie can shrink
+    # the class towards the centre but not turn it round
+    totals = [u.total for u in live]
+    per_sample = [float(np.sum(u.stats.factor ** 2)) / n for u, n in zip(live, totals)]
+    spread = _lower_median(per_sample)
     for i, gap, rows in pairs:
-        if gaps and gap > 2 * CLIP_MULTIPLE * _lower_median(gaps):
+        n1, n2 = holders[i][1]
+        if spread > 0 and gap > PAIR_GAP * np.sqrt(spread * (1 / n1 + 1 / n2)):
             class_means[i] = rows[int(np.argmin(np.linalg.norm(rows - centre, axis=1)))]
     # each device's scatter per sample, scaled down to CLIP_MULTIPLE x the median, weighted by its capped total
-    totals = [u.total for u in live]
     weights = bounded_weights(totals)
-    per_sample = [float(np.sum(u.stats.factor ** 2)) / n for u, n in zip(live, totals)]
     bound = CLIP_MULTIPLE * _lower_median(per_sample)
     stacked = np.stack(between)
     for u, n, w, t in zip(live, totals, weights, per_sample):
