@@ -294,7 +294,7 @@ def three_rounds(bundle: Bundle, X, labels, names, args, cpu) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         for n in devices:
             for seed in range(args.seeds):
-                for first in ("statistics", "fedprox"):
+                for first in args.first_rounds:
                     for attack in (None, *(args.attack_names or ())):
                         run = simulate(bundle, X, labels, names, n, args.rounds, proximal=args.proximal,
                                        momentum=args.momentum, start="zero", quiet=True, seed=seed,
@@ -340,6 +340,8 @@ def main() -> None:
                         help="instead: --rounds (use 3) from a zero head with the statistics round first and without, "
                              "for --devices (default 4 8) and --seeds split seeds; writes fleet_three_rounds.json")
     parser.add_argument("--seeds", type=int, default=10, help="split seeds of --three-rounds")
+    parser.add_argument("--first-rounds", nargs="+", choices=("statistics", "fedprox"), default=["statistics", "fedprox"],
+                        help="with --three-rounds: the first rounds to compare")
     parser.add_argument("--attack-names", nargs="*", choices=ATTACKS, default=[],
                         help="with --three-rounds: also a lying device 0 per attack")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
