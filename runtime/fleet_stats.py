@@ -244,7 +244,7 @@ def pool_statistics(updates: Sequence[StatisticsUpdate], global_classes: Sequenc
         if t > bound:
             pulled[u.device] = min(pulled.get(u.device, 1.0), bound / t)
         stacked = _compact(np.concatenate([stacked, np.sqrt(scale) * u.stats.factor]))
-    return PooledStatistics(classes, merged_counts, class_means, stacked,
+    return PooledStatistics(classes, merged_counts, class_means, _canonical(stacked),
                             weights={u.device: float(w) for u, w in zip(live, weights)},
                             pulled_in={k: round(v, 6) for k, v in pulled.items()})
 
@@ -255,6 +255,14 @@ def _compact(factor: np.ndarray) -> np.ndarray:
     if factor.shape[0] <= 2 * factor.shape[1]:
         return factor
     return np.linalg.qr(factor, mode="r")
+
+
+def _canonical(factor: np.ndarray) -> np.ndarray:
+    """The factor's R (QR) with a non-negative diagonal: the same for the devices' factors stacked in any
+    order (``P·F = (P·Q)·R``), so the server's draws, and its head, do not depend on the order replies came in."""
+    r = np.linalg.qr(factor, mode="r")
+    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
+    return r * signs[:, None]
 
 
 def statistics_head(pooled: PooledStatistics, global_head: Head, *, C: float = 1.0, seed: int = 0,

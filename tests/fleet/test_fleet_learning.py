@@ -129,7 +129,9 @@ def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet
             head["W"] = Array(np.zeros((8, 1281), np.float32))
         return reply
 
-    settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2)
+    # FedProx from round 1: the tampering is of head tensors (statistics replies: test_robust_merge.py)
+    settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2,
+                             first_round="fedprox")
     lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -172,7 +174,7 @@ def test_a_federation_where_no_round_merges_fails_writes_no_bundle_and_names_dev
     # the names fleet serve registered the devices' keys under (--auth-keys), by node id
     names = json.dumps({"1000": "kitchen-cam", "1001": "porch-cam"})
     settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2,
-                             device_names=names)
+                             device_names=names, first_round="fedprox")
     lines = []
     with warnings.catch_warnings(), pytest.raises(EdgexferError, match="no round of the federation merged") as failed:
         warnings.simplefilter("ignore", RuntimeWarning)

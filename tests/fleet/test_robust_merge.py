@@ -200,3 +200,23 @@ def test_class_statistics_leave_out_small_classes_and_their_factor_is_the_within
     a = X[:12] - X[:12].mean(axis=0)
     np.testing.assert_allclose(stats.factor.T @ stats.factor, a.T @ a, atol=1e-9)
     assert stats.factor.shape[0] <= 11  # at most samples - classes rows
+
+
+def test_statistics_replies_that_do_not_add_up_are_refused_and_name_the_device():
+    from edgexfer.runtime.federated import UpdateRejected
+    from edgexfer.runtime.fleet_stats import check_statistics, class_statistics, pack_statistics
+
+    rng = np.random.default_rng(1)
+    head = Head("linear", ("a", "b"), {"W": np.zeros((2, 6), np.float32), "b": np.zeros(2, np.float32)})
+    stats = class_statistics(rng.normal(size=(16, 6)), ["a"] * 10 + ["b"] * 6, head.classes)
+    arrays, config = pack_statistics(stats, "f" * 64)
+    assert check_statistics("cam-1", arrays, config, global_head=head, backbone_sha256="f" * 64).total == 16
+    nan = {**arrays, "sums": np.where(arrays["sums"] > 0, np.nan, arrays["sums"]).astype(np.float32)}
+    with pytest.raises(UpdateRejected, match="statistics from device cam-1: tensor 'sums' holds NaN"):
+        check_statistics("cam-1", nan, config, global_head=head, backbone_sha256="f" * 64)
+    hidden = {**config, "counts": "[10, 0]"}  # a sum for a class it claims no samples of
+    with pytest.raises(UpdateRejected, match="a class without samples has a sum"):
+        check_statistics("cam-1", arrays, hidden, global_head=head, backbone_sha256="f" * 64)
+    wide = {**arrays, "scatter_factor": np.zeros((17, 6), np.float32)}  # more rows than samples
+    with pytest.raises(UpdateRejected, match="statistics do not fit the counts"):
+        check_statistics("cam-1", wide, config, global_head=head, backbone_sha256="f" * 64)
