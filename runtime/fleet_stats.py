@@ -16,9 +16,9 @@ The server pools them exactly (the scatter around the fleet's class means adds e
 pooled statistics), draws :data:`DRAWS_PER_SAMPLE` synthetic features per real sample from the pooled
 model ``N(m_c, Σ_within)`` and fits the head with the host's trainer (:func:`fit_linear`, the same ``C``
 and class weights as the central head). That head starts the FedProx rounds. Measured on clipart8 (benchmarks/README.md "Three rounds to
-central", 4 and 8 devices, split seeds 0-9, from a zero head): this round's head alone is 0.3 and 0.9
-points below central on average (worst 4.3 and 5.6), after two FedProx rounds +0.6 and -0.1 (worst -3.1
-and -6.2; 18 of 20 within 2 points), where three FedProx rounds from the zero head end 21-22 points below.
+central", 4 and 8 devices, split seeds 0-9, from a zero head): this round's head alone is +0.2 and -1.8
+points from central on average (worst -3.1 and -4.4), after two FedProx rounds +0.2 and -0.8 (worst -4.4
+and -2.5; 17 of 20 within 2 points), where three FedProx rounds from the zero head end 21-22 points below.
 
 **What leaves a device** (docs/fleet.md): counts, per-class sums and the scatter factor, float32.
 Not an image, a sample id or a feature vector; but a sum over few samples is close to them: a class
