@@ -19,7 +19,11 @@ Robustness (``--attacks``, issue 24 D3): device 0 of 4 lies (:data:`ATTACKS`, :f
 round for each start head (zero, the bundle's, its first half of classes: the devices add the others)
 and split seed 0-3, against the honest fleet and the fleet without the device (``absent``).
 
+Three rounds (``--three-rounds``, issue 24): from a zero head, the statistics round first
+(runtime/fleet_stats.py) against FedProx from the start, 4 and 8 devices, split seeds 0-9.
+
 Usage: python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR [--rounds 20] [--devices 8 32] [--out benchmarks/results]
+       python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR --three-rounds --rounds 3
        python benchmarks/fleet_study.py BUNDLE_DIR CLIPART8_DIR --attacks --rounds 5
 """
 from __future__ import annotations
@@ -39,6 +43,13 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.federated import HeadFedAvg, check_update, pack_update, update_bytes
 from edgexfer.runtime.fleet_client import train_on_samples
+from edgexfer.runtime.fleet_stats import (
+    ClassStatistics,
+    check_statistics,
+    class_statistics,
+    pack_statistics,
+    statistics_round,
+)
 from edgexfer.runtime.head_training import fit_linear
 from edgexfer.runtime.heads import Head
 
@@ -125,7 +136,7 @@ def half_head(head: Head) -> Head:
 
 def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, proximal: float, momentum: float,
              rows: str = "all", start: str = "zero", dp_clip: float | None = None, dp_noise: float = 0.0,
-             quiet: bool = False, attack: str | None = None, seed: int = 0):
+             quiet: bool = False, attack: str | None = None, seed: int = 0, first_round: str = "fedprox"):
     val, parts = split(labels, names, n_devices, seed)
     head = {"bundle": bundle.head, "zero": lambda: zero_head(bundle.head()), "half": lambda: half_head(bundle.head())}[start]()
     sha = bundle.manifest.backbone.sha256
@@ -141,6 +152,14 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
     fleet_samples = 0
     for r in range(1, rounds + 1):
         updates, up_bytes, train_seconds = [], [], []
+        if r == 1 and first_round == "statistics" and dp_clip is None:
+            head, fleet_samples, record = statistics_first(head, X, labels, parts, sha, attack)
+            out["rounds"].append({"round": 1, "kind": "statistics", "accuracy": accuracy(head, X[val], labels[val]),
+                                  "bytes_down_per_device": update_bytes(down_arrays, down_config), **record})
+            if not quiet:
+                print(f"{n_devices} devices round 1 (statistics): accuracy {out['rounds'][-1]['accuracy']:.3f} "
+                      f"(central {out['central_accuracy']:.3f})", flush=True)
+            continue
         for k, p in enumerate(parts):
             t = time.perf_counter()
             local, counts, _ = train_on_samples(head, X[p], list(labels[p]), proximal=proximal, rows=rows,
@@ -167,6 +186,48 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
             print(f"{n_devices} devices round {r}: accuracy {out['rounds'][-1]['accuracy']:.3f} "
                   f"(central {out['central_accuracy']:.3f})", flush=True)
     return out
+
+
+def statistics_first(head: Head, X, labels, parts, sha: str, attack: str | None = None):
+    """The statistics round (runtime/fleet_stats.py) as the deployment runs it: ``(head, fleet samples, record)``.
+    A lying device 0 (``attack``) sends ``lie_statistics``."""
+    updates, up_bytes, seconds = [], [], []
+    for k, p in enumerate(parts):
+        t = time.perf_counter()
+        stats = class_statistics(X[p], list(labels[p]), head.classes)
+        if attack and k == 0:
+            stats = lie_statistics(attack, stats)
+        seconds.append(time.perf_counter() - t)
+        arrays, config = pack_statistics(stats, sha)
+        up_bytes.append(update_bytes(arrays, config))
+        updates.append(check_statistics(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
+    t = time.perf_counter()
+    result = statistics_round(head, updates)
+    return result.head, result.fleet_samples, {
+        "bytes_up_per_device": int(np.mean(up_bytes)), "bytes_up_max": int(np.max(up_bytes)),
+        "device_train_seconds_mean": round(float(np.mean(seconds)), 4),
+        "device_train_seconds_max": round(float(np.max(seconds)), 4),
+        "aggregate_seconds": round(time.perf_counter() - t, 4)}
+
+
+def lie_statistics(attack: str, stats: ClassStatistics) -> ClassStatistics:
+    """Device 0's statistics in a robustness run: ``d3`` 9,000,000 samples claimed per class it holds, its
+    sums and scatter factor times -50; ``huge-norm`` sums and factor times 1000; ``sign-flip`` sums negated;
+    ``counts`` 9,000,000 per class; ``absent`` nothing."""
+    held = np.array([stats.counts[c] > 0 for c in stats.classes])
+    if attack == "absent":
+        return ClassStatistics(stats.classes, {c: 0 for c in stats.classes}, np.zeros_like(stats.sums), stats.factor[:0])
+    counts = {c: (9_000_000 if n else 0) for c, n in stats.counts.items()} if attack in ("d3", "counts", "sign-flip") \
+        else dict(stats.counts)
+    # a claimed count scales the sum, or the mean would shrink to nothing: the liar keeps its means' size
+    sums = stats.sums * np.where(held, [counts[c] / max(stats.counts[c], 1) for c in stats.classes], 0)[:, None]
+    factor = stats.factor
+    if attack in ("d3", "huge-norm"):
+        f = -50.0 if attack == "d3" else 1000.0
+        sums, factor = sums * f, factor * abs(f)
+    elif attack == "sign-flip":
+        sums = -sums
+    return ClassStatistics(stats.classes, counts, sums, factor)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -225,6 +286,36 @@ def robustness(bundle: Bundle, X, labels, names, args, cpu) -> None:
     print(f"wrote {args.out / 'fleet_robustness.json'}")
 
 
+def three_rounds(bundle: Bundle, X, labels, names, args, cpu) -> None:
+    """Issue 24's three rounds: accuracy per round for each split seed, device count and first round."""
+    devices = args.devices if args.devices != [8, 32] else [4, 8]
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for n in devices:
+            for seed in range(args.seeds):
+                for first in args.first_rounds:
+                    for attack in (None, *(args.attack_names or ())):
+                        run = simulate(bundle, X, labels, names, n, args.rounds, proximal=args.proximal,
+                                       momentum=args.momentum, start="zero", quiet=True, seed=seed,
+                                       first_round=first, attack=attack)
+                        acc = [round(r["accuracy"], 4) for r in run["rounds"]]
+                        runs.append({"devices": n, "seed": seed, "first_round": first, "attack": attack or "honest",
+                                     "central_accuracy": run["central_accuracy"], "accuracy_per_round": acc,
+                                     "bytes_up_per_device": [r["bytes_up_per_device"] for r in run["rounds"]],
+                                     "aggregate_seconds": [r["aggregate_seconds"] for r in run["rounds"]]})
+                        print(f"{n} devices seed {seed} first {first:10s} {attack or 'honest':9s} central "
+                              f"{run['central_accuracy']:.3f} " + " ".join(f"{a - run['central_accuracy']:+.3f}" for a in acc),
+                              flush=True)
+    results = {"study": "fleet_three_rounds", "method": "in-process simulation of the deployment's code (no Ray)",
+               "settings": {"proximal": args.proximal, "momentum": args.momentum, "rounds": args.rounds, "start": "zero"},
+               "environment": {"cpu_model": cpu.model, "isa_flags": list(cpu.flags),
+                               "date": datetime.date.today().isoformat()}, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet_three_rounds.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out / 'fleet_three_rounds.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -245,6 +336,14 @@ def main() -> None:
     parser.add_argument("--attacks", action="store_true",
                         help="instead: one lying device of --devices (default 4) for each attack of ATTACKS, from "
                              "each start head and split seed 0-3; writes fleet_robustness.json")
+    parser.add_argument("--three-rounds", action="store_true",
+                        help="instead: --rounds (use 3) from a zero head with the statistics round first and without, "
+                             "for --devices (default 4 8) and --seeds split seeds; writes fleet_three_rounds.json")
+    parser.add_argument("--seeds", type=int, default=10, help="split seeds of --three-rounds")
+    parser.add_argument("--first-rounds", nargs="+", choices=("statistics", "fedprox"), default=["statistics", "fedprox"],
+                        help="with --three-rounds: the first rounds to compare")
+    parser.add_argument("--attack-names", nargs="*", choices=ATTACKS, default=[],
+                        help="with --three-rounds: also a lying device 0 per attack")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     bundle = Bundle.open(args.bundle)
@@ -253,6 +352,9 @@ def main() -> None:
     cpu = cpu_features()
     if args.attacks:
         robustness(bundle, X, labels, names, args, cpu)
+        return
+    if args.three_rounds:
+        three_rounds(bundle, X, labels, names, args, cpu)
         return
     results = {"study": "fleet_study", "method": "in-process simulation of the deployment's code (no Ray)",
                "settings": {"proximal": args.proximal, "momentum": args.momentum, "rows": "all", "C": 1.0,

@@ -227,7 +227,8 @@ def fleet():
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted federation with the same --out from its last completed round.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
-              help="ImageFolder tree to measure each round's head on (features computed here, once).")
+              help="ImageFolder tree to measure each round's head on (features computed here, once); the best "
+                   "round's head is the result.")
 @click.option("--round-timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Seconds a round waits for replies; devices that answer later are left out of that round.")
 @click.option("--wait-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
@@ -250,9 +251,13 @@ def fleet():
 @click.option("--min-available", type=click.IntRange(min=0), default=0, show_default=True,
               help="Devices to wait for before round 1 when more than --min-devices (with --fraction: the first "
                    "draw is then over the fleet, not the first devices to connect).")
+@click.option("--first-round", type=click.Choice(["statistics", "fedprox"]), default="statistics", show_default=True,
+              help="Round 1 of a linear head: devices send per-class sums and their within-class scatter, merged "
+                   "into a head (statistics; off with --dp-clip), or train FedProx like the other rounds "
+                   "(fedprox: only heads leave the devices). docs/fleet.md says what each sends.")
 @json_option
 def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth_keys, insecure, resume, val_dir, round_timeout,
-                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, fraction, min_available, as_json):
+                wait_timeout, proximal, momentum, rows, dp_clip, dp_noise, C, fraction, min_available, first_round, as_json):
     """Run a federation: a Flower SuperLink and the ServerApp; writes OUT as a bundle with the federated head.
 
     TLS (--tls-dir) and node keys (--auth-keys) are required unless --insecure; the SuperLink's Control
@@ -265,11 +270,11 @@ def fleet_serve(bundle_dir, out_dir, rounds, min_devices, address, tls_dir, auth
     r = serve(bundle_dir, out_dir, rounds=rounds, min_devices=min_devices, address=address, tls_dir=tls_dir, val=val_dir,
               auth_keys=auth_keys, insecure=insecure, resume=resume, round_timeout=round_timeout, wait_timeout=wait_timeout, C=C, proximal=proximal,
               momentum=momentum, rows=rows, dp_clip=dp_clip, dp_noise=dp_noise, fraction=fraction, min_available=min_available,
-              log=lambda line: click.echo(line, err=True))
-    last = r["rounds"][-1]
+              first_round=first_round, log=lambda line: click.echo(line, err=True))
+    last = r["rounds"][r["kept_round"] - 1]
     acc = f"; validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
     emit(r, as_json, f"federated head written to {r['out']} after {len(r['rounds'])} rounds "
-                     f"({len(last['accepted'])} devices merged in the last){acc}; {r['seconds']:.1f} s")
+                     f"(round {r['kept_round']} kept, {len(last['accepted'])} devices merged in it){acc}; {r['seconds']:.1f} s")
 
 
 @fleet.command(name="tls")

@@ -25,11 +25,14 @@ import numpy as np
 
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.federated import pack_update, require_federated_kind, update_bytes
+from edgexfer.runtime.fleet_stats import MIN_CLASS_SAMPLES, ClassStatistics, class_statistics, pack_statistics
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.optional import lazy_attribute
 
 #: message type of a round's training request (Flower's "train" message type)
 TRAIN = "train"
+#: message type of the statistics round (runtime/fleet_stats.py): Flower's "train" category, action "statistics"
+STATISTICS = "train.statistics"
 #: the config keys a reply carries besides the head tensors, and the metrics
 SENT_KEYS = ("format", "kind", "classes", "counts", "backbone_sha256")
 METRIC_KEYS = ("train_seconds", "samples", "payload_bytes")
@@ -150,6 +153,35 @@ def train_on_samples(global_head: Head, X: np.ndarray, labels: list[str], *, C: 
     return head, counts, ""
 
 
+def statistics_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: str,
+                     min_count: int = MIN_CLASS_SAMPLES) -> tuple[ClassStatistics, str, float]:
+    """This device's class statistics (:func:`~edgexfer.runtime.fleet_stats.class_statistics`) of its
+    cached features: ``(statistics, backbone sha256, seconds)``; read-only on the device state."""
+    started = time.perf_counter()
+    return statistics_on_samples(*local_training_set(state_dir), global_head, backbone_sha256=backbone_sha256,
+                                 min_count=min_count, started=started)
+
+
+def statistics_on_samples(sha: str, X: np.ndarray, labels: list[str], global_head: Head, *, backbone_sha256: str,
+                          min_count: int = MIN_CLASS_SAMPLES, started: float | None = None
+                          ) -> tuple[ClassStatistics, str, float]:
+    """:func:`statistics_round` on a training set already read (``sha``: the backbone its features came from)."""
+    started = time.perf_counter() if started is None else started
+    require_federated_kind(global_head.kind)
+    if sha != backbone_sha256:
+        raise InputError("the device runs another backbone than the fleet round", got=f"backbone {sha[:12]}…",
+                         expected=f"backbone {backbone_sha256[:12]}…",
+                         todo="install the fleet's bundle on this device (edgexfer device install)")
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape[0] and X.shape[1] != global_head.feature_dim:
+        raise InputError("cached features do not fit the round's head", got=f"D={X.shape[1]}",
+                         expected=f"D={global_head.feature_dim}", todo="recompute features (device install)")
+    X = X.reshape(len(labels), global_head.feature_dim)
+    # never below the fleet's floor: a server cannot ask a device for the statistics of fewer samples
+    stats = class_statistics(X, labels, global_head.classes, min_count=max(int(min_count), MIN_CLASS_SAMPLES))
+    return stats, sha, round(time.perf_counter() - started, 3)
+
+
 # ------------------------------------------------------------------------------------------ ClientApp
 
 def head_from_records(arrays: Any, config: Any) -> tuple[Head, dict[str, Any]]:
@@ -208,6 +240,23 @@ def build_client_app(training_set: Callable[[Any], tuple[str, np.ndarray, list[s
                               "update": ConfigRecord(config), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
+    @client_app.train("statistics")
+    def statistics(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        global_head, settings = head_from_records(msg.content["head"], msg.content["config"])
+        try:
+            stats, sha, seconds = statistics_on_samples(
+                *training_set(context), global_head, backbone_sha256=settings["backbone_sha256"], started=started,
+                min_count=int(msg.content["config"].get("min_class_samples", MIN_CLASS_SAMPLES)))
+        except EdgexferError as exc:
+            reply = RecordDict({"error": ConfigRecord({"reason": exc.one_line()})})
+            return Message(reply, reply_to=msg)
+        arrays, config = pack_statistics(stats, sha)
+        metrics = {"train_seconds": float(seconds), "samples": stats.total, "payload_bytes": update_bytes(arrays, config)}
+        content = RecordDict({"head": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "update": ConfigRecord(config), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
     return client_app
 
 
@@ -216,5 +265,6 @@ __getattr__ = lazy_attribute(__name__, "app", build_client_app)
 
 
 # "app" is listed for Flower's static check of the App's components (it looks for the name in the module)
-__all__ = ["LocalRound", "SENT_KEYS", "app", "build_client_app", "head_from_records", "local_training_set",  # noqa: F822
-           "round_on_samples", "state_training_set", "train_on_samples", "train_round"]
+__all__ = ["LocalRound", "SENT_KEYS", "STATISTICS", "app", "build_client_app", "head_from_records",  # noqa: F822
+           "local_training_set", "round_on_samples", "state_training_set", "statistics_on_samples", "statistics_round",
+           "train_on_samples", "train_round"]

@@ -75,7 +75,7 @@ def numeric_summary(record: dict[str, Any]) -> dict[str, float]:
     rounds = record.get("rounds", [])
     out: dict[str, float] = {"fleet_rounds": float(len(rounds))}
     if rounds:
-        last = rounds[-1]
+        last = rounds[int(record.get("kept_round") or len(rounds)) - 1]  # the round whose head was written
         out["fleet_devices"] = float(len(last.get("accepted", [])))
         out["fleet_samples"] = float(sum(last.get("counts", {}).values()))
         if last.get("val_accuracy") is not None:

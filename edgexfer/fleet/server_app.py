@@ -30,12 +30,13 @@ from edgexfer.fleet import checkpoint
 from edgexfer.runtime.errors import EdgexferError, InputError
 from edgexfer.runtime.federated import (
     HeadFedAvg,
-    HeadUpdate,
     Rejection,
     UpdateRejected,
     check_update,
     require_federated_kind,
 )
+from edgexfer.runtime.fleet_client import STATISTICS
+from edgexfer.runtime.fleet_stats import check_statistics, statistics_round
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.optional import lazy_attribute
 
@@ -70,6 +71,7 @@ class FleetSettings:
     #: devices to wait for before round 1 when more than min_devices (Flower's min_available_nodes): a sampled
     #: fleet's first draw is then over the whole fleet, not the first devices to connect
     min_available: int = 0
+    first_round: str = "statistics"  #: "statistics" (linear heads, no DP: runtime/fleet_stats.py) or "fedprox"
 
     def namer(self) -> Callable[[int], str]:
         """node id -> the name its key was registered under, else ``node-ID``."""
@@ -92,7 +94,8 @@ class FleetSettings:
                        dp_clip=float(get("dp-clip", 0.0)), dp_noise=float(get("dp-noise", 0.0)),
                        max_iter=int(get("max-iter", 200)), device_names=str(get("device-names", "")),
                        checkpoint=str(get("checkpoint", "")), fraction=float(get("fraction-train", 1.0)),
-                       sample_seed=int(get("sample-seed", 0)), min_available=int(get("min-available", 0)))
+                       sample_seed=int(get("sample-seed", 0)), min_available=int(get("min-available", 0)),
+                       first_round=str(get("first-round", "statistics")))
         except (TypeError, ValueError) as exc:
             raise InputError("the federation's run config is malformed", got=str(exc)[:80],
                              expected="the keys edgexfer fleet serve writes", todo="start it with edgexfer fleet serve") from exc
@@ -103,7 +106,11 @@ class FleetSettings:
                 "val-features": self.val_features, "C": self.C, "proximal": self.proximal, "momentum": self.momentum,
                 "rows": self.rows, "dp-clip": self.dp_clip, "dp-noise": self.dp_noise, "max-iter": self.max_iter,
                 "device-names": self.device_names, "checkpoint": self.checkpoint, "fraction-train": self.fraction,
-                "sample-seed": self.sample_seed, "min-available": self.min_available}
+                "sample-seed": self.sample_seed, "min-available": self.min_available, "first-round": self.first_round}
+
+    def statistics_first(self, head: Head) -> bool:
+        """Whether round 1 is the statistics round: linear heads without differential privacy."""
+        return self.first_round == "statistics" and head.kind == "linear" and not self.dp_clip
 
 
 def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) -> float:
@@ -113,7 +120,7 @@ def validation_accuracy(head: Head, features: np.ndarray, labels: np.ndarray) ->
 
 
 def _round_message(head: Head, settings: FleetSettings, backbone_sha256: str, node: int, server_round: int,
-                   fleet_samples: int) -> Any:
+                   fleet_samples: int, message_type: str = "train") -> Any:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
     config = ConfigRecord({"kind": head.kind, "classes": json.dumps(list(head.classes)),
@@ -121,11 +128,13 @@ def _round_message(head: Head, settings: FleetSettings, backbone_sha256: str, no
                            "proximal": settings.proximal, "max_iter": settings.max_iter, "rows": settings.rows,
                            "fleet_samples": fleet_samples})
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(t)) for name, t in head.tensors.items()})
-    return Message(RecordDict({"head": arrays, "config": config}), dst_node_id=node, message_type="train")
+    return Message(RecordDict({"head": arrays, "config": config}), dst_node_id=node, message_type=message_type)
 
 
-def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str) -> tuple[HeadUpdate, dict[str, Any]]:
-    """Check one reply; raises :class:`UpdateRejected` (naming ``device``) for anything unmergeable."""
+def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str,
+                     check: Callable[..., Any] = check_update) -> tuple[Any, dict[str, Any]]:
+    """Check one reply with ``check`` (a head update, or statistics in round 1); raises
+    :class:`UpdateRejected` (naming ``device``) for anything unmergeable."""
     if reply.has_error():
         raise UpdateRejected(f"update from device {device}: the device failed",
                              got=str(reply.error.reason).splitlines()[0][:200] if reply.error.reason else "no reason",
@@ -142,11 +151,32 @@ def _reply_to_update(reply: Any, device: str, head: Head, backbone_sha256: str) 
     arrays = {name: content["head"][name].numpy() for name in content["head"].keys()}
     config = dict(content["update"])
     metrics = dict(content["metrics"]) if "metrics" in records else {}
-    update = check_update(device, arrays, config, global_head=head, backbone_sha256=backbone_sha256)
+    update = check(device, arrays, config, global_head=head, backbone_sha256=backbone_sha256)
     received = {"records": sorted(records), "arrays": {k: list(v.shape) for k, v in arrays.items()},
                 "config_keys": sorted(config), "bytes": int(sum(v.nbytes for v in arrays.values())
                                                             + sum(len(str(k)) + len(str(v)) for k, v in config.items()))}
     return update, {"metrics": metrics, "received": received}
+
+
+#: how often the ServerApp asks the SuperLink for replies (Flower's HttpGrid.send_and_receive sleeps 3 s)
+PULL_INTERVAL_S = 0.1
+
+
+def exchange(grid: Any, messages: list[Any], timeout: float, interval: float = PULL_INTERVAL_S) -> list[Any]:
+    """Send ``messages`` and collect their replies until all came or ``timeout`` seconds passed: what
+    ``grid.send_and_receive`` does, polling every ``interval`` s instead of every 3 s (up to 3 s a round)."""
+    if not hasattr(grid, "push_messages"):  # a stand-in grid of the tests
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    replies: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if waiting:
+            time.sleep(interval)
+    return replies
 
 
 def sample_nodes(node_ids: Any, settings: FleetSettings, server_round: int) -> list[int]:
@@ -171,16 +201,20 @@ def require_a_merged_round(rounds: list[dict[str, Any]], min_devices: int) -> No
             todo="see each round's rejected and silent devices; no bundle was written")
 
 
-def _resume(settings: FleetSettings, head: Head, strategy: HeadFedAvg, sha: str,
-            log: Callable[[str], None]) -> tuple[Head, list[dict[str, Any]], int]:
-    """(head, round records, fleet samples) of the last checkpoint, or of a new federation."""
+def _resume(settings: FleetSettings, head: Head, strategy: HeadFedAvg, sha: str, log: Callable[[str], None]
+            ) -> tuple[Head, list[dict[str, Any]], int, tuple[int, float, Head] | None]:
+    """(head, round records, fleet samples, best round so far) of the last checkpoint, or of a new federation."""
     found = checkpoint.load(Path(settings.checkpoint), sha, strategy) if settings.checkpoint else None
     if found is None:
-        return head, [], 0
+        return head, [], 0, None
     log(f"fleet resume after_round={len(found.rounds)} checkpoint={settings.checkpoint}")
-    return found.head, found.rounds, found.fleet_samples
+    best = None
+    if found.best is not None:
+        best = (found.best[0], float(found.rounds[found.best[0] - 1]["val_accuracy"]), found.best[1])
+    return found.head, found.rounds, found.fleet_samples, best
 
 
+# long: one federation: wait for devices, then per round the exchange, the merge, its record and checkpoint
 def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``settings.rounds`` rounds on ``grid`` and write the result bundle; returns the record."""
     from edgexfer.fleet.result_bundle import write_result_bundle
@@ -212,54 +246,79 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
 
     name = settings.namer()
     # fleet_samples: the last round's total: devices scale their L2 strength to their share of it
-    head, rounds, fleet_samples = _resume(settings, head, strategy, sha, log)
+    head, rounds, fleet_samples, best = _resume(settings, head, strategy, sha, log)
     for server_round in range(len(rounds) + 1, settings.rounds + 1):
         started = time.perf_counter()
+        statistics = server_round == 1 and settings.statistics_first(head)
         nodes = sample_nodes(grid.get_node_ids(), settings, server_round)
-        messages = [_round_message(head, settings, sha, node, server_round, fleet_samples) for node in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        # which node a reply is about: an error the SuperLink writes for a node that stopped answering
-        # comes from the SuperLink itself, and only its reply-to id names the message (and the node)
-        sent = {(m.metadata.message_id or m.object_id): int(m.metadata.dst_node_id) for m in messages}
-        updates: list[HeadUpdate] = []
-        rejected: list[Rejection] = []
-        devices: dict[str, Any] = {}
-        answered = set()
-        for reply in replies:
-            node = sent.get(reply.metadata.reply_to_message_id or "", int(reply.metadata.src_node_id))
-            answered.add(node)
-            device = name(node)
-            try:
-                update, info = _reply_to_update(reply, device, head, sha)
-            except EdgexferError as exc:
-                rejected.append(Rejection(device, exc.one_line()))
-                log(f"fleet round={server_round} rejected device={device} reason={exc.one_line()}")
-                continue
-            updates.append(update)
-            devices[device] = {"counts": update.counts, **info}
+        messages = [_round_message(head, settings, sha, node, server_round, fleet_samples,
+                                   STATISTICS if statistics else "train") for node in nodes]
+        replies = exchange(grid, messages, settings.round_timeout)
+        updates, rejected, devices, answered = _check_replies(
+            replies, messages, name, head, sha, check_statistics if statistics else check_update,
+            lambda device, why, r=server_round: log(f"fleet round={r} rejected device={device} reason={why}"))
         silent = [name(n) for n in nodes if n not in answered]
-        result = strategy.aggregate(head, updates, rejected)
+        if statistics:
+            result: Any = statistics_round(head, updates, rejected, min_devices=settings.min_devices, C=settings.C)
+            merged = result.pooled is not None
+        else:
+            result = strategy.aggregate(head, updates, rejected)
+            merged = len(result.accepted) >= settings.min_devices
         head = result.head
         if result.accepted:
             fleet_samples = result.fleet_samples
         seconds = time.perf_counter() - started
         accuracy = validation_accuracy(head, *val) if val is not None else None
-        record = {"round": server_round, "asked": len(nodes), **result.report(), "silent": silent,
-                  "seconds": round(seconds, 3), "val_accuracy": accuracy, "devices": devices,
-                  "merged": len(result.accepted) >= settings.min_devices}
+        record = {"round": server_round, "kind": "statistics" if statistics else "fedprox", "asked": len(nodes),
+                  **result.report(), "silent": silent, "seconds": round(seconds, 3), "val_accuracy": accuracy,
+                  "devices": devices, "merged": merged}
         rounds.append(record)
+        if merged and accuracy is not None and (best is None or accuracy > best[1]):
+            best = (server_round, accuracy, head)  # ties keep the earlier round
         if settings.checkpoint:
-            checkpoint.save(Path(settings.checkpoint), head, rounds, fleet_samples, strategy, sha)
-        log(f"fleet round={server_round}/{settings.rounds} asked={len(nodes)} merged={len(result.accepted)} "
-            f"empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
+            checkpoint.save(Path(settings.checkpoint), head, rounds, fleet_samples, strategy, sha,
+                            best=(best[0], best[2]) if best else None)
+        log(f"fleet round={server_round}/{settings.rounds} kind={record['kind']} asked={len(nodes)} "
+            f"merged={len(result.accepted)} empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
             + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"
-            + ("" if record["merged"] else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
+            + ("" if merged else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
     require_a_merged_round(rounds, settings.min_devices)
+    kept = len(rounds)
+    if best is not None:  # with --val, the best round's head (by validation accuracy) is the result
+        kept, _, head = best
+        log(f"fleet kept round={kept} val_accuracy={best[1]:.4f} (the best on --val of {len(rounds)} rounds)")
     record = {"rounds": rounds, "settings": settings.to_run_config(), "start_val_accuracy": start_accuracy,
-              "final_counts": rounds[-1]["counts"] if rounds else {}}
+              "final_counts": rounds[kept - 1]["counts"] if rounds else {}, "kept_round": kept}
     out = write_result_bundle(bundle, head, Path(settings.out), record)
     log(f"fleet done out={out.root} head_version={out.manifest.head.version} classes={len(head.classes)}")
     return record
+
+
+def _check_replies(replies: list[Any], messages: list[Any], name: Callable[[int], str], head: Head, sha: str,
+                   check: Callable[..., Any], on_reject: Callable[[str, str], None]
+                   ) -> tuple[list[Any], list[Rejection], dict[str, Any], set[int]]:
+    """``(updates, rejections, per-device details, nodes that answered)`` of a round's replies."""
+    # which node a reply is about: an error the SuperLink writes for a node that stopped answering
+    # comes from the SuperLink itself, and only its reply-to id names the message (and the node)
+    sent = {(m.metadata.message_id or m.object_id): int(m.metadata.dst_node_id) for m in messages}
+    updates: list[Any] = []
+    rejected: list[Rejection] = []
+    devices: dict[str, Any] = {}
+    answered = set()
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id or "", int(reply.metadata.src_node_id))
+        answered.add(node)
+        device = name(node)
+        try:
+            update, info = _reply_to_update(reply, device, head, sha, check)
+        except EdgexferError as exc:
+            rejected.append(Rejection(device, exc.one_line()))
+            on_reject(device, exc.one_line())
+            continue
+        updates.append(update)
+        counts = update.stats.counts if hasattr(update, "stats") else update.counts
+        devices[device] = {"counts": counts, **info}
+    return updates, rejected, devices, answered
 
 
 def build_server_app(settings: FleetSettings | None = None, on_record: Callable[[dict[str, Any]], None] | None = None) -> Any:

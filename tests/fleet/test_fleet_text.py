@@ -79,11 +79,18 @@ def test_three_text_devices_federate_a_head_that_learns_a_topic_one_device_taugh
     report = json.loads((result.root / "reports" / "fleet.json").read_text())
     dim = result.manifest.backbone.feature_dim
     n = len(result.head().classes)
+    assert [r["kind"] for r in report["rounds"]] == ["statistics", "fedprox", "fedprox"]
     for r in report["rounds"]:
         assert len(r["accepted"]) == 3 and not r["rejected"] and not r["silent"]
         for device in r["devices"].values():
-            received = device["received"]  # only head tensors (the new row included) and counts travelled
+            received = device["received"]
             assert received["records"] == ["head", "metrics", "update"]
+            if r["kind"] == "statistics":  # round 1: per-class sums and the within-class scatter factor
+                assert set(received["arrays"]) == {"sums", "scatter_factor"}
+                assert received["arrays"]["sums"] in ([n - 1, dim], [n, dim])
+                assert received["arrays"]["scatter_factor"][0] <= sum(device["counts"].values())
+                continue
+            # then only head tensors (the new row included) and counts travelled
             assert set(received["arrays"]) == {"W", "b"} and received["arrays"]["W"][1] == dim
             assert received["arrays"]["W"][0] in (n - 1, n) and received["bytes"] < 10_000
     assert report["final_counts"]["love"] == PER_DEVICE_CLASS
@@ -92,7 +99,8 @@ def test_three_text_devices_federate_a_head_that_learns_a_topic_one_device_taugh
     from edgexfer.evaluate import evaluate
 
     scores = evaluate(result.root, val, progress=False)
-    assert scores["accuracy"] == pytest.approx(report["rounds"][-1]["val_accuracy"], abs=1e-9)
+    kept = report["rounds"][report["kept_round"] - 1]  # the best round on --val is the result
+    assert scores["accuracy"] == pytest.approx(kept["val_accuracy"], abs=1e-9)
     love_texts = sorted((val / "love").glob("*.txt"))
     with Device(tmp_path / "device-1") as dev:  # a device that never saw a love text takes the fleet's head
         dev.install(result.root)

@@ -121,3 +121,102 @@ def test_clip_factors_scale_a_step_down_to_one_and_a_half_median_steps():
     assert factors[:3] == [1.0, 1.0, 1.0]
     assert factors[3] == pytest.approx(1.5 * 0.6 / 30.0)
     assert clip_factors([1.0, 100.0]) == [1.0, pytest.approx(0.015)]
+
+
+# ------------------------------------------------------------------ the statistics round (runtime/fleet_stats.py)
+
+def _lie_statistics(attack: str, stats):
+    """Device 0's statistics: D3's 9,000,000 per class with sums and scatter times -50; its sums and scatter
+    times 1000; its class means negated at 9,000,000 claimed samples; honest statistics with huge counts."""
+    from edgexfer.runtime.fleet_stats import ClassStatistics
+
+    if attack == "honest":
+        return stats
+    held = np.array([stats.counts[c] > 0 for c in stats.classes])
+    huge = {c: (9_000_000 if n else 0) for c, n in stats.counts.items()}
+    counts = dict(stats.counts) if attack == "huge-norm" else huge
+    sums = stats.sums * np.where(held, [counts[c] / max(stats.counts[c], 1) for c in stats.classes], 0)[:, None]
+    factor = stats.factor
+    if attack == "d3":
+        sums, factor = -50 * sums, 50 * factor
+    elif attack == "huge-norm":
+        sums, factor = 1000 * sums, 1000 * factor
+    elif attack == "sign-flip":
+        sums = -sums
+    return ClassStatistics(stats.classes, counts, sums, factor)
+
+
+def _statistics_round(fleet, attack: str):
+    from edgexfer.runtime.fleet_stats import (
+        check_statistics,
+        class_statistics,
+        pack_statistics,
+        statistics_round,
+    )
+
+    bundle, X, labels, val, parts = fleet
+    head, sha = _half(bundle.head()), bundle.manifest.backbone.sha256
+    updates = []
+    for k, p in enumerate(parts):
+        stats = class_statistics(X[p], list(labels[p]), head.classes)
+        if k == 0:
+            stats = _lie_statistics(attack, stats)
+        arrays, config = pack_statistics(stats, sha)
+        updates.append(check_statistics(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = statistics_round(head, updates, min_devices=2)
+    merged = result.head
+    return float(np.mean(np.asarray(merged.classes)[merged.logits(X[val]).argmax(1)] == labels[val])), result
+
+
+@pytest.fixture(scope="module")
+def honest_statistics_accuracy(fleet):
+    return _statistics_round(fleet, "honest")[0]
+
+
+@pytest.mark.parametrize("attack", ["d3", "huge-norm", "sign-flip", "huge-counts"])
+def test_one_lying_device_of_four_moves_the_statistics_rounds_accuracy_by_at_most_3_points(
+        fleet, honest_statistics_accuracy, attack):
+    honest = honest_statistics_accuracy
+    lied, result = _statistics_round(fleet, attack)
+    assert abs(lied - honest) <= MAX_MOVE, f"{attack}: {lied:.3f} against {honest:.3f} with an honest device 0"
+    assert sorted(result.head.classes) == sorted(set(fleet[2]))  # the classes new to the fleet were added
+    assert result.pooled.weights["device-0"] <= sorted(result.pooled.weights.values())[1]
+    assert result.fleet_samples < 2_000  # what the devices' next round scales by: the capped counts
+    if attack in ("d3", "huge-norm"):
+        assert result.pooled.pulled_in["device-0"] < 0.1
+
+
+def test_class_statistics_leave_out_small_classes_and_their_factor_is_the_within_class_scatter():
+    from edgexfer.runtime.fleet_stats import MIN_CLASS_SAMPLES, class_statistics
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 6))
+    labels = ["a"] * 12 + ["b"] * (MIN_CLASS_SAMPLES - 1) + ["c"] * 4
+    stats = class_statistics(X, labels, ("a", "b"))
+    assert stats.classes == ("a", "b", "c") and stats.counts == {"a": 12, "b": 0, "c": 0}
+    assert not stats.sums[1:].any()  # nothing of a class below the floor leaves the device
+    a = X[:12] - X[:12].mean(axis=0)
+    np.testing.assert_allclose(stats.factor.T @ stats.factor, a.T @ a, atol=1e-9)
+    assert stats.factor.shape[0] <= 11  # at most samples - classes rows
+
+
+def test_statistics_replies_that_do_not_add_up_are_refused_and_name_the_device():
+    from edgexfer.runtime.federated import UpdateRejected
+    from edgexfer.runtime.fleet_stats import check_statistics, class_statistics, pack_statistics
+
+    rng = np.random.default_rng(1)
+    head = Head("linear", ("a", "b"), {"W": np.zeros((2, 6), np.float32), "b": np.zeros(2, np.float32)})
+    stats = class_statistics(rng.normal(size=(16, 6)), ["a"] * 10 + ["b"] * 6, head.classes)
+    arrays, config = pack_statistics(stats, "f" * 64)
+    assert check_statistics("cam-1", arrays, config, global_head=head, backbone_sha256="f" * 64).total == 16
+    nan = {**arrays, "sums": np.where(arrays["sums"] > 0, np.nan, arrays["sums"]).astype(np.float32)}
+    with pytest.raises(UpdateRejected, match="statistics from device cam-1: tensor 'sums' holds NaN"):
+        check_statistics("cam-1", nan, config, global_head=head, backbone_sha256="f" * 64)
+    hidden = {**config, "counts": "[10, 0]"}  # a sum for a class it claims no samples of
+    with pytest.raises(UpdateRejected, match="a class without samples has a sum"):
+        check_statistics("cam-1", arrays, hidden, global_head=head, backbone_sha256="f" * 64)
+    wide = {**arrays, "scatter_factor": np.zeros((17, 6), np.float32)}  # more rows than samples
+    with pytest.raises(UpdateRejected, match="statistics do not fit the counts"):
+        check_statistics("cam-1", wide, config, global_head=head, backbone_sha256="f" * 64)
