@@ -478,6 +478,24 @@ def device_drift(state, window, alpha, permutations, as_json):
     emit(d, as_json, text)
 
 
+@device.command(name="suggest")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@state_option
+@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many to suggest.")
+@click.option("--method", type=click.Choice(["suggested", "margin", "coverage", "random"]), default="suggested",
+              show_default=True, help="Uncertainty and coverage (default), one of them alone, or random.")
+@json_option
+def device_suggest(files, state, k, method, as_json):
+    """Which samples to label first: FILES, or the review queue's entries without FILES."""
+    from edgexfer.runtime.device import Device
+
+    with Device(state) as dev:
+        ranked = dev.suggest(list(files), k=k, method=method)
+    lines = [f"{r['rank']:>3}. {r['source'] if r['review_id'] is None else 'review ' + str(r['review_id'])}  "
+             f"(answered {r['label']} {r['probability']:.0%}, uncertainty {r['uncertainty']:.2f})" for r in ranked]
+    emit({"suggestions": ranked}, as_json, "\n".join(lines) or "nothing to suggest: no readable candidate")
+
+
 @device.command(name="heads")
 @state_option
 @json_option

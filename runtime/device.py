@@ -48,7 +48,9 @@ from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.modalities.base import LazyValues
 from edgexfer.runtime.names import DEFAULT_HEAD_POLICY
 from edgexfer.runtime.predictor import ImageInput, Prediction, Predictor, SampleError
+from edgexfer.runtime.review import ReviewQueue
 from edgexfer.runtime.state import ActiveState, DeviceState, crash_point
+from edgexfer.runtime.suggest import rank, uncertainty
 from edgexfer.runtime.timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,47 @@ class Device:
         _, head = self.active_head(active)
         with RecentInputs(self.state.cache_path) as recent:
             return check_recent(recent, bundle, head, window=window, alpha=alpha, permutations=permutations, seed=seed)
+
+    def suggest(self, items: Sequence[ImageInput] = (), *, k: int = 10, method: str = "suggested") -> list[dict[str, Any]]:
+        """``device suggest``: the ``k`` samples most worth a label, best first (:mod:`edgexfer.runtime.suggest`).
+
+        The candidates are ``items`` (files or their bytes), or the review queue's entries when none are given;
+        the bundle's exemplars and the device's labelled samples count as covered.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError("k", got=repr(k), expected="a positive integer", todo="pass e.g. --k 10")
+        active = self.state.active()
+        bundle = self.state.bundle(active.bundle)
+        _, head = self.active_head(active)
+        engine = self.engine(bundle)
+        if items:
+            named = [(None, item) for item in items]
+        else:
+            with ReviewQueue(self.state.cache_path) as queue:
+                named = [(e.id, queue.sample(e.id)[0]) for e in queue.entries(limit=1000)]
+        kept: list[np.ndarray] = []
+        predictor = Predictor(bundle, engine, head, engine.name, self.precision,
+                              observer=lambda feats, probs, labels: kept.append(feats))
+        results = predictor.predict([item for _, item in named])
+        good = [i for i, r in enumerate(results) if isinstance(r, Prediction)]
+        if not good:
+            return []
+        feats = np.concatenate(kept)
+        covered = [bundle.exemplars()[0]] if bundle.exemplars() is not None else []
+        with self.cache() as cache:
+            _, local, _ = cache.labelled(active.bundle, modality_of(bundle).preprocess.key())
+        if len(local):
+            covered.append(local)
+        order = rank(feats, head.probabilities(feats), k, method=method,
+                     labelled=np.concatenate(covered) if covered else None)
+        out = []
+        for j in order:
+            i = good[j]
+            answer = results[i]
+            out.append({"rank": len(out) + 1, "source": answer.source, "review_id": named[i][0],
+                        "label": answer.label, "probability": round(answer.probability, 4),
+                        "uncertainty": round(float(uncertainty(head.probabilities(feats[j:j + 1]))[0]), 4)})
+        return out
 
     # ---------------------------------------------------------------------------- learn
     def learn(self, items: Iterable[ImageInput], label: str, source: str = "device", *,

@@ -267,16 +267,22 @@ def _adapt_fit(data: TrainingSet, warm: Head, C: float) -> tuple[list[str], Head
     first_local = data.exemplar_count
 
     def fit(X: np.ndarray, y: np.ndarray, start: Head | None) -> Head:
-        # leave-one-out refits drop local rows only: the exemplars stay the first rows
-        local = len(X) - first_local
-        repeat = max(1, round(first_local / local)) if local > 0 else 1
-        if repeat > 1:
-            X = np.concatenate([X[:first_local], *([X[first_local:]] * repeat)])
-            y = np.concatenate([y[:first_local], *([y[first_local:]] * repeat)])
-        # the proximal anchor is the active head, also for the leave-one-out refits (same objective)
-        return fit_linear(X, y, data.split.classes, C=C, tol=1e-5, matmul_dtype="float32", warm_start=warm,
-                          proximal=ADAPT_PROXIMAL, frozen_classes=frozen)
+        # leave-one-out refits drop local rows only: the exemplars stay the first rows; the proximal anchor is
+        # the active head for them too (the same objective)
+        return fit_adapt(X[:first_local], y[:first_local], X[first_local:], y[first_local:], data.split.classes,
+                         warm, C=C, frozen=frozen)
     return frozen, fit
+
+
+def fit_adapt(X_old: np.ndarray, y_old: np.ndarray, X_new: np.ndarray, y_new: np.ndarray, classes: list[str],
+              warm: Head, *, C: float = 1.0, frozen: list[str] | tuple[str, ...] = ()) -> Head:
+    """The "adapt" fit (:func:`_adapt_fit`): ``X_new`` repeated until it weighs about as much as ``X_old``, a
+    proximal pull of :data:`ADAPT_PROXIMAL` towards ``warm``; ``frozen`` classes keep its rows."""
+    repeat = max(1, round(len(X_old) / len(X_new))) if len(X_new) else 1
+    X = np.concatenate([X_old, *([X_new] * repeat)])
+    y = np.concatenate([y_old, *([y_new] * repeat)])
+    return fit_linear(X, y, classes, C=C, tol=1e-5, matmul_dtype="float32", warm_start=warm,
+                      proximal=ADAPT_PROXIMAL, frozen_classes=list(frozen))
 
 
 def leave_one_out(active_record: HeadRecord, fit: HeadFit, data: TrainingSet, candidate: Head,

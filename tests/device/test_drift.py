@@ -195,3 +195,36 @@ def test_after_a_shift_the_adapt_policy_raises_shifted_accuracy_and_keeps_clean_
     assert adapt["shifted"][1] >= adapt["shifted"][0] + 0.02  # the new domain improves
     assert adapt["clean"][1] >= adapt["clean"][0] - 0.01  # the old one within the gate's tolerance (0.01)
     assert figures["auto"]["clean"][1] < figures["auto"]["clean"][0] - 0.01  # what the default did here
+
+
+def test_suggest_spends_the_budget_on_uncertain_samples_it_has_not_covered_yet():
+    from edgexfer.runtime.errors import InputError
+    from edgexfer.runtime.suggest import rank
+
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(5, 16))  # five different samples
+    twins = np.repeat(rng.normal(size=(1, 16)), 6, axis=0)  # six copies of one sample
+    feats = np.vstack([twins, spread])
+    unsure = np.array([[0.5, 0.5]] * 6 + [[0.6, 0.4]] * 5)  # the twins are the most uncertain
+    assert rank(feats, unsure, 3, method="margin")[:3] == [0, 1, 2]  # margin alone: three copies of one sample
+    picked = rank(feats, unsure, 3)
+    assert sum(i < 6 for i in picked) == 1, picked  # with coverage: one copy, then other samples
+    # a sample like those already labelled is covered: it comes after the others
+    covered = rank(spread, np.full((5, 2), 0.5), 5, labelled=spread[:1] + 1e-3, method="coverage")
+    assert covered[-1] == 0, covered
+    with pytest.raises(InputError, match="suggest method"):
+        rank(feats, unsure, 3, method="best")
+
+
+def test_device_suggest_ranks_given_files_and_the_review_queue(pools, tmp_path, device_bundle, clipart8):
+    files = held_out(clipart8)[:12]
+    state = tmp_path / "state"
+    with Device(state) as dev:
+        dev.install(device_bundle)
+    proc = _cli("device", "suggest", *map(str, files), "--state", str(state), "--k", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ranked = json.loads(proc.stdout)["suggestions"]
+    assert [r["rank"] for r in ranked] == [1, 2, 3, 4] and {r["source"] for r in ranked} <= {str(p) for p in files}, ranked
+    assert all(0 <= r["uncertainty"] <= 1 and r["review_id"] is None for r in ranked)
+    empty = _cli("device", "suggest", "--state", str(state))  # no files: the review queue, empty here
+    assert empty.returncode == 0 and "nothing to suggest" in empty.stdout
