@@ -110,7 +110,8 @@ def _downstream_cast(nodes, name: str) -> str:
 def compose(mel_path: Path, embedding_path: Path, samples: int):
     """The one-graph backbone (an onnx ModelProto) for clips of ``samples`` samples."""
     onnx = require("onnx", "the speech_embedding backbone")
-    from onnx import TensorProto, compose as oc, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx import compose as oc
 
     windows = windows_of(check_clip(samples))
     mel = oc.add_prefix(onnx.load(str(mel_path)), "mel/")

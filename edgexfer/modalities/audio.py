@@ -20,8 +20,14 @@ import numpy as np
 from edgexfer.data import describe_skipped
 from edgexfer.modalities.base import EvaluationSet, ExportReader, HostModality, LabelledData
 from edgexfer.run_record import log
-from edgexfer.runtime.audio import AudioDataset, AudioInputSpec, AudioSpec, decode_wav, is_audio_dataset, \
-    read_audio_dataset
+from edgexfer.runtime.audio import (
+    AudioDataset,
+    AudioInputSpec,
+    AudioSpec,
+    decode_wav,
+    is_audio_dataset,
+    read_audio_dataset,
+)
 from edgexfer.runtime.errors import InputError
 
 
