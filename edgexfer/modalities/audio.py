@@ -50,6 +50,7 @@ class AudioModality(HostModality):
     default_backbone = "speech_embedding"
     parity_extra = {"samples": "audio clips"}
     eval_class_word = "folders named"
+    bench_torch_reference = False  # the backbone is ONNX only: no PyTorch eager twin
 
     def describe_backbone(self, bb) -> str:
         return (f"audio, {bb.clip_samples / bb.sample_rate:.2f} s clips at {bb.sample_rate // 1000} kHz, "
@@ -123,7 +124,7 @@ class AudioModality(HostModality):
         if images is not None:
             raise InputError("--images with an audio bundle", got=str(images), expected="no --images",
                              todo="leave --images out: the samples are the bundle's golden clips")
-        return bundle.golden()["waveform"].astype(np.float32)
+        return golden_clips(bundle)
 
     def validation_features(self, bundle, engine, data_dir) -> tuple[np.ndarray, np.ndarray]:
         spec = bundle.input_modality.preprocess
@@ -170,3 +171,21 @@ class AudioReader(ExportReader):
 
     def manifest_input(self) -> AudioInputSpec:
         return AudioInputSpec(sample_rate=self.spec.sample_rate, clip_samples=self.spec.clip_samples)
+
+
+def golden_clips(bundle):
+    """``edgexfer bench``'s samples: the bundle's golden clips, as float WAV files (end to end) and waveforms."""
+    import io
+
+    import soundfile as sf
+
+    from edgexfer.bench.samples import SampleSet
+
+    spec = bundle.input_modality.preprocess
+    waves = bundle.golden()["waveform"].astype(np.float32)
+    encoded = []
+    for wave in waves:
+        buf = io.BytesIO()
+        sf.write(buf, wave, spec.sample_rate, format="WAV", subtype="FLOAT")
+        encoded.append(buf.getvalue())
+    return SampleSet(encoded, waves, "bundle golden.npz clips, 32-bit float WAV", [f"golden[{i}]" for i in range(len(waves))])

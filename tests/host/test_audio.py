@@ -109,3 +109,21 @@ def test_spoken14_frozen_speech_embedding_beats_a_logmel_baseline(audio_bundle, 
     manifest = json.loads((audio_bundle / "manifest.json").read_text())
     assert manifest["backbone"]["modality"] == "audio"
     assert manifest["backbone"]["input"] == {"dtype": "float32", "sample_rate": 16000, "clip_samples": 16000}
+
+
+def test_bench_samples_of_an_audio_bundle_run_every_layer_alike(audio_bundle):
+    """`edgexfer bench`'s audio samples: the golden clips as WAV bytes (end to end) and waveforms (engine layers)
+    classify alike; an ONNX-only backbone has no PyTorch eager twin."""
+    from edgexfer.modalities import host_modality
+    from edgexfer.runtime.bundle import Bundle
+    from edgexfer.runtime.predictor import Predictor
+
+    modality = host_modality("audio")
+    samples = modality.bench_samples(Bundle.open(audio_bundle), None)
+    assert samples.pixels.shape == (len(samples.encoded), 16000) and not modality.bench_torch_reference
+    with Predictor.from_bundle(audio_bundle, backend="onnxruntime") as predictor:
+        probs = predictor.classify_pixels(samples.pixels)
+        results = predictor.predict(samples.encoded, top_k=1)
+    classes = list(predictor.head.classes)
+    assert [r.label for r in results] == [classes[i] for i in probs.argmax(1)]
+    assert max(abs(r.probability - float(p.max())) for r, p in zip(results, probs)) < 1e-5
