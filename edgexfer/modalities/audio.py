@@ -120,6 +120,9 @@ class AudioModality(HostModality):
     def predict(self, predictor, items) -> list[Any]:
         return predictor.predict([path for _, _, path in items], top_k=1)
 
+    def evaluation_extra(self, predictor, items) -> dict[str, Any]:
+        return {"unit": self.plural}  # what eval's report counts ("accuracy 0.867 on 210 audio clips")
+
     def bench_samples(self, bundle, images):
         if images is not None:
             raise InputError("--images with an audio bundle", got=str(images), expected="no --images",

@@ -99,6 +99,7 @@ def test_spoken14_frozen_speech_embedding_beats_a_logmel_baseline(audio_bundle, 
 
     report = evaluate(audio_bundle, spoken14 / "test", progress=False)
     accuracy = report["accuracy"]
+    assert report["unit"] == "audio clips"
     train = read_audio_dataset(spoken14 / "train", AudioSpec())
     test = read_audio_dataset(spoken14 / "test", AudioSpec())
     baseline = _logmel_baseline(train.waves, train.labels, test.waves, test.labels)
