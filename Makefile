@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 $(DEVICE_STAMP): pyproject.toml constraints.txt
 	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install --quiet --upgrade pip
-	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera,text]' pytest scikit-learn 'tritonclient[http,grpc]' httpx 'hypothesis>=6.100'
+	$(DEVICE_VENV)/bin/pip install --quiet -c constraints.txt -e '.[onnxruntime,updates,serve,camera,text,audio]' pytest scikit-learn 'tritonclient[http,grpc]' httpx 'hypothesis>=6.100'
 	@if $(DEVICE_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the device venv"; exit 1; fi
 	touch $(DEVICE_STAMP)
 

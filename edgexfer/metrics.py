@@ -42,7 +42,8 @@ def format_report(report: dict[str, Any]) -> str:
     """A per-class table and the confusion matrix as plain text for a terminal."""
     classes = report["classes"]
     width = max(8, *(len(c) for c in classes))
-    unit = "texts" if "truncated" in report else "images"  # a text bundle's eval reports truncated texts
+    # a modality may name its samples ("unit"); a text bundle's eval reports truncated texts
+    unit = report.get("unit") or ("texts" if "truncated" in report else "images")
     lines = [f"accuracy {report['accuracy']:.3f} on {report['count']} {unit}", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
     for name in classes:

@@ -162,9 +162,11 @@ class Predictor:
                                     [(classes[j], float(row[j])) for j in order], self.backend, self.precision)
 
     def classify_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities for an already preprocessed uint8 batch."""
-        if pixels.ndim != 4:
-            raise InputError("pixels", got=f"shape {pixels.shape}", expected="[N, H, W, 3]")
+        """Class probabilities for an already preprocessed batch (uint8 pixels, float32 waveforms)."""
+        rank = len(self.engine.input_spec().shape)  # 4 for pixels [N, H, W, 3], 2 for waveforms [N, S]
+        if pixels.ndim != rank:
+            raise InputError("engine input batch", got=f"shape {pixels.shape}",
+                             expected="[N, H, W, 3]" if rank == 4 else f"a batch of rank {rank}")
         # the engine's own input already (the bench times this step): no modality reads it again
         size = self.batch_size or 16
         features = np.concatenate([self.engine.run(pixels[s:s + size]) for s in range(0, len(pixels), size)])

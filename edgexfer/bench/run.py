@@ -124,7 +124,8 @@ def run_bench(bundle_dir: str | Path, backends: str | Sequence[str] = "all", pre
         if TORCH_BACKEND in backends_l:
             raise InputError("--backend pytorch-eager with a text bundle", got=TORCH_BACKEND,
                              expected="an engine backend", todo="the PyTorch eager twin is built for image backbones")
-    targets, skipped = plan_targets(bundle, backends_l, precisions_l, False if text else torch_reference)
+    no_twin = text or not host_modality(bundle.modality).bench_torch_reference
+    targets, skipped = plan_targets(bundle, backends_l, precisions_l, False if no_twin else torch_reference)
     head = bundle.head()
     environment = capture_environment(threads)
     created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # when the measurements start

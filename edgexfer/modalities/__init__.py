@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 _TARGETS: dict[str, str] = {
     "image": "edgexfer.modalities.image:ImageModality",
     "text": "edgexfer.modalities.text:TextModality",
+    "audio": "edgexfer.modalities.audio:AudioModality",
 }
 _LOADED: dict[str, HostModality] = {}
 

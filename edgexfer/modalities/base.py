@@ -54,6 +54,8 @@ class HostModality:
     metrics_keys: tuple[str, ...] = ("selection",)
     bundle_files: tuple[str, ...] = ()  #: run files a bundle ships besides backbone.onnx and the head
     parity_extra: dict[str, Any] = {}  #: extra keys of the export's parity report
+    #: ``bench`` may add the PyTorch eager twin of the backbone as a reference (an ONNX-only backbone has none)
+    bench_torch_reference = True
     #: its partial fine-tuning runs under torchrun, several processes sharing the work (edgexfer.distributed)
     distributed_partial = False
 

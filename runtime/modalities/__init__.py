@@ -25,7 +25,10 @@ DEFAULT_MODALITY = "image"
 _REGISTRY: dict[str, str] = {
     "image": "edgexfer.runtime.modalities.image:ImageModality",
     "text": "edgexfer.runtime.modalities.text:TextModality",
+    "audio": "edgexfer.runtime.modalities.audio:AudioModality",
 }
+
+_BUILT_IN = tuple(_REGISTRY)
 
 
 def modality_names() -> tuple[str, ...]:
@@ -44,7 +47,7 @@ def register_modality(name: str, target: str) -> None:
 
 def unregister_modality(name: str) -> None:
     """Remove a plug-in registered with :func:`register_modality` (the built-in ones stay)."""
-    if name not in ("image", "text"):
+    if name not in _BUILT_IN:
         _REGISTRY.pop(name, None)
 
 

@@ -27,3 +27,9 @@ def served_state(tmp_path_factory, device_bundle) -> Path:
 def text_state(tmp_path_factory, device_text_bundle) -> Path:
     """A device state with the text test bundle installed (one per test module)."""
     return _installed(tmp_path_factory, device_text_bundle, "serve-text")
+
+
+@pytest.fixture(scope="module")
+def audio_state(tmp_path_factory, device_audio_bundle) -> Path:
+    """A device state with the audio test bundle installed (one per test module)."""
+    return _installed(tmp_path_factory, device_audio_bundle, "serve-audio")
