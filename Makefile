@@ -38,7 +38,7 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 endef
 
-# The whole suite in two streams: the host suite then the device suite, and beside them tests/fleet
+# The whole suite in three streams: the host suite; tests/fleet; tests/conversion then the device suite
 # (scripts/test_all.sh says why).
 test: $(STAMP) $(DEVICE_STAMP)
 	bash scripts/test_all.sh $(PY) $(DEVICE_VENV)/bin/python

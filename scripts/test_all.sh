@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# `make test`: the whole suite in two streams on the CI machine's two cores. Usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON
+# `make test`: the whole suite in three streams on the CI machine's two cores. Usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON
 #
 #   1. the device suite's two bundles, built by the host venv (scripts/test_device.sh --bundles-only);
-#   2. stream A: the host suite without tests/fleet (CPU-bound: training, conversions, benchmarks) and without the
-#      device suite's tests/device and tests/service but for the few that need host packages, then the device
-#      suite in the torch-free venv; stream B, beside it: tests/fleet.
+#   2. three streams at once: A, the host suite without tests/fleet and tests/conversion and without the device
+#      suite's tests/device and tests/service but for the few that need host packages; B, tests/fleet; C,
+#      tests/conversion then the device suite in the torch-free venv.
 # tests/fleet are mostly waiting (a real Flower SuperNode polls its SuperLink every 3 seconds, a constant in
 # Flower), so stream B costs stream A little; run one after the other they cost minutes of wall time
 # (2026-12-07, 2-core AMD EPYC: host 868 s with fleet 678 s beside, then device setup ~90 s and device 127 s).
-# Stream B's output follows stream A's.
+# With A, then the device suite, and B beside (2026-12-07 CI, fresh clone): 793 s + 167 s, fleet 510 s beside.
+# Streams B's and C's output follow A's.
 set -u
 HOST=${1:?usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON}
 DEVICE=${2:?usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON}
@@ -21,29 +22,40 @@ echo "device suite's bundles built in $(( $(date +%s) - start )) s"
 log=build/test-fleet.log
 "$HOST" -m pytest -q --durations=10 tests/fleet >"$log" 2>&1 &
 fleet=$!
-trap 'kill $fleet 2>/dev/null' INT TERM
+# stream C: the conversion tests (CPU-bound, but not timing-sensitive), then the device suite
+side=build/test-conversion-device.log
+(
+  "$HOST" -m pytest -q --durations=10 tests/conversion; crc=$?
+  echo "---------------- conversions done after $(( $(date +%s) - start )) s; the device suite (torch-free venv) ----------------"
+  bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only; drc=$?
+  echo "device suite done after $(( $(date +%s) - start )) s (conversions exit $crc, device exit $drc)"
+  [ "$crc" -ne 5 ] && [ "$crc" -eq 0 ] && [ "$drc" -eq 0 ]
+) >"$side" 2>&1 &
+conv=$!
+trap 'kill $fleet $conv 2>/dev/null' INT TERM
 
 # tests/device and tests/service run in the device venv; of them the host venv runs only what needs its packages
 # (selenium for the page and browser tests, openvino for the engine store), not all ~480 twice
 host_args=(tests/test_*.py)
 for dir in tests/*/; do
-  case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
+  case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/conversion/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
 done
 host_args+=(tests/service/test_page.py tests/device/test_engine_store.py
             tests/service/test_serve_origin.py::test_a_page_from_another_site_cannot_change_the_device_in_chromium)
 "$HOST" -m pytest -q --durations=20 "${host_args[@]}"
 rc=$?
-echo "---------------- host suite done after $(( $(date +%s) - start )) s; the device suite (torch-free venv) ----------------"
-bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only
-drc=$?
-echo "device suite done after $(( $(date +%s) - start )) s; waiting for tests/fleet"
+echo "---------------- host suite done after $(( $(date +%s) - start )) s; waiting for the other two streams ----------------"
+wait $conv
+src=$?
 wait $fleet
 frc=$?
-echo "---------------- tests/fleet (ran beside the rest; $log) ----------------"
+echo "---------------- tests/conversion, then the device suite (ran beside; $side) ----------------"
+cat "$side"
+echo "---------------- tests/fleet (ran beside; $log) ----------------"
 cat "$log"
 echo "whole suite: $(( $(date +%s) - start )) s"
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code
 for code in $rc $frc; do
   if [ "$code" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
 done
-[ "$rc" -eq 0 ] && [ "$drc" -eq 0 ] && [ "$frc" -eq 0 ]
+[ "$rc" -eq 0 ] && [ "$src" -eq 0 ] && [ "$frc" -eq 0 ]

@@ -212,7 +212,7 @@ def test_a_text_manifest_records_the_tokenizer_and_max_length():
 
 
 @pytest.mark.parametrize("change, field", [
-    (lambda o: o["backbone"].update(modality="audio"), "manifest.backbone.modality"),
+    (lambda o: o["backbone"].update(modality="smell"), "manifest.backbone.modality"),
     (lambda o: o["backbone"]["input"].update(max_length=4096), "manifest.backbone.input.max_length"),
     (lambda o: o["backbone"]["input"].pop("tokenizer_sha256"), "manifest.backbone.input.tokenizer_sha256"),
     (lambda o: o["backbone"]["input"].update(size=[224, 224]), "manifest.backbone.input"),

@@ -14,8 +14,9 @@ requires_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                     reason="needs torch (the host install: edgexfer[train])")
 
 
-def test_registry_lists_the_three_lite_variants_and_minilm():
-    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "minilm_l6"]
+def test_registry_lists_the_three_lite_variants_minilm_and_the_speech_embedding():
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "minilm_l6",
+                                "speech_embedding"]
 
 
 def test_unknown_backbone_names_the_choices():
