@@ -82,16 +82,21 @@ def train_round(state_dir: str | Path, global_head: Head, *, backbone_sha256: st
                             started=started)
 
 
-def round_on_samples(sha: str, X: np.ndarray, labels: list[str], global_head: Head, *, backbone_sha256: str,
-                     C: float = DEFAULT_C, proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER,
-                     rows: str = DEFAULT_ROWS, fleet_samples: int = 0, started: float | None = None) -> LocalRound:
-    """:func:`train_round` on a training set already read (``sha`` is the backbone its features came from)."""
-    started = time.perf_counter() if started is None else started
+def _check_round(sha: str, backbone_sha256: str, global_head: Head) -> None:
+    """A round this device can answer: a head kind that merges, and the fleet's backbone."""
     require_federated_kind(global_head.kind)
     if sha != backbone_sha256:
         raise InputError("the device runs another backbone than the fleet round", got=f"backbone {sha[:12]}…",
                          expected=f"backbone {backbone_sha256[:12]}…",
                          todo="install the fleet's bundle on this device (edgexfer device install)")
+
+
+def round_on_samples(sha: str, X: np.ndarray, labels: list[str], global_head: Head, *, backbone_sha256: str,
+                     C: float = DEFAULT_C, proximal: float = DEFAULT_PROXIMAL, max_iter: int = DEFAULT_MAX_ITER,
+                     rows: str = DEFAULT_ROWS, fleet_samples: int = 0, started: float | None = None) -> LocalRound:
+    """:func:`train_round` on a training set already read (``sha`` is the backbone its features came from)."""
+    started = time.perf_counter() if started is None else started
+    _check_round(sha, backbone_sha256, global_head)
     head, counts, note = train_on_samples(global_head, X, labels, C=C, proximal=proximal, max_iter=max_iter,
                                           rows=rows, fleet_samples=fleet_samples)
     return LocalRound(head, counts, sha, round(time.perf_counter() - started, 3), note)
@@ -167,11 +172,7 @@ def statistics_on_samples(sha: str, X: np.ndarray, labels: list[str], global_hea
                           ) -> tuple[ClassStatistics, str, float]:
     """:func:`statistics_round` on a training set already read (``sha``: the backbone its features came from)."""
     started = time.perf_counter() if started is None else started
-    require_federated_kind(global_head.kind)
-    if sha != backbone_sha256:
-        raise InputError("the device runs another backbone than the fleet round", got=f"backbone {sha[:12]}…",
-                         expected=f"backbone {backbone_sha256[:12]}…",
-                         todo="install the fleet's bundle on this device (edgexfer device install)")
+    _check_round(sha, backbone_sha256, global_head)
     X = np.asarray(X, dtype=np.float32)
     if X.shape[0] and X.shape[1] != global_head.feature_dim:
         raise InputError("cached features do not fit the round's head", got=f"D={X.shape[1]}",
