@@ -41,7 +41,7 @@ import numpy as np
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.cpu import cpu_features
-from edgexfer.runtime.federated import HeadFedAvg, check_update, pack_update, update_bytes
+from edgexfer.runtime.federated import HeadFedAvg, check_update, leave_out, pack_update, update_bytes
 from edgexfer.runtime.fleet_client import train_on_samples
 from edgexfer.runtime.fleet_stats import (
     ClassStatistics,
@@ -150,10 +150,12 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
            "central_accuracy": accuracy(central, X[val], labels[val]), "start_accuracy": accuracy(head, X[val], labels[val]),
            "held_out": int(len(val)), "rounds": []}
     fleet_samples = 0
+    liars: dict[str, int] = {}  # devices caught lying, left out for good (as run_federation does)
     for r in range(1, rounds + 1):
         updates, up_bytes, train_seconds = [], [], []
         if r == 1 and first_round == "statistics" and dp_clip is None:
-            head, fleet_samples, record = statistics_first(head, X, labels, parts, sha, attack)
+            head, fleet_samples, record, caught = statistics_first(head, X, labels, parts, sha, attack)
+            liars.update({device: 1 for device in caught})
             out["rounds"].append({"round": 1, "kind": "statistics", "accuracy": accuracy(head, X[val], labels[val]),
                                   "bytes_down_per_device": update_bytes(down_arrays, down_config), **record})
             if not quiet:
@@ -171,7 +173,7 @@ def simulate(bundle: Bundle, X, labels, names, n_devices: int, rounds: int, *, p
             up_bytes.append(update_bytes(arrays, config))
             updates.append(check_update(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
         t = time.perf_counter()
-        result = strategy.aggregate(head, updates)
+        result = strategy.aggregate(head, *leave_out(updates, [], liars))
         aggregate_seconds = time.perf_counter() - t
         head = result.head
         fleet_samples = result.fleet_samples
@@ -207,7 +209,7 @@ def statistics_first(head: Head, X, labels, parts, sha: str, attack: str | None 
         "bytes_up_per_device": int(np.mean(up_bytes)), "bytes_up_max": int(np.max(up_bytes)),
         "device_train_seconds_mean": round(float(np.mean(seconds)), 4),
         "device_train_seconds_max": round(float(np.max(seconds)), 4),
-        "aggregate_seconds": round(time.perf_counter() - t, 4)}
+        "aggregate_seconds": round(time.perf_counter() - t, 4), "outliers": result.outliers}, result.outliers
 
 
 def lie_statistics(attack: str, stats: ClassStatistics) -> ClassStatistics:

@@ -124,6 +124,20 @@ class Rejection:
         return {"device": self.device, "reason": self.reason}
 
 
+def leave_out(updates: Sequence[Any], rejected: Sequence[Rejection], liars: Mapping[str, int]
+              ) -> tuple[list[Any], list[Rejection]]:
+    """``(updates, rejected)`` with the replies of ``liars`` (device: the round it was caught lying in, by
+    :func:`edgexfer.runtime.fleet_stats.outlier_devices`) moved to the rejections: a device that lied once
+    is not merged again in the same federation. A liar caught in round 1 and merged in rounds 2-3 still
+    cost up to 10 points (benchmarks/README.md, "One lying device over the three rounds")."""
+    kept = [u for u in updates if u.device not in liars]
+    return kept, [*rejected, *(Rejection(u.device, UpdateRejected(
+        f"reply of device {u.device}: the device lied in round {liars[u.device]}", got="a reply",
+        expected="no replies from it in this federation",
+        todo="check the device's data and edgexfer; it can join the next federation").one_line())
+        for u in updates if u.device in liars)]
+
+
 @dataclass(frozen=True, eq=False)
 class RoundResult:
     """The merged head of one round and what went into it."""

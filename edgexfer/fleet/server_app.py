@@ -33,6 +33,7 @@ from edgexfer.runtime.federated import (
     Rejection,
     UpdateRejected,
     check_update,
+    leave_out,
     require_federated_kind,
 )
 from edgexfer.runtime.fleet_client import STATISTICS
@@ -247,6 +248,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
     name = settings.namer()
     # fleet_samples: the last round's total: devices scale their L2 strength to their share of it
     head, rounds, fleet_samples, best = _resume(settings, head, strategy, sha, log)
+    liars = {device: r["round"] for r in rounds for device in r.get("outliers", [])}  # left out for good
     for server_round in range(len(rounds) + 1, settings.rounds + 1):
         started = time.perf_counter()
         statistics = server_round == 1 and settings.statistics_first(head)
@@ -258,9 +260,14 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
             replies, messages, name, head, sha, check_statistics if statistics else check_update,
             lambda device, why, r=server_round: log(f"fleet round={r} rejected device={device} reason={why}"))
         silent = [name(n) for n in nodes if n not in answered]
+        updates, rejected = leave_out(updates, rejected, liars)
         if statistics:
             result: Any = statistics_round(head, updates, rejected, min_devices=settings.min_devices, C=settings.C)
             merged = result.pooled is not None
+            liars.update({device: server_round for device in result.outliers})
+            for device in result.outliers:
+                log(f"fleet round={server_round} rejected device={device} reason=a class mean far outside the fleet's "
+                    "(left out of the rest of this federation)")
         else:
             result = strategy.aggregate(head, updates, rejected)
             merged = len(result.accepted) >= settings.min_devices
@@ -279,7 +286,7 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
             checkpoint.save(Path(settings.checkpoint), head, rounds, fleet_samples, strategy, sha,
                             best=(best[0], best[2]) if best else None)
         log(f"fleet round={server_round}/{settings.rounds} kind={record['kind']} asked={len(nodes)} "
-            f"merged={len(result.accepted)} empty={len(result.empty)} rejected={len(rejected)} silent={len(silent)}"
+            f"merged={len(result.accepted)} empty={len(result.empty)} rejected={len(result.rejected)} silent={len(silent)}"
             + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else "") + f" seconds={seconds:.2f}"
             + ("" if merged else f" (fewer than {settings.min_devices} devices merged: head unchanged)"))
     require_a_merged_round(rounds, settings.min_devices)

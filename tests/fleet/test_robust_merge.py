@@ -182,10 +182,80 @@ def test_one_lying_device_of_four_moves_the_statistics_rounds_accuracy_by_at_mos
     lied, result = _statistics_round(fleet, attack)
     assert abs(lied - honest) <= MAX_MOVE, f"{attack}: {lied:.3f} against {honest:.3f} with an honest device 0"
     assert sorted(result.head.classes) == sorted(set(fleet[2]))  # the classes new to the fleet were added
-    assert result.pooled.weights["device-0"] <= sorted(result.pooled.weights.values())[1]
     assert result.fleet_samples < 2_000  # what the devices' next round scales by: the capped counts
-    if attack in ("d3", "huge-norm"):
-        assert result.pooled.pulled_in["device-0"] < 0.1
+    if attack == "huge-counts":  # honest statistics: merged, weighing no more than the median device
+        assert result.pooled.weights["device-0"] <= sorted(result.pooled.weights.values())[1]
+        assert result.outliers == []
+    else:  # class means far outside the fleet's: the device is left out, and named
+        assert result.outliers == ["device-0"] and "device-0" not in result.pooled.weights
+        assert any(r.device == "device-0" and "far outside the fleet's" in r.reason for r in result.rejected)
+
+
+#: device 0 holds fruit and music alone (as split seed 4 of benchmarks/fleet_study.py): what it holds alone
+#: the fleet cannot check, so its lies are measured against the fleet without it
+LONE_HOLDINGS = (("fruit", "music", "sports", "vehicles"), ("tools", "vehicles"), ("beverages", "desserts"),
+                 ("hardware", "sports"))
+
+
+def test_a_d3_liar_over_three_rounds_costs_at_most_3_points_beyond_its_absence(fleet):
+    """Issue 24 acceptance 1 over the deployment's three rounds (statistics, then two FedProx rounds from
+    the statistics head), device 0 lying as in D3 in every round. Before the outlier rule the statistics
+    round took split seed 4 of benchmarks/fleet_study.py (these holdings) 9.3 points below the fleet
+    without device 0 (0.429 against 0.522, benchmarks/README.md), and the FedProx rounds kept it there;
+    this test fails without the rule."""
+    from edgexfer.runtime.federated import leave_out
+    from edgexfer.runtime.fleet_stats import (
+        check_statistics,
+        class_statistics,
+        pack_statistics,
+        statistics_round,
+    )
+
+    bundle, X, labels, val, _ = fleet
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    parts = [train[np.isin(labels[train], held)] for held in LONE_HOLDINGS]
+    # a class held by two devices: each takes every other sample
+    for c in ("sports", "vehicles"):
+        owners = [k for k, held in enumerate(LONE_HOLDINGS) if c in held]
+        rows = train[labels[train] == c]
+        for j, k in enumerate(owners):
+            parts[k] = np.union1d(parts[k][labels[parts[k]] != c], rows[j::len(owners)])
+    sha = bundle.manifest.backbone.sha256
+    zero = Head("linear", bundle.head().classes, {k: np.zeros_like(v) for k, v in bundle.head().tensors.items()})
+
+    def federate(attack: str) -> list[float]:
+        head, liars, accuracies, fleet_samples = zero, {}, [], 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            stats = []
+            for k, p in enumerate(parts):
+                if k == 0 and attack == "absent":
+                    continue
+                own = class_statistics(X[p], list(labels[p]), head.classes)
+                arrays, config = pack_statistics(_lie_statistics(attack, own) if k == 0 else own, sha)
+                stats.append(check_statistics(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
+            result = statistics_round(head, stats, min_devices=2)
+            head, fleet_samples = result.head, result.fleet_samples
+            liars.update({d: 1 for d in result.outliers})
+            accuracies.append(float(np.mean(np.asarray(head.classes)[head.logits(X[val]).argmax(1)] == labels[val])))
+            strategy = HeadFedAvg(min_devices=2, momentum=0.8)
+            for _ in (2, 3):
+                updates = []
+                for k, p in enumerate(parts):
+                    if k == 0 and attack == "absent":
+                        continue
+                    local, counts, _ = train_on_samples(head, X[p], list(labels[p]), fleet_samples=fleet_samples)
+                    if k == 0 and attack == "d3":
+                        local, counts = _lie("d3", head, local, counts)
+                    arrays, config = pack_update(local, counts, sha)
+                    updates.append(check_update(f"device-{k}", arrays, config, global_head=head, backbone_sha256=sha))
+                result = strategy.aggregate(head, *leave_out(updates, [], liars))
+                head, fleet_samples = result.head, result.fleet_samples
+                accuracies.append(float(np.mean(np.asarray(head.classes)[head.logits(X[val]).argmax(1)] == labels[val])))
+        return accuracies
+
+    absent, lied = federate("absent"), federate("d3")
+    assert all(a - b <= MAX_MOVE for a, b in zip(absent, lied)), f"rounds 1-3: d3 {lied} against {absent} without device 0"
 
 
 def test_class_statistics_leave_out_small_classes_and_their_factor_is_the_within_class_scatter():
@@ -220,3 +290,18 @@ def test_statistics_replies_that_do_not_add_up_are_refused_and_name_the_device()
     wide = {**arrays, "scatter_factor": np.zeros((17, 6), np.float32)}  # more rows than samples
     with pytest.raises(UpdateRejected, match="statistics do not fit the counts"):
         check_statistics("cam-1", wide, config, global_head=head, backbone_sha256="f" * 64)
+
+
+def test_a_device_caught_lying_is_not_merged_again_in_the_federation():
+    """The server's rule for rounds after the statistics round (``run_federation`` and the study call
+    :func:`leave_out`): the liar's later replies become rejections that say why, the others pass."""
+    from edgexfer.runtime.federated import HeadUpdate, Rejection, leave_out
+
+    head = Head("linear", ("a", "b"), {"W": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)})
+    updates = [HeadUpdate(f"cam-{k}", head, {"a": 5, "b": 5}) for k in range(3)]
+    earlier = [Rejection("cam-9", "malformed")]
+    kept, rejected = leave_out(updates, earlier, {"cam-1": 1})
+    assert [u.device for u in kept] == ["cam-0", "cam-2"]
+    assert rejected[0] == earlier[0] and [r.device for r in rejected[1:]] == ["cam-1"]
+    assert rejected[1].reason.startswith("reply of device cam-1: the device lied in round 1 | ")
+    assert rejected[1].reason.count(" | ") == 3
