@@ -40,6 +40,7 @@ from edgexfer.runtime.fleet_client import STATISTICS
 from edgexfer.runtime.fleet_stats import check_statistics, statistics_round
 from edgexfer.runtime.heads import Head
 from edgexfer.runtime.optional import lazy_attribute
+from edgexfer.runtime.privacy import privacy_record
 
 #: the records a device's reply may hold; anything else is refused (and named) as a protocol breach
 REPLY_RECORDS = frozenset({"head", "update", "metrics"})
@@ -279,6 +280,9 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
         record = {"round": server_round, "kind": "statistics" if statistics else "fedprox", "asked": len(nodes),
                   **result.report(), "silent": silent, "seconds": round(seconds, 3), "val_accuracy": accuracy,
                   "devices": devices, "merged": merged}
+        if settings.dp_clip:  # central DP: what the private rounds released so far (runtime/privacy.py)
+            private = sum(1 for r in rounds if r.get("merged")) + bool(merged)
+            record["privacy"] = privacy_record(settings.dp_noise, settings.dp_clip, private)
         rounds.append(record)
         if merged and accuracy is not None and (best is None or accuracy > best[1]):
             best = (server_round, accuracy, head)  # ties keep the earlier round
@@ -294,6 +298,11 @@ def run_federation(grid: Any, settings: FleetSettings, log: Callable[[str], None
     if best is not None:  # with --val, the best round's head (by validation accuracy) is the result
         kept, _, head = best
         log(f"fleet kept round={kept} val_accuracy={best[1]:.4f} (the best on --val of {len(rounds)} rounds)")
+    if settings.dp_clip and rounds:
+        privacy = rounds[-1]["privacy"]
+        log(f"fleet privacy epsilon={privacy['epsilon'] if isinstance(privacy['epsilon'], str) else round(privacy['epsilon'], 3)} "
+            f"delta={privacy['delta']:g} rounds={privacy['rounds']} noise_multiplier={settings.dp_noise:g} "
+            f"clip={settings.dp_clip:g} (unit: one device's update; no amplification by sampling claimed)")
     record = {"rounds": rounds, "settings": settings.to_run_config(), "start_val_accuracy": start_accuracy,
               "final_counts": rounds[kept - 1]["counts"] if rounds else {}, "kept_round": kept}
     out = write_result_bundle(bundle, head, Path(settings.out), record)

@@ -158,6 +158,53 @@ def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet
     assert published["backbone_sha256"] == out.manifest.backbone.sha256 and published["classes"] == list(out.head().classes)
 
 
+def test_a_device_whose_statistics_lie_is_left_out_of_that_round_and_every_later_one(fleet4, device_bundle, tmp_path):
+    """Issue 24, D3 in the statistics round: node 1001 sends its class sums times -50; the server leaves it out
+    of round 1 (a class mean ~50 times the median distance from the fleet's) and rejects its honest reply of
+    round 2 too. Fails if the server does not carry round 1's verdict into round 2 (``leave_out``)."""
+    from flwr.app import Array
+
+    from edgexfer.fleet.server_app import FleetSettings, run_federation
+
+    def tamper(node, reply):
+        if node == 1001 and "sums" in reply.content["head"].keys():
+            reply.content["head"]["sums"] = Array((reply.content["head"]["sums"].numpy() * -50).astype(np.float32))
+        return reply
+
+    settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record = run_federation(ReplayGrid(fleet4.states[:4], tamper), settings, log=lines.append)
+    first, second = record["rounds"]
+    assert first["kind"] == "statistics" and first["outliers"] == ["node-1001"]
+    assert "node-1001" not in first["accepted"] and len(first["accepted"]) == 3
+    assert second["kind"] == "fedprox" and "node-1001" not in second["accepted"] and len(second["accepted"]) == 3
+    reasons = {x["device"]: x["reason"] for x in second["rejected"]}
+    assert reasons["node-1001"].startswith("reply of device node-1001: the device lied in round 1 | ")
+    assert any("rejected device=node-1001 reason=a class mean far outside" in line for line in lines)
+
+
+def test_central_dp_reports_epsilon_and_delta_per_round(fleet4, device_bundle, tmp_path):
+    """``--dp-clip 1 --dp-noise 1`` over 2 rounds: each round's record carries the (ε, δ) of the private rounds
+    so far (runtime/privacy.py), and the server says the final one."""
+    from edgexfer.fleet.server_app import FleetSettings, run_federation
+    from edgexfer.runtime.privacy import epsilon
+
+    settings = FleetSettings(bundle=str(device_bundle), out=str(tmp_path / "out"), rounds=2, min_devices=2,
+                             dp_clip=1.0, dp_noise=1.0)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record = run_federation(ReplayGrid(fleet4.states[:4], lambda node, reply: reply), settings, log=lines.append)
+    assert [r["kind"] for r in record["rounds"]] == ["fedprox", "fedprox"]  # no statistics round under DP
+    for n, r in enumerate(record["rounds"], start=1):
+        assert r["privacy"]["rounds"] == n and r["privacy"]["delta"] == 1e-5
+        assert r["privacy"]["epsilon"] == pytest.approx(epsilon(1.0, n))
+    assert record["rounds"][1]["privacy"]["epsilon"] == pytest.approx(6.573, abs=0.001)
+    assert any(line.startswith("fleet privacy epsilon=6.573 ") and "delta=1e-05 rounds=2" in line for line in lines)
+
+
 def test_a_federation_where_no_round_merges_fails_writes_no_bundle_and_names_devices_by_their_keys(
         fleet4, device_bundle, tmp_path):
     from flwr.app import Array
