@@ -23,7 +23,9 @@ the moment, so :class:`BatchSizer` measures it while serving instead of trusting
   most loaded; noise keeps it. The other cap is measured again in windows of its own (probes), spaced by
   what it is expected to lose against the best (a window's seconds times the share of throughput it
   gives up) so that probes lose at most ``probe_share`` (1 %) of the time: a cap nearly as
-  good is probed often, a much worse one seldom. A cap's figures are stale when the cap that was best
+  good is probed often, a much worse one seldom. A probe disturbs more than its window (the clients it
+  answers one at a time fall out of step), so each probe that confirms the best cap doubles the wait for
+  the next, up to :data:`MAX_BACKOFF` times; a change of the best or of the load starts again from 1. A cap's figures are stale when the cap that was best
   as they were measured now costs more than ``change`` (50 %) more or less (the load changed): stale caps
   are probed first and sooner, and their old windows are dropped. A cap is only tried when enough
   requests wait to fill it. The first window is ``max_batch`` (what a fixed batcher would run); a cap
@@ -60,6 +62,10 @@ WINDOW_SECONDS = 0.5
 IDLE_SECONDS = 1.0
 #: a window of the chosen cap this far (relative) from its estimate: the load changed, probe the others soon
 CHANGE = 0.5
+#: a probe that leaves the best cap the best doubles the wait for the next one, up to this factor; a probe
+#: that changes the best, or a change of load (a stale figure), starts again from 1 (a quiet 2-core EPYC served 251-262 req/s in 3-s slices with
+#: a probe of single calls against 280-307 without, benchmarks/results/serve_batching.json)
+MAX_BACKOFF = 8
 
 
 def candidate_sizes(max_batch: int) -> tuple[int, ...]:
@@ -120,6 +126,7 @@ class BatchSizer:
         self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
         self._since_probe = 0.0  # seconds of batches under the best cap since the last probe window
         self._lone = False  # the next record() is of a lone request's call: not measured
+        self._backoff = 1  # the wait for the next probe, in multiples of the probe-share rule's
         self._last_counted = time.monotonic()  # when a call last counted in a window
 
     # ------------------------------------------------------------------------------------------ estimates
@@ -175,7 +182,9 @@ class BatchSizer:
         elif others:
             # stale ones first (measured before the load changed), then the one measured longest ago
             oldest = min(others, key=lambda cap: (not self.stale(cap), self.costs[cap].last))
-            if self._since_probe * self.probe_share >= self._probe_loss(oldest, best):
+            if self.stale(oldest):  # the load changed: probes are as frequent as at the start
+                self._backoff = 1
+            if self._since_probe * self.probe_share >= self._probe_loss(oldest, best) * self._backoff:
                 target, probe = oldest, True
         self._open_window(target, probe, room)
         return target
@@ -208,6 +217,7 @@ class BatchSizer:
         self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
 
     def _close_window(self) -> None:
+        was_best = self.best()
         self.windows += 1
         measured = self._seconds / self._samples
         cost = self.costs.setdefault(self.cap, CapCost())
@@ -218,6 +228,8 @@ class BatchSizer:
         cost.last = self.windows
         best = self.best()
         cost.ref = (best, self.costs[best].per_sample)
+        if self._probing:  # a probe that confirmed the best: wait longer for the next one
+            self._backoff = min(2 * self._backoff, MAX_BACKOFF) if best == was_best else 1
         self._samples, self._seconds, self._calls, self._skipped = 0, 0.0, 0, 0
 
     def record(self, size: int, seconds: float, engine: Hashable = None) -> None:
