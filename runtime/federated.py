@@ -303,10 +303,7 @@ class HeadFedAvg:
         require_federated_kind(global_head.kind)
         live = [u for u in updates if u.total > 0]
         empty = [u.device for u in updates if u.total == 0]
-        # with differential privacy only the clipped, noised rows of known classes change: a new class's
-        # row would come from its holders alone, unclipped
-        new_classes = [] if self.dp_clip is not None else sorted(
-            {c for u in live for c in u.head.classes[global_head.num_classes:] if u.counts.get(c, 0) > 0})
+        new_classes = sorted({c for u in live for c in u.head.classes[global_head.num_classes:] if u.counts.get(c, 0) > 0})
         classes = tuple(global_head.classes) + tuple(new_classes)
         counts = {c: int(sum(u.counts.get(c, 0) for u in live)) for c in classes}
         contributors = {c: int(sum(1 for u in live if u.counts.get(c, 0) > 0)) for c in classes}
@@ -317,7 +314,7 @@ class HeadFedAvg:
                                contributors={c: contributors[c] for c in global_head.classes})
         clipped: dict[str, float] = {}
         if global_head.kind == "linear" and self.dp_clip is not None:
-            head = self._linear_private(global_head, live)
+            head = self._linear_private(global_head, live, classes)
         elif global_head.kind == "linear":
             head, clipped = self._linear(global_head, live, classes)
         else:
@@ -384,30 +381,41 @@ class HeadFedAvg:
         clipped = {u.device: round(f, 6) for u, f in zip(updates, factors) if f < 1.0}
         return Head("linear", classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)}), clipped
 
-    def _linear_private(self, global_head: Head, updates: Sequence[HeadUpdate]) -> Head:
+    def _linear_private(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
         """Central DP with fixed clipping (as Flower's ``DifferentialPrivacyServerSideFixedClipping``).
 
-        Each device's step ``(W, b) - (W, b)_global`` is clipped to L2 norm ``dp_clip``; the steps are
-        averaged **unweighted** (a device's self-reported counts must not scale its influence past the
-        clipping bound), and Gaussian noise of standard deviation ``dp_noise·dp_clip/m`` is added to
-        every coordinate (m devices). The privacy unit is a device's whole update; the counts are not
+        Each device's step ``[W | b] - [W | b]_global`` over every row is clipped to L2 norm ``dp_clip``;
+        the steps are averaged **unweighted** (a device's self-reported counts must not scale its
+        influence past the clipping bound), and Gaussian noise of standard deviation ``dp_noise·dp_clip/m``
+        is added to every coordinate (m devices). A class new to the fleet steps from a zero row: its
+        holders' rows are part of their clipped steps, the others' step on it is zero, so the new row is
+        the holders' share of the mean (from the next round every device trains it). The privacy unit is
+        a device's whole update (runtime/privacy.py gives ε); the counts and the class names are not
         covered (they travel in the clear). Momentum then applies to the noised step (post-processing).
         """
-        known = global_head.num_classes
-        W0, b0 = global_head.tensors["W"].astype(np.float64), global_head.tensors["b"].astype(np.float64)
+        known, rows = global_head.num_classes, len(classes)
+        start = np.zeros((rows, global_head.feature_dim + 1))
+        start[:known] = np.column_stack([global_head.tensors["W"], global_head.tensors["b"]])
         steps = []
         for u in updates:
-            step = np.concatenate([(u.head.tensors["W"][:known] - W0).ravel(), u.head.tensors["b"][:known] - b0])
+            own = np.column_stack([u.head.tensors["W"], u.head.tensors["b"]]).astype(np.float64)
+            step = np.zeros_like(start)
+            step[:known] = own[:known] - start[:known]
+            for i, cls in enumerate(classes[known:], start=known):
+                if u.counts.get(cls, 0) > 0 and cls in u.head.classes:
+                    step[i] = own[u.head.classes.index(cls)]
             norm = float(np.linalg.norm(step))
             steps.append(step * min(1.0, self.dp_clip / norm) if norm > 0 else step)
         m = len(steps)
-        mean = np.mean(steps, axis=0) + self._rng.normal(0.0, self.dp_noise * self.dp_clip / m, size=steps[0].shape)
+        mean = np.mean(steps, axis=0) + self._rng.normal(0.0, self.dp_noise * self.dp_clip / m, size=start.shape)
         if self.momentum:
-            mean = mean + self.momentum * self._velocity.get("*", 0.0)
+            before = np.asarray(self._velocity.get("*", np.zeros((0, start.shape[1]))))
+            if before.ndim != 2 or before.shape[1] != start.shape[1] or before.shape[0] > rows:
+                before = np.zeros((0, start.shape[1]))  # a checkpoint of the flat layout: momentum starts again
+            mean = mean + self.momentum * np.vstack([before, np.zeros((rows - before.shape[0], start.shape[1]))])
             self._velocity["*"] = mean
-        W = W0 + mean[: W0.size].reshape(W0.shape)
-        b = b0 + mean[W0.size:]
-        return Head("linear", global_head.classes, {"W": W.astype(np.float32), "b": b.astype(np.float32)})
+        merged = start + mean
+        return Head("linear", classes, {"W": merged[:, :-1].astype(np.float32), "b": merged[:, -1].astype(np.float32)})
 
     def _prototype(self, global_head: Head, updates: Sequence[HeadUpdate], classes: tuple[str, ...]) -> Head:
         # prototype rows are unit length (Head refuses others): only a device's weight can be inflated
