@@ -123,10 +123,10 @@ def device_watch(source, state, fps, max_frames, out, review_threshold, top_k, r
               help="Seconds per window. Default: the bundle's clip length.")
 @click.option("--hop", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
               help="Seconds between window starts.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="Top probability of a window that counts towards a detection; below it, a window loud enough "
                    "to be classified is uncertain and may go to the review queue.")
-@click.option("--gate-db", type=click.FloatRange(0, 120), default=8.0, show_default=True,
+@click.option("--gate-db", type=click.FloatRange(0, 120), default=10.0, show_default=True,
               help="dB above its noise floor (the quieter 30 %% of the 1.5 s before or after it, the louder side) "
                    "a window must reach to be classified; 0: every window.")
 @click.option("--min-windows", type=click.IntRange(1), default=2, show_default=True,

@@ -57,8 +57,8 @@ _EPS = 1e-10
 class ListenOptions:
     window: float | None = None  #: seconds per window (None: the bundle's clip length)
     hop: float = 0.25  #: seconds between window starts
-    threshold: float = 0.5  #: top probability of a detected window
-    gate_db: float = 8.0  #: dB above the noise floor a window must reach to be classified (0: no gate)
+    threshold: float = 0.6  #: top probability of a detected window
+    gate_db: float = 10.0  #: dB above the noise floor a window must reach to be classified (0: no gate)
     centre: float = 0.25  #: how far off the window's middle its energy's centre may lie (fraction of the window)
     context: float = 1.5  #: seconds on each side of a window whose quiet part is its noise floor
     min_windows: int = 2  #: windows a detection needs (1: every confident window counts)
@@ -246,7 +246,7 @@ class _Group:
     label: str
     start: float
     end: float
-    peak: float
+    peak: float  #: the highest top probability of its windows
     score: float = 0.0  #: the sum of its windows' weights (probability times dB above the floor)
     weights: list[float] = field(default_factory=list)
     centres: list[float] = field(default_factory=list)
