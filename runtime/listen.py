@@ -5,19 +5,20 @@ optional), mixed to mono and resampled to the bundle's rate (soxr, streaming), a
 ``window`` seconds every ``hop`` seconds. Memory is bounded by the chunk, the window and the batch, never by the
 recording's length. Three steps turn windows into detections:
 
-1. **Energy gate.** Each window's loudness is the 90th percentile of its 10 ms frame energies (dBFS); the
-   recording's *noise floor* is the 10th percentile of the frame energies of the last ``floor_seconds`` (and the
-   chunk read ahead), never below ``-80`` dBFS. A window less than ``gate_db`` above the floor is silence or
-   steady noise: it is not classified, not detected and not queued for review. Only gated-in windows reach
-   the engine, in batches of the modality's batch size.
-2. **Threshold.** A classified window whose top probability is at least ``threshold`` is a *candidate* of its
-   label; one below it is *uncertain*.
-3. **Merging (non-maximum suppression over time).** Overlapping candidate windows of the same label form one
-   group; a group of fewer than ``min_windows`` windows is dropped (a word is heard whole in several
-   overlapping windows, a click or a burst of noise in one). Of groups of different labels whose peak windows
-   overlap, the one with the higher peak confidence is kept. Each kept group is one detection: its first
-   window's start, its last window's end, its time (the confidence-weighted mean of its windows' centres) and
-   its peak confidence.
+1. **Gate.** A window's loudness is the 90th percentile of its 10 ms frame energies (dBFS); its *noise floor* is
+   the 30th percentile of the frame energies of the ``context`` seconds before it and of those after it, the
+   louder of the two (the edge of a stretch of steady noise is measured against the noise), never below -80
+   dBFS. A window is classified only if it is ``gate_db`` above its floor and the centre of its energy above
+   the floor lies within ``centre`` of its middle (a window holding a word's edge or a clip's noise tail is
+   not a word). Quiet and steady noise are never classified, detected or queued for review; the gated-in
+   windows reach the engine in batches of the modality's batch size.
+2. **Grouping.** Overlapping classified windows of the same top label form a group; a group with
+   ``min_windows`` windows whose best window reaches ``threshold`` may be a detection (a word is heard whole in
+   several overlapping windows, a click in one). A window below ``threshold`` is *uncertain*.
+3. **Non-maximum suppression over time.** Of overlapping groups of different labels (half the shorter span
+   shared) the one with the larger score (its windows' probability times dB above the floor, summed) is kept.
+   Each kept group is one detection: its first window's start, its last window's end, its time (the
+   score-weighted mean of its windows' centres) and its best window's probability.
 
 Uncertain windows that overlap no detection go to the device's review queue (the window as a 16-bit WAV,
 source ``listen:<name>``), at most one every ``review_gap`` seconds and ``review_max`` per run, so a noisy room
@@ -57,7 +58,7 @@ _EPS = 1e-10
 class ListenOptions:
     window: float | None = None  #: seconds per window (None: the bundle's clip length)
     hop: float = 0.25  #: seconds between window starts
-    threshold: float = 0.6  #: top probability of a detected window
+    threshold: float = 0.6  #: top probability a detection's best window needs
     gate_db: float = 10.0  #: dB above the noise floor a window must reach to be classified (0: no gate)
     centre: float = 0.25  #: how far off the window's middle its energy's centre may lie (fraction of the window)
     context: float = 1.5  #: seconds on each side of a window whose quiet part is its noise floor
@@ -92,7 +93,7 @@ class Detection:
 
     label: str
     confidence: float  #: the peak window's top probability
-    time: float  #: seconds from the start: confidence-weighted mean of the group's window centres
+    time: float  #: seconds from the start: score-weighted mean of the group's window centres
     start: float  #: the first window's start
     end: float  #: the last window's end
     windows: int  #: windows merged into it
@@ -182,8 +183,8 @@ def check_file(path: Path) -> None:
                          todo="convert it to WAV (e.g. sox in.mp3 -r 16000 -c 1 out.wav)")
 
 
-def _mic_chunks(device: str | int | None, rate: int, chunk_s: float, stop: threading.Event) -> Iterator[np.ndarray]:
-    """A microphone through PortAudio (``sounddevice``) as float32 mono chunks at ``rate``."""
+def sounddevice() -> Any:
+    """The optional ``sounddevice`` module (PortAudio), or a one-line InputError saying what to install."""
     try:
         import sounddevice as sd  # PortAudio; on Linux it needs the system's libportaudio2
     except (ImportError, OSError) as exc:
@@ -191,6 +192,12 @@ def _mic_chunks(device: str | int | None, rate: int, chunk_s: float, stop: threa
                          got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'not importable'}",
                          expected="sounddevice importable with PortAudio",
                          todo="pip install sounddevice (and apt install libportaudio2), or pass --file") from None
+    return sd
+
+
+def _mic_chunks(device: str | int | None, rate: int, chunk_s: float, stop: threading.Event) -> Iterator[np.ndarray]:
+    """A microphone through PortAudio (``sounddevice``) as float32 mono chunks at ``rate``."""
+    sd = sounddevice()
     try:
         info = sd.query_devices(device, "input")
         native = int(info["default_samplerate"])
@@ -231,17 +238,18 @@ def frame_db(wave: np.ndarray, frame: int) -> np.ndarray:
 
 
 def noise_floor(left: np.ndarray, right: np.ndarray, frame: int) -> float:
-    """A window's noise floor: the louder of the FLOOR_PERCENTILE-th percentiles of the frame energies before and after it
-    (a side without audio is left out), never below FLOOR_MIN_DB. The louder side, so that the edge of a
+    """A window's noise floor: the louder of the FLOOR_PERCENTILE-th percentiles of the frame energies before
+    and after it (a side without audio is left out), never below FLOOR_MIN_DB. The louder side, so that the edge of a
     stretch of steady noise (quiet before, noise after) is measured against the noise, not the quiet."""
-    floors = [float(np.percentile(db, FLOOR_PERCENTILE)) for db in (frame_db(left, frame), frame_db(right, frame)) if len(db)]
+    floors = [float(np.percentile(db, FLOOR_PERCENTILE))
+              for db in (frame_db(left, frame), frame_db(right, frame)) if len(db)]
     return max([FLOOR_MIN_DB, *floors])
 
 
 # ------------------------------------------------------------------------------------------ merging
 @dataclass
 class _Group:
-    """Overlapping candidate windows of one label."""
+    """Overlapping classified windows of one top label."""
 
     label: str
     start: float
@@ -329,8 +337,10 @@ class Listen:
         self.options.check()
         self.state = state
         self.file = None if file is None else Path(file)
-        if self.file is not None:
-            check_file(self.file)  # at once, before the engine is opened
+        if self.file is not None:  # at once, before the engine is opened
+            check_file(self.file)
+        else:
+            sounddevice()
         self.mic = mic
         self.summary = ListenSummary(str(self.file) if self.file is not None else f"microphone {mic or 'default'}")
         self._stop = threading.Event()

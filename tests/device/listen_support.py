@@ -64,9 +64,10 @@ def build_recording(test_dir: Path, words: list[str], seed: int, seconds: float 
         at = int(rng.integers(0, total - length))
         audio[at:at + length] += _fade(_noise(rng, length, bool(rng.integers(2))) * 10 ** (rng.uniform(-45, -35) / 20),
                                        RATE // 20)
-    slots = np.sort(rng.choice(np.arange(0.5, seconds - 1.5, 0.5), size=count, replace=False))
-    while np.any(np.diff(slots) < 2.0):  # at least 2 s between clip starts: words never touch
-        slots = np.sort(rng.choice(np.arange(0.5, seconds - 1.5, 0.5), size=count, replace=False))
+    # clip starts on a 0.5 s grid from 0.5 s to seconds - 2 s, at least 2 s (4 steps) apart: sorted draws from a
+    # grid shortened by the gaps, each moved on by its gaps
+    steps = int((seconds - 2.5) / 0.5) + 1 - 4 * (count - 1)
+    slots = 0.5 + 0.5 * (np.sort(rng.choice(steps, size=count, replace=False)) + 4 * np.arange(count))
     placed = []
     for start in slots:
         label = str(rng.choice([w for w in words if usable is None

@@ -107,7 +107,7 @@ def test_uncertain_windows_go_to_the_review_queue_and_silence_never(listening, s
     assert all(any(w - 1 <= t <= w + 1 for w in words_at) for t in times), times  # no window of the quiet
 
 
-def test_bad_input_is_a_one_line_error(listening, tmp_path, device_bundle):
+def test_bad_input_is_a_one_line_error(listening, tmp_path, device_bundle, monkeypatch):
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("not a recording\n")
     cut = tmp_path / "cut.wav"
@@ -125,3 +125,10 @@ def test_bad_input_is_a_one_line_error(listening, tmp_path, device_bundle):
         assert proc.exit_code != 0 and len(lines) == 1 and says in lines[0] and lines[0].count(" | ") == 3, \
             proc.stderr
         assert proc.stdout == ""
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # no PortAudio: a microphone is a one-line error
+    from click.testing import CliRunner
+
+    from edgexfer.cli import main
+
+    proc = CliRunner().invoke(main, ["device", "listen", "--state", str(listening)])
+    assert proc.exit_code != 0 and proc.stderr.count("\n") == 1 and "pip install sounddevice" in proc.stderr
