@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from listen_support import RATE, Placed, build_recording, score  # noqa: E402
 
 NEW_WORD = "zero"  # the device audio bundle is trained without it (tests/conftest.py AUDIO_NEW_WORD)
-#: the figures in docs/audio.md come from seeds 1-10, not these (2026 alone: 16 of 18 words found, no false one)
+#: the figures in docs/audio.md come from seeds 1-10, not these (alone: 18, 16 and 18 of 18 words found)
 SEEDS = (2026, 2027, 2028)
 
 
@@ -48,7 +48,8 @@ def listening(tmp_path_factory, device_audio_bundle) -> Path:
 def test_acceptance_3_words_found_in_a_long_recording(listening, spoken14, tmp_path):
     """>= 90 % of the placed words found (right label, within 0.5 s), at most 1 false detection a minute, over
     three of the acceptance's 60 s recordings (18 words each) heard as one 180 s file: one recording's 18 words
-    make the rate jump by 5.6 points a word (docs/audio.md: 8 of 10 single recordings pass, 0.956 found on average).
+    make the rate jump by 5.6 points a word (docs/audio.md: 5 to 8 of 10 single recordings pass, 0.91-0.95 of
+    the words found on average).
 
     The words are clips the device classifies right when it hears them alone (of the first 6 of each word):
     this measures finding words in a stream, not the head's accuracy on unseen voices, which is acceptance 1's
