@@ -237,8 +237,8 @@ def eval_cmd(bundle_dir, data_dir, backend, precision, as_json, quiet):
 # --------------------------------------------------------------------------------------------- device
 @main.group()
 def device():
-    """The device side: install, predict, learn, retrain, status, heads, rollback, update, federate, serve, watch
-    (no torch needed)."""
+    """The device side: install, predict, learn, retrain, status, heads, rollback, update, federate, serve, watch,
+    listen (no torch needed)."""
     import os
 
     # What a device command creates is its owner's alone: state folders 0700, files 0600, also the
@@ -543,7 +543,7 @@ def backbones_cmd():
 # Commands that live in their own modules (each imports its heavy dependencies inside the command).
 from edgexfer.cli_bench import bench  # noqa: E402
 from edgexfer.cli_fleet import device_federate, device_update, flash, fleet, heads  # noqa: E402
-from edgexfer.cli_serve import device_serve, device_watch  # noqa: E402
+from edgexfer.cli_serve import device_listen, device_serve, device_watch  # noqa: E402
 
 main.add_command(bench)
 main.add_command(flash)
@@ -553,6 +553,7 @@ device.add_command(device_update)
 device.add_command(device_federate)
 device.add_command(device_serve)
 device.add_command(device_watch)
+device.add_command(device_listen)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,4 +1,5 @@
-"""``edgexfer device serve`` and ``edgexfer device watch``: the device as a service (docs/service.md)."""
+"""``edgexfer device serve``, ``device watch`` and ``device listen``: the device as a service (docs/service.md,
+docs/audio.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,3 +111,69 @@ def device_watch(source, state, fps, max_frames, out, review_threshold, top_k, r
             sink.close()
         if w.summary.stopped != "error" or w.summary.frames_read:
             click.echo(w.summary.line(), err=True)
+
+
+@click.command(name="listen")
+@state_option
+@click.option("--file", "file", type=click.Path(path_type=Path), default=None,
+              help="A WAV recording to listen to (any rate and channels: mixed to mono and resampled). "
+                   "Without it: the microphone (PortAudio through the sounddevice package).")
+@click.option("--mic", default=None, help="Microphone: a PortAudio device name or index (python -m sounddevice).")
+@click.option("--window", type=click.FloatRange(0.05, 60), default=None,
+              help="Seconds per window. Default: the bundle's clip length.")
+@click.option("--hop", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
+              help="Seconds between window starts.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Top probability of a window that counts towards a detection; below it, a window loud enough "
+                   "to be classified is uncertain and may go to the review queue.")
+@click.option("--gate-db", type=click.FloatRange(0, 120), default=10.0, show_default=True,
+              help="dB above its noise floor (the quieter 30 %% of the 1.5 s before or after it, the louder side) "
+                   "a window must reach to be classified; 0: every window.")
+@click.option("--min-windows", type=click.IntRange(1), default=2, show_default=True,
+              help="Overlapping windows of one label a detection needs.")
+@click.option("--ignore", "ignore", multiple=True, metavar="LABEL",
+              help="Never report this label (a 'background' class the device learned); repeatable.")
+@click.option("--review-max", type=click.IntRange(0), default=20, show_default=True,
+              help="Uncertain windows queued for review per run at most (0: none).")
+@click.option("--review-gap", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds between two windows queued for review at least.")
+@click.option("--seconds", "max_seconds", type=click.FloatRange(0.01), default=None,
+              help="Stop after this much audio.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the JSON lines to this file instead of stdout.")
+@device_engine_options
+def device_listen(state, file, mic, window, hop, threshold, gate_db, min_windows, ignore, review_max, review_gap,
+                  max_seconds, out, backend, precision):
+    """Spot the bundle's words and sounds in a WAV recording (--file) or the microphone, in sliding windows.
+
+    One JSON line per detection on stdout (or --out): label, confidence, time (s), start, end, windows; a
+    summary line on stderr at the end. Quiet and steady-noise windows are not classified (--gate-db);
+    overlapping windows of a word give one detection. SIGINT/SIGTERM stop cleanly (docs/audio.md).
+    """
+    import json
+    import signal
+    import sys
+
+    from edgexfer.runtime.listen import listen
+
+    mic_id = int(mic) if mic is not None and mic.isdigit() else mic
+    run = listen(state, file, mic=mic_id, window=window, hop=hop, threshold=threshold, gate_db=gate_db,
+                 min_windows=min_windows, ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
+                 max_seconds=max_seconds, backend=backend, precision=precision)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        run.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sink = open(out, "a", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
+    try:
+        for detection in run:
+            sink.write(json.dumps(detection.to_dict()) + "\n")
+            sink.flush()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if out is not None:
+            sink.close()
+        if run.summary.stopped != "error" or run.summary.windows:
+            click.echo(run.summary.line(), err=True)

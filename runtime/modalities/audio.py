@@ -24,6 +24,7 @@ class AudioModality(Modality):
     plural = "audio clips"
     input_spec = AudioInputSpec
     batch_size = 16
+    listens = True
     file_suffixes = tuple(sorted(AUDIO_EXTENSIONS))
     dataset_help = "a folder per class of .wav files"
 

@@ -86,6 +86,9 @@ class Modality:
     takes_literals: ClassVar[bool] = False
     #: whether ``device watch`` can read its samples from a camera stream
     streams: ClassVar[bool] = False
+    #: whether ``device listen`` can cut its samples from a long recording or a microphone: its ``preprocess``
+    #: then has ``sample_rate`` and ``clip_samples``, and a sample value is a float32 waveform
+    listens: ClassVar[bool] = False
     #: the samples per engine call when a caller does not choose
     batch_size: ClassVar[int] = 16
     #: file name endings (lower case) of its samples: what ``device learn DIR`` takes from a directory
