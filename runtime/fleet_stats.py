@@ -70,8 +70,9 @@ MAX_DRAWS_PER_CLASS = 2_000
 PAIR_GAP = 3.0
 
 #: a device with a class mean further than this many times the median distance from the fleet's centre
-#: lies: all its statistics are left out of the round (honest devices on clipart8: at most 1.55 times,
-#: 50 splits over 4-40 devices; issue 24's D3 liar: about 50 times)
+#: lies: all its statistics are left out of the round (honest devices: at most 1.55 times on clipart8
+#: image features, 50 splits over 4-40 devices, 1.83 on fortunes7 text features, 30 splits over 4-16;
+#: issue 24's D3 liar: about 50 times)
 OUTLIER_MULTIPLE = 3.0
 
 
