@@ -2,7 +2,9 @@
 docs/audio.md)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -86,22 +88,29 @@ def device_watch(source, state, fps, max_frames, out, review_threshold, top_k, r
     SIGINT/SIGTERM stop cleanly. GStreamer pipelines (containing '!') need an OpenCV built with
     GStreamer (JetPack's), not the PyPI wheel.
     """
-    import json
-    import signal
-    import sys
 
     from edgexfer.runtime.watch import watch
 
     w = watch(source, state, fps=fps, max_frames=max_frames, review_threshold=review_threshold, backend=backend,
               precision=precision, top_k=top_k, retries=retries)
 
+    _json_lines(w, out, lambda: w.summary.stopped != "error" or w.summary.frames_read)
+
+
+def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> None:
+    """Stream ``run``'s results (``device watch``, ``device listen``) as JSON lines to stdout or ``out``;
+    SIGINT/SIGTERM stop the run cleanly, and its summary goes to stderr unless it failed before any input."""
+    import json
+    import signal
+    import sys
+
     def on_signal(signum, frame):  # noqa: ARG001
-        w.stop()
+        run.stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     sink = open(out, "a", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
     try:
-        for result in w:
+        for result in run:
             sink.write(json.dumps(result.to_dict()) + "\n")
             sink.flush()
     finally:
@@ -109,8 +118,8 @@ def device_watch(source, state, fps, max_frames, out, review_threshold, top_k, r
             signal.signal(sig, handler)
         if out is not None:
             sink.close()
-        if w.summary.stopped != "error" or w.summary.frames_read:
-            click.echo(w.summary.line(), err=True)
+        if summarise():
+            click.echo(run.summary.line(), err=True)
 
 
 @click.command(name="listen")
@@ -150,9 +159,6 @@ def device_listen(state, file, mic, window, hop, threshold, gate_db, min_windows
     summary line on stderr at the end. Quiet and steady-noise windows are not classified (--gate-db);
     overlapping windows of a word give one detection. SIGINT/SIGTERM stop cleanly (docs/audio.md).
     """
-    import json
-    import signal
-    import sys
 
     from edgexfer.runtime.listen import listen
 
@@ -161,19 +167,4 @@ def device_listen(state, file, mic, window, hop, threshold, gate_db, min_windows
                  min_windows=min_windows, ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
                  max_seconds=max_seconds, backend=backend, precision=precision)
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        run.stop()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    sink = open(out, "a", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
-    try:
-        for detection in run:
-            sink.write(json.dumps(detection.to_dict()) + "\n")
-            sink.flush()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if out is not None:
-            sink.close()
-        if run.summary.stopped != "error" or run.summary.windows:
-            click.echo(run.summary.line(), err=True)
+    _json_lines(run, out, lambda: run.summary.stopped != "error" or run.summary.windows)
