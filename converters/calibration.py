@@ -302,6 +302,95 @@ def load_text_calibration(bundle: Bundle, calib: str | Path, calib_size: int, *,
     return CalibrationSplit(calibration, holdout, fingerprint, ignored, tuple(data.skipped))
 
 
+class HeldOutAudio(HeldOut):
+    """Held-out clips: read, mixed to mono, resampled and fitted to the bundle's clip, a batch at a time."""
+
+    def __init__(self, labels: np.ndarray, paths: tuple[str, ...], key: str, spec):
+        super().__init__(labels, paths, key)
+        self.spec = spec
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from edgexfer.runtime.audio import decode_wav
+
+        waves = np.empty((len(positions), self.spec.clip_samples), np.float32)
+        kept: list[int] = []
+        for pos in positions:
+            try:
+                waves[len(kept)] = decode_wav(Path(self.paths[pos]).read_bytes(), self.spec, self.paths[pos])
+            except (InputError, OSError) as exc:
+                self.skipped[self.paths[pos]] = str(getattr(exc, "got", None) or exc)
+                continue
+            kept.append(pos)
+        return np.array(kept, dtype=np.int64), waves[:len(kept)]
+
+
+def load_audio_calibration(bundle: Bundle, calib_dir: str | Path, calib_size: int, *, val_size: int | None = None,
+                           seed: int = 0) -> CalibrationSplit:
+    """:func:`load_calibration` for an audio bundle: a folder per class of WAV files (named like the head's
+    classes), deduplicated and split as images are; the calibration clips are decoded now, held-out ones a
+    batch at a time (:class:`HeldOutAudio`)."""
+    from edgexfer.runtime.audio import AUDIO_EXTENSIONS, decode_wav
+
+    classes = bundle.manifest.head.classes
+    root = Path(calib_dir)
+    if not root.is_dir():
+        raise DataError("calibration data directory", got=f"{root} is not a directory",
+                        expected="a folder per class of WAV files", todo="pass --calib with the bundle's classes")
+    folders = class_folders(root)
+    known = [name for name in folders if name in classes]
+    if not known:
+        raise DataError("no folder of the calibration data is a class of the bundle's head",
+                        got=", ".join(folders) or "no folders", expected=f"folders named like {', '.join(classes)}",
+                        todo="pass --calib with the recordings the head was trained for")
+    by_digest: dict[str, tuple[Path, set[int]]] = {}
+    skipped: list[tuple[str, str]] = []
+    for name in known:
+        image_like, others = class_files(root / name)
+        for path in sorted([*image_like, *others]):
+            if path.suffix.lower() not in AUDIO_EXTENSIONS:
+                skipped.append((str(path), "not a WAV file (.wav)"))
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            by_digest.setdefault(digest, (path, set()))[1].add(classes.index(name))
+    skipped += [(str(p), "filed under two classes") for p, labels in by_digest.values() if len(labels) > 1]
+    unique = sorted(((p, next(iter(labels)), d) for d, (p, labels) in by_digest.items() if len(labels) == 1),
+                    key=lambda item: str(item[0]))
+    order = _interleaved_order(np.array([label for _, label, _ in unique], dtype=np.int64), seed)
+    holdout_min = max(MIN_HOLDOUT, math.ceil(MIN_HOLDOUT_FRACTION * len(order)))
+    n_calib = min(calib_size, len(order) - holdout_min)
+    if n_calib < 1:
+        raise DataError("too few calibration clips", got=f"{len(order)} usable clip(s) in {calib_dir}",
+                        expected=f"more than {holdout_min} (some are always held out for validation)",
+                        todo="add recordings to the class folders")
+    calib_idx = order[:n_calib]
+    hold_idx = order[n_calib:][_interleaved_order(np.array([unique[i][1] for i in order[n_calib:]]), seed + 1)]
+    if val_size is not None:
+        hold_idx = hold_idx[:val_size]
+    spec = bundle.preprocess
+    waves, labels, paths = [], [], []
+    for i in calib_idx:
+        path, label, _ = unique[i]
+        try:
+            waves.append(decode_wav(path.read_bytes(), spec, str(path)))
+        except InputError as exc:
+            skipped.append((str(path), str(exc.got)))
+            continue
+        labels.append(label)
+        paths.append(str(path))
+    calibration = LabelledImages(np.stack(waves) if waves else np.zeros((0, spec.clip_samples), np.float32),
+                                 np.array(labels, dtype=np.int64), tuple(paths))
+    held = [unique[i] for i in hold_idx]
+    held_key = hashlib.sha256(repr(([d for _, _, d in held], [int(lbl) for _, lbl, _ in held], spec.key())).encode())
+    holdout = HeldOutAudio(np.array([lbl for _, lbl, _ in held], dtype=np.int64), tuple(str(p) for p, _, _ in held),
+                           held_key.hexdigest(), spec)
+    fingerprint = hashlib.sha256(repr((
+        [unique[i][2] for i in calib_idx], [int(unique[i][1]) for i in calib_idx],
+        [unique[i][2] for i in hold_idx], [int(unique[i][1]) for i in hold_idx], spec.key(),
+    )).encode()).hexdigest()
+    return CalibrationSplit(calibration, holdout, fingerprint, tuple(n for n in folders if n not in classes),
+                            tuple(skipped))
+
+
 def _interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
     """Indices shuffled within each class (seeded per class), then taken round robin over classes.
 

@@ -107,10 +107,11 @@ class QdqRunner(EngineRunner):
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             self.inference_precision = "f32 (Q/DQ simulated)"
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        # images: one uint8 input; texts: int64 input_ids and attention_mask
-        types = {"tensor(uint8)": "uint8", "tensor(int64)": "int64"}
+        # images: one uint8 input; texts: int64 input_ids and attention_mask; audio: a float32 waveform
+        from edgexfer.runtime.backends.onnxruntime import ONNX_TYPES
+
         self._inputs = tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
-                                        types.get(i.type, i.type)) for i in self.session.get_inputs())
+                                        ONNX_TYPES.get(i.type, i.type)) for i in self.session.get_inputs())
         self._input = self._inputs[0]
         self.details = {"onnxruntime": ort.__version__, "graph_optimizations": "all" if optimized else "off"}
 
@@ -164,7 +165,8 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
             return feature_figures(ref, run_batched(runner.run, search.pixels), head, search.labels)
 
     start = time.perf_counter()
-    _say(progress, f"quantizing ({recipe.name} QDQ) with {len(calib)} calibration images")
+    plural = modality_of(bundle).plural  # what the calibration samples are called in messages
+    _say(progress, f"quantizing ({recipe.name} QDQ) with {len(calib)} calibration {plural}")
     candidate = workdir / "trial.onnx"
     quantize([], candidate)
     best = evaluate(candidate)
@@ -174,7 +176,7 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
     damage: dict[str, float] = {}
     if not meets(best, tolerance, SEARCH_COSINE_MARGIN):
         _say(progress, f"all layers int8: mean cosine {best['mean_cosine']:.4f}, top-1 agreement "
-                       f"{best['top1_agreement']:.3f} on {len(search)} calibration images; searching layers to keep in float")
+                       f"{best['top1_agreement']:.3f} on {len(search)} calibration {plural}; searching layers to keep in float")
         shutil.copyfile(candidate, workdir / "best.onnx")
         ranking, damage = rank_layers(quantize, candidate, bundle, calib)
         for node in list(damage)[:MAX_KEPT]:
@@ -194,11 +196,11 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
     # search set makes one image 1.04 points); the held-out validation that follows applies the tolerance
     if not meets(best, tolerance, one_sample=True):
         raise ValidationError(
-            f"int8 ({recipe.name} QDQ) cannot meet the tolerance on the calibration images",
-            [f"- features (calibration, {len(search)} images): mean cosine = {best['mean_cosine']:.4f} "
+            f"int8 ({recipe.name} QDQ) cannot meet the tolerance on the calibration {plural}",
+            [f"- features (calibration, {len(search)} {plural}): mean cosine = {best['mean_cosine']:.4f} "
              f"(min {tolerance.min_cosine}), accuracy drop {100 * best.get('accuracy_drop', 0):.1f} points, "
              f"with {len(excluded)} layer(s) kept in float after {len(trials)} trial(s)"],
-            todo="nothing was written; try more --calib images or a larger --max-drop")
+            todo=f"nothing was written; try more --calib {plural} or a larger --max-drop")
     shutil.move(str(candidate), out_path)
     if scope:
         excluded = [*after_gelu, *excluded]  # every weighted layer left in float

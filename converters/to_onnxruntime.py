@@ -18,6 +18,7 @@ from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.compare import Tolerance
 from edgexfer.runtime.cpu import cpu_features
 from edgexfer.runtime.errors import DataError
+from edgexfer.runtime.modalities import modality_of
 from edgexfer.runtime.optional import require
 
 
@@ -47,7 +48,8 @@ def convert_onnxruntime(bundle: Bundle, out_dir: Path, precision: str, split: Ca
         info["conversion"] = "onnxruntime.transformers.float16 (keep_io_types: uint8 in, float32 out)"
     else:
         if split is None:
-            raise DataError("int8 needs calibration images", got="no --calib", expected="an ImageFolder tree",
+            raise DataError(f"int8 needs calibration {modality_of(bundle).plural}", got="no --calib",
+                            expected=modality_of(bundle).dataset_help,
                             todo="pass --calib DATA_DIR")
         info["quantization"] = quantize_with_search(bundle.backbone_path, target, ASYMMETRIC, bundle,
                                                     split.calibration, tolerance, workdir, progress=progress)

@@ -10,7 +10,8 @@ from edgexfer.runtime.backends.spec import BackendSpec
 from edgexfer.runtime.errors import BundleError, InputError
 from edgexfer.runtime.optional import require
 
-_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+#: onnxruntime's names of input types -> numpy dtype names
+ONNX_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 class OnnxRuntimeBackend(EngineRunner):
@@ -45,7 +46,7 @@ class OnnxRuntimeBackend(EngineRunner):
                               expected="a valid ONNX model", todo="re-export the bundle") from None
         # one input (image: uint8 pixels) or several (text: int64 input_ids and attention_mask)
         self._inputs = tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
-                                        _TYPES.get(i.type, i.type)) for i in self.session.get_inputs())
+                                        ONNX_TYPES.get(i.type, i.type)) for i in self.session.get_inputs())
         self._input = self._inputs[0]
         self._output = self.session.get_outputs()[0].name
         self.details = {"providers": self.session.get_providers(), "onnxruntime": ort.__version__}

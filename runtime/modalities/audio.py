@@ -25,6 +25,7 @@ class AudioModality(Modality):
     input_spec = AudioInputSpec
     batch_size = 16
     listens = True
+    calibration_loader = "edgexfer.converters.calibration:load_audio_calibration"
     file_suffixes = tuple(sorted(AUDIO_EXTENSIONS))
     dataset_help = "a folder per class of .wav files"
 

@@ -128,3 +128,33 @@ def test_bench_samples_of_an_audio_bundle_run_every_layer_alike(audio_bundle):
     classes = list(predictor.head.classes)
     assert [r.label for r in results] == [classes[i] for i in probs.argmax(1)]
     assert max(abs(r.probability - float(p.max())) for r, p in zip(results, probs)) < 1e-5
+
+
+def test_int8_calibration_reads_wav_folders_splits_them_and_streams_the_held_out_clips(audio_bundle, spoken14, tmp_path):
+    """`convert --precision int8 --calib` of an audio bundle (it refused audio before: no calibration reader):
+    folders named like the head's classes, non-WAV files and a clip filed under two classes reported, the
+    calibration clips decoded at once, the held-out ones a batch at a time at the bundle's rate and length."""
+    from edgexfer.converters.calibration import load_calibration
+    from edgexfer.runtime.bundle import Bundle
+
+    calib = tmp_path / "calib"
+    for word in ("yes", "no", "left"):
+        (calib / word).mkdir(parents=True)
+        for clip in sorted((spoken14 / "test" / word).glob("*.wav"))[:10]:
+            (calib / word / clip.name).symlink_to(clip)
+    first = sorted((spoken14 / "test" / "yes").glob("*.wav"))[0]
+    (calib / "no" / "also-yes.wav").symlink_to(first)  # one recording filed under two classes: dropped
+    (calib / "left" / "notes.txt").write_text("not a recording")
+    (calib / "hello").mkdir()  # not a class of the head: ignored, and said
+    split = load_calibration(Bundle.open(audio_bundle), calib, calib_size=12, seed=0)
+    assert split.calibration.pixels.shape == (12, 16000) and split.calibration.pixels.dtype == np.float32
+    assert sorted(np.bincount(split.calibration.labels)[np.bincount(split.calibration.labels) > 0]) == [4, 4, 4]
+    reasons = dict(split.skipped)
+    assert reasons[str(calib / "left" / "notes.txt")] == "not a WAV file (.wav)"
+    assert "filed under two classes" in reasons.values() and split.ignored_folders == ("hello",)
+    assert len(split.holdout) == 29 - 12  # 30 clips, the doubly filed one out
+    seen = 0
+    for positions, waves in split.holdout.batches(size=5):
+        assert waves.shape == (len(positions), 16000) and len(positions) <= 5
+        seen += len(positions)
+    assert seen == len(split.holdout) and not split.holdout.skipped
