@@ -18,6 +18,8 @@ mkdir -p build
 start=$(date +%s)
 bash scripts/test_device.sh "$HOST" "$DEVICE" --bundles-only || { echo "building the device suite's bundles failed"; exit 1; }
 echo "device suite's bundles built in $(( $(date +%s) - start )) s"
+# the host streams take the same audio bundle (a session fixture would otherwise train it again: ~1 min of CPU)
+[ -d build/test-audio-bundle ] && export EDGEXFER_TEST_AUDIO_BUNDLE=$PWD/build/test-audio-bundle
 
 log=build/test-fleet.log
 "$HOST" -m pytest -q --durations=10 tests/fleet >"$log" 2>&1 &

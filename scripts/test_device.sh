@@ -16,7 +16,7 @@ AUDIO_BUNDLE=build/test-audio-bundle
 # device tests learn from five recordings (tests/conftest.py AUDIO_NEW_WORD)
 SPOKEN14=${EDGEXFER_SPOKEN14:-$PWD/../shared/datasets/spoken14}
 # the device side of signed updates and of fleet learning (merge, local rounds), run without torch as a device runs it
-FLEET_TESTS="tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py tests/fleet/test_text_updates.py"
+FLEET_TESTS="tests/fleet/test_updates.py tests/fleet/test_update_health.py tests/fleet/test_holdout.py tests/fleet/test_federated.py tests/fleet/test_text_updates.py tests/fleet/test_audio_updates.py"
 
 if [ "$STEP" != "--tests-only" ]; then
   mkdir -p build
