@@ -8,6 +8,8 @@
                                           answers are LABEL
     serve-wait LOG PID SECONDS            wait for ``device serve``'s "listening on URL" line, print URL
     serve-predict URL IMAGE               POST IMAGE's bytes to URL/v1/predict, print and check the answer
+    wav-44k IN OUT                        IN (a WAV clip) again as 44.1 kHz stereo 24-bit PCM, the rate and layout
+                                          of a phone or PC recording: a device must resample it (soxr) and mix it
     free-port                             a free TCP port on loopback
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ except ImportError:  # a 3.10 host
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the extras a device installs (the Makefile's device venv: onnxruntime, updates, serve, camera) plus openvino
-DEVICE_EXTRAS = ("onnxruntime", "openvino", "updates", "serve", "camera", "text")
+#: the extras a device installs (the Makefile's device venv: onnxruntime, updates, serve, camera, text, audio)
+#: plus openvino
+DEVICE_EXTRAS = ("onnxruntime", "openvino", "updates", "serve", "camera", "text", "audio")
 
 
 def _name(requirement: str) -> str:
@@ -50,13 +53,20 @@ def requirements(ort: str, ov: str) -> list[str]:
     return list(out.values())
 
 
+def _plural(modality: str | None) -> str:
+    """What the golden samples are called ("images", "texts", "audio clips"): the modality's plug-in says."""
+    from edgexfer.runtime.modalities import DEFAULT_MODALITY, modality_named
+
+    return modality_named(modality or DEFAULT_MODALITY).plural
+
+
 def golden(path: str, label: str, max_diff: float | None, ran: str | None) -> int:
     report = json.loads(Path(path).read_text())
     g, engine = report["golden"], report["engine"]
     ex = g.get("execution") or {}
     diff = float(g["max_abs_feature_diff"])
     tolerance = ", ".join(f"{k} {v:g}" for k, v in g["tolerance"].items())
-    unit = "texts" if g.get("modality") == "text" else "images"
+    unit = _plural(g.get("modality"))
     print(f"  golden {label}: computed in {ex.get('inference_precision')}, {g['images']} {unit}, "
           f"max feature diff {diff:.3g}, mean cosine {g['mean_cosine']:.6f}, top-1 agreement {g['top1_agreement']:.3f} "
           f"(install tolerance: {tolerance}); isa {ex.get('isa')}; engine {engine['source']}"
@@ -120,6 +130,21 @@ def serve_predict(url: str, image: str) -> int:
     return 0 if status == 200 else 1
 
 
+def wav_44k(src: str, dst: str) -> int:
+    """``src`` as 44.1 kHz stereo 24-bit PCM (resampled with soxr, the left channel 6 dB below the right)."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    wave, rate = soundfile.read(src, dtype="float32", always_2d=True)
+    mono = soxr.resample(wave.mean(axis=1), rate, 44100, quality="HQ")
+    soundfile.write(dst, np.stack([0.5 * mono, mono], axis=1), 44100, subtype="PCM_24")
+    info = soundfile.info(dst)
+    print(f"  {Path(dst).name}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}, "
+          f"{info.duration:.2f} s (from {Path(src).name}, {rate} Hz)")
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +168,8 @@ def main(argv: list[str]) -> int:
         return serve_wait(args[0], int(args[1]), float(args[2]))
     if cmd == "serve-predict":
         return serve_predict(args[0], args[1])
+    if cmd == "wav-44k":
+        return wav_44k(args[0], args[1])
     if cmd == "free-port":
         return free_port()
     print(__doc__, file=sys.stderr)

@@ -8,8 +8,10 @@
 # (pure Python) with --no-deps. The host venv builds the demo bundle and its OpenVINO engines; the emulated
 # Python then runs the device side on it, which must never need torch:
 #   device install (ONNX Runtime; OpenVINO fp32, fp16, int8) with its golden check, learn, retrain, predict,
-#   a signed head update from a TUF repository on loopback, device serve answering one request, and a text
-#   bundle (MiniLM, tokenizers): install with its golden check, a topic learned from 10 texts, predict.
+#   a signed head update from a TUF repository on loopback, device serve answering one request, a text
+#   bundle (MiniLM, tokenizers): install with its golden check, a topic learned from 10 texts, predict, and an
+#   audio bundle (speech_embedding; soundfile's own libsndfile and soxr): install with its golden check, a
+#   word learned from 5 clips, predict, a 44.1 kHz stereo recording resampled and mixed on the device.
 # Everything downloaded is kept under build/arm64/; a second run downloads nothing. It prints versions and
 # timings and fails naming the step that broke. ARM64_FRESH_BUNDLE=1 rebuilds the host bundle.
 set -euo pipefail
@@ -22,6 +24,9 @@ HOST_EDGEXFER=$VENV/bin/edgexfer
 HELPER="$HOST_PY scripts/check_arm64.py"
 DATA=data/clipart8-demo
 NEW_CLASS=vehicles
+# the audio bundle: the host trains on 3 of the 4 words of the audio demo set, the device learns the 4th
+AUDIO_DATA=data/spoken-demo
+AUDIO_NEW_WORD=yes
 
 # ONNX Runtime is pinned to 1.19.2, the age of the ONNX Runtime builds made for JetPack 6, so the check also
 # covers the oldest ONNX Runtime a Jetson is likely to have. Newer arm64 wheels (1.32 was tried) die with a
@@ -208,14 +213,19 @@ versions() {
 import importlib.metadata as md, importlib.util, platform, sys
 print(f"emulated: Python {platform.python_version()} on {platform.machine()}, {platform.libc_ver()[0]} {platform.libc_ver()[1]}")
 names = ["edgexfer", "numpy", "scipy", "pillow", "onnxruntime", "openvino", "tuf", "securesystemslib",
-         "starlette", "uvicorn", "python-multipart", "prometheus-client", "opencv-python-headless", "tokenizers"]
+         "starlette", "uvicorn", "python-multipart", "prometheus-client", "opencv-python-headless", "tokenizers",
+         "soundfile", "soxr"]
 print("emulated packages: " + ", ".join(f"{n} {md.version(n)}" for n in names))
 assert platform.machine() == "aarch64", platform.machine()
 # the device side never needs torch, and none must leak in from the host
 assert importlib.util.find_spec("torch") is None, "torch is importable in the emulated Python"
 for p in sys.path:
     assert "/.venv" not in p and "/.pyenv" not in p, f"a host path on sys.path: {p}"
-import numpy, onnxruntime, openvino, cv2, starlette, uvicorn, tuf.ngclient  # noqa: F401  every device import loads
+import numpy, onnxruntime, openvino, cv2, starlette, uvicorn, tuf.ngclient, soxr  # noqa: F401  every device import loads
+import soundfile
+# soundfile's wheel carries libsndfile for its platform (_soundfile_data/libsndfile_arm64.so here)
+print(f"soundfile: libsndfile {soundfile.__libsndfile_version__} from "
+      f"{getattr(soundfile, '_full_path', None) or getattr(soundfile, '_libname', '?')}")
 print(f"onnxruntime providers: {onnxruntime.get_available_providers()}")
 print(f"openvino devices: {openvino.Core().available_devices}, {openvino.get_version()}")
 from edgexfer.runtime.cpu import cpu_features
@@ -229,7 +239,7 @@ host_key() {
   # what the bundle depends on: this tree's sources and data (as they are, committed or not), the host
   # venv's packages
   { git ls-files -z --cached --others --exclude-standard -- edgexfer converters runtime pyproject.toml \
-      constraints.txt "$DATA" data/fortunes-demo | while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
+      constraints.txt "$DATA" data/fortunes-demo "$AUDIO_DATA" | while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
       | xargs -0 sha256sum
     "$VENV/bin/pip" freeze --disable-pip-version-check 2>/dev/null | grep -v '^-e'; } | sha256sum | cut -c1-12
 }
@@ -264,6 +274,15 @@ host_bundle() {
   # a text bundle (MiniLM, 4 topics of the text demo): the device side needs tokenizers on arm64
   nice -n 19 "$HOST_EDGEXFER" train data/fortunes-demo --out "$HOST/text-run" --cache "$ARM/t.sqlite" --quiet
   nice -n 19 "$HOST_EDGEXFER" export "$HOST/text-run" --out "$HOST/text-bundle" --name fortunes-arm64 --quiet
+  # an audio bundle (speech_embedding, 3 of the 4 words of the audio demo): the device side needs soundfile
+  # (libsndfile) and soxr on arm64
+  mkdir -p "$HOST/audio-data"
+  for d in "$AUDIO_DATA"/*/; do
+    [ "$(basename "$d")" = "$AUDIO_NEW_WORD" ] || ln -s "$REPO/$d" "$HOST/audio-data/$(basename "$d")"
+  done
+  nice -n 19 "$HOST_EDGEXFER" train "$HOST/audio-data" --backbone speech_embedding --out "$HOST/audio-run" \
+    --cache "$ARM/a.sqlite" --quiet
+  nice -n 19 "$HOST_EDGEXFER" export "$HOST/audio-run" --out "$HOST/audio-bundle" --name spoken3-arm64 --quiet
   echo "$key" > "$HOST/.complete"
 }
 
@@ -359,6 +378,24 @@ text() {
   $HELPER predict "$WORK/predict-text.json" love 7
 }
 
+# audio: the composed speech_embedding graph (waveform -> mel -> embedding windows -> pooled) under arm64's
+# ONNX Runtime; install's golden check feeds the golden waveforms and compares features with the x86
+# reference; a word learned from 5 clips read by soundfile (libsndfile inside its aarch64 wheel); the unseen
+# clips, and one of them again as a 44.1 kHz stereo 24-bit file that the device resamples with soxr and mixes
+audio() {
+  arm_edgexfer device install "$HOST/audio-bundle" --state "$WORK/audio-device" --backend onnxruntime --precision fp32 \
+    --json > "$WORK/install-audio.json"
+  $HELPER golden "$WORK/install-audio.json" "audio onnxruntime/fp32" --max-diff 1e-4 --ran f32
+  local clips; mapfile -t clips < <(ls "$AUDIO_DATA/$AUDIO_NEW_WORD"/*.wav | sort)
+  arm_edgexfer device learn --label "$AUDIO_NEW_WORD" "${clips[@]:0:5}" --state "$WORK/audio-device" --backend onnxruntime
+  arm_edgexfer device retrain --state "$WORK/audio-device"
+  $HELPER wav-44k "${clips[5]}" "$WORK/${AUDIO_NEW_WORD}-44k-stereo.wav"
+  arm_edgexfer device predict "${clips[@]:5:3}" "$WORK/${AUDIO_NEW_WORD}-44k-stereo.wav" --state "$WORK/audio-device" \
+    --backend onnxruntime --json > "$WORK/predict-audio.json"
+  # on x86 each of the four is '$AUDIO_NEW_WORD' with probability 1.00
+  $HELPER predict "$WORK/predict-audio.json" "$AUDIO_NEW_WORD" 4
+}
+
 step arm64-python arm64_python
 step arm64-wheels arm64_wheels
 step project project
@@ -375,6 +412,7 @@ step predict predict
 step update update
 step serve serve
 step text text
+step audio audio
 CURRENT=""
 printf '\n\033[1m== check-arm64 passed\033[0m\n'
 printf '%s\n' "${TIMINGS[@]}"
