@@ -145,7 +145,7 @@ def export(run_dir, out, name, as_json, quiet):
     result = run_export(run_dir, out, name=name, progress=not quiet)
     p = result.parity
     text = (f"bundle written to {result.bundle}\n"
-            f"ONNX Runtime vs PyTorch on {p['count']} validation {p.get('samples', 'images')}: max |diff| {p['max_abs_diff']:.2e}, "
+            f"ONNX Runtime vs {p.get('reference_title', 'PyTorch')} on {p['count']} validation {p.get('samples', 'images')}: max |diff| {p['max_abs_diff']:.2e}, "
             f"mean cosine {p['mean_cosine']:.6f}, top-1 agreement {p['top1_agreement']:.1%}")
     emit({"bundle": str(result.bundle), "parity": p}, as_json, text)
 

@@ -68,7 +68,7 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     head = Head.load(run_dir / "head.safetensors", feature_dim=run["backbone"]["feature_dim"])
     val = run["val"]
     labels = np.array([v["label"] for v in val])
-    log(f"checking backbone.onnx against PyTorch on {len(val)} validation {modality.plural}", progress)
+    log(f"checking backbone.onnx against {reader.reference_title} on {len(val)} validation {modality.plural}", progress)
     # one batch of samples in memory at a time: only the features of every validation sample are kept
     ref = stream_features(reader, val, reader.torch_runner())
     onnx_feats = stream_features(reader, val, reader.onnx_runner(run_dir / "backbone.onnx"))
@@ -81,7 +81,8 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
     np.savez(staging / "golden.npz", **reader.golden([val[i] for i in order]), features=onnx_feats[order],
              logits=head.logits(onnx_feats[order]), labels=labels[order])
     _write_exemplars(run, reader, modality.plural, staging / "backbone.onnx", staging / "exemplars.npz", progress)
-    report_doc = {"schema": "edgexfer.export-report/1", "reference": "pytorch fp32", "candidate": "onnxruntime fp32",
+    report_doc = {"schema": "edgexfer.export-report/1", "reference": reader.reference, "candidate": "onnxruntime fp32",
+                  "reference_title": reader.reference_title,
                   **report}
     write_atomic(staging / "reports" / "export.json", (json.dumps(report_doc, indent=2) + "\n").encode())
     backbone_sha = file_sha256(staging / "backbone.onnx")
@@ -103,7 +104,7 @@ def export(run_dir: str | Path, out: str | Path, *, name: str | None = None, pro
         tools={**run.get("tools", {}), "opset": OPSET},
     )
     seal(manifest, staging, out)
-    return ExportResult(out, report)
+    return ExportResult(out, report_doc)
 
 
 def parity_report(ref: np.ndarray, onnx_feats: np.ndarray, head: Any, labels: np.ndarray,

@@ -139,6 +139,9 @@ class AudioModality(HostModality):
 class AudioReader(ExportReader):
     """Export's view of an audio run: the run's clips decoded as the device decodes them."""
 
+    reference = "onnxruntime fp32 (the two original models run separately)"
+    reference_title = "the two original ONNX models"
+
     def __init__(self, run: dict[str, Any], run_dir: Path):
         pp = run["preprocess"]
         self.run, self.run_dir = run, run_dir

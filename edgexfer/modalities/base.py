@@ -218,6 +218,9 @@ class ExportReader:
 
     #: samples read, and run through each engine, at a time
     batch_size = 16
+    #: what :meth:`torch_runner` runs, as the export report and its line name it
+    reference = "pytorch fp32"
+    reference_title = "PyTorch"
 
     def read(self, entries: list[dict[str, Any]]) -> Any:
         """One batch: the samples of ``entries`` (run.json entries, at most a batch of them) as engines take them."""
