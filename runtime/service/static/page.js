@@ -11,7 +11,10 @@ let headVersion = null;    // the head the status shows
 let previousHead = null;   // the head a rollback goes back to (status.head.previous)
 let reviewSignature = "";  // ids shown in the review queue, to redraw only when they change
 let modality = "";         // the active bundle's modality (its name: the form is redrawn when it changes)
-let shownAs = "image";     // how its samples are drawn: "image" (a thumbnail) or "text" (/v1/status bundle.form)
+let shownAs = "image";     // how its samples are drawn: "image" (a thumbnail), "text" or "audio" (a player)
+                           // (/v1/status bundle.form)
+let recordSeconds = null;  // seconds one recording lasts (bundle.form.record_s); null: samples are not recorded
+let reviewUrls = [];       // the blob: URLs of the review queue's audio players, released when it is redrawn
 let retrainJob = null;     // the retrain job whose report is shown
 let polling = false;       // a retrain is being polled
 let answer = null;         // the answer shown: {sample: Blob, name, reviewId, learned: null | text}
@@ -110,7 +113,9 @@ async function refreshStatus() {
     text("classify-title", form.title);
     $("text-form").hidden = !form.literal;
     $("upload").accept = form.accept;
-    reviewSignature = "";  // review entries are drawn as texts or as images
+    recordSeconds = form.record_s === undefined ? null : form.record_s;
+    $("record").hidden = !(recordSeconds && canRecord());  // where the browser offers a microphone
+    reviewSignature = "";  // review entries are drawn as texts, images or audio players
   }
   text("bundle-name", s.bundle.name);
   text("status-bundle", s.bundle.name);
@@ -161,18 +166,23 @@ function labelButtons(title, onPick) {
 $("upload").addEventListener("change", guarded(async () => {
   const file = $("upload").files[0];
   if (!file) return;
-  $("answer").hidden = true;  // no earlier answer next to this file, should this one fail
-  answer = null;
-  const r = await api("POST", "/v1/predict", file);
-  const img = $("answer-image");
-  if (img.src) URL.revokeObjectURL(img.src);
-  if (shownAs === "text") {
-    await showAnswer(r, await file.text(), file, file.name);
-  } else {
-    img.src = URL.createObjectURL(file);
-    await showAnswer(r, null, file, file.name);
-  }
+  await classify(file, file.name);
 }));
+
+// an uploaded file or a recording (a Blob): the device's answer, then the answer card with the sample
+async function classify(sample, name) {
+  $("answer").hidden = true;  // no earlier answer next to this sample, should this one fail
+  answer = null;
+  const r = await api("POST", "/v1/predict", sample);
+  const media = [$("answer-image"), $("answer-audio")];
+  for (const m of media) if (m.src) URL.revokeObjectURL(m.src);
+  if (shownAs === "text") {
+    await showAnswer(r, await sample.text(), sample, name);
+  } else {
+    media[shownAs === "audio" ? 1 : 0].src = URL.createObjectURL(sample);  // a player, or the image
+    await showAnswer(r, null, sample, name);
+  }
+}
 
 $("text-submit").addEventListener("click", guarded(async () => {
   const value = $("text-input").value;
@@ -184,11 +194,12 @@ $("text-submit").addEventListener("click", guarded(async () => {
   await showAnswer(r, value, sample, "text.txt");
 }));
 
-// the answer card: the image (already set) or the text, the label, the top-k bars, the label buttons
+// the answer card: the image or audio player (already set) or the text, the label, the top-k bars, the label buttons
 async function showAnswer(r, shownText, sample, name) {
   const top = r.results[0];
   answer = { sample, name, reviewId: r.review_id, learned: null };
-  $("answer-image").hidden = shownText !== null;
+  $("answer-image").hidden = shownText !== null || shownAs === "audio";
+  $("answer-audio").hidden = shownText !== null || shownAs !== "audio";
   $("answer-text").hidden = shownText === null;
   if (shownText !== null) $("answer-text").textContent = shownText;
   text("answer-label", top.label);
@@ -268,6 +279,8 @@ async function refreshReview() {
   const signature = r.entries.map((e) => e.id).join(",") + "|" + choices.join(",");
   if (overtaken() || signature === reviewSignature) return;
   reviewSignature = signature;
+  for (const url of reviewUrls) URL.revokeObjectURL(url);  // the players drawn before are replaced
+  reviewUrls = [];
   $("review-note").textContent = `${r.entries.length} below ${pct(r.threshold)}`;
   if (!r.entries.length) {
     $("review").replaceChildren(el("p", { className: "muted", textContent: "Nothing to review." }));
@@ -287,14 +300,19 @@ function reviewItem(e) {
     if (!name) return showError(new Error("type a class name first"));
     label(e.id, name);
   });
-  const thumb = shownAs === "text"
-    ? el("pre", { className: "text-thumb", textContent: "…" })
-    : el("img", { className: "thumb", alt: `review #${e.id}` });
+  const thumb = shownAs === "text" ? el("pre", { className: "text-thumb", textContent: "…" })
+    : shownAs === "audio" ? el("audio", { className: "thumb-audio", controls: true, preload: "metadata" })
+      : el("img", { className: "thumb", alt: `review #${e.id}` });
   // fetched with the token (an <img src> cannot send it); a text as textContent, never HTML
   fetch(`/v1/review/${e.id}/image`, { cache: "no-store", headers: tokenHeader() })
     .then((resp) => resp.ok ? (shownAs === "text" ? resp.text() : resp.blob()) : Promise.reject())
     .then((got) => {
       if (shownAs === "text") { thumb.textContent = got; return; }
+      if (shownAs === "audio") {  // played again and again: its URL lives until the queue is redrawn
+        thumb.src = URL.createObjectURL(got);
+        reviewUrls.push(thumb.src);
+        return;
+      }
       thumb.addEventListener("load", () => URL.revokeObjectURL(thumb.src), { once: true });
       thumb.src = URL.createObjectURL(got);
     }, () => { if (shownAs === "text") thumb.textContent = "(not readable)"; });
@@ -326,6 +344,86 @@ const label = guarded(async (id, name) => {
   await refreshStatus();
   await refreshReview();
 });
+
+// ------------------------------------------------------------------ record (a modality whose form has record_s)
+// a microphone: getUserMedia, only in a secure context (https, or http://localhost)
+const canRecord = () => window.isSecureContext && !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+const MONO = { channelCount: 1, channelCountMode: "explicit", channelInterpretation: "speakers" };
+
+// `seconds` of the microphone: {samples: Float32Array (mono), rate: the audio context's rate}. The device
+// resamples (soxr) what it reads to the bundle's rate, better than the page could, so the rate is kept.
+async function recordMicrophone(seconds) {
+  const stream = await navigator.mediaDevices.getUserMedia(
+    { audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
+  const ctx = new AudioContext();
+  try {
+    await ctx.resume();
+    const wanted = Math.round(seconds * ctx.sampleRate);
+    const blocks = [];
+    let got = 0, full;
+    const done = new Promise((ok) => { full = ok; });
+    const take = (block) => {
+      if (got >= wanted) return;
+      blocks.push(block);
+      got += block.length;
+      if (got >= wanted) full();
+    };
+    let node;
+    try {  // the samples on the audio thread, from a script file (script-src 'self')
+      await ctx.audioWorklet.addModule("/static/recorder.js");
+      node = new AudioWorkletNode(ctx, "edgexfer-recorder", { numberOfInputs: 1, numberOfOutputs: 1, ...MONO });
+      node.port.onmessage = (e) => take(e.data);
+    } catch (_) {  // no AudioWorklet here: the older ScriptProcessorNode (mixes to mono itself)
+      node = ctx.createScriptProcessor(4096, 1, 1);
+      node.onaudioprocess = (e) => take(e.inputBuffer.getChannelData(0).slice());
+    }
+    ctx.createMediaStreamSource(stream).connect(node);
+    node.connect(ctx.destination);  // its output is silence; connected, the graph runs
+    let timer;
+    const silent = new Promise((_, fail) => { timer = setTimeout(() => fail(new Error(
+      `the microphone gave ${(got / ctx.sampleRate).toFixed(1)} of ${seconds} s; check that it is on and allowed`)),
+    1000 * seconds + 5000); });
+    try { await Promise.race([done, silent]); } finally { clearTimeout(timer); }
+    const samples = new Float32Array(wanted);
+    let at = 0;
+    for (const b of blocks) { samples.set(b.subarray(0, wanted - at), at); at += Math.min(b.length, wanted - at); }
+    return { samples, rate: Math.round(ctx.sampleRate) };
+  } finally {
+    for (const track of stream.getTracks()) track.stop();
+    await ctx.close();
+  }
+}
+
+// a 16-bit mono PCM WAV file of `samples` (floats in [-1, 1]) at `rate`
+function wavFile(samples, rate) {
+  const view = new DataView(new ArrayBuffer(44 + 2 * samples.length));
+  const ascii = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  ascii(0, "RIFF"); view.setUint32(4, 36 + 2 * samples.length, true); ascii(8, "WAVE");
+  ascii(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true);  // PCM
+  view.setUint16(22, 1, true); view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true);  // mono, bytes/s
+  view.setUint16(32, 2, true); view.setUint16(34, 16, true);  // block align, bits
+  ascii(36, "data"); view.setUint32(40, 2 * samples.length, true);
+  for (let i = 0; i < samples.length; i++) {
+    const v = Math.max(-1, Math.min(1, samples[i]));
+    view.setInt16(44 + 2 * i, Math.round(v < 0 ? v * 32768 : v * 32767), true);
+  }
+  return new Blob([view], { type: "audio/wav" });
+}
+
+// Record: one clip of the bundle's length, classified like an upload (and labelled from the answer card)
+$("record").addEventListener("click", guarded(async () => {
+  if (!recordSeconds) return;
+  $("record").disabled = true;
+  text("record-state", `recording ${recordSeconds} s…`);
+  try {
+    const { samples, rate } = await recordMicrophone(recordSeconds);
+    text("record-state", "");
+    await classify(wavFile(samples, rate), "recording.wav");
+  } finally {
+    $("record").disabled = false;
+    text("record-state", "");
+  }
+}));
 
 // ------------------------------------------------------------------ retrain
 $("retrain").addEventListener("click", guarded(async () => {
