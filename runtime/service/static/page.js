@@ -200,6 +200,7 @@ async function showAnswer(r, shownText, sample, name) {
   answer = { sample, name, reviewId: r.review_id, learned: null };
   $("answer-image").hidden = shownText !== null || shownAs === "audio";
   $("answer-audio").hidden = shownText !== null || shownAs !== "audio";
+  $("answer").classList.toggle("audio", shownText === null && shownAs === "audio");  // the player above
   $("answer-text").hidden = shownText === null;
   if (shownText !== null) $("answer-text").textContent = shownText;
   text("answer-label", top.label);
@@ -418,6 +419,7 @@ $("record").addEventListener("click", guarded(async () => {
   try {
     const { samples, rate } = await recordMicrophone(recordSeconds);
     text("record-state", "");
+    $("upload").value = "";  // the answer is the recording's, not the file chosen before
     await classify(wavFile(samples, rate), "recording.wav");
   } finally {
     $("record").disabled = false;
