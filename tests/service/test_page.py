@@ -147,6 +147,7 @@ def test_page_field_loop(browser, served_state, tmp_path):
         assert shown("backend") == st["backend"]
         assert shown("inference-precision") == st["execution"]["inference_precision"]
         assert not browser.find_element(By.ID, "token-box").is_displayed()  # loopback: no token needed
+        assert not browser.find_element(By.ID, "record").is_displayed()  # images are not recorded (record_s null)
         assert not browser.find_element(By.ID, "retrain-report").is_displayed()  # no retrain yet
         assert not browser.find_element(By.ID, "error").is_displayed()
 
@@ -395,6 +396,7 @@ def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, text_state):
         wait.until(lambda _: shown("classify-title") == "Classify a text")
         assert browser.find_element(By.ID, "text-form").is_displayed()
         assert browser.find_element(By.ID, "upload").get_attribute("accept") == ".txt,text/plain"
+        assert not browser.find_element(By.ID, "record").is_displayed()
 
         browser.find_element(By.ID, "text-input").send_keys(sample)
         browser.find_element(By.ID, "text-submit").click()
