@@ -71,7 +71,8 @@ class AudioModality(Modality):
         return ServiceInput(({"name": "audio", "datatype": "BYTES", "shape": [-1]},),
                             expected="the input 'audio' (BYTES: WAV files)", datatype="BYTES (WAV files)",
                             sample="a WAV file", media_type="audio/wav", title="Classify a sound",
-                            accept=".wav,audio/wav", shown_as="audio")
+                            accept=".wav,audio/wav", shown_as="audio",
+                            record_s=self._spec.clip_samples / self._spec.sample_rate)
 
     def feed(self, values: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         if isinstance(values, np.ndarray) and values.ndim == 2:

@@ -45,14 +45,19 @@ class ServiceInput:
     #: BYTES inputs whose JSON elements are the strings themselves, not base64 (texts, as Triton's clients send them)
     json_strings: tuple[str, ...] = ()
     #: the page's form (``/v1/status`` ``bundle.form``): its title, the upload's ``accept``, whether samples
-    #: are typed in (literals), and how a sample is drawn ("image": a thumbnail; "text": its text)
+    #: are typed in (literals), and how a sample is drawn ("image": a thumbnail; "text": its text; "audio": a
+    #: player)
     title: str = "Classify a sample"
     accept: str = ""
     literal: bool = False
     shown_as: str = "text"
+    #: seconds the page records from a microphone as one sample (a WAV), where the browser offers one; None:
+    #: samples of this kind are not recorded
+    record_s: float | None = None
 
     def page_form(self) -> dict[str, Any]:
-        return {"title": self.title, "accept": self.accept, "literal": self.literal, "shown_as": self.shown_as}
+        return {"title": self.title, "accept": self.accept, "literal": self.literal, "shown_as": self.shown_as,
+                "record_s": self.record_s}
 
 
 class LazyValues(Sequence):

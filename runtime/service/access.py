@@ -265,7 +265,9 @@ def _hashes(texts: list[str]) -> str:
 @lru_cache(maxsize=4)
 def page_policy(html: bytes) -> str:
     """The page's Content-Security-Policy: its own inline script and styles (by their sha256), images from
-    itself, uploads (``blob:``) and its empty icon (``data:``), requests to itself only; nothing else."""
+    itself, uploads (``blob:``) and its empty icon (``data:``), audio from itself and uploads or recordings
+    (``blob:``), requests to itself only; nothing else. The recorder's AudioWorklet module is a script
+    file of its own (``script-src 'self'``)."""
     parsed = _InlineCode()
     # the browser hashes the text after the HTML parser's newline normalisation
     parsed.feed(html.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n"))
@@ -277,6 +279,7 @@ def page_policy(html: bytes) -> str:
         f"style-src 'self' {_hashes(parsed.styles)}".rstrip(),
         f"style-src-attr {attributes}",
         "img-src 'self' blob: data:",
+        "media-src 'self' blob:",
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",

@@ -1,4 +1,5 @@
-"""``GET /``: the web page, files of package data (``static/``: index.html, page.js, page.css; no build step).
+"""``GET /``: the web page, files of package data (``static/``: index.html, page.js, page.css, and for the Record
+button microphone.js and recorder.js, its AudioWorklet module; no build step).
 
 The page's script and style are files of their own, never inline, so its Content-Security-Policy
 (:func:`~edgexfer.runtime.service.access.page_policy`) admits them as ``'self'`` and nothing else runs.
@@ -19,6 +20,8 @@ PAGE_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
     "/static/page.css": ("page.css", "text/css; charset=utf-8"),
+    "/static/microphone.js": ("microphone.js", "text/javascript; charset=utf-8"),
+    "/static/recorder.js": ("recorder.js", "text/javascript; charset=utf-8"),
 }
 
 

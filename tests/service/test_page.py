@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from service_support import DEMO, Server, new_class_images, running_server
+from service_support import DEMO, REPO, Server, new_class_images, running_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium (the dev extra)")
 
@@ -30,6 +30,8 @@ CONFIDENT = DEMO / "vehicles" / "autos_01.jpg"
 #: learned with their true labels before the retrain: enough for the holdout gate to accept the new head
 LEARNED_CLASSES = ("beverages", "music")
 LEARNED_PER_CLASS = 10
+#: a spoken word for the audio bundle's page (spoken14's "stop", in the bundle's classes)
+SPOKEN = REPO / "data" / "spoken-demo" / "stop" / "stop_000.wav"
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,22 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1000"):
+    # a fake microphone (a beep), allowed without asking: the audio page's Record button
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1000",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def forget_earlier_pages(browser) -> None:
+    """Leave the page of an earlier test (it would go on asking its stopped server every 2 s, and log each
+    refused connection while this test's server starts) and drop what it logged (its 401s)."""
+    browser.get("about:blank")
+    browser.get_log("browser")
 
 
 def learn(server: Server, path: Path, label: str, token: str | None = None) -> None:
@@ -136,6 +147,7 @@ def test_page_field_loop(browser, served_state, tmp_path):
         assert shown("backend") == st["backend"]
         assert shown("inference-precision") == st["execution"]["inference_precision"]
         assert not browser.find_element(By.ID, "token-box").is_displayed()  # loopback: no token needed
+        assert not browser.find_element(By.ID, "record").is_displayed()  # images are not recorded (record_s null)
         assert not browser.find_element(By.ID, "retrain-report").is_displayed()  # no retrain yet
         assert not browser.find_element(By.ID, "error").is_displayed()
 
@@ -384,6 +396,7 @@ def test_page_asks_for_and_shows_texts_with_a_text_bundle(browser, text_state):
         wait.until(lambda _: shown("classify-title") == "Classify a text")
         assert browser.find_element(By.ID, "text-form").is_displayed()
         assert browser.find_element(By.ID, "upload").get_attribute("accept") == ".txt,text/plain"
+        assert not browser.find_element(By.ID, "record").is_displayed()
 
         browser.find_element(By.ID, "text-input").send_keys(sample)
         browser.find_element(By.ID, "text-submit").click()
@@ -415,7 +428,7 @@ def test_page_shows_a_drift_banner_after_shifted_inputs_and_metrics_say_so(brows
     files = held_out(clipart8)
     shifted = [camera_shift(files[i].read_bytes(), rng) for i in rng.choice(len(files), 30, replace=False)]
     wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
-    browser.get_log("browser")  # what earlier tests left in the console (their 401s) is not this test's
+    forget_earlier_pages(browser)
     with running_server(state, "--drift-every", "30", "--drift-window", "30") as server:
         browser.get(server.url + "/")
         wait.until(lambda _: browser.find_element(By.ID, "bundle-name").text.strip() == "clipart8-demo")
@@ -435,3 +448,85 @@ def test_page_shows_a_drift_banner_after_shifted_inputs_and_metrics_say_so(brows
         banner = browser.find_element(By.ID, "drift").text
         assert "changed since training" in banner and "latest 30 inputs" in banner, banner
         assert [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_page_plays_uploads_and_records_clips_with_an_audio_bundle(browser, audio_state):
+    """An audio bundle's form (/v1/status bundle.form: shown as "audio", record_s): an uploaded WAV is answered as
+    the API answers it and played back in an <audio> player, queued clips are players, and Record (Chromium's
+    fake microphone) sends a 16-bit mono WAV of the clip's length to /v1/predict, answered and learned like an
+    upload. No Content-Security-Policy violation (or any other error) in the console."""
+    import io
+    import wave
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+
+    def shown(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    def until(condition, what: str) -> None:
+        try:
+            wait.until(lambda _: condition())
+        except Exception:
+            raise AssertionError(f"the page never showed {what}: #answer shows {shown('answer')!r}, "
+                                 f"#error {shown('error')!r}, #record-state {shown('record-state')!r}") from None
+
+    def loaded(css: str) -> bool:
+        """Whether the player ``css`` has a blob: source whose audio the browser read (its duration known)."""
+        return browser.execute_script(
+            "const a = document.querySelector(arguments[0]);"
+            "return !!a && a.src.startsWith('blob:') && a.readyState >= 1 && a.duration > 0", css)
+
+    def queued_id() -> int:
+        return int(shown("answer-queued").rsplit("#", 1)[1])
+
+    with wave.open(str(SPOKEN)) as w:
+        spoken_s = w.getnframes() / w.getframerate()
+    forget_earlier_pages(browser)
+    with running_server(audio_state, "--review-threshold", "1.0") as server:  # every answer queued
+        _, st = server.json("GET", "/v1/status")
+        form = st["bundle"]["form"]
+        assert form["shown_as"] == "audio" and form["record_s"] == 1.0, form
+        _, expected = server.json("POST", "/v1/predict", body=SPOKEN.read_bytes(),
+                                  headers={"Content-Type": "audio/wav"})
+        browser.get(server.url + "/")
+        until(lambda: shown("classify-title") == "Classify a sound", "the audio form")
+        assert browser.find_element(By.ID, "upload").get_attribute("accept") == ".wav,audio/wav"
+        until(lambda: browser.find_element(By.ID, "record").is_displayed(), "the Record button")
+
+        # an upload: the API's answer, and the clip in a player (a blob: URL the page's CSP admits)
+        browser.find_element(By.ID, "upload").send_keys(str(SPOKEN))
+        until(lambda: shown("answer-label") == expected["results"][0]["label"], "the upload's answer")
+        assert queued_id() == expected["review_id"]
+        assert browser.find_element(By.ID, "answer-audio").is_displayed()
+        assert not browser.find_element(By.ID, "answer-image").is_displayed()
+        until(lambda: loaded("#answer-audio"), "the upload's player loaded")
+        duration = browser.execute_script("return document.getElementById('answer-audio').duration")
+        assert abs(duration - spoken_s) < 0.01, (duration, spoken_s)
+        # the queued clip: served as audio/wav, drawn as a player, never as an <img>
+        code, headers, _ = server.request("GET", f"/v1/review/{expected['review_id']}/image")
+        assert code == 200 and headers["content-type"] == "audio/wav", headers
+        until(lambda: loaded(f'#review .review-item[data-id="{expected["review_id"]}"] audio'), "a queued player")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#review .review-item img")
+
+        # Record: one clip of the bundle's length from the (fake) microphone, answered like an upload
+        browser.find_element(By.ID, "record").click()
+        until(lambda: shown("answer-label") and shown("answer-queued") and queued_id() != expected["review_id"],
+              "the recording's answer")
+        recorded = queued_id()
+        until(lambda: loaded("#answer-audio"), "the recording's player loaded")
+        code, headers, data = server.request("GET", f"/v1/review/{recorded}/image")
+        assert code == 200 and headers["content-type"] == "audio/wav"
+        with wave.open(io.BytesIO(data)) as w:  # what reached /v1/predict: a 16-bit mono WAV of record_s
+            assert (w.getnchannels(), w.getsampwidth(), w.getcomptype()) == (1, 2, "NONE")
+            assert w.getnframes() == round(form["record_s"] * w.getframerate()), (w.getnframes(), w.getframerate())
+        entry = next(e for e in server.json("GET", "/v1/review")[1]["entries"] if e["id"] == recorded)
+        assert entry["label"] == shown("answer-label") and entry["head"] == 1, entry
+        # ... and labelled from the answer card like any sample
+        browser.find_element(By.CSS_SELECTOR, '#answer-buttons button[data-label="go"]').click()
+        until(lambda: shown("answer-learned") == "learned as go", "the recording learned")
+        assert server.json("GET", "/v1/status")[1]["cache"]["samples_per_class"] == {"go": 1}
+        assert not browser.find_element(By.ID, "error").is_displayed(), shown("error")
+        assert [e["message"] for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []

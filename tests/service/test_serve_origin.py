@@ -155,7 +155,9 @@ def test_every_answer_carries_the_security_headers(server):
         assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'", policy
         assert policy["style-src-attr"] == "'none'"
         assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
-        for path, media in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css")):
+        assert policy["media-src"] == "'self' blob:"  # the audio player of an upload or a recording, nothing more
+        for path, media in (("/static/page.js", "text/javascript"), ("/static/page.css", "text/css"),
+                            ("/static/microphone.js", "text/javascript"), ("/static/recorder.js", "text/javascript")):
             resp = client.get(path)
             assert resp.status_code == 200 and resp.headers["content-type"].startswith(media), (path, resp.headers)
 

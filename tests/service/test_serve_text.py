@@ -151,6 +151,6 @@ def test_review_queue_label_and_learn_on_texts(tmp_path, device_text_bundle):
         assert st["bundle"]["modality"] == "text" and st["cache"]["samples_per_class"].get("love") == 1
         # the page's form comes from the modality: a text box, .txt uploads, texts drawn as text
         assert st["bundle"]["form"] == {"title": "Classify a text", "accept": ".txt,text/plain", "literal": True,
-                                        "shown_as": "text"}
+                                        "shown_as": "text", "record_s": None}
         status, rest = srv.json("GET", "/v1/review")
         assert entry not in [e["id"] for e in rest["entries"]]

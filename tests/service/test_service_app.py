@@ -16,7 +16,7 @@ def test_routes_keep_their_urls_methods_and_metric_templates():
     got = sorted((r.path, m) for r in app.routes for m in r.methods if m != "HEAD")
     assert got == sorted([
         ("/", "GET"), ("/static/page.js", "GET"), ("/static/page.css", "GET"),
-        ("/v2", "GET"), ("/v2/health/live", "GET"), ("/v2/health/ready", "GET"),
+        ("/static/microphone.js", "GET"), ("/static/recorder.js", "GET"), ("/v2", "GET"), ("/v2/health/live", "GET"), ("/v2/health/ready", "GET"),
         ("/v2/models/{name}", "GET"), ("/v2/models/{name}/ready", "GET"),
         ("/v2/models/{name}/versions/{version}", "GET"), ("/v2/models/{name}/versions/{version}/ready", "GET"),
         ("/v2/models/{name}/infer", "POST"), ("/v2/models/{name}/versions/{version}/infer", "POST"),

@@ -11,7 +11,10 @@ let headVersion = null;    // the head the status shows
 let previousHead = null;   // the head a rollback goes back to (status.head.previous)
 let reviewSignature = "";  // ids shown in the review queue, to redraw only when they change
 let modality = "";         // the active bundle's modality (its name: the form is redrawn when it changes)
-let shownAs = "image";     // how its samples are drawn: "image" (a thumbnail) or "text" (/v1/status bundle.form)
+let shownAs = "image";     // how its samples are drawn: "image" (a thumbnail), "text" or "audio" (a player)
+                           // (/v1/status bundle.form)
+let recordSeconds = null;  // seconds one recording lasts (bundle.form.record_s); null: samples are not recorded
+let reviewUrls = [];       // the blob: URLs of the review queue's audio players, released when it is redrawn
 let retrainJob = null;     // the retrain job whose report is shown
 let polling = false;       // a retrain is being polled
 let answer = null;         // the answer shown: {sample: Blob, name, reviewId, learned: null | text}
@@ -110,7 +113,9 @@ async function refreshStatus() {
     text("classify-title", form.title);
     $("text-form").hidden = !form.literal;
     $("upload").accept = form.accept;
-    reviewSignature = "";  // review entries are drawn as texts or as images
+    recordSeconds = form.record_s === undefined ? null : form.record_s;
+    $("record").hidden = !(recordSeconds && canRecord());  // where the browser offers a microphone
+    reviewSignature = "";  // review entries are drawn as texts, images or audio players
   }
   text("bundle-name", s.bundle.name);
   text("status-bundle", s.bundle.name);
@@ -161,18 +166,23 @@ function labelButtons(title, onPick) {
 $("upload").addEventListener("change", guarded(async () => {
   const file = $("upload").files[0];
   if (!file) return;
-  $("answer").hidden = true;  // no earlier answer next to this file, should this one fail
-  answer = null;
-  const r = await api("POST", "/v1/predict", file);
-  const img = $("answer-image");
-  if (img.src) URL.revokeObjectURL(img.src);
-  if (shownAs === "text") {
-    await showAnswer(r, await file.text(), file, file.name);
-  } else {
-    img.src = URL.createObjectURL(file);
-    await showAnswer(r, null, file, file.name);
-  }
+  await classify(file, file.name);
 }));
+
+// an uploaded file or a recording (a Blob): the device's answer, then the answer card with the sample
+async function classify(sample, name) {
+  $("answer").hidden = true;  // no earlier answer next to this sample, should this one fail
+  answer = null;
+  const r = await api("POST", "/v1/predict", sample);
+  const media = [$("answer-image"), $("answer-audio")];
+  for (const m of media) if (m.src) URL.revokeObjectURL(m.src);
+  if (shownAs === "text") {
+    await showAnswer(r, await sample.text(), sample, name);
+  } else {
+    media[shownAs === "audio" ? 1 : 0].src = URL.createObjectURL(sample);  // a player, or the image
+    await showAnswer(r, null, sample, name);
+  }
+}
 
 $("text-submit").addEventListener("click", guarded(async () => {
   const value = $("text-input").value;
@@ -184,11 +194,13 @@ $("text-submit").addEventListener("click", guarded(async () => {
   await showAnswer(r, value, sample, "text.txt");
 }));
 
-// the answer card: the image (already set) or the text, the label, the top-k bars, the label buttons
+// the answer card: the image or audio player (already set) or the text, the label, the top-k bars, the label buttons
 async function showAnswer(r, shownText, sample, name) {
   const top = r.results[0];
   answer = { sample, name, reviewId: r.review_id, learned: null };
-  $("answer-image").hidden = shownText !== null;
+  $("answer-image").hidden = shownText !== null || shownAs === "audio";
+  $("answer-audio").hidden = shownText !== null || shownAs !== "audio";
+  $("answer").classList.toggle("audio", shownText === null && shownAs === "audio");  // the player above
   $("answer-text").hidden = shownText === null;
   if (shownText !== null) $("answer-text").textContent = shownText;
   text("answer-label", top.label);
@@ -268,6 +280,8 @@ async function refreshReview() {
   const signature = r.entries.map((e) => e.id).join(",") + "|" + choices.join(",");
   if (overtaken() || signature === reviewSignature) return;
   reviewSignature = signature;
+  for (const url of reviewUrls) URL.revokeObjectURL(url);  // the players drawn before are replaced
+  reviewUrls = [];
   $("review-note").textContent = `${r.entries.length} below ${pct(r.threshold)}`;
   if (!r.entries.length) {
     $("review").replaceChildren(el("p", { className: "muted", textContent: "Nothing to review." }));
@@ -287,14 +301,19 @@ function reviewItem(e) {
     if (!name) return showError(new Error("type a class name first"));
     label(e.id, name);
   });
-  const thumb = shownAs === "text"
-    ? el("pre", { className: "text-thumb", textContent: "…" })
-    : el("img", { className: "thumb", alt: `review #${e.id}` });
+  const thumb = shownAs === "text" ? el("pre", { className: "text-thumb", textContent: "…" })
+    : shownAs === "audio" ? el("audio", { className: "thumb-audio", controls: true, preload: "metadata" })
+      : el("img", { className: "thumb", alt: `review #${e.id}` });
   // fetched with the token (an <img src> cannot send it); a text as textContent, never HTML
   fetch(`/v1/review/${e.id}/image`, { cache: "no-store", headers: tokenHeader() })
     .then((resp) => resp.ok ? (shownAs === "text" ? resp.text() : resp.blob()) : Promise.reject())
     .then((got) => {
       if (shownAs === "text") { thumb.textContent = got; return; }
+      if (shownAs === "audio") {  // played again and again: its URL lives until the queue is redrawn
+        thumb.src = URL.createObjectURL(got);
+        reviewUrls.push(thumb.src);
+        return;
+      }
       thumb.addEventListener("load", () => URL.revokeObjectURL(thumb.src), { once: true });
       thumb.src = URL.createObjectURL(got);
     }, () => { if (shownAs === "text") thumb.textContent = "(not readable)"; });
@@ -326,6 +345,23 @@ const label = guarded(async (id, name) => {
   await refreshStatus();
   await refreshReview();
 });
+
+// ------------------------------------------------------------------ record (a modality whose form has record_s)
+// Record (microphone.js): one clip of the bundle's length, classified like an upload (and labelled from the answer card)
+$("record").addEventListener("click", guarded(async () => {
+  if (!recordSeconds) return;
+  $("record").disabled = true;
+  text("record-state", `recording ${recordSeconds} s…`);
+  try {
+    const { samples, rate } = await recordMicrophone(recordSeconds);
+    text("record-state", "");
+    $("upload").value = "";  // the answer is the recording's, not the file chosen before
+    await classify(wavFile(samples, rate), "recording.wav");
+  } finally {
+    $("record").disabled = false;
+    text("record-state", "");
+  }
+}));
 
 // ------------------------------------------------------------------ retrain
 $("retrain").addEventListener("click", guarded(async () => {
