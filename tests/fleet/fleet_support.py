@@ -48,3 +48,29 @@ def variant_head(bundle: Bundle, path: Path, *, scale: float = 1.01, permute: bo
         W, b = W[order], b[order]
     Head(head.kind, head.classes, {"W": (W * scale).astype(np.float32), "b": b}, head.temperature).save(path)
     return path
+
+
+def _client_reply(state, message):
+    """The real ClientApp's reply to ``message`` on the device state ``state`` (in this process)."""
+    from flwr.app import Context, RecordDict
+
+    from edgexfer.runtime.fleet_client import app
+
+    return app(message, Context(run_id=1, node_id=7, node_config={"state": str(state)}, state=RecordDict(),
+                                run_config={}))
+
+
+class ReplayGrid:
+    """A stand-in for Flower's Grid: each node's reply comes from the real ClientApp, then ``tamper``."""
+
+    def __init__(self, states, tamper):
+        self.states = {1000 + i: s for i, s in enumerate(states)}
+        self.tamper = tamper
+
+    def get_node_ids(self):
+        return list(self.states)
+
+    def send_and_receive(self, messages, timeout=None):
+        for message in messages:
+            node = message.metadata.dst_node_id
+            yield self.tamper(node, _client_reply(self.states[node], message))

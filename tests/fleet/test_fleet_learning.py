@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from federation_support import WRONG_CLOCK, Deployment, accuracy, make_fleet
+from fleet_support import ReplayGrid, _client_reply
 
 from edgexfer.runtime.bundle import Bundle
 from edgexfer.runtime.heads import Head
@@ -61,15 +62,6 @@ def _round_message(bundle: Bundle, node_id: int = 7):
     return _round_message(bundle.head(), settings, bundle.manifest.backbone.sha256, node_id, 1, 0)
 
 
-def _client_reply(state, message):
-    from flwr.app import Context, RecordDict
-
-    from edgexfer.runtime.fleet_client import app
-
-    return app(message, Context(run_id=1, node_id=7, node_config={"state": str(state)}, state=RecordDict(),
-                                run_config={}))
-
-
 def test_the_clientapp_sends_head_weights_and_counts_only_and_keeps_the_active_head(fleet4, device_bundle):
     from edgexfer.runtime.fleet_client import SENT_KEYS, local_training_set
 
@@ -97,22 +89,6 @@ def test_the_clientapp_sends_head_weights_and_counts_only_and_keeps_the_active_h
 
 
 # ------------------------------------------------------------------------------------ the server's checks
-
-class ReplayGrid:
-    """A stand-in for Flower's Grid: each node's reply comes from the real ClientApp, then ``tamper``."""
-
-    def __init__(self, states, tamper):
-        self.states = {1000 + i: s for i, s in enumerate(states)}
-        self.tamper = tamper
-
-    def get_node_ids(self):
-        return list(self.states)
-
-    def send_and_receive(self, messages, timeout=None):
-        for message in messages:
-            node = message.metadata.dst_node_id
-            yield self.tamper(node, _client_reply(self.states[node], message))
-
 
 def test_nan_and_wrong_shape_updates_are_rejected_named_and_never_averaged(fleet4, device_bundle, tmp_path):
     from flwr.app import Array
