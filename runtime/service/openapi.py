@@ -141,6 +141,11 @@ def _paths() -> dict[str, Any]:
         "/": {"get": {"summary": "The web page", "responses": {"200": {
             "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         PATH: {"get": _get("This document", _json())},
+        "/static/microphone.js": {"get": {"summary": "The page's recorder (Record button: capture, WAV encoding)",
+                                          "responses": {"200": {"description": "JavaScript", "content": {
+                                              "text/javascript": {"schema": {"type": "string"}}}}}}},
+        "/static/recorder.js": {"get": {"summary": "The recorder's AudioWorklet module", "responses": {"200": {
+            "description": "JavaScript", "content": {"text/javascript": {"schema": {"type": "string"}}}}}}},
         "/static/page.css": {"get": {"summary": "The page's style sheet", "responses": {"200": {
             "description": "CSS", "content": {"text/css": {"schema": {"type": "string"}}}}}}},
         "/static/page.js": {"get": {"summary": "The page's script", "responses": {"200": {
