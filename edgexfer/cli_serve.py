@@ -139,6 +139,8 @@ def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> Non
 @click.option("--gate-db", type=click.FloatRange(0, 120), default=10.0, show_default=True,
               help="dB above its noise floor (the quieter 30 %% of the 1.5 s before or after it, the louder side) "
                    "a 10 ms frame must reach to be part of a sound event; only sound events are classified.")
+@click.option("--peak-db", type=click.FloatRange(0, 120), default=14.0, show_default=True,
+              help="dB above its floor a sound event's loudest frame must reach (a steady noise's flicker does not).")
 @click.option("--ignore", "ignore", multiple=True, metavar="LABEL",
               help="Never report this label (a 'background' class the device learned); repeatable.")
 @click.option("--review-max", type=click.IntRange(0), default=20, show_default=True,
@@ -150,20 +152,21 @@ def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> Non
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the JSON lines to this file instead of stdout.")
 @device_engine_options
-def device_listen(state, file, mic, window, shift, threshold, gate_db, ignore, review_max, review_gap,
+def device_listen(state, file, mic, window, shift, threshold, gate_db, peak_db, ignore, review_max, review_gap,
                   max_seconds, out, backend, precision):
     """Spot the bundle's words and sounds in a WAV recording (--file) or the microphone.
 
     Sound events (stretches louder than the local noise floor, --gate-db) are classified in windows centred on
     them; quiet and steady noise are not. One JSON line per detection on stdout (or --out): label, confidence,
-    time (s), start, end, windows; a summary line on stderr at the end. SIGINT/SIGTERM stop cleanly (docs/audio.md).
+    time (s), start, end, windows; a summary line on stderr at the end. SIGINT/SIGTERM stop cleanly
+    (docs/audio.md).
     """
 
     from edgexfer.runtime.listen import listen
 
     mic_id = int(mic) if mic is not None and mic.isdigit() else mic
     run = listen(state, file, mic=mic_id, window=window, shift=shift, threshold=threshold, gate_db=gate_db,
-                 ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
+                 peak_db=peak_db, ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
                  max_seconds=max_seconds, backend=backend, precision=precision)
 
     _json_lines(run, out, lambda: run.summary.stopped != "error" or run.summary.seconds_heard)

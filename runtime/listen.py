@@ -9,7 +9,8 @@ voice activity detector, it finds sound events first and classifies only them, e
    frame energies of the ``context`` seconds before it and of those after it (half a window next to the frame
    left out: the word itself), the louder of the two (the edge of a stretch of steady noise is measured against
    the noise), never below -80 dBFS. Frames ``gate_db`` above their floor, with quieter gaps of at most
-   ``bridge`` seconds between them, form a *sound event* (cut at ``max_event``, dropped under ``min_event``).
+   ``bridge`` seconds between them, form a *sound event* (cut at ``max_event``, dropped under ``min_event``
+   or if its loudest frame is not ``peak_db`` above its floor: the flicker of a steady noise).
    Quiet and steady noise make no event and are never classified, detected or queued for review.
 2. **Centred windows.** An event is heard in windows of ``window`` seconds centred on the centre of its energy
    above the floor and ``shift`` seconds before and after it; their probabilities are averaged. The head was
@@ -45,9 +46,8 @@ __all__ = ["Detection", "Listen", "ListenOptions", "ListenSummary", "listen"]
 
 log = logging.getLogger("edgexfer.listen")
 
-FRAME_S = 0.010  #: the gate's energy frames
 FLOOR_PERCENTILE = 30  #: of a window's context's frame energies: its noise floor (docs/audio.md: why 30)
-FLOOR_STEP = 5  #: frames between two noise floors taken (it moves slowly)
+FLOOR_STEP_S = 0.05  #: seconds between two noise floors taken (it moves slowly)
 FLOOR_MIN_DB = -80.0  #: the noise floor is never taken below this (digital silence would let any hiss in)
 _EPS = 1e-10
 
@@ -58,6 +58,8 @@ class ListenOptions:
     shift: float = 0.15  #: seconds: an event is heard in windows centred on it and this much before and after it
     threshold: float = 0.3  #: an event's mean top probability a detection needs
     gate_db: float = 10.0  #: dB above the noise floor a frame must reach to be part of a sound event
+    frame: float = 0.01  #: seconds per energy frame of the gate
+    peak_db: float = 14.0  #: dB above the floor an event's loudest frame must reach (a noise's flicker does not)
     context: float = 1.5  #: seconds on each side of a frame whose quiet part is its noise floor
     bridge: float = 0.3  #: seconds: a quieter gap up to this long inside one event
     min_event: float = 0.05  #: seconds: shorter events (clicks) are dropped
@@ -72,7 +74,8 @@ class ListenOptions:
 
     def check(self) -> None:
         for name, low, high in (("window", 0.05, 60.0), ("shift", 0.0, 30.0), ("threshold", 0.0, 1.0),
-                                ("gate_db", 0.0, 120.0), ("context", 0.1, 30.0), ("bridge", 0.0, 10.0),
+                                ("gate_db", 0.0, 120.0), ("peak_db", 0.0, 120.0), ("frame", 0.001, 1.0),
+                                ("context", 0.1, 30.0), ("bridge", 0.0, 10.0),
                                 ("min_event", 0.0, 60.0), ("max_event", 0.05, 60.0),
                                 ("review_gap", 0.0, 86400.0), ("chunk_seconds", 0.05, 60.0)):
             value = getattr(self, name)
@@ -255,15 +258,17 @@ class EventFinder:
     A frame is *above the gate* if it is ``gate_db`` above its noise floor: the louder of the FLOOR_PERCENTILE-th
     percentiles of the ``ctx`` frames before and after it, ``guard`` frames on each side left out (the word
     itself), never below FLOOR_MIN_DB; the louder side, so that the edge of a stretch of steady noise (quiet
-    before, noise after) is measured against the noise, not the quiet. The floor is taken every FLOOR_STEP frames.
+    before, noise after) is measured against the noise, not the quiet. The floor is taken every FLOOR_STEP_S seconds.
     Frames above the gate at most ``bridge`` frames apart form one event; an event is cut at ``max_len`` frames
-    and dropped below ``min_len``. A frame is decided once the ``guard + ctx`` frames after it are in (or at the end).
+    and dropped below ``min_len`` or if no frame of it is ``peak_db`` above its floor. A frame is decided once
+    the ``guard + ctx`` frames after it are in (or at the end).
     """
 
     def __init__(self, *, guard: int, ctx: int, gate_db: float, bridge: int, max_len: int, min_len: int,
-                 frame_s: float) -> None:
+                 frame_s: float, peak_db: float = 0.0) -> None:
         self.guard, self.ctx, self.gate_db, self.bridge = guard, ctx, gate_db, bridge
-        self.max_len, self.min_len, self.frame_s = max_len, min_len, frame_s
+        self.max_len, self.min_len, self.frame_s, self.peak_db = max_len, min_len, frame_s, peak_db
+        self.floor_step = max(1, int(round(FLOOR_STEP_S / frame_s)))
         self.db = np.zeros(0, np.float32)
         self.db_at = 0  #: frame index of db[0]
         self.next = 0  #: the next frame to decide
@@ -292,7 +297,7 @@ class EventFinder:
         events: list[Event] = []
         floor = self.floor_db
         for k in range(self.next, upto):
-            if floor is None or k % FLOOR_STEP == 0:
+            if floor is None or k % self.floor_step == 0:
                 floor = self._floor(k)
             db = float(self.db[k - self.db_at])
             weight = max(0.0, 10.0 ** (db / 10.0) - 10.0 ** (floor / 10.0))
@@ -321,7 +326,7 @@ class EventFinder:
     def _close(self) -> list[Event]:
         first, last, weight, moment, peak = self._open  # type: ignore[misc]
         self._open, self._gap = None, (0.0, 0.0)
-        if last - first + 1 < self.min_len:
+        if last - first + 1 < self.min_len or peak < self.peak_db:
             return []
         centre = moment / weight if weight > 0 else (first + last) / 2
         return [Event(first * self.frame_s, (last + 1) * self.frame_s, (centre + 0.5) * self.frame_s, float(peak))]
@@ -367,13 +372,14 @@ class Listen:
                                  todo="install an audio bundle (edgexfer train DIR --backbone speech_embedding)")
             rate, clip = modality.preprocess.sample_rate, modality.preprocess.clip_samples
             win = int(round((o.window if o.window is not None else clip / rate) * rate))
-            frame = max(1, int(round(FRAME_S * rate)))
+            frame = max(1, int(round(o.frame * rate)))
             frame_s = frame / rate
             shift = int(round(o.shift * rate))
             finder = EventFinder(guard=int(round(win / 2 / frame)), ctx=int(round(o.context / frame_s)),
                                  gate_db=o.gate_db, bridge=int(round(o.bridge / frame_s)),
                                  max_len=max(1, int(round(o.max_event / frame_s))),
-                                 min_len=max(1, int(round(o.min_event / frame_s))), frame_s=frame_s)
+                                 min_len=max(1, int(round(o.min_event / frame_s))), frame_s=frame_s,
+                                 peak_db=o.peak_db)
             chunks = (_file_chunks(self.file, rate, o.chunk_seconds, self._stop) if self.file is not None
                       else _mic_chunks(self.mic, rate, o.chunk_seconds, self._stop))
             media = modality.service_input().media_type or "application/octet-stream"

@@ -72,6 +72,30 @@ def test_acceptance_3_words_found_in_a_long_recording(listening, spoken14, tmp_p
                for d in detections)
 
 
+def test_sound_events_are_bursts_not_steady_noise_and_memory_stays_bounded():
+    """The gate alone (no engine): 0.4 s tone bursts over a -60 dBFS hiss, one inside 30 s of -40 dBFS noise,
+    are five events at their centres; the noise's edges are none (the louder side's floor); fed 2 s at a time
+    over 120 s, the finder keeps a bounded number of frames, not the recording's."""
+    from edgexfer.runtime.listen import EventFinder, frame_db
+
+    rng = np.random.default_rng(3)
+    audio = rng.standard_normal(120 * RATE).astype(np.float32) * 1e-3
+    audio[30 * RATE:60 * RATE] += rng.standard_normal(30 * RATE).astype(np.float32) * 1e-2
+    centres = (5.2, 15.2, 40.2, 80.2, 100.2)
+    for c in centres:
+        at = int((c - 0.2) * RATE)
+        audio[at:at + int(0.4 * RATE)] += 0.1 * np.sin(2 * np.pi * 440 * np.arange(int(0.4 * RATE)) / RATE)
+    finder = EventFinder(guard=50, ctx=150, gate_db=10, bridge=30, max_len=200, min_len=5, frame_s=0.01,
+                         peak_db=14)
+    events, held = [], 0
+    for start in range(0, len(audio), 2 * RATE):
+        finder.push(frame_db(audio[start:start + 2 * RATE], RATE // 100))
+        events += finder.decide(ended=start + 2 * RATE >= len(audio))
+        held = max(held, len(finder.db))
+    assert [round(e.centre, 1) for e in events] == list(centres), events
+    assert held <= 2 * (50 + 150) + 200 + 200, held  # context both sides, the longest event, a chunk
+
+
 def test_uncertain_windows_go_to_the_review_queue_and_silence_never(listening, spoken14, tmp_path):
     """At --threshold 1 every window loud enough to be classified is uncertain: a few reach the queue (one per
     --review-gap, as WAV clips of one window at the bundle's rate), the quiet ones none. The file is 44.1 kHz
