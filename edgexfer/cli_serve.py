@@ -144,7 +144,7 @@ def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> Non
 @click.option("--ignore", "ignore", multiple=True, metavar="LABEL",
               help="Never report this label (a 'background' class the device learned); repeatable.")
 @click.option("--review-max", type=click.IntRange(0), default=20, show_default=True,
-              help="Uncertain windows queued for review per run at most (0: none).")
+              help="Uncertain events queued for review (their centred window) per run at most (0: none).")
 @click.option("--review-gap", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds between two windows queued for review at least.")
 @click.option("--seconds", "max_seconds", type=click.FloatRange(0.01), default=None,
