@@ -130,20 +130,21 @@ def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> Non
 @click.option("--mic", default=None, help="Microphone: a PortAudio device name or index (python -m sounddevice).")
 @click.option("--window", type=click.FloatRange(0.05, 60), default=None,
               help="Seconds per window. Default: the bundle's clip length.")
-@click.option("--hop", type=click.FloatRange(0.01, 60), default=0.25, show_default=True,
-              help="Seconds between window starts.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-              help="Top probability of a window that counts towards a detection; below it, a window loud enough "
-                   "to be classified is uncertain and may go to the review queue.")
+@click.option("--shift", type=click.FloatRange(0, 30), default=0.15, show_default=True,
+              help="Seconds: each sound event is heard in windows centred on it and this much before and after "
+                   "it (their probabilities averaged); 0: one window.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Mean top probability of a sound event's windows a detection needs; below it, the event is "
+                   "uncertain and may go to the review queue.")
 @click.option("--gate-db", type=click.FloatRange(0, 120), default=10.0, show_default=True,
               help="dB above its noise floor (the quieter 30 %% of the 1.5 s before or after it, the louder side) "
-                   "a window must reach to be classified; 0: every window.")
-@click.option("--min-windows", type=click.IntRange(1), default=2, show_default=True,
-              help="Overlapping windows of one label a detection needs.")
+                   "a 10 ms frame must reach to be part of a sound event; only sound events are classified.")
+@click.option("--peak-db", type=click.FloatRange(0, 120), default=14.0, show_default=True,
+              help="dB above its floor a sound event's loudest frame must reach (a steady noise's flicker does not).")
 @click.option("--ignore", "ignore", multiple=True, metavar="LABEL",
               help="Never report this label (a 'background' class the device learned); repeatable.")
 @click.option("--review-max", type=click.IntRange(0), default=20, show_default=True,
-              help="Uncertain windows queued for review per run at most (0: none).")
+              help="Uncertain events queued for review (their centred window) per run at most (0: none).")
 @click.option("--review-gap", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds between two windows queued for review at least.")
 @click.option("--seconds", "max_seconds", type=click.FloatRange(0.01), default=None,
@@ -151,20 +152,21 @@ def _json_lines(run: Any, out: Path | None, summarise: Callable[[], Any]) -> Non
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the JSON lines to this file instead of stdout.")
 @device_engine_options
-def device_listen(state, file, mic, window, hop, threshold, gate_db, min_windows, ignore, review_max, review_gap,
+def device_listen(state, file, mic, window, shift, threshold, gate_db, peak_db, ignore, review_max, review_gap,
                   max_seconds, out, backend, precision):
-    """Spot the bundle's words and sounds in a WAV recording (--file) or the microphone, in sliding windows.
+    """Spot the bundle's words and sounds in a WAV recording (--file) or the microphone.
 
-    One JSON line per detection on stdout (or --out): label, confidence, time (s), start, end, windows; a
-    summary line on stderr at the end. Quiet and steady-noise windows are not classified (--gate-db);
-    overlapping windows of a word give one detection. SIGINT/SIGTERM stop cleanly (docs/audio.md).
+    Sound events (stretches louder than the local noise floor, --gate-db) are classified in windows centred on
+    them; quiet and steady noise are not. One JSON line per detection on stdout (or --out): label, confidence,
+    time (s), start, end, windows; a summary line on stderr at the end. SIGINT/SIGTERM stop cleanly
+    (docs/audio.md).
     """
 
     from edgexfer.runtime.listen import listen
 
     mic_id = int(mic) if mic is not None and mic.isdigit() else mic
-    run = listen(state, file, mic=mic_id, window=window, hop=hop, threshold=threshold, gate_db=gate_db,
-                 min_windows=min_windows, ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
+    run = listen(state, file, mic=mic_id, window=window, shift=shift, threshold=threshold, gate_db=gate_db,
+                 peak_db=peak_db, ignore=tuple(ignore), review_max=review_max, review_gap=review_gap,
                  max_seconds=max_seconds, backend=backend, precision=precision)
 
-    _json_lines(run, out, lambda: run.summary.stopped != "error" or run.summary.windows)
+    _json_lines(run, out, lambda: run.summary.stopped != "error" or run.summary.seconds_heard)

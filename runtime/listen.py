@@ -1,27 +1,26 @@
 """``edgexfer device listen``: spot words and sounds in a long recording or a live microphone (docs/audio.md).
 
 The audio is read in chunks (a WAV file through soundfile, a microphone through PortAudio's ``sounddevice``,
-optional), mixed to mono and resampled to the bundle's rate (soxr, streaming), and cut into windows of
-``window`` seconds every ``hop`` seconds. Memory is bounded by the chunk, the window and the batch, never by the
-recording's length. Three steps turn windows into detections:
+optional), mixed to mono and resampled to the bundle's rate (soxr, streaming). Memory is bounded by the chunk,
+the context, the longest event and the batch, never by the recording's length. As a keyword spotter with a
+voice activity detector, it finds sound events first and classifies only them, each in windows centred on it:
 
-1. **Gate.** A window's loudness is the 90th percentile of its 10 ms frame energies (dBFS); its *noise floor* is
-   the 30th percentile of the frame energies of the ``context`` seconds before it and of those after it, the
-   louder of the two (the edge of a stretch of steady noise is measured against the noise), never below -80
-   dBFS. A window is classified only if it is ``gate_db`` above its floor and the centre of its energy above
-   the floor lies within ``centre`` of its middle (a window holding a word's edge or a clip's noise tail is
-   not a word). Quiet and steady noise are never classified, detected or queued for review; the gated-in
-   windows reach the engine in batches of the modality's batch size.
-2. **Grouping.** Overlapping classified windows of the same top label form a group; a group with
-   ``min_windows`` windows whose best window reaches ``threshold`` may be a detection (a word is heard whole in
-   several overlapping windows, a click in one). A window below ``threshold`` is *uncertain*.
-3. **Non-maximum suppression over time.** Of overlapping groups of different labels (half the shorter span
-   shared) the one with the larger score (its windows' probability times dB above the floor, summed) is kept.
-   Each kept group is one detection: its first window's start, its last window's end, its time (the
-   score-weighted mean of its windows' centres) and its best window's probability.
+1. **Gate.** Each 10 ms frame's energy (dBFS) is compared with its *noise floor*: the 30th percentile of the
+   frame energies of the ``context`` seconds before it and of those after it (half a window next to the frame
+   left out: the word itself), the louder of the two (the edge of a stretch of steady noise is measured against
+   the noise), never below -80 dBFS. Frames ``gate_db`` above their floor, with quieter gaps of at most
+   ``bridge`` seconds between them, form a *sound event* (cut at ``max_event``, dropped under ``min_event``
+   or if its loudest frame is not ``peak_db`` above its floor: the flicker of a steady noise).
+   Quiet and steady noise make no event and are never classified, detected or queued for review.
+2. **Centred windows.** An event is heard in windows of ``window`` seconds centred on the centre of its energy
+   above the floor and ``shift`` seconds before and after it; their probabilities are averaged. The head was
+   trained on clips with the word roughly in the middle: a centred window hears what the head hears in a clip,
+   and the shifted ones make the answer robust to where the centre falls (docs/audio.md: the figures).
+3. **Detection.** An event whose mean top probability reaches ``threshold`` is a detection: its label, that
+   probability, its time (the energy centre), its first and last frame above the gate.
 
-Uncertain windows that overlap no detection go to the device's review queue (the window as a 16-bit WAV,
-source ``listen:<name>``), at most one every ``review_gap`` seconds and ``review_max`` per run, so a noisy room
+Uncertain events go to the device's review queue (the centred window as a 16-bit WAV, source
+``listen:<name>@<window start>``), at most one every ``review_gap`` seconds and ``review_max`` per run, so a noisy room
 cannot flood it. Labels named in ``ignore`` (a "background" class a device learned, say) are never reported.
 No torch here; soundfile and soxr come with the ``audio`` extra, ``sounddevice`` only for a microphone.
 """
@@ -31,9 +30,8 @@ import io
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +46,8 @@ __all__ = ["Detection", "Listen", "ListenOptions", "ListenSummary", "listen"]
 
 log = logging.getLogger("edgexfer.listen")
 
-FRAME_S = 0.010  #: the gate's energy frames
 FLOOR_PERCENTILE = 30  #: of a window's context's frame energies: its noise floor (docs/audio.md: why 30)
+FLOOR_STEP_S = 0.05  #: seconds between two noise floors taken (it moves slowly)
 FLOOR_MIN_DB = -80.0  #: the noise floor is never taken below this (digital silence would let any hiss in)
 _EPS = 1e-10
 
@@ -57,12 +55,15 @@ _EPS = 1e-10
 @dataclass(frozen=True)
 class ListenOptions:
     window: float | None = None  #: seconds per window (None: the bundle's clip length)
-    hop: float = 0.25  #: seconds between window starts
-    threshold: float = 0.6  #: top probability a detection's best window needs
-    gate_db: float = 10.0  #: dB above the noise floor a window must reach to be classified (0: no gate)
-    centre: float = 0.25  #: how far off the window's middle its energy's centre may lie (fraction of the window)
-    context: float = 1.5  #: seconds on each side of a window whose quiet part is its noise floor
-    min_windows: int = 2  #: windows a detection needs (1: every confident window counts)
+    shift: float = 0.15  #: seconds: an event is heard in windows centred on it and this much before and after it
+    threshold: float = 0.3  #: an event's mean top probability a detection needs
+    gate_db: float = 10.0  #: dB above the noise floor a frame must reach to be part of a sound event
+    frame: float = 0.01  #: seconds per energy frame of the gate
+    peak_db: float = 14.0  #: dB above the floor an event's loudest frame must reach (a noise's flicker does not)
+    context: float = 1.5  #: seconds on each side of a frame whose quiet part is its noise floor
+    bridge: float = 0.3  #: seconds: a quieter gap up to this long inside one event
+    min_event: float = 0.05  #: seconds: shorter events (clicks) are dropped
+    max_event: float = 2.0  #: seconds: longer events are cut
     review_gap: float = 5.0  #: seconds between two windows queued for review at least
     review_max: int = 20  #: windows queued for review per run at most (0: none)
     ignore: tuple[str, ...] = ()  #: labels never reported (a learned "background" class)
@@ -72,19 +73,18 @@ class ListenOptions:
     precision: str = "fp32"
 
     def check(self) -> None:
-        for name, low, high in (("window", 0.05, 60.0), ("hop", 0.01, 60.0), ("threshold", 0.0, 1.0),
-                                ("gate_db", 0.0, 120.0), ("context", 0.1, 30.0), ("centre", 0.0, 0.5),
+        for name, low, high in (("window", 0.05, 60.0), ("shift", 0.0, 30.0), ("threshold", 0.0, 1.0),
+                                ("gate_db", 0.0, 120.0), ("peak_db", 0.0, 120.0), ("frame", 0.001, 1.0),
+                                ("context", 0.1, 30.0), ("bridge", 0.0, 10.0),
+                                ("min_event", 0.0, 60.0), ("max_event", 0.05, 60.0),
                                 ("review_gap", 0.0, 86400.0), ("chunk_seconds", 0.05, 60.0)):
             value = getattr(self, name)
             if value is None and name == "window":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise InputError(f"listen --{name.replace('_', '-')}", got=repr(value), expected=f"{low:g}..{high:g}")
-        for name in ("min_windows", "review_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_windows" else 0):
-                raise InputError(f"listen --{name.replace('_', '-')}", got=repr(value), expected="a whole number >= 1"
-                                 if name == "min_windows" else "a whole number >= 0")
+        if isinstance(self.review_max, bool) or not isinstance(self.review_max, int) or self.review_max < 0:
+            raise InputError("listen --review-max", got=repr(self.review_max), expected="a whole number >= 0")
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,11 @@ class Detection:
     """One word or sound heard: one JSON line of ``device listen``."""
 
     label: str
-    confidence: float  #: the peak window's top probability
-    time: float  #: seconds from the start: score-weighted mean of the group's window centres
-    start: float  #: the first window's start
-    end: float  #: the last window's end
-    windows: int  #: windows merged into it
+    confidence: float  #: the top probability of its windows' mean
+    time: float  #: seconds from the start: the centre of the event's energy above the noise floor
+    start: float  #: the event's first frame above the gate
+    end: float  #: the end of its last frame above the gate
+    windows: int  #: windows it was heard in
     head: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,8 +108,8 @@ class Detection:
 class ListenSummary:
     source: str
     seconds_heard: float = 0.0  #: audio read
-    windows: int = 0
-    classified: int = 0  #: windows through the gate
+    events: int = 0  #: sound events found (through the gate)
+    windows: int = 0  #: windows classified
     detections: int = 0
     queued: int = 0
     floor_db: float | None = None  #: the last window's noise floor
@@ -118,12 +118,12 @@ class ListenSummary:
 
     def line(self) -> str:
         floor = "" if self.floor_db is None else f", noise floor {self.floor_db:.1f} dBFS"
-        return (f"listen {self.source}: {self.seconds_heard:.1f} s of audio, {self.windows} window(s), "
-                f"{self.classified} above the gate, {self.detections} detection(s), {self.queued} queued for "
+        return (f"listen {self.source}: {self.seconds_heard:.1f} s of audio, {self.events} sound event(s), "
+                f"{self.windows} window(s) classified, {self.detections} detection(s), {self.queued} queued for "
                 f"review{floor}, {self.seconds:.1f} s ({self.stopped or 'running'})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("source", "seconds_heard", "windows", "classified", "detections",
+        return {k: getattr(self, k) for k in ("source", "seconds_heard", "events", "windows", "detections",
                                               "queued", "floor_db", "seconds", "stopped")}
 
 
@@ -237,94 +237,99 @@ def frame_db(wave: np.ndarray, frame: int) -> np.ndarray:
     return (10.0 * np.log10(power + _EPS)).astype(np.float32)
 
 
-def noise_floor(left: np.ndarray, right: np.ndarray, frame: int) -> float:
-    """A window's noise floor: the louder of the FLOOR_PERCENTILE-th percentiles of the frame energies before
-    and after it (a side without audio is left out), never below FLOOR_MIN_DB. The louder side, so that the edge of a
-    stretch of steady noise (quiet before, noise after) is measured against the noise, not the quiet."""
-    floors = [float(np.percentile(db, FLOOR_PERCENTILE))
-              for db in (frame_db(left, frame), frame_db(right, frame)) if len(db)]
-    return max([FLOOR_MIN_DB, *floors])
+def side_floor(db: np.ndarray) -> float | None:
+    """One side's noise floor: the FLOOR_PERCENTILE-th percentile of its frame energies (None: no frames)."""
+    return float(np.percentile(db, FLOOR_PERCENTILE)) if len(db) else None
 
 
-# ------------------------------------------------------------------------------------------ merging
-@dataclass
-class _Group:
-    """Overlapping classified windows of one top label."""
+@dataclass(frozen=True)
+class Event:
+    """A sound event: a stretch of frames above the local noise floor (gaps shorter than ``bridge`` inside)."""
 
-    label: str
-    start: float
-    end: float
-    peak: float  #: the highest top probability of its windows
-    score: float = 0.0  #: the sum of its windows' weights (probability times dB above the floor)
-    weights: list[float] = field(default_factory=list)
-    centres: list[float] = field(default_factory=list)
-
-    def overlaps(self, other: _Group) -> bool:
-        """At least half of the shorter group's span is shared."""
-        shared = min(self.end, other.end) - max(self.start, other.start)
-        return shared > 0 and shared >= 0.5 * min(self.end - self.start, other.end - other.start)
-
-    def detection(self, head: int) -> Detection:
-        w = np.asarray(self.weights)
-        return Detection(self.label, self.peak, float(np.dot(w, self.centres) / w.sum()), self.start, self.end,
-                         len(self.weights), head)
+    start: float  #: seconds: its first frame above the gate
+    end: float  #: seconds: the end of its last frame above the gate
+    centre: float  #: seconds: the centre of its energy above the floor
+    peak_db: float  #: its loudest frame's dB above the floor
 
 
-class Merger:
-    """Non-maximum suppression over time: candidate windows (in time order) -> one detection per word.
+class EventFinder:
+    """10 ms frame energies in (in time order, any number at a time) -> :class:`Event` s out.
 
-    A group is decided once no group still open overlaps it (a rival's peak can still rise while it is open);
-    it is kept if it has ``min_windows`` windows and no overlapping group of another label with as many has a
-    higher peak.
+    A frame is *above the gate* if it is ``gate_db`` above its noise floor: the louder of the FLOOR_PERCENTILE-th
+    percentiles of the ``ctx`` frames before and after it, ``guard`` frames on each side left out (the word
+    itself), never below FLOOR_MIN_DB; the louder side, so that the edge of a stretch of steady noise (quiet
+    before, noise after) is measured against the noise, not the quiet. The floor is taken every FLOOR_STEP_S seconds.
+    Frames above the gate at most ``bridge`` frames apart form one event; an event is cut at ``max_len`` frames
+    and dropped below ``min_len`` or if no frame of it is ``peak_db`` above its floor. A frame is decided once
+    the ``guard + ctx`` frames after it are in (or at the end).
     """
 
-    def __init__(self, min_windows: int, threshold: float = 0.0) -> None:
-        self.min_windows = min_windows
-        self.threshold = threshold
-        self._open: dict[str, _Group] = {}  #: the latest group of each label
-        self._closed: list[_Group] = []  #: finished, not decided yet
-        self._decided: deque[_Group] = deque(maxlen=64)  #: recent decided groups: rivals of later ones
-        self.kept: deque[tuple[float, float]] = deque(maxlen=64)  #: (start, end) of emitted detections
+    def __init__(self, *, guard: int, ctx: int, gate_db: float, bridge: int, max_len: int, min_len: int,
+                 frame_s: float, peak_db: float = 0.0) -> None:
+        self.guard, self.ctx, self.gate_db, self.bridge = guard, ctx, gate_db, bridge
+        self.max_len, self.min_len, self.frame_s, self.peak_db = max_len, min_len, frame_s, peak_db
+        self.floor_step = max(1, int(round(FLOOR_STEP_S / frame_s)))
+        self.db = np.zeros(0, np.float32)
+        self.db_at = 0  #: frame index of db[0]
+        self.next = 0  #: the next frame to decide
+        self.floor_db: float | None = None  #: the latest noise floor
+        self._open: list[float] | None = None  #: first, last, weight, weight * frame, peak (at its last frame)
+        self._gap = (0.0, 0.0)  #: weight and weight * frame of the frames after the open event's last one
 
-    def add(self, label: str, start: float, end: float, confidence: float, margin_db: float = 1.0) -> None:
-        """A candidate window (in time order): its label, span, top probability and loudness above the floor."""
-        g = self._open.get(label)
-        if g is not None and start < g.end:
-            g.end = end
-            g.peak = max(g.peak, confidence)
-        else:
-            if g is not None:
-                self._closed.append(g)
-            g = self._open[label] = _Group(label, start, end, confidence)
-        g.weights.append(confidence * max(margin_db, 1e-3))
-        g.score += g.weights[-1]
-        g.centres.append((start + end) / 2)
+    def push(self, db: np.ndarray) -> None:
+        self.db = np.concatenate([self.db, db])
 
-    def flush(self, now: float | None, head: int) -> list[Detection]:
-        """The groups that can be decided once every window starting before ``now`` (None: all) was added,
-        kept ones as detections in time order."""
-        for label, g in list(self._open.items()):
-            if now is None or g.end <= now:
-                self._closed.append(self._open.pop(label))
-        ready = [g for g in self._closed if not any(r.start < g.end for r in self._open.values())]
-        self._closed = [g for g in self._closed if g not in ready]
-        rivals = [r for r in [*ready, *self._closed, *self._decided] if self._valid(r)]
-        out = []
-        for g in sorted(ready, key=lambda g: g.start):
-            if self._valid(g) and not any(
-                    r is not g and r.label != g.label and r.score > g.score and r.overlaps(g) for r in rivals):
-                out.append(g)
-                self.kept.append((g.start, g.end))
-        self._decided.extend(ready)
-        return [g.detection(head) for g in out]
+    def needed(self) -> int:
+        """The first frame still needed (frames before it are dropped here; a caller may drop their audio)."""
+        first = self.next if self._open is None else min(self.next, int(self._open[0]))
+        return max(0, first - self.guard - self.ctx)
 
-    def _valid(self, g: _Group) -> bool:
-        return len(g.weights) >= self.min_windows and g.peak >= self.threshold
+    def _floor(self, k: int) -> float:
+        at = self.db_at
+        left = self.db[max(0, k - self.guard - self.ctx - at):max(0, k - self.guard - at)]
+        right = self.db[k + self.guard + 1 - at:k + self.guard + 1 + self.ctx - at]
+        return max([FLOOR_MIN_DB, *(f for f in (side_floor(left), side_floor(right)) if f is not None)])
 
-    def overlaps_detection(self, start: float, end: float) -> bool:
-        """Whether [start, end) overlaps a detection emitted or a group that may become one."""
-        return any(s < end and start < e for s, e in self.kept) or any(
-            g.start < end and start < g.end and self._valid(g) for g in [*self._closed, *self._open.values()])
+    def decide(self, ended: bool) -> list[Event]:
+        """The events that end before the last decidable frame (all, once ``ended``)."""
+        total = self.db_at + len(self.db)
+        upto = total if ended else total - self.guard - self.ctx
+        events: list[Event] = []
+        floor = self.floor_db
+        for k in range(self.next, upto):
+            if floor is None or k % self.floor_step == 0:
+                floor = self._floor(k)
+            db = float(self.db[k - self.db_at])
+            weight = max(0.0, 10.0 ** (db / 10.0) - 10.0 ** (floor / 10.0))
+            e = self._open
+            if db - floor >= self.gate_db:
+                if e is None:
+                    self._open = [k, k, weight, weight * k, db - floor]
+                else:
+                    e[1], e[2], e[3], e[4] = k, e[2] + self._gap[0] + weight, e[3] + self._gap[1] + weight * k, \
+                        max(e[4], db - floor)
+                self._gap = (0.0, 0.0)
+            elif e is not None:
+                self._gap = (self._gap[0] + weight, self._gap[1] + weight * k)
+            e = self._open
+            if e is not None and (k - e[1] > self.bridge or k - e[0] + 1 >= self.max_len):
+                events += self._close()
+        self.floor_db = floor
+        self.next = max(self.next, upto)
+        if ended and self._open is not None:
+            events += self._close()
+        drop = self.needed() - self.db_at
+        if drop > 0:
+            self.db, self.db_at = self.db[drop:], self.db_at + drop
+        return events
+
+    def _close(self) -> list[Event]:
+        first, last, weight, moment, peak = self._open  # type: ignore[misc]
+        self._open, self._gap = None, (0.0, 0.0)
+        if last - first + 1 < self.min_len or peak < self.peak_db:
+            return []
+        centre = moment / weight if weight > 0 else (first + last) / 2
+        return [Event(first * self.frame_s, (last + 1) * self.frame_s, (centre + 0.5) * self.frame_s, float(peak))]
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -345,12 +350,11 @@ class Listen:
         self.summary = ListenSummary(str(self.file) if self.file is not None else f"microphone {mic or 'default'}")
         self._stop = threading.Event()
         self._last_queued = -np.inf
-        self._pending: list[tuple[float, float, np.ndarray, np.ndarray, list[str], int]] = []
 
     def stop(self) -> None:
         self._stop.set()
 
-    # long: opening the core, the chunk loop (windows, gate, batches, merging) and the one cleanup in `finally`
+    # long: opening the core, the chunk loop (frames, events, windows, batches) and the one cleanup in `finally`
     # belong to one try block: a generator's cleanup must see every resource it opened
     def __iter__(self) -> Iterator[Detection]:
         from edgexfer.runtime.service.core import ServiceConfig, ServiceCore
@@ -368,59 +372,48 @@ class Listen:
                                  todo="install an audio bundle (edgexfer train DIR --backbone speech_embedding)")
             rate, clip = modality.preprocess.sample_rate, modality.preprocess.clip_samples
             win = int(round((o.window if o.window is not None else clip / rate) * rate))
-            hop = max(1, int(round(o.hop * rate)))
-            if hop > win:
-                raise InputError("listen --hop", got=f"{o.hop:g} s, longer than the window ({win / rate:g} s)",
-                                 expected="a hop no longer than the window", todo="pass a smaller --hop")
-            frame = max(1, int(round(FRAME_S * rate)))
+            frame = max(1, int(round(o.frame * rate)))
+            frame_s = frame / rate
+            shift = int(round(o.shift * rate))
+            finder = EventFinder(guard=int(round(win / 2 / frame)), ctx=int(round(o.context / frame_s)),
+                                 gate_db=o.gate_db, bridge=int(round(o.bridge / frame_s)),
+                                 max_len=max(1, int(round(o.max_event / frame_s))),
+                                 min_len=max(1, int(round(o.min_event / frame_s))), frame_s=frame_s,
+                                 peak_db=o.peak_db)
             chunks = (_file_chunks(self.file, rate, o.chunk_seconds, self._stop) if self.file is not None
                       else _mic_chunks(self.mic, rate, o.chunk_seconds, self._stop))
-            ctx = int(round(o.context * rate))
-            merger = Merger(o.min_windows, o.threshold)
             media = modality.service_input().media_type or "application/octet-stream"
             buf = np.zeros(0, np.float32)
-            buf_at = 0  #: sample index of buf[0]: the next window's left context starts there or later
-            next_start = 0  #: sample index of the next window
-            batch: list[tuple[int, np.ndarray, float]] = []
+            buf_at = 0  #: sample index of buf[0]
+            frames = 0  #: frames measured
             ended = False
             while not ended:
                 chunk = next(chunks, None)
                 if chunk is None or self._stop.is_set():
                     ended = True
                 else:
-                    keep = max(buf_at, next_start - ctx)
-                    buf = np.concatenate([buf[keep - buf_at:], chunk])
-                    buf_at = keep
+                    buf = np.concatenate([buf, chunk])
                     summary.seconds_heard += len(chunk) / rate
                     if o.max_seconds is not None and summary.seconds_heard >= o.max_seconds:
                         ended = True
-                end = buf_at + len(buf)
-                # a window waits for its right context (ctx samples after it), except at the end
-                while next_start + win + (0 if ended else ctx) <= end or (ended and next_start < end
-                                                                         and summary.windows == 0):
-                    at = next_start - buf_at
-                    wave = buf[at:at + win]
-                    summary.windows += 1
-                    floor = noise_floor(buf[max(0, at - ctx):at], buf[at + win:at + win + ctx], frame)
-                    summary.floor_db = round(floor, 1)
-                    margin = _loudness(wave, frame) - floor
-                    if o.gate_db <= 0 or (margin >= o.gate_db and off_centre(wave, frame, floor) <= o.centre):
-                        batch.append((next_start, fit_clip(wave, clip), margin))
-                    next_start += hop
-                    if len(batch) >= modality.batch_size:
-                        yield from self._run(core, batch, merger, rate, win, media, next_start / rate)
+                whole = (buf_at + len(buf)) // frame
+                finder.push(frame_db(buf[frames * frame - buf_at:whole * frame - buf_at], frame))
+                frames = whole
+                batch: list[tuple[Event, list[np.ndarray]]] = []
+                for event in finder.decide(ended):
+                    waves = [_cut(buf, buf_at, int(round(event.centre * rate)) + s - win // 2, win)
+                             for s in ((0,) if shift == 0 else (-shift, 0, shift))]
+                    batch.append((event, [fit_clip(w, clip) for w in waves]))
+                    if sum(len(w) for _, w in batch) >= modality.batch_size:
+                        yield from self._classify(core, batch, rate, win, media)
                         batch = []
-                # every chunk ends with its windows classified and the words that ended announced (a microphone's
-                # latency: a chunk and a window)
-                now = None if ended else next_start / rate
-                if batch:
-                    yield from self._run(core, batch, merger, rate, win, media, now)
-                    batch = []
-                else:
-                    for d in merger.flush(now, model.head_version):
-                        summary.detections += 1
-                        yield d
-                    self._review(core, merger, rate, win, media, now)
+                yield from self._classify(core, batch, rate, win, media)
+                summary.floor_db = None if finder.floor_db is None else round(finder.floor_db, 1)
+                # every chunk ends with the events that ended announced (a microphone's latency: a chunk, a
+                # window and the context after it); the audio before what the finder and a window need is dropped
+                keep = min(finder.needed() * frame - win - shift, frames * frame)
+                if keep > buf_at:
+                    buf, buf_at = buf[keep - buf_at:], keep
             summary.stopped = "stopped" if self._stop.is_set() else (
                 "max seconds" if o.max_seconds is not None and summary.seconds_heard >= o.max_seconds else "end of file")
         except GeneratorExit:
@@ -434,65 +427,56 @@ class Listen:
                 core.close()
             summary.seconds = time.monotonic() - started
 
-    def _run(self, core: Any, batch: list[tuple[int, np.ndarray, float]], merger: Merger, rate: int, win: int,
-             media: str, now: float | None) -> Iterator[Detection]:
-        """Classify one batch of gated windows, merge the confident ones, queue uncertain ones for review."""
-        o = self.options
-        result = core.classify_now(np.stack([w for _, w, _ in batch]))
-        self.summary.classified += len(batch)
-        for (start, wave, margin), row in zip(batch, result.probabilities):
+    def _classify(self, core: Any, batch: list[tuple[Event, list[np.ndarray]]], rate: int, win: int,
+                  media: str) -> Iterator[Detection]:
+        """Classify the windows of a batch of events; an event's probabilities are its windows' mean. A confident
+        event is a detection, an uncertain one may go to the review queue (its centred window)."""
+        if not batch:
+            return
+        o, summary = self.options, self.summary
+        result = core.classify_now(np.stack([w for _, waves in batch for w in waves]))
+        summary.events += len(batch)
+        summary.windows += len(result.probabilities)
+        at = 0
+        for event, waves in batch:
+            row = np.mean(result.probabilities[at:at + len(waves)], axis=0)
+            at += len(waves)
             j = int(np.argmax(row))
             label, p = result.classes[j], float(row[j])
-            t0, t1 = start / rate, (start + win) / rate
             if label in o.ignore:
                 continue
-            merger.add(label, t0, t1, p, margin)
-            if p < o.threshold and self.summary.queued + len(self._pending) < o.review_max:
-                self._pending.append((t0, t1, wave, row, result.classes, result.head_version))
-        for d in merger.flush(now, result.head_version):
-            self.summary.detections += 1
-            yield d
-        self._review(core, merger, rate, win, media, now)
+            if p >= o.threshold:
+                summary.detections += 1
+                yield Detection(label, p, event.centre, event.start, event.end,
+                                len(waves), result.head_version)
+            else:
+                self._review(core, event.centre - win / rate / 2, waves[len(waves) // 2], row, result, rate, media)
 
-    def _review(self, core: Any, merger: Merger, rate: int, win: int, media: str, now: float | None) -> None:
-        """Queue the uncertain windows no detection can overlap any more (decided a window after their end)."""
-        o, keep = self.options, []
-        for item in self._pending:
-            t0, t1, wave, row, classes, head = item
-            if now is not None and now < t1 + win / rate:
-                keep.append(item)
-                continue
-            if self.summary.queued >= o.review_max or t0 - self._last_queued < o.review_gap \
-                    or merger.overlaps_detection(t0, t1):
-                continue  # the cap, or the edge of a word that was detected
-            order = np.argsort(-row)[:3]
-            top_k = [{"label": classes[k], "probability": round(float(row[k]), 6)} for k in order]
-            data = encode_wav(wave, rate)
-            entry = {"sha256": FeatureCache.content_sha256(data), "data": data, "media_type": media,
-                     "label": classes[order[0]], "probability": float(row[order[0]]), "top_k": top_k, "head": head,
-                     "source": f"listen:{self.summary.source}@{t0:.2f}s"}
-            new = core.review_sync(lambda q, entry=entry: q.add(**entry))
-            if new is not None:
-                self.summary.queued += 1
-                self._last_queued = t0
-        self._pending = keep
+    def _review(self, core: Any, t0: float, wave: np.ndarray, row: np.ndarray, result: Any, rate: int,
+                media: str) -> None:
+        """Queue an uncertain event's window for review: at most one every ``review_gap`` s, ``review_max`` a run."""
+        o = self.options
+        if self.summary.queued >= o.review_max or t0 - self._last_queued < o.review_gap:
+            return
+        order = np.argsort(-row)[:3]
+        top_k = [{"label": result.classes[k], "probability": round(float(row[k]), 6)} for k in order]
+        data = encode_wav(wave, rate)
+        entry = {"sha256": FeatureCache.content_sha256(data), "data": data, "media_type": media,
+                 "label": result.classes[order[0]], "probability": float(row[order[0]]), "top_k": top_k,
+                 "head": result.head_version, "source": f"listen:{self.summary.source}@{max(0.0, t0):.2f}s"}
+        if core.review_sync(lambda q, entry=entry: q.add(**entry)) is not None:
+            self.summary.queued += 1
+            self._last_queued = t0
 
 
-def _loudness(wave: np.ndarray, frame: int) -> float:
-    """A window's loudness: the 90th percentile of its frame energies (dBFS)."""
-    db = frame_db(wave, frame)
-    return float(np.percentile(db, 90)) if len(db) else -200.0
-
-
-def off_centre(wave: np.ndarray, frame: int, floor_db: float) -> float:
-    """How far (a fraction of the window, 0..0.5) the centre of the window's energy above the floor lies from its
-    middle: a word heard whole is near the middle of some window; a window that holds only its edge (or the
-    edge of a stretch of noise) has its energy at one end."""
-    db = frame_db(wave, frame)
-    above = np.clip(np.power(10.0, db / 10.0) - 10.0 ** (floor_db / 10.0), 0.0, None)
-    if len(db) == 0 or above.sum() <= 0:
-        return 0.5
-    return float(abs(np.dot(above, np.arange(len(db)) + 0.5) / above.sum() / len(db) - 0.5))
+def _cut(buf: np.ndarray, buf_at: int, start: int, length: int) -> np.ndarray:
+    """``length`` samples from sample ``start`` of the stream whose samples from ``buf_at`` on are ``buf``;
+    silence where it has none (before the recording, after its end)."""
+    out = np.zeros(length, np.float32)
+    lo, hi = max(start, buf_at), min(start + length, buf_at + len(buf))
+    if hi > lo:
+        out[lo - start:hi - start] = buf[lo - buf_at:hi - buf_at]
+    return out
 
 
 def listen(state: str | Path | None, file: str | Path | None = None, **options: Any) -> Listen:

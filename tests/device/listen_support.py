@@ -3,7 +3,7 @@ words at known times between stretches of quiet (a microphone's hiss) and of noi
 
 A word's true time is the energy centre of its clip: the clip's 10 ms frame energies above the clip's own
 quietest tenth, weighted (each clip is one word with its own noise around it). Also used by the figures in
-docs/audio.md (several seeds): ``python tests/device/listen_support.py BUNDLE_STATE SEEDS``.
+docs/audio.md (several seeds): ``python benchmarks/listen_study.py STATE SEEDS``.
 """
 from __future__ import annotations
 
