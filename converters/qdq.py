@@ -73,24 +73,24 @@ MAX_KEPT = 4
 class QdqRecipe:
     name: str
     symmetric: bool
-    #: "onnxruntime": ONNX Runtime with all optimisations (its int8 kernels, as the runtime backend runs
-    #: it); "reference": ONNX Runtime with graph optimisations off, i.e. Q/DQ computed as defined in float
-    runtime: str
+    #: True: validated on ONNX Runtime with all optimisations (its int8 kernels, as the runtime backend runs
+    #: it); False: ONNX Runtime with graph optimisations off, i.e. Q/DQ computed as defined in float
+    int8_kernels: bool
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 ASYMMETRIC = QdqRecipe(
-    "asymmetric", False, "onnxruntime",
+    "asymmetric", False, True,
     "QDQ, uint8 asymmetric activations, int8 symmetric per-channel weights, MinMax calibration")
 SYMMETRIC = QdqRecipe(
-    "symmetric", True, "reference",
+    "symmetric", True, False,
     "QDQ for TensorRT explicit int8: int8 symmetric activations and per-channel weights (zero points 0), "
     "float bias, MinMax calibration", {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
 class QdqRunner(EngineRunner):
-    """Runs a QDQ ONNX model with ONNX Runtime, with or without graph optimisations (see QdqRecipe.runtime).
+    """Runs a QDQ ONNX model with ONNX Runtime, with or without graph optimisations (see QdqRecipe.int8_kernels).
 
     Without optimisations the Q/DQ pairs are evaluated in float: the quantization error without any
     engine's int8 kernels (what TensorRT's builder starts from).
@@ -132,7 +132,7 @@ class QdqRunner(EngineRunner):
 
 
 def open_runner(path: Path, recipe: QdqRecipe):
-    if recipe.runtime == "onnxruntime":
+    if recipe.int8_kernels:
         from edgexfer.runtime.backends.registry import open_backend
 
         return open_backend("onnxruntime", path, precision="int8")
@@ -204,7 +204,7 @@ def quantize_with_search(float_model: Path, out_path: Path, recipe: QdqRecipe, b
     shutil.move(str(candidate), out_path)
     if scope:
         excluded = [*after_gelu, *excluded]  # every weighted layer left in float
-    return {"recipe": recipe.name, "description": recipe.description, "validated_runtime": recipe.runtime,
+    return {"recipe": recipe.name, "description": recipe.description, "validated_runtime": "onnxruntime" if recipe.int8_kernels else "reference",
             "calibration_images": len(calib), "calibration_method": "MinMax", "per_channel": True,
             "search_images": len(search), "kept_in_float": excluded, "search": trials,
             "sensitivity": ranking[:TOP_LOCAL * 2], "damage_alone": damage,
@@ -436,7 +436,7 @@ def layer_sensitivity(float_path: Path, qdq_path: Path, pixels: EngineInputs, re
                 present.add(t)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if recipe.runtime != "onnxruntime":
+    if not recipe.int8_kernels:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(fm.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [t for _, out, compare in branches for t in (out, compare)]
