@@ -61,6 +61,28 @@ def forget_earlier_pages(browser) -> None:
     browser.get_log("browser")
 
 
+def page_probes(browser, *also: str):
+    """``(shown, until)``: the text of an element by id, and a wait for a condition whose failure says what the
+    page showed (#answer, #error and the ids in ``also``)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
+
+    def shown(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text.strip()
+
+    def until(condition, what: str) -> None:
+        try:
+            wait.until(lambda _: condition())
+        except Exception:
+            seen = ", ".join(f"#{i} {shown(i)!r}" for i in also)
+            raise AssertionError(f"the page never showed {what}: #answer shows {shown('answer')!r}, "
+                                 f"#error {shown('error')!r}" + (f", {seen}" if seen else "")) from None
+
+    return shown, until
+
+
 def learn(server: Server, path: Path, label: str, token: str | None = None) -> None:
     """POST /v1/label with an uploaded image (multipart), as ``curl -F file=@IMG -F label=CLASS`` does."""
     boundary = uuid.uuid4().hex
@@ -266,24 +288,13 @@ def test_page_labels_any_answer_and_offers_a_new_class_at_once(browser, device_b
     is a button at once, before any retrain; the retrain that follows is reported by the one evaluation that
     decided it (leave-one-out on the new class's samples), never as a holdout of 0 samples."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from edgexfer.runtime.device import Device
 
     state = tmp_path / "state"
     with Device(state) as dev:
         dev.install(device_bundle)
-    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
-
-    def shown(element_id: str) -> str:
-        return browser.find_element(By.ID, element_id).text.strip()
-
-    def until(condition, what: str) -> None:
-        try:
-            wait.until(lambda _: condition())
-        except Exception:
-            raise AssertionError(f"the page never showed {what}: #answer shows {shown('answer')!r}, "
-                                 f"#error {shown('error')!r}") from None
+    shown, until = page_probes(browser)
 
     def answer_buttons() -> list[str]:
         return browser.execute_script(
@@ -459,19 +470,8 @@ def test_page_plays_uploads_and_records_clips_with_an_audio_bundle(browser, audi
     import wave
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.1)
-
-    def shown(element_id: str) -> str:
-        return browser.find_element(By.ID, element_id).text.strip()
-
-    def until(condition, what: str) -> None:
-        try:
-            wait.until(lambda _: condition())
-        except Exception:
-            raise AssertionError(f"the page never showed {what}: #answer shows {shown('answer')!r}, "
-                                 f"#error {shown('error')!r}, #record-state {shown('record-state')!r}") from None
+    shown, until = page_probes(browser, "record-state")
 
     def loaded(css: str) -> bool:
         """Whether the player ``css`` has a blob: source whose audio the browser read (its duration known)."""
