@@ -225,6 +225,10 @@ class ImageReader(ExportReader):
         if missing:
             raise InputError("validation images of the run are gone", got=f"{len(missing)} missing, e.g. {missing[0]}",
                              expected="the training data where it was", todo="restore the data directory or train again")
+        from edgexfer.backbones import run_config
+
+        if run_config(run).reference:  # an onnx: backbone: no torch module, the original model is the reference
+            self.reference, self.reference_title = "onnxruntime fp32 (the original model)", "the original ONNX model"
 
     def read(self, entries) -> np.ndarray:
         return stack([load_image(e["path"], self.spec) for e in entries])
