@@ -228,3 +228,33 @@ def test_device_suggest_ranks_given_files_and_the_review_queue(pools, tmp_path, 
     assert all(0 <= r["uncertainty"] <= 1 and r["review_id"] is None for r in ranked)
     empty = _cli("device", "suggest", "--state", str(state))  # no files: the review queue, empty here
     assert empty.returncode == 0 and "nothing to suggest" in empty.stdout
+
+
+def test_the_permutation_test_is_the_unbiased_mmd_and_its_p_value_by_definition():
+    """mmd_test computes every relabelling's statistic from one matrix product; here the definition, written
+    out with index sets, must give the same statistic and the same p-value (same seed, same relabellings)."""
+    from edgexfer.runtime.drift import _unit, mmd_test
+
+    def by_definition(reference, window, permutations, seed):
+        z = np.vstack([_unit(reference), _unit(window)])
+        n, m = len(reference), len(window)
+        dist = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+        kernel = np.exp(-dist / (np.median(dist[np.triu_indices(n + m, 1)]) or 1.0))
+
+        def mmd(in_x):
+            x, y = np.flatnonzero(in_x), np.flatnonzero(~in_x)
+            kxx = sum(kernel[i, j] for i in x for j in x if i != j) / (n * (n - 1))
+            kyy = sum(kernel[i, j] for i in y for j in y if i != j) / (m * (m - 1))
+            return kxx + kyy - 2 * kernel[np.ix_(x, y)].mean()
+
+        mask = np.arange(n + m) < n
+        observed, rng = mmd(mask), np.random.default_rng(seed)
+        above = sum(mmd(rng.permutation(mask)) >= observed - 1e-12 for _ in range(permutations))
+        return observed, (1 + above) / (1 + permutations)
+
+    rng = np.random.default_rng(3)
+    for n, m, shift in ((12, 6, 0.0), (12, 6, 0.8), (3, 2, 0.0), (70, 10, 0.3)):  # (70, 10): two chunks of 64
+        reference, window = rng.normal(size=(n, 8)), rng.normal(size=(m, 8)) + shift
+        statistic, p = mmd_test(reference, window, permutations=90, seed=5)
+        want_statistic, want_p = by_definition(reference, window, 90, 5)
+        assert statistic == pytest.approx(want_statistic, abs=1e-12) and p == pytest.approx(want_p, abs=1e-12), (n, m)
