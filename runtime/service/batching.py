@@ -25,9 +25,11 @@ the moment, so :class:`BatchSizer` measures it while serving instead of trusting
   gives up) so that probes lose at most ``probe_share`` (1 %) of the time: a cap nearly as
   good is probed often, a much worse one seldom. A probe disturbs more than its window (the clients it
   answers one at a time fall out of step), so each probe that confirms the best cap doubles the wait for
-  the next, up to :data:`MAX_BACKOFF` times; a change of the best or of the load starts again from 1. A cap's figures are stale when the cap that was best
-  as they were measured now costs more than ``change`` (50 %) more or less (the load changed): stale caps
-  are probed first and sooner, and their old windows are dropped. A cap is only tried when enough
+  the next, up to :data:`MAX_BACKOFF` times; a probe that changes the best starts again from 1. A cap's
+  figures are stale when the cap that was best as they were measured now costs more than ``change`` (50 %)
+  more or less (the load changed): a stale cap is probed at once, whatever the wait, and its old windows
+  are dropped; the wait itself is kept (the probe measures the new load; spacing probes out again after
+  every change put one into most 3-s slices of the load study). A cap is only tried when enough
   requests wait to fill it. The first window is ``max_batch`` (what a fixed batcher would run); a cap
   never measured is tried as soon as enough requests wait for it, the largest first.
 * The first call of each batch size is dropped (OpenVINO compiles its dynamic-batch model then, and every
@@ -63,8 +65,8 @@ IDLE_SECONDS = 1.0
 #: a window of the chosen cap this far (relative) from its estimate: the load changed, probe the others soon
 CHANGE = 0.5
 #: a probe that leaves the best cap the best doubles the wait for the next one, up to this factor; a probe
-#: that changes the best, or a change of load (a stale figure), starts again from 1 (a quiet 2-core EPYC served 251-262 req/s in 3-s slices with
-#: a probe of single calls against 280-307 without, benchmarks/results/serve_batching.json)
+#: that changes the best starts again from 1 (a quiet 2-core EPYC served 251-262 req/s in 3-s slices with a
+#: probe of single calls against 280-307 without, benchmarks/results/serve_batching.json)
 MAX_BACKOFF = 8
 
 
@@ -182,9 +184,10 @@ class BatchSizer:
         elif others:
             # stale ones first (measured before the load changed), then the one measured longest ago
             oldest = min(others, key=lambda cap: (not self.stale(cap), self.costs[cap].last))
-            if self.stale(oldest):  # the load changed: probes are as frequent as at the start
-                self._backoff = 1
-            if self._since_probe * self.probe_share >= self._probe_loss(oldest, best) * self._backoff:
+            # measured at another load: probed at once (what it costs now decides whether the best still
+            # is); otherwise when the time since the last probe has paid for it
+            if self.stale(oldest) or (self._since_probe * self.probe_share
+                                      >= self._probe_loss(oldest, best) * self._backoff):
                 target, probe = oldest, True
         self._open_window(target, probe, room)
         return target
@@ -195,8 +198,7 @@ class BatchSizer:
         ps, ps_best = self.costs[cap].per_sample, self.costs[best].per_sample
         samples = self._window_samples or 4 * self.max_batch
         window = min(samples * ps, self.window_seconds)
-        # a stale figure says little (it was measured at another load): a quarter of its loss, probed sooner
-        return window * max(0.01, 1 - ps_best / ps) / (4 if self.stale(cap) else 1)
+        return window * max(0.01, 1 - ps_best / ps)
 
     def stale(self, cap: int) -> bool:
         """Whether ``cap`` was measured at another load: the cap that was best then now costs more than

@@ -85,6 +85,20 @@ def test_probes_that_confirm_the_best_cap_come_ever_more_seldom():
     assert len(gaps) >= 2 and gaps[-1] > 1.5 * gaps[0]
 
 
+def test_a_change_of_load_is_probed_at_once_and_the_wait_between_probes_is_kept():
+    """When the load changes (the best cap's cost moves by more than 50 %), the other cap is measured again at
+    once; the probes after that stay as seldom as before. Spacing them out again from the start after every
+    change put a probe into most 3-s slices of the load study, which alternates its loads."""
+    heavy = {n: 3 * seconds for n, seconds in QUIET.items()}  # batches still win, everything costs 3x
+    sizer = BatchSizer(8)
+    _serve(sizer, heavy, 3000)
+    limits = _serve(sizer, QUIET, 3000)["limits"]  # the machine gets quiet
+    singles = [i for i, n in enumerate(limits) if n == 1]
+    starts = [i for k, i in enumerate(singles) if k == 0 or i - singles[k - 1] > 1]
+    assert starts[0] < 20  # at once: the window that saw the change, then the probe
+    assert len(starts) >= 2 and starts[1] - starts[0] > 600, starts  # the grown wait, not the first one
+
+
 def test_one_client_gets_single_calls_whatever_the_cap():
     sizer = BatchSizer(8)
     out = _serve(sizer, {1: 0.008}, 300, waiting=1)  # one client: only batches of 1
