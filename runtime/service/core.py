@@ -79,6 +79,8 @@ T = TypeVar("T")
 FOLLOW_INTERVAL = 0.25
 #: seconds before a state that could not be loaded is tried again (sooner if ``active.json`` changes again)
 RETRY_INTERVAL = 5.0
+#: engine calls whose features may wait for the database thread (the drift test's ring buffer) at once
+MAX_PENDING_OBSERVATIONS = 64
 
 
 def _concat(parts: Sequence[Sequence[Any]]) -> list[Any]:
@@ -211,6 +213,8 @@ class ServiceCore:
         self._sizer = BatchSizer(self.config.max_batch)
         #: every engine call's features, kept and tested in the database thread (``/v1/status``, ``/metrics``)
         self.drift = DriftMonitor(self.state.cache_path, every=self.config.drift_every, window=self.config.drift_window)
+        #: batches whose features may wait for the database thread at once (see :meth:`_observe`)
+        self._observing = threading.BoundedSemaphore(MAX_PENDING_OBSERVATIONS)
         self.metrics.follow_drift(lambda: self.drift.last)
         self.started = time.time()
 
@@ -355,11 +359,30 @@ class ServiceCore:
         seconds = time.perf_counter() - started
         self.metrics.batch(len(batch))
         self.metrics.statistics.execution(model.name, str(model.head_version), len(batch), seconds)
-        try:  # kept for the drift test in the database thread; the answer does not wait for it
-            self._db_thread.submit(self.drift.observe, model.bundle, model.head, features, probabilities)
-        except RuntimeError:  # the database thread is shut down: the core is closing
-            pass
+        self._observe(model, features, probabilities)
         return probabilities, features, model, engine, seconds
+
+    def _observe(self, model: ActiveModel, features: np.ndarray, probabilities: np.ndarray) -> None:
+        """Keep a batch's features for the drift test, in the database thread; the answer does not wait.
+
+        At most :data:`MAX_PENDING_OBSERVATIONS` batches wait for that thread: one behind (a slow SD card's
+        commits, a long test) skips batches, counted in ``edgexfer_drift_inputs_skipped_total``, instead of
+        holding every batch's features in memory for as long as the load lasts.
+        """
+        if not self._observing.acquire(blocking=False):
+            self.metrics.drift_skipped.inc(len(features))
+            return
+
+        def observe() -> None:
+            try:
+                self.drift.observe(model.bundle, model.head, features, probabilities)
+            finally:
+                self._observing.release()
+
+        try:
+            self._db_thread.submit(observe)
+        except RuntimeError:  # the database thread is shut down: the core is closing
+            self._observing.release()
 
     def _classified(self, probs: np.ndarray, feats: np.ndarray, model: ActiveModel, engine: Any,
                     seconds: float = 0.0) -> Classified:

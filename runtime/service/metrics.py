@@ -14,7 +14,8 @@ Families (all prefixed ``edgexfer_``):
   cannot be (read at each scrape, as ``/v2/health/ready`` answers);
 * ``cache_samples{label}``, ``review_queue_entries``, ``retrains_total{result}``;
 * ``drift_detected``, ``drift_p_value``, ``drift_statistic``, ``drift_label_shift``, ``drift_window_confidence``:
-  the last drift test (``--drift-every`` inputs), NaN before its first verdict.
+  the last drift test (``--drift-every`` inputs), NaN before its first verdict; ``drift_inputs_skipped_total``:
+  inputs whose features were not kept for it because the database thread was behind;
 
 * ``grpc_requests_total{method,code}`` and ``grpc_request_duration_seconds{method}``: per gRPC method of
   the KServe v2 service (``--grpc-port``), ``code`` the gRPC status name.
@@ -168,6 +169,8 @@ class ServiceMetrics:
                                        registry=r)
         self.drift_confidence = Gauge(f"{PREFIX}_drift_window_confidence",
                                       "Mean confidence of the answers in the tested window", registry=r)
+        self.drift_skipped = Counter(f"{PREFIX}_drift_inputs_skipped",
+                                     "Inputs not kept for the drift test: the database thread was behind", registry=r)
         self.retrains = Counter(f"{PREFIX}_retrains", "Retrains run by the service, by result", ["result"], registry=r)
         self.grpc_requests = Counter(f"{PREFIX}_grpc_requests", "gRPC requests by method and status code",
                                      ["method", "code"], registry=r)

@@ -59,3 +59,43 @@ def test_the_http_layer_works_through_the_core_device_only(served_state, monkeyp
     finally:
         core.close()
     assert len(opened) == 1, f"the server opened {len(opened)} Device objects, expected the core's one"
+
+
+def test_a_database_thread_behind_skips_drift_observations_instead_of_holding_every_batch(served_state):
+    """Every engine call's features go to the drift test's ring buffer in the database thread. While that
+    thread is held (a slow SD card, a long test), at most MAX_PENDING_OBSERVATIONS batches wait; the others
+    are counted as skipped in /metrics, answers go on, and the waiting ones are kept once it frees."""
+    import threading
+
+    import numpy as np
+
+    from edgexfer.runtime.drift import RecentInputs
+    from edgexfer.runtime.service.core import MAX_PENDING_OBSERVATIONS, ServiceCore
+
+    core = ServiceCore(served_state)
+    core.open()
+    held = threading.Event()
+    try:
+        height, width = core.device.bundle().manifest.backbone.input.size
+        pixels = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        core.classify_now(pixels)  # the ring buffer opens
+        core._db_thread.submit(lambda: None).result()
+        with RecentInputs(core.state.cache_path) as recent:
+            before = recent.count()
+        blocker = core._db_thread.submit(held.wait, 60)
+        calls = MAX_PENDING_OBSERVATIONS + 20
+        answers = [core.classify_now(pixels) for _ in range(calls)]  # would wait forever if answers waited
+        assert all(a.probabilities.shape[0] == 2 for a in answers)
+        skipped = core.metrics.registry.get_sample_value("edgexfer_drift_inputs_skipped_total")
+        assert skipped == 2 * 20
+        held.set()
+        blocker.result()
+        core._db_thread.submit(lambda: None).result()
+        with RecentInputs(core.state.cache_path) as recent:
+            assert recent.count() == min(before + 2 * MAX_PENDING_OBSERVATIONS, recent.capacity)
+        core.classify_now(pixels)  # and the observations go on
+        core._db_thread.submit(lambda: None).result()
+        assert core.metrics.registry.get_sample_value("edgexfer_drift_inputs_skipped_total") == skipped
+    finally:
+        held.set()
+        core.close()
