@@ -136,7 +136,7 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, *, permutations: int = D
     # r = K 1 its row sums and T = 1' K 1: sum K[x, x] = s'Ks, sum K[x, y] = s'r - s'Ks and
     # sum K[y, y] = T - 2 s'r + s'Ks. So every relabelling costs one row of a matrix product (S K) * S,
     # chunk by chunk, instead of three fancy-indexed copies of the kernel: 542 rows, 500 relabellings
-    # took 0.61 s that way and ~0.03 s this way (benchmarks/README.md, "The drift test's cost"), and
+    # took 0.41 s that way and 0.023 s this way (benchmarks/README.md, "The drift test's cost"), and
     # ``device serve`` runs it every 50 inputs.
     rows = kernel.sum(axis=1)
     total = float(rows.sum())
