@@ -46,7 +46,8 @@ MAX_REFERENCE = 512
 MIN_WINDOW = 10
 #: ``device serve`` and ``watch`` test again after this many inputs
 DEFAULT_EVERY = 50
-#: relabellings whose statistics one matrix product computes (memory: this many rows of the pooled kernel)
+#: relabellings whose statistics one matrix product computes (memory: this many labellings and rows of the
+#: kernel product at a time)
 PERMUTATION_CHUNK = 64
 #: a relabelled statistic this close to the observed one (relative, at least absolute) counts as a tie
 TIE_TOLERANCE = 1e-12
@@ -144,14 +145,13 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, *, permutations: int = D
     mask[:n] = True
     rng = np.random.default_rng(seed)
     # the observed labelling first, in the same products as the relabellings (a relabelling that is the
-    # observed one ties with it exactly); the relabellings drawn as before, one permutation at a time
-    labellings = np.empty((1 + permutations, n + m), dtype=np.float64)
-    labellings[0] = mask
-    for k in range(permutations):
-        labellings[1 + k] = rng.permutation(mask)
-    stats = np.empty(len(labellings))
-    for start in range(0, len(labellings), PERMUTATION_CHUNK):
-        s = labellings[start:start + PERMUTATION_CHUNK]
+    # observed one ties with it exactly); the relabellings drawn as before, one permutation at a time, and
+    # a chunk at a time (memory: PERMUTATION_CHUNK labellings, whatever ``permutations`` asks)
+    stats = np.empty(1 + permutations)
+    for start in range(0, 1 + permutations, PERMUTATION_CHUNK):
+        s = np.empty((min(PERMUTATION_CHUNK, 1 + permutations - start), n + m))
+        for k in range(len(s)):
+            s[k] = mask if start + k == 0 else rng.permutation(mask)
         kxx = np.einsum("ij,ij->i", s @ kernel, s)
         sr = s @ rows
         kxy, kyy = sr - kxx, total - 2 * sr + kxx
