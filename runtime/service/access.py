@@ -20,7 +20,7 @@ send requests to the service. Three things keep those pages from using it:
 
 The token (``--token-file``), once given, guards the endpoints that change the device; beyond loopback it
 also guards the ones that reveal field data (the review queue and its images, heads, status, the retrain
-report). Every response carries the security headers of :data:`SECURITY_HEADERS`; the page gets a
+report, and ``/metrics``: its per-class counts and drift verdict say what the device sees). Every response carries the security headers of :data:`SECURITY_HEADERS`; the page gets a
 Content-Security-Policy of its own that admits its inline script and styles by their hashes
 (:func:`page_policy`), so no other script can run in it.
 """

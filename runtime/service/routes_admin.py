@@ -140,5 +140,7 @@ def routes() -> list[Route]:
         route("/v1/retrain", retrain, ["POST"], mutating=True),
         route("/v1/retrain", retrain_status, ["GET"], reveals=True),
         route("/v1/rollback", rollback, ["POST"], mutating=True),
-        route("/metrics", metrics, ["GET"]),
+        # per-class prediction and sample counts, the drift test's verdict: field data too (Prometheus sends the
+        # token with ``authorization: {credentials_file: ...}``)
+        route("/metrics", metrics, ["GET"], reveals=True),
     ]

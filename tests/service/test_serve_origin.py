@@ -163,13 +163,14 @@ def test_every_answer_carries_the_security_headers(server):
 
 
 def test_beyond_loopback_field_data_needs_the_token(two_heads, tmp_path):
-    """--host 0.0.0.0 --token-file: the review queue, its images, heads, status and the retrain report answer 401
-    without the token; inference, health, metadata and metrics stay open. Without a token file: 403."""
+    """--host 0.0.0.0 --token-file: the review queue, its images, heads, status, the retrain report and /metrics
+    (per-class counts, the drift verdict) answer 401 without the token; inference, health and metadata stay
+    open. Without a token file: 403."""
     token = "field-data-token-0123456789"
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    field = ["/v1/review", "/v1/heads", "/v1/status", "/v1/retrain"]
+    field = ["/v1/review", "/v1/heads", "/v1/status", "/v1/retrain", "/metrics"]
     state = _copy(two_heads, tmp_path)
     with running_server(state, "--host", "0.0.0.0", "--token-file", str(token_file), "--allow-host",
                         "device.example", "--review-threshold", "1.0") as srv:
@@ -184,7 +185,8 @@ def test_beyond_loopback_field_data_needs_the_token(two_heads, tmp_path):
                 assert client.get(path, headers={"Authorization": "Bearer wrong-token-00000000"}).status_code == 401
                 assert client.get(path, headers=bearer).status_code == 200, path
             assert client.get(f"/v1/review/{queued}/image", headers=bearer).content == GOOD
-            for path in ("/", "/v2", "/v2/health/ready", "/metrics"):
+            assert "edgexfer_predictions_total" in client.get("/metrics", headers=bearer).text
+            for path in ("/", "/v2", "/v2/health/ready"):
                 assert client.get(path).status_code == 200, path
             # with the token, a change needs no JSON (the token is the proof a cross-site form cannot give)
             resp = client.post("/v1/rollback", headers={**bearer, "Content-Type": "text/plain"})
