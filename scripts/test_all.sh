@@ -2,13 +2,14 @@
 # `make test`: the whole suite in three streams on the CI machine's two cores. Usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON
 #
 #   1. the device suite's two bundles, built by the host venv (scripts/test_device.sh --bundles-only);
-#   2. three streams at once: A, the host suite without tests/fleet and tests/conversion and without the device
-#      suite's tests/device and tests/service but for the few that need host packages; B, tests/fleet; C,
-#      tests/conversion then the device suite in the torch-free venv.
+#   2. three streams at once: A, the host suite without tests/fleet, tests/conversion and tests/bench and without
+#      the device suite's tests/device and tests/service but for the few that need host packages; B, tests/fleet,
+#      then the device suite in the torch-free venv; C, tests/conversion, then tests/bench.
 # tests/fleet are mostly waiting (a real Flower SuperNode polls its SuperLink every 3 seconds, a constant in
-# Flower), so stream B costs stream A little; run one after the other they cost minutes of wall time
+# Flower), so stream B costs the others little; run one after the other they cost minutes of wall time
 # (2026-12-07, 2-core AMD EPYC: host 868 s with fleet 678 s beside, then device setup ~90 s and device 127 s).
-# With A, then the device suite, and B beside (2026-12-07 CI, fresh clone): 793 s + 167 s, fleet 510 s beside.
+# With A; B fleet; C conversions then the device suite (2026-12-08 CI, fresh clone): A 869 s, B 617 s, C 647 + 248 s:
+# the device suite now follows the fleet's waiting stream and tests/bench moved from A to C.
 # Streams B's and C's output follow A's.
 set -u
 HOST=${1:?usage: scripts/test_all.sh HOST_PYTHON DEVICE_PYTHON}
@@ -21,17 +22,24 @@ echo "device suite's bundles built in $(( $(date +%s) - start )) s"
 # the host streams take the same audio bundle (a session fixture would otherwise train it again: ~1 min of CPU)
 [ -d build/test-audio-bundle ] && export EDGEXFER_TEST_AUDIO_BUNDLE=$PWD/build/test-audio-bundle
 
-log=build/test-fleet.log
-"$HOST" -m pytest -q --durations=10 tests/fleet >"$log" 2>&1 &
+# stream B: tests/fleet (mostly waiting on Flower's polls), then the device suite in the torch-free venv
+log=build/test-fleet-device.log
+(
+  "$HOST" -m pytest -q --durations=10 tests/fleet; frc=$?
+  echo "---------------- fleet done after $(( $(date +%s) - start )) s; the device suite (torch-free venv) ----------------"
+  bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only; drc=$?
+  echo "device suite done after $(( $(date +%s) - start )) s (fleet exit $frc, device exit $drc)"
+  [ "$frc" -ne 5 ] && [ "$frc" -eq 0 ] && [ "$drc" -eq 0 ]
+) >"$log" 2>&1 &
 fleet=$!
-# stream C: the conversion tests (CPU-bound, but not timing-sensitive), then the device suite
-side=build/test-conversion-device.log
+# stream C: the conversion tests (CPU-bound, but not timing-sensitive), then tests/bench
+side=build/test-conversion-bench.log
 (
   "$HOST" -m pytest -q --durations=10 tests/conversion; crc=$?
-  echo "---------------- conversions done after $(( $(date +%s) - start )) s; the device suite (torch-free venv) ----------------"
-  bash scripts/test_device.sh "$HOST" "$DEVICE" --tests-only; drc=$?
-  echo "device suite done after $(( $(date +%s) - start )) s (conversions exit $crc, device exit $drc)"
-  [ "$crc" -ne 5 ] && [ "$crc" -eq 0 ] && [ "$drc" -eq 0 ]
+  echo "---------------- conversions done after $(( $(date +%s) - start )) s; tests/bench ----------------"
+  "$HOST" -m pytest -q --durations=10 tests/bench; brc=$?
+  echo "tests/bench done after $(( $(date +%s) - start )) s (conversions exit $crc, bench exit $brc)"
+  [ "$crc" -ne 5 ] && [ "$crc" -eq 0 ] && [ "$brc" -ne 5 ] && [ "$brc" -eq 0 ]
 ) >"$side" 2>&1 &
 conv=$!
 trap 'kill $fleet $conv 2>/dev/null' INT TERM
@@ -40,7 +48,7 @@ trap 'kill $fleet $conv 2>/dev/null' INT TERM
 # (selenium for the page and browser tests, openvino for the engine store), not all ~480 twice
 host_args=(tests/test_*.py)
 for dir in tests/*/; do
-  case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/conversion/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
+  case "$dir" in tests/fleet/|tests/device/|tests/service/|tests/conversion/|tests/bench/|tests/__pycache__/) ;; *) host_args+=("$dir") ;; esac
 done
 host_args+=(tests/service/test_page.py tests/device/test_engine_store.py
             tests/service/test_serve_origin.py::test_a_page_from_another_site_cannot_change_the_device_in_chromium)
@@ -51,9 +59,9 @@ wait $conv
 src=$?
 wait $fleet
 frc=$?
-echo "---------------- tests/conversion, then the device suite (ran beside; $side) ----------------"
+echo "---------------- tests/conversion, then tests/bench (ran beside; $side) ----------------"
 cat "$side"
-echo "---------------- tests/fleet (ran beside; $log) ----------------"
+echo "---------------- tests/fleet, then the device suite (ran beside; $log) ----------------"
 cat "$log"
 echo "whole suite: $(( $(date +%s) - start )) s"
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code
