@@ -178,7 +178,10 @@ def decode_image(
             # load() decodes everything now, so a truncated file fails here rather than in a later
             # step (Pillow's LOAD_TRUNCATED_IMAGES is left False on purpose: no half-grey images).
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image), fill, name)
+            # in place: the decoder's image is this function's own, and a copy per image (most have no
+            # orientation tag) is work _to_rgb's conversion does again
+            ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb(image, fill, name)
         except InputError:
             raise
         except Exception as exc:
