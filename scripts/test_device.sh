@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The device suite: the runtime tests again, in the torch-free device venv, against an image and a text
-# bundle the host venv builds. Usage: scripts/test_device.sh HOST_PYTHON DEVICE_PYTHON [--bundles-only|--tests-only]
+# bundle the host venv builds. Usage: scripts/test_device.sh HOST_PYTHON DEVICE_PYTHON [--bundles-only|--tests-only [PART]]
 #
 # `make test-device` runs both steps; `make test` (scripts/test_all.sh) builds the bundles first and runs
-# the tests after tests/fleet, beside the host suite.
+# the tests in two parts beside the host suite: PART "device" (tests/device, the boundaries, the fleet's
+# device side) and "service" (tests/service); without PART, both.
 set -u
 HOST=${1:?usage: scripts/test_device.sh HOST_PYTHON DEVICE_PYTHON [--bundles-only|--tests-only]}
 DEVICE=${2:?usage: scripts/test_device.sh HOST_PYTHON DEVICE_PYTHON [--bundles-only|--tests-only]}
 STEP=${3:-all}
+PART=${4:-all}
 cd "$(dirname "$0")/.."
 BUNDLE=build/test-bundle
 TEXT_BUNDLE=build/test-text-bundle
@@ -38,8 +40,14 @@ fi
 
 # shellcheck disable=SC2086
 [ -d "$AUDIO_BUNDLE" ] && export EDGEXFER_TEST_AUDIO_BUNDLE=$PWD/$AUDIO_BUNDLE
+case "$PART" in
+  device) TESTS="tests/device tests/test_boundaries.py $FLEET_TESTS" ;;
+  service) TESTS="tests/service" ;;
+  all) TESTS="tests/device tests/service tests/test_boundaries.py $FLEET_TESTS" ;;
+  *) echo "unknown part $PART: device, service or all"; exit 2 ;;
+esac
 EDGEXFER_TEST_BUNDLE=$PWD/$BUNDLE EDGEXFER_TEST_TEXT_BUNDLE=$PWD/$TEXT_BUNDLE \
-  "$DEVICE" -m pytest -q --durations=10 tests/device tests/service tests/test_boundaries.py $FLEET_TESTS
+  "$DEVICE" -m pytest -q --durations=10 $TESTS
 rc=$?
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi

@@ -109,12 +109,19 @@ def text_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def text_bundle(tmp_path_factory, text_run) -> Path:
-    """The text demo run exported as a bundle (built once per session; serve, fleet and demo tests can use it)."""
+def text_bundle(tmp_path_factory, request) -> Path:
+    """The text demo run exported as a bundle (built once per session; serve, fleet and demo tests can use it).
+
+    $EDGEXFER_TEST_TEXT_BUNDLE when set: ``make test`` builds that bundle once from the same data with the same
+    defaults (scripts/test_device.sh) and every stream reads it, instead of each pytest session training and
+    exporting its own (~30-45 s of CPU each on 2 loaded cores). Tests only read it or copy it."""
+    env = os.environ.get("EDGEXFER_TEST_TEXT_BUNDLE")
+    if env:
+        return Path(env)
     from edgexfer.export import export
 
     out = tmp_path_factory.mktemp("text-bundle") / "bundle"
-    return export(text_run.run_dir, out, progress=False).bundle
+    return export(request.getfixturevalue("text_run").run_dir, out, progress=False).bundle
 
 
 @pytest.fixture(scope="session")
